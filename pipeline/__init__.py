@@ -1,0 +1,7 @@
+"""kfold-stack: k-fold CNN ensembles for Kaggle-style image classification.
+
+Stages (each a plain function taking the composed Hydra config):
+``data`` -> ``folds`` -> ``train`` -> ``blend``; ``run.py`` dispatches ``cfg.stage``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""Stage ``folds``: one stratified k-fold assignment, written once and shared by every model.
+
+The file ``folds/folds_k<k>_seed<seed>.csv`` has the columns ``row_id,label,fold``: ``row_id`` is
+the 0-based row of ``train.csv``. It is made with scikit-learn's
+``StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)`` and is never silently rewritten:
+a file that does not match the data is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.errors import ArtifactError, ConfigError
+from pipeline.io import write_with
+from pipeline.paths import Paths
+
+COLUMNS = ["row_id", "label", "fold"]
+
+
+def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Assign each training row to one of ``k`` stratified folds.
+
+    Args:
+        labels: ``(N,)`` int labels.
+    Returns:
+        ``(N,)`` int64 fold index in ``0..k-1``; fold f is the validation set of model fold f.
+    Raises:
+        ConfigError: ``k < 2`` or a class has fewer than ``k`` rows.
+    """
+    if k < 2:
+        raise ConfigError(f"folds.k={k}: expected at least 2 folds")
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < k:
+        raise ConfigError(f"folds.k={k}: the rarest class has only {counts[counts > 0].min()} rows, "
+                          f"fewer than k")
+    folds = np.empty(len(labels), dtype=np.int64)
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, val_idx) in enumerate(skf.split(np.zeros(len(labels)), labels)):
+        folds[val_idx] = f
+    return folds
+
+
+def write_folds(path: Path, labels: np.ndarray, folds: np.ndarray) -> Path:
+    """Atomically write ``row_id,label,fold`` for every training row to ``path``."""
+    df = pd.DataFrame({"row_id": np.arange(len(labels)), "label": labels, "fold": folds})
+    return write_with(path, lambda p: df.to_csv(p, index=False))
+
+
+def read_folds(path: Path, labels: np.ndarray, k: int) -> np.ndarray:
+    """Read a folds file and check it matches the data.
+
+    Returns:
+        ``(N,)`` int64 fold per training row.
+    Raises:
+        ArtifactError: unreadable file, wrong columns, row count, labels or fold range.
+    """
+    hint = "delete it to rebuild, or change folds.seed"
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable folds file ({str(e).splitlines()[0]}); {hint}") from None
+    if list(df.columns) != COLUMNS:
+        raise ArtifactError(f"{path}: columns {list(df.columns)}, expected {COLUMNS}; {hint}")
+    if len(df) != len(labels) or not np.array_equal(df["row_id"].to_numpy(), np.arange(len(labels))):
+        raise ArtifactError(f"{path}: {len(df)} rows, but train.csv has {len(labels)}; "
+                            f"it was made for other data; {hint}")
+    diff = np.flatnonzero(df["label"].to_numpy() != labels)
+    if len(diff):
+        r = diff[0]
+        raise ArtifactError(f"{path} row_id {r}: label {df['label'].iloc[r]}, but train.csv says "
+                            f"{labels[r]}; it was made for other data; {hint}")
+    folds = df["fold"].to_numpy().astype(np.int64)
+    if folds.min() != 0 or folds.max() != k - 1:
+        raise ArtifactError(f"{path}: folds {folds.min()}..{folds.max()}, expected 0..{k - 1}; {hint}")
+    return folds
+
+
+def ensure_folds(cfg: DictConfig, labels: np.ndarray) -> np.ndarray:
+    """Return the fold assignment for ``cfg.folds``, writing the file the first time."""
+    k, seed = int(cfg.folds.k), int(cfg.folds.seed)
+    path = Paths.from_cfg(cfg).folds_file(k, seed)
+    if path.exists():
+        return read_folds(path, labels, k)
+    folds = make_folds(labels, k, seed)
+    write_folds(path, labels, folds)
+    print(f"folds: wrote {path} ({k} stratified folds, seed {seed})")
+    return folds
+
+
+def run(cfg: DictConfig) -> np.ndarray:
+    """Stage ``folds``: load the data and make sure the folds file exists and matches it."""
+    from pipeline import data
+
+    comp = data.load(cfg)
+    folds = ensure_folds(cfg, comp.y_train)
+    sizes = np.bincount(folds)
+    print(f"folds: {len(sizes)} folds of {sizes.min()}..{sizes.max()} rows "
+          f"({Paths.from_cfg(cfg).folds_file(int(cfg.folds.k), int(cfg.folds.seed))})")
+    return folds

@@ -1,0 +1,74 @@
+"""Atomic file writes: every artifact goes to a temp file in its directory, then is renamed.
+
+A crash or a user error therefore never leaves a half-written file under ``folds/``,
+``artifacts/`` or ``submissions/``: a path either holds the complete old content, the complete
+new content, or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The parent directory is created. On any exception the temporary file is removed and the
+    exception propagates; ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` and atomically move the result to ``path``; returns ``path``."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def save_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    return write_with(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON to ``path``."""
+    return save_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Atomically write one array in ``.npy`` format to ``path``."""
+
+    def _write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return write_with(path, _write)
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Atomically write several named arrays in (uncompressed) ``.npz`` format to ``path``."""
+
+    def _write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, **arrays)
+
+    return write_with(path, _write)

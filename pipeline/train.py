@@ -1,0 +1,307 @@
+"""Stage ``train``: per-(model, fold) training that caches OOF and test probabilities.
+
+For each model of the ensemble (or ``model=NAME``) and each fold (``fold=all`` or an int), train
+on the other folds, validate on this one, then write under ``artifacts/<model>/fold<k>/``:
+
+* ``model.pt``     - the final weights and how to rebuild the model;
+* ``oof.npz``      - ``row_ids (n_val,) int64`` and ``probs (n_val, C) float32`` for the fold's rows;
+* ``test.npy``     - ``(M, C) float32`` probabilities for every test row;
+* ``metrics.json`` - fold accuracy and log loss, epochs, seconds, device, per-epoch history;
+* ``config.yaml``  - the resolved fold config; written last, it is also the cache key.
+
+A (model, fold) whose files exist and whose ``config.yaml`` equals the current one is skipped;
+``force=true`` retrains. The final-epoch weights are used (no early stopping on the OOF fold, so
+the OOF score stays an honest estimate).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import log_loss
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline import augment, data
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.folds import ensure_folds
+from pipeline.io import save_json, save_npy, save_npz, save_text, write_with
+from pipeline.models import create_model
+from pipeline.paths import CHECKPOINT, CONFIG, FOLD_FILES, METRICS, OOF, TEST, Paths
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def model_names(cfg: DictConfig) -> list[str]:
+    """Models to run: ``cfg.model`` if set (not ``all``), else ``cfg.ensemble``.
+
+    Raises ConfigError for a name with no entry under ``models`` (listing the known ones).
+    """
+    names = list(cfg.ensemble) if cfg.model in (None, "all") else [str(cfg.model)]
+    for n in names:
+        if n not in cfg.models:
+            raise ConfigError(f"unknown model '{n}'; known models: {', '.join(sorted(cfg.models))}")
+    if not names:
+        raise ConfigError("ensemble is empty: list at least one model under 'ensemble'")
+    return names
+
+
+def fold_ids(cfg: DictConfig) -> list[int]:
+    """Folds to run: every fold for ``fold=all``, else the one given (checked against folds.k)."""
+    k = int(cfg.folds.k)
+    if cfg.fold in (None, "all"):
+        return list(range(k))
+    try:
+        f = int(cfg.fold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fold={cfg.fold}: expected 'all' or an integer 0..{k - 1}") from None
+    if not 0 <= f < k:
+        raise ConfigError(f"fold={f}: expected 'all' or an integer 0..{k - 1} (folds.k={k})")
+    return [f]
+
+
+def fold_config(cfg: DictConfig, name: str, fold: int, data_fingerprint: str) -> DictConfig:
+    """The settings that determine one (model, fold)'s results; also its cache key.
+
+    ``train`` and ``aug`` are the global groups with the model's own ``train``/``aug``
+    overrides merged on top.
+    """
+    m = cfg.models[name]
+    train = OmegaConf.merge(cfg.train, m.get("train") or {})
+    aug = OmegaConf.merge(cfg.aug, m.get("aug") or {})
+    if int(train.epochs) <= 0:
+        raise ConfigError(f"models.{name}.train.epochs / train.epochs={train.epochs}: expected >= 1")
+    return OmegaConf.create({
+        "model": name, "arch": m.arch, "kwargs": m.get("kwargs") or {},
+        "train": train, "aug": aug, "fold": fold,
+        "folds": {"k": int(cfg.folds.k), "seed": int(cfg.folds.seed)},
+        "data_fingerprint": data_fingerprint, "seed": int(cfg.seed),
+    })
+
+
+def is_cached(out_dir: Path, fcfg: DictConfig) -> tuple[bool, str]:
+    """Whether ``out_dir`` holds every fold file and a ``config.yaml`` equal to ``fcfg``.
+
+    Returns ``(cached, reason)``; the reason says what is missing or which setting changed.
+    """
+    missing = [n for n in FOLD_FILES if not (out_dir / n).exists()]
+    if missing:
+        return False, f"missing {', '.join(missing)}"
+    old = OmegaConf.load(out_dir / CONFIG)
+    if old != fcfg:
+        changed = sorted(k for k in set(old) | set(fcfg) if old.get(k) != fcfg.get(k))
+        return False, f"config changed ({', '.join(changed)})"
+    return True, "cached"
+
+
+# --------------------------------------------------------------------------- runtime helpers
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={name}, but CUDA is not available here (use auto or cpu)")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _num_workers(setting) -> int:
+    if setting in (None, "auto"):
+        return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return int(setting)
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info.dataset.transform is not None:
+        info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
+                   batch_size: int = 2048, channels_last: bool = False) -> np.ndarray:
+    """Logits for uint8 images without augmentation.
+
+    Args:
+        images: ``(N, 1, S, S)`` uint8.
+    Returns:
+        ``(N, C)`` float32 logits.
+    """
+    model.eval()
+    out = []
+    use_bf16 = device.type == "cuda"
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device, non_blocking=True).float().div_(255)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(N, C)`` logits as float32 probabilities."""
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1).float().numpy()
+
+
+# --------------------------------------------------------------------------- one (model, fold)
+
+
+def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: str,
+               fold: int) -> dict:
+    """Train ``name`` on every fold but ``fold``; write its artifacts; return its metrics.
+
+    Returns:
+        the ``metrics.json`` dict: ``accuracy``, ``log_loss`` (OOF on this fold), ``epochs``,
+        ``seconds`` (wall time, training + prediction), ``device``, ``history`` (per epoch).
+    Raises:
+        PipelineError: the loss became NaN/inf (nothing is cached for this fold).
+    """
+    fcfg = fold_config(cfg, name, fold, comp.fingerprint)
+    tcfg, rt = fcfg.train, cfg.runtime
+    device = select_device(str(rt.device))
+    seed_everything(int(cfg.seed) * 1000 + fold)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    channels_last = bool(rt.channels_last)
+    t0 = time.perf_counter()
+
+    tr_idx, va_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    transform = augment.transform_from_cfg(fcfg.aug)
+    if transform is not None:
+        transform.set_random_seed(int(cfg.seed) * 1000 + fold)
+    ds = augment.ImageDataset(comp.x_train[tr_idx], comp.y_train[tr_idx], transform)
+    workers = _num_workers(rt.num_workers)
+    loader = DataLoader(ds, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        worker_init_fn=_worker_init if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + fold),
+                        pin_memory=device.type == "cuda")
+
+    model = create_model(fcfg.arch, comp.num_classes, 1, comp.side,
+                         **OmegaConf.to_container(fcfg.kwargs)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr),
+                            weight_decay=float(tcfg.weight_decay))
+    epochs, steps = int(tcfg.epochs), len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tcfg.lr), total_steps=epochs * steps,
+                                                pct_start=float(tcfg.warmup_frac))
+    use_bf16 = device.type == "cuda"
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        te = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        bar = tqdm(loader, desc=f"{name} fold {fold} epoch {epoch}/{epochs}", leave=False,
+                   disable=None if rt.progress else True, mininterval=1.0, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=float(tcfg.label_smoothing))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if not bar.disable and (step % 25 == 0 or step == steps - 1):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise PipelineError(f"{name} fold {fold}: training loss became {train_loss} in epoch "
+                                f"{epoch}; nothing was cached (try a lower train.lr)")
+        val_logits = predict_logits(model, comp.x_train[va_idx], device, int(rt.eval_batch_size),
+                                    channels_last)
+        val_logp = torch.log_softmax(torch.from_numpy(val_logits), 1)
+        y_val = torch.from_numpy(comp.y_train[va_idx])
+        history.append({
+            "epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
+            "val_loss": float(F.nll_loss(val_logp, y_val)),
+            "val_acc": float((val_logp.argmax(1) == y_val).float().mean()),
+            "lr": float(sched.get_last_lr()[0]), "seconds": time.perf_counter() - te,
+        })
+
+    oof = softmax(val_logits)
+    test = softmax(predict_logits(model, comp.x_test, device, int(rt.eval_batch_size), channels_last))
+    y_val_np = comp.y_train[va_idx]
+    metrics = {
+        "model": name, "fold": fold,
+        "accuracy": float((oof.argmax(1) == y_val_np).mean()),
+        "log_loss": float(log_loss(y_val_np, oof, labels=np.arange(comp.num_classes))),
+        "epochs": epochs, "seconds": time.perf_counter() - t0, "device": _device_name(device),
+        "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "history": history,
+    }
+    out = Paths.from_cfg(cfg).fold_dir(name, fold)
+    (out / CONFIG).unlink(missing_ok=True)  # the fold is incomplete until config.yaml is back
+    ckpt = {"arch": fcfg.arch, "kwargs": OmegaConf.to_container(fcfg.kwargs),
+            "num_classes": comp.num_classes, "img_size": comp.side,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
+    write_with(out / CHECKPOINT, lambda p: torch.save(ckpt, p))
+    save_npz(out / OOF, row_ids=va_idx.astype(np.int64), probs=oof)
+    save_npy(out / TEST, test)
+    save_json(out / METRICS, metrics)
+    save_text(out / CONFIG, OmegaConf.to_yaml(fcfg))
+    print(f"train: {name} fold {fold}: OOF acc {metrics['accuracy']:.5f}, log loss "
+          f"{metrics['log_loss']:.4f}, {epochs} epochs, {metrics['seconds']:.1f} s on "
+          f"{metrics['device']}", flush=True)
+    return metrics
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
+    """Stage ``train``: every selected (model, fold), skipping those already cached.
+
+    Returns ``{(model, fold): metrics}`` for the folds trained in this call.
+    """
+    names, fids = model_names(cfg), fold_ids(cfg)
+    comp = data.load(cfg)
+    folds = ensure_folds(cfg, comp.y_train)
+    paths = Paths.from_cfg(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(int(cfg.runtime.threads))
+    results = {}
+    for name in names:
+        for f in fids:
+            fcfg = fold_config(cfg, name, f, comp.fingerprint)
+            cached, reason = is_cached(paths.fold_dir(name, f), fcfg)
+            if cached and not cfg.force:
+                print(f"train: {name} fold {f}: cached, skipped (force=true retrains)")
+                continue
+            if not cached and reason.startswith("config changed"):
+                print(f"train: {name} fold {f}: retraining, {reason}")
+            results[(name, f)] = train_fold(cfg, comp, folds, name, f)
+    return results

@@ -1,0 +1,87 @@
+"""Shared fixtures: the real config composed with Hydra, pointed at pytest's tmp_path, on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "pipeline" / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+DIGITS = FIXTURES / "digits"
+
+# Small but real settings: 2 folds, 2 epochs, narrow nets, CPU, no progress bars.
+TINY = [
+    "folds.k=2",
+    "runtime.device=cpu",
+    "runtime.num_workers=0",
+    "runtime.progress=false",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "models.cnn_deotte.train.epochs=2",
+    "models.resnet_timm.train.epochs=2",
+    "models.cnn_deotte.kwargs.width=0.25",
+    "models.cnn_keras.kwargs.width=0.25",
+    "+models.resnet_timm.kwargs.channels=[8,16,32,64]",
+    "+models.resnet_timm.kwargs.layers=[1,1,1,1]",
+]
+
+
+def compose_cfg(root: Path, overrides: list[str] = (), data_dir: Path | None = None):
+    """The real config (``pipeline/conf``) with every output under ``root``."""
+    ov = [f"paths.root={root}"]
+    if data_dir is not None:
+        ov.append(f"data.dir={data_dir}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=ov + list(overrides))
+
+
+@pytest.fixture
+def digits_dir(tmp_path: Path) -> Path:
+    """A private copy of the miniature competition (400 train / 119 test real MNIST rows)."""
+    d = tmp_path / "digits"
+    shutil.copytree(DIGITS, d)
+    return d
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path, digits_dir: Path):
+    """Factory: the tiny config on the fixture competition, with extra overrides."""
+
+    def make(*overrides: str):
+        return compose_cfg(tmp_path, TINY + list(overrides), data_dir=digits_dir)
+
+    return make
+
+
+# The shared training run: enough steps on 200 real digits per fold to be far above chance.
+TRAINED = TINY + ["ensemble=[cnn_deotte,mlp]", "aug=none", "train.epochs=6",
+                  "models.cnn_deotte.train.epochs=6"]
+
+
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory):
+    """One tiny training run shared by the blend/cache tests: 2 models x 2 folds, 6 epochs."""
+    from pipeline import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data_dir = root / "digits"
+    shutil.copytree(DIGITS, data_dir)
+    cfg = compose_cfg(root, TRAINED, data_dir=data_dir)
+    train.run(cfg)
+    return root, data_dir
+
+
+@pytest.fixture
+def trained_cfg(trained_root):
+    """Factory: the config of :func:`trained_root` with extra overrides."""
+    root, data_dir = trained_root
+
+    def make(*overrides: str):
+        return compose_cfg(root, TRAINED + list(overrides),
+                           data_dir=data_dir)
+
+    return make

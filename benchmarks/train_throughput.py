@@ -1,0 +1,186 @@
+"""Training throughput (images/s, augmentation included) of every registered model, two ways:
+
+(a) naive reference: a torch ``DataLoader`` over per-sample albumentations transforms,
+    ``num_workers`` = CPU cores, fp32, default memory format (today's typical Kaggle notebook);
+(b) the pipeline's own path: ``DeviceBatches`` (device-resident uint8, ``randperm`` slices,
+    batched ``BatchAugment``) and ``train_step`` (bf16 autocast and channels_last on CUDA).
+
+Both use the same model, batch size, optimizer and augmentation settings (the config's ``aug``
+group, elastic included) on the real training images, measured in the same run after a
+warm-up, as the median of several timed windows. Also printed: the share of a pipeline step spent
+in augmentation, peak memory, and the seconds per epoch of a 5-fold run of the default ensemble
+extrapolated from these figures.
+
+    python benchmarks/train_throughput.py                       # every model, default config
+    python benchmarks/train_throughput.py --models cnn_deotte cnn_keras --windows 7
+    python benchmarks/train_throughput.py --override profile=quick
+
+Needs the competition data (``python run.py stage=data`` builds the offline default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from pipeline import augment, data
+from pipeline.models import create_model, list_models
+from pipeline.train import select_device, train_step
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
+
+
+def hardware(device: torch.device) -> str:
+    """CPU model and cores, and the GPU name when running on CUDA."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text += f"; GPU: {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_windows(step, device: torch.device, batch: int, warmup: int, steps: int,
+                  windows: int) -> float:
+    """Median images/s over ``windows`` windows of ``steps`` calls of ``step()``, after ``warmup``."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    rates = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        rates.append(steps * batch / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def _forever(iterable_factory):
+    while True:
+        yield from iterable_factory()
+
+
+def bench_naive(name, x, y, cfg, device, args, num_classes) -> float:
+    """(a): DataLoader + per-sample albumentations, fp32, num_workers = cores."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes, 1, x.shape[-1], **_kwargs(cfg, name)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ds = augment.ImageDataset(x, y, augment.transform_from_cfg(cfg.aug))
+    workers = os.cpu_count() or 1
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=workers, persistent_workers=True,
+                        pin_memory=device.type == "cuda")
+    it = _forever(lambda: loader)
+
+    def step():
+        xb, yb = next(it)
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rate = timed_windows(step, device, args.batch_size, args.warmup, args.steps, args.windows)
+    del loader, it
+    return rate
+
+
+def bench_pipeline(name, x, y, cfg, device, args, num_classes) -> tuple[float, float]:
+    """(b): DeviceBatches + train_step. Returns (images/s, augmentation-only images/s)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes, 1, x.shape[-1], **_kwargs(cfg, name)).to(device)
+    channels_last = bool(cfg.runtime.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = augment.DeviceBatches(x, y, args.batch_size, device, cfg.aug, seed=0)
+    it = _forever(lambda: batches)
+
+    def step():
+        xb, yb = next(it)
+        train_step(model, opt, xb, yb, 0.0, channels_last)
+
+    rate = timed_windows(step, device, args.batch_size, args.warmup, args.steps, args.windows)
+    raw = batches.x[: args.batch_size].float().div_(255)
+    aug_rate = timed_windows(lambda: batches.augment(raw), device, args.batch_size, args.warmup,
+                             args.steps, args.windows)
+    return rate, aug_rate
+
+
+def _kwargs(cfg, name):
+    return OmegaConf.to_container(cfg.models[name].get("kwargs") or {})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=None, help="default: every registered model")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
+    p.add_argument("--rows", type=int, default=8192, help="training images to draw batches from")
+    p.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. profile=quick")
+    args = p.parse_args()
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=args.override)
+    device = select_device(str(cfg.runtime.device))
+    comp = data.load(cfg)
+    x, y = comp.x_train[: args.rows], comp.y_train[: args.rows]
+    names = args.models or [n for n in list_models() if n in cfg.models]
+    print(hardware(device))
+    print(f"device {device}; batch {args.batch_size}; aug {OmegaConf.to_container(cfg.aug)}; "
+          f"median of {args.windows} windows x {args.steps} steps after {args.warmup} warm-up steps\n")
+    print(f"{'model':14s} {'naive img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s} "
+          f"{'aug share':>9s} {'epoch s (5 folds)':>18s}")
+    k = int(cfg.folds.k)
+    per_fold_rows = len(comp.x_train) * (k - 1) // k
+    results = {}
+    for name in names:
+        naive = bench_naive(name, x, y, cfg, device, args, comp.num_classes)
+        pipe, aug_rate = bench_pipeline(name, x, y, cfg, device, args, comp.num_classes)
+        share = pipe / aug_rate  # (seconds of augmentation) / (seconds of a whole step), per image
+        epoch_s = k * per_fold_rows / pipe
+        results[name] = epoch_s
+        print(f"{name:14s} {naive:12.0f} {pipe:15.0f} {pipe / naive:6.2f} {share:9.1%} {epoch_s:18.1f}",
+              flush=True)
+    ens = [n for n in cfg.ensemble if n in results]
+    if ens:
+        per_epoch = sum(results[n] for n in ens)
+        total = sum(results[n] * int((cfg.models[n].get("train") or {}).get("epochs", cfg.train.epochs))
+                    for n in ens)
+        print(f"\nensemble {ens}: {per_epoch:.1f} s per epoch of all {k} folds x all models; "
+              f"{total / 60:.1f} min for the configured epochs (training only, extrapolated)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mem = f"peak RSS {peak:.0f} MiB"
+    if device.type == "cuda":
+        mem += f"; peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    print(mem)
+
+
+if __name__ == "__main__":
+    main()

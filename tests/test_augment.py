@@ -1,0 +1,122 @@
+"""Augmentation: the batched torch path matches the albumentations reference in statistics,
+strength 0 is the identity, and device batches cover every training row once per epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import albumentations.augmentations.geometric.functional as AF
+from conftest import DIGITS
+from pipeline import augment, data
+
+AFFINE = dict(rotate=10.0, scale=0.1, shift=0.1)
+ELASTIC = dict(elastic_alpha=34.0, elastic_sigma=4.0, p_elastic=1.0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    comp = data.load_competition(DIGITS)
+    return comp.x_train, comp.y_train
+
+
+def _torch_aug(images, seed=0, **kw):
+    aug = augment.BatchAugment(**kw, generator=torch.Generator().manual_seed(seed))
+    return aug(torch.from_numpy(images).float() / 255).numpy()
+
+
+def _alb_aug(images, seed=0, **kw):
+    t = augment.build_transform(**kw)
+    t.set_random_seed(seed)
+    return np.stack([t(image=im[0])["image"][None] for im in images]).astype(np.float32) / 255
+
+
+def test_strength_zero_is_identity(digits):
+    x, _ = digits
+    assert augment.build_transform() is None
+    aug = augment.BatchAugment()
+    xt = torch.from_numpy(x[:16]).float() / 255
+    assert aug.is_identity and aug(xt) is xt
+    # p=0 also turns a part off
+    assert augment.BatchAugment(**AFFINE, p_affine=0.0).is_identity
+
+
+@pytest.mark.parametrize("settings, tol", [(AFFINE, 0.03), ({**AFFINE, **ELASTIC}, 0.08),
+                                           (ELASTIC, 0.08)])
+def test_backends_agree_on_pixel_mass(digits, settings, tol):
+    x, _ = digits
+    orig = x.astype(np.float32).sum((1, 2, 3)).mean() / 255
+    t = _torch_aug(x, **settings).sum((1, 2, 3)).mean()
+    a = _alb_aug(x, **settings).sum((1, 2, 3)).mean()
+    assert abs(t - a) / a < tol
+    assert abs(t - orig) / orig < 0.1  # ink is moved, not created or lost
+
+
+def test_backends_agree_on_change_per_image(digits):
+    """Mean absolute pixel change of the same settings: the same order of distortion."""
+    x, _ = digits
+    base = x.astype(np.float32) / 255
+    for settings in (AFFINE, ELASTIC):
+        t = np.abs(_torch_aug(x, **settings) - base).mean()
+        a = np.abs(_alb_aug(x, **settings) - base).mean()
+        assert t > 0.01 and a > 0.01
+        assert abs(t - a) / a < 0.3, settings  # measured: affine 26%, elastic closer; see issue #3
+
+
+def test_elastic_displacement_magnitude_matches_albumentations():
+    aug = augment.BatchAugment(**ELASTIC, generator=torch.Generator().manual_seed(0))
+    torch_px = aug.displacement(400, 28, torch.device("cpu")).norm(dim=-1).mean().item()
+    rng = np.random.default_rng(0)
+    alb_px = np.mean([np.hypot(*AF.generate_displacement_fields((28, 28), 34.0, 4.0, False, (0, 0),
+                                                                rng, "uniform")).mean()
+                      for _ in range(400)])
+    assert 1.0 < torch_px < 5.0
+    assert abs(torch_px - alb_px) / alb_px < 0.15
+
+
+def test_rotation_only_rotates(digits):
+    """A pure rotation changes the image but keeps its ink (mass)."""
+    x, _ = digits
+    out = _torch_aug(x[:64], rotate=30.0)
+    assert not np.allclose(out, x[:64] / 255)
+    assert abs(out.sum() / (x[:64].sum() / 255) - 1) < 0.03
+
+
+def test_seeded_and_random(digits):
+    x, _ = digits
+    a, b = _torch_aug(x[:32], seed=1, **AFFINE), _torch_aug(x[:32], seed=1, **AFFINE)
+    c = _torch_aug(x[:32], seed=2, **AFFINE)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_device_batches_cover_each_row_once(digits):
+    x, y = digits
+    cfg = OmegaConf.create({"backend": "torch", **AFFINE, "elastic_alpha": 0.0, "elastic_sigma": 4.0,
+                            "p_affine": 1.0, "p_elastic": 0.5})
+    batches = augment.DeviceBatches(x, y, 64, torch.device("cpu"), cfg, seed=0)
+    assert len(batches) == 400 // 64
+    seen = []
+    for xb, yb in batches:
+        assert xb.shape == (64, 1, 28, 28) and xb.dtype == torch.float32 and yb.dtype == torch.int64
+        assert 0 <= xb.min() and xb.max() <= 1
+        seen.append(yb)
+    labels = torch.cat(seen).numpy()
+    assert len(labels) == 6 * 64
+    # a permutation without the dropped tail: label counts never exceed the data's
+    assert (np.bincount(labels, minlength=10) <= np.bincount(y, minlength=10)).all()
+    first = torch.cat([yb for _, yb in batches])
+    assert not torch.equal(first, torch.from_numpy(labels))  # reshuffled every epoch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_batches_on_cuda(digits):
+    x, y = digits
+    cfg = OmegaConf.create({"backend": "torch", **AFFINE, **ELASTIC, "p_affine": 1.0})
+    batches = augment.DeviceBatches(x, y, 64, torch.device("cuda"), cfg, seed=0)
+    xb, yb = next(iter(batches))
+    assert xb.is_cuda and yb.is_cuda and xb.shape == (64, 1, 28, 28)
+    assert batches.x.dtype == torch.uint8  # resident as uint8, normalised per batch

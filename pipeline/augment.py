@@ -1,10 +1,10 @@
 """Training-time augmentation: a batched torch path and the per-sample albumentations reference.
 
-``aug.backend=torch`` (default): :class:`BatchAugment` warps a whole ``(B, 1, S, S)`` batch at
+``aug.backend=torch``: :class:`BatchAugment` warps a whole ``(B, 1, S, S)`` batch at
 once on the training device (one ``affine_grid`` + a smoothed random displacement field + one
-``grid_sample``), so no per-sample Python runs in the hot loop. ``aug.backend=albumentations``:
+``grid_sample``), so no per-sample Python runs in the hot loop. ``aug.backend=albumentations`` (default):
 :class:`ImageDataset` applies :func:`build_transform` per sample in a ``DataLoader``. Both take the
-same parameters with the same meaning, and produce images of the same statistics.
+same parameters with the same meaning, and produce images of similar statistics (tests/test_augment.py).
 
 Two published recipes for handwritten digits, each off when its strength is 0:
 

@@ -179,7 +179,7 @@ def make_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device
     Both drop the last incomplete batch and yield ``(x (B, 1, S, S) float32, y (B,) int64)``.
     Raises ConfigError for another backend.
     """
-    backend = str(aug_cfg.get("backend", "torch"))
+    backend = str(aug_cfg.backend)
     if backend == "torch":
         return augment.DeviceBatches(images, labels, batch_size, device, aug_cfg, seed)
     if backend != "albumentations":

@@ -7,7 +7,8 @@
 
 Both use the same model, batch size, optimizer and augmentation settings (the config's ``aug``
 group, elastic included) on the real training images, measured in the same run after a
-warm-up, as the median of several timed windows. Also printed: the share of a pipeline step spent
+warm-up, as the median of several timed windows (and of 3 alternating repeats, so slow drift of
+a shared machine hits both alike). Also printed: the share of a pipeline step spent
 in augmentation, peak memory, and the seconds per epoch of a 5-fold run of the default ensemble
 extrapolated from these figures.
 
@@ -85,16 +86,22 @@ def _forever(iterable_factory):
 
 
 def bench_naive(name, x, y, cfg, device, args, num_classes) -> float:
-    """(a): DataLoader + per-sample albumentations, fp32, num_workers = cores."""
+    """(a): DataLoader + per-sample albumentations, fp32, num_workers = cores.
+
+    The loader's worker processes are shut down before returning, so they cannot steal cycles
+    from the next measurement."""
     torch.manual_seed(0)
     model = create_model(name, num_classes, 1, x.shape[-1], **_kwargs(cfg, name)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds = augment.ImageDataset(x, y, augment.transform_from_cfg(cfg.aug))
     workers = os.cpu_count() or 1
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=True,
-                        pin_memory=device.type == "cuda")
-    it = _forever(lambda: loader)
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    needed = args.warmup + args.steps * args.windows
+    if len(loader) < needed:
+        raise SystemExit(f"--rows {len(x)} gives {len(loader)} batches per epoch; the naive "
+                         f"measurement needs {needed} (raise --rows)")
+    it = iter(loader)  # one epoch, no restart inside the timed windows
 
     def step():
         xb, yb = next(it)
@@ -104,9 +111,10 @@ def bench_naive(name, x, y, cfg, device, args, num_classes) -> float:
         loss.backward()
         opt.step()
 
-    rate = timed_windows(step, device, args.batch_size, args.warmup, args.steps, args.windows)
-    del loader, it
-    return rate
+    try:
+        return timed_windows(step, device, args.batch_size, args.warmup, args.steps, args.windows)
+    finally:
+        it._shutdown_workers()  # noqa: SLF001 - join the workers now, not at garbage collection
 
 
 def bench_pipeline(name, x, y, cfg, device, args, num_classes) -> tuple[float, float]:
@@ -141,8 +149,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
-    p.add_argument("--rows", type=int, default=8192, help="training images to draw batches from")
+    p.add_argument("--windows", type=int, default=7, help="timed windows (median reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternate (b) and (a) this many times per model; medians reported")
+    p.add_argument("--rows", type=int, default=16384, help="training images to draw batches from")
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. profile=quick")
     args = p.parse_args()
 
@@ -154,15 +164,19 @@ def main() -> None:
     names = args.models or [n for n in list_models() if n in cfg.models]
     print(hardware(device))
     print(f"device {device}; batch {args.batch_size}; aug {OmegaConf.to_container(cfg.aug)}; "
-          f"median of {args.windows} windows x {args.steps} steps after {args.warmup} warm-up steps\n")
+          f"median of {args.windows} windows x {args.steps} steps after {args.warmup} warm-up steps, "
+          f"median of {args.repeats} alternating repeats\n")
     print(f"{'model':14s} {'naive img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s} "
           f"{'aug share':>9s} {'epoch s (5 folds)':>18s}")
     k = int(cfg.folds.k)
     per_fold_rows = len(comp.x_train) * (k - 1) // k
     results = {}
     for name in names:
-        naive = bench_naive(name, x, y, cfg, device, args, comp.num_classes)
-        pipe, aug_rate = bench_pipeline(name, x, y, cfg, device, args, comp.num_classes)
+        runs = []  # (pipeline, aug-only, naive) per repeat, alternating so drift hits both
+        for _ in range(args.repeats):
+            pipe, aug_rate = bench_pipeline(name, x, y, cfg, device, args, comp.num_classes)
+            runs.append((pipe, aug_rate, bench_naive(name, x, y, cfg, device, args, comp.num_classes)))
+        pipe, aug_rate, naive = (statistics.median(r[i] for r in runs) for i in range(3))
         share = pipe / aug_rate  # (seconds of augmentation) / (seconds of a whole step), per image
         epoch_s = k * per_fold_rows / pipe
         results[name] = epoch_s

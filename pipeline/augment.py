@@ -1,10 +1,12 @@
 """Training-time augmentation: a batched torch path and the per-sample albumentations reference.
 
-``aug.backend=torch``: :class:`BatchAugment` warps a whole ``(B, 1, S, S)`` batch at
+``aug.backend=torch`` (default): :class:`BatchAugment` warps a whole ``(B, 1, S, S)`` batch at
 once on the training device (one ``affine_grid`` + a smoothed random displacement field + one
-``grid_sample``), so no per-sample Python runs in the hot loop. ``aug.backend=albumentations`` (default):
+``grid_sample``), so no per-sample Python runs in the hot loop. ``aug.backend=albumentations``:
 :class:`ImageDataset` applies :func:`build_transform` per sample in a ``DataLoader``. Both take the
-same parameters with the same meaning, and produce images of similar statistics (tests/test_augment.py).
+same parameters with the same meaning, and produce images of similar statistics (tests/test_augment.py);
+the one difference: albumentations' ``Affine`` truncates the shift to whole pixels (at most
+``int(shift * side)``), the torch path shifts by any fraction up to ``shift * side``.
 
 Two published recipes for handwritten digits, each off when its strength is 0:
 
@@ -50,7 +52,7 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
     if rotate or scale or shift:
         parts.append(A.Affine(rotate=(-rotate, rotate), scale=(1 - scale, 1 + scale),
                               translate_percent=(-shift, shift), interpolation=cv2.INTER_LINEAR,
-                              border_mode=cv2.BORDER_CONSTANT, fill=0, p=p_affine))
+                              keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=0, p=p_affine))
     if elastic_alpha:
         parts.append(A.ElasticTransform(alpha=elastic_alpha, sigma=elastic_sigma,
                                         noise_distribution="uniform", interpolation=cv2.INTER_LINEAR,

@@ -68,6 +68,14 @@ class Paths:
         """``artifacts/<model>/fold<fold>/``, holding that (model, fold)'s :data:`FOLD_FILES`."""
         return self.artifacts_dir / model / f"fold{fold}"
 
+    def fold_lock(self, model: str, fold: int) -> Path:
+        """``artifacts/<model>/fold<fold>.lock``: held while a process trains that (model, fold)."""
+        return self.artifacts_dir / model / f"fold{fold}.lock"
+
+    def tuned(self, model: str) -> Path:
+        """``artifacts/tuned/<model>.yaml``: a study's best parameters (``tuned=true`` applies them)."""
+        return self.artifacts_dir / "tuned" / f"{model}.yaml"
+
     def submission(self, name: str) -> Path:
         """``submissions/<name>.csv``."""
         return self.submissions_dir / f"{name}.csv"

@@ -32,14 +32,20 @@ STAGES: dict[str, Callable[[DictConfig], Any]] = {
     "data": _stage("data"),
     "folds": _stage("folds"),
     "train": _stage("train"),
+    "tune": _stage("tune"),
     "blend": _stage("blend"),
     "all": run_all,
 }
 
 
 def run_stage(cfg: DictConfig) -> Any:
-    """Run ``cfg.stage``; raises ConfigError naming the known stages for an unknown one."""
+    """Run ``cfg.stage`` (with ``tuned=true``: on the tuned parameters, see
+    :func:`pipeline.tune.apply_tuned`); raises ConfigError naming the known stages for an unknown one."""
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise ConfigError(f"stage={stage}: expected one of {', '.join(STAGES)}")
+    if stage != "tune":  # a study searches around the config as written
+        from pipeline.tune import apply_tuned
+
+        apply_tuned(cfg)
     return STAGES[stage](cfg)

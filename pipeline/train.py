@@ -20,12 +20,15 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import log_loss
 from torch.utils.data import DataLoader
@@ -111,14 +114,60 @@ def is_cached(out_dir: Path, fcfg: DictConfig) -> tuple[bool, str]:
 # --------------------------------------------------------------------------- runtime helpers
 
 
+def launcher_job() -> tuple[int | None, int]:
+    """``(job number, parallel jobs)`` inside a Hydra multirun (``-m``), else ``(None, 1)``.
+
+    Parallel jobs is the joblib launcher's ``n_jobs`` resolved against the CPU count (``-1`` =
+    every core); other launchers (basic: sequential; submitit: one job per node) count as 1.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not under @hydra.main (tests, benchmarks, notebooks)
+        return None, 1
+    if hc.mode != RunMode.MULTIRUN:
+        return None, 1
+    num = int(hc.job.num) if hc.job.get("num") is not None else None
+    n_jobs = hc.launcher.get("n_jobs") if "joblib" in str(hc.launcher.get("_target_", "")) else 1
+    cores = os.cpu_count() or 1
+    n_jobs = int(n_jobs or 1)
+    if n_jobs < 0:
+        n_jobs = max(1, cores + 1 + n_jobs)  # joblib's convention: -1 = all cores
+    return num, n_jobs
+
+
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    In a Hydra multirun on a machine with several GPUs, ``auto`` pins job ``n`` to GPU
+    ``n % device_count`` so parallel jobs spread over the GPUs. Raises ConfigError for a CUDA
+    device on a machine without CUDA.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        num, _ = launcher_job()
+        count = torch.cuda.device_count()
+        return torch.device(f"cuda:{num % count}" if num is not None and count > 1 else "cuda")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device={name}, but CUDA is not available here (use auto or cpu)")
     return dev
+
+
+def configure_threads(setting, device: torch.device) -> int:
+    """Set torch's intra-op threads: ``setting`` when given, else (CPU training inside a parallel
+    multirun) ``cores // parallel jobs`` so the jobs split the cores instead of oversubscribing
+    them. Returns the thread count in effect."""
+    if setting:
+        torch.set_num_threads(int(setting))
+    else:
+        _, parallel = launcher_job()
+        if parallel > 1 and device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
+    return torch.get_num_threads()
 
 
 def seed_everything(seed: int) -> None:
@@ -219,15 +268,37 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 # --------------------------------------------------------------------------- one (model, fold)
 
 
-def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: str,
-               fold: int) -> dict:
-    """Train ``name`` on every fold but ``fold``; write its artifacts; return its metrics.
+@dataclass
+class FitResult:
+    """What :func:`fit_fold` learned on one (model, fold).
 
-    Returns:
-        the ``metrics.json`` dict: ``accuracy``, ``log_loss`` (OOF on this fold), ``epochs``,
-        ``seconds`` (wall time, training + prediction), ``device``, ``history`` (per epoch).
+    Attributes:
+        model: the trained ``nn.Module`` (on the training device).
+        oof: ``(n_val, C)`` float32 OOF probabilities; ``row_ids``: ``(n_val,)`` int64 train rows.
+        test: ``(M, C)`` float32 test probabilities, or ``None`` when not asked for.
+        metrics: the ``metrics.json`` dict (see :func:`train_fold`).
+    """
+
+    model: nn.Module
+    oof: np.ndarray
+    row_ids: np.ndarray
+    test: np.ndarray | None
+    metrics: dict
+
+
+EpochCallback = Callable[[int, dict], None]
+
+
+def fit_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: str, fold: int,
+             on_epoch: EpochCallback | None = None, predict_test: bool = True) -> FitResult:
+    """Train ``name`` on every fold but ``fold`` and predict that fold (and the test set).
+
+    Writes nothing. ``on_epoch(epoch, record)`` is called after each epoch with that epoch's
+    history record (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``,
+    ``seconds``); it may raise to stop training (the tune stage prunes trials this way).
+
     Raises:
-        PipelineError: the loss became NaN/inf (nothing is cached for this fold).
+        PipelineError: the loss became NaN/inf.
     """
     fcfg = fold_config(cfg, name, fold, comp.fingerprint)
     tcfg, rt = fcfg.train, cfg.runtime
@@ -241,6 +312,9 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
     tr_idx, va_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     batches = make_batches(comp.x_train[tr_idx], comp.y_train[tr_idx], int(tcfg.batch_size),
                            device, fcfg.aug, int(cfg.seed) * 1000 + fold, rt.num_workers)
+    if len(batches) == 0:
+        raise ConfigError(f"{name} fold {fold}: train.batch_size={tcfg.batch_size} is larger than "
+                          f"the {len(tr_idx)} training rows of the fold")
 
     model = create_model(fcfg.arch, comp.num_classes, 1, comp.side,
                          **OmegaConf.to_container(fcfg.kwargs)).to(device)
@@ -253,6 +327,7 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tcfg.lr), total_steps=epochs * steps,
                                                 pct_start=float(tcfg.warmup_frac))
     history = []
+    y_val = torch.from_numpy(comp.y_train[va_idx])
     for epoch in range(1, epochs + 1):
         model.train()
         te = time.perf_counter()
@@ -277,16 +352,19 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
         val_logits = predict_logits(net, comp.x_train[va_idx], device, int(rt.eval_batch_size),
                                     channels_last)
         val_logp = torch.log_softmax(torch.from_numpy(val_logits), 1)
-        y_val = torch.from_numpy(comp.y_train[va_idx])
-        history.append({
+        record = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
             "val_loss": float(F.nll_loss(val_logp, y_val)),
             "val_acc": float((val_logp.argmax(1) == y_val).float().mean()),
             "lr": float(sched.get_last_lr()[0]), "seconds": time.perf_counter() - te,
-        })
+        }
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
 
     oof = softmax(val_logits)
-    test = softmax(predict_logits(net, comp.x_test, device, int(rt.eval_batch_size), channels_last))
+    test = (softmax(predict_logits(net, comp.x_test, device, int(rt.eval_batch_size), channels_last))
+            if predict_test else None)
     y_val_np = comp.y_train[va_idx]
     metrics = {
         "model": name, "fold": fold,
@@ -295,18 +373,34 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
         "epochs": epochs, "seconds": time.perf_counter() - t0, "device": _device_name(device),
         "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "history": history,
     }
+    return FitResult(model, oof, va_idx.astype(np.int64), test, metrics)
+
+
+def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: str,
+               fold: int) -> dict:
+    """Train ``name`` on every fold but ``fold``; write its artifacts; return its metrics.
+
+    Returns:
+        the ``metrics.json`` dict: ``accuracy``, ``log_loss`` (OOF on this fold), ``epochs``,
+        ``seconds`` (wall time, training + prediction), ``device``, ``history`` (per epoch).
+    Raises:
+        PipelineError: the loss became NaN/inf (nothing is cached for this fold).
+    """
+    fcfg = fold_config(cfg, name, fold, comp.fingerprint)
+    res = fit_fold(cfg, comp, folds, name, fold)
+    metrics = res.metrics
     out = Paths.from_cfg(cfg).fold_dir(name, fold)
     (out / CONFIG).unlink(missing_ok=True)  # the fold is incomplete until config.yaml is back
     ckpt = {"arch": fcfg.arch, "kwargs": OmegaConf.to_container(fcfg.kwargs),
             "num_classes": comp.num_classes, "img_size": comp.side,
-            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
+            "state_dict": {k: v.cpu() for k, v in res.model.state_dict().items()}}
     write_with(out / CHECKPOINT, lambda p: torch.save(ckpt, p))
-    save_npz(out / OOF, row_ids=va_idx.astype(np.int64), probs=oof)
-    save_npy(out / TEST, test)
+    save_npz(out / OOF, row_ids=res.row_ids, probs=res.oof)
+    save_npy(out / TEST, res.test)
     save_json(out / METRICS, metrics)
     save_text(out / CONFIG, OmegaConf.to_yaml(fcfg))
     print(f"train: {name} fold {fold}: OOF acc {metrics['accuracy']:.5f}, log loss "
-          f"{metrics['log_loss']:.4f}, {epochs} epochs, {metrics['seconds']:.1f} s on "
+          f"{metrics['log_loss']:.4f}, {metrics['epochs']} epochs, {metrics['seconds']:.1f} s on "
           f"{metrics['device']}", flush=True)
     return metrics
 
@@ -323,23 +417,48 @@ def _device_name(device: torch.device) -> str:
 def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
     """Stage ``train``: every selected (model, fold), skipping those already cached.
 
+    Each (model, fold) is trained under a file lock (``artifacts/<model>/fold<k>.lock``), so
+    parallel jobs never write the same fold twice: with ``runtime.lock=wait`` (default) a second
+    process waits for the first and then finds the fold cached; with ``skip`` it moves on.
     Returns ``{(model, fold): metrics}`` for the folds trained in this call.
     """
     names, fids = model_names(cfg), fold_ids(cfg)
+    lock_mode = str(cfg.runtime.get("lock", "wait"))
+    if lock_mode not in ("wait", "skip"):
+        raise ConfigError(f"runtime.lock={lock_mode}: expected wait or skip")
     comp = data.load(cfg)
     folds = ensure_folds(cfg, comp.y_train)
     paths = Paths.from_cfg(cfg)
-    if cfg.runtime.threads:
-        torch.set_num_threads(int(cfg.runtime.threads))
+    configure_threads(cfg.runtime.threads, select_device(str(cfg.runtime.device)))
     results = {}
     for name in names:
         for f in fids:
             fcfg = fold_config(cfg, name, f, comp.fingerprint)
-            cached, reason = is_cached(paths.fold_dir(name, f), fcfg)
+            cached, _ = is_cached(paths.fold_dir(name, f), fcfg)
             if cached and not cfg.force:
                 print(f"train: {name} fold {f}: cached, skipped (force=true retrains)")
                 continue
-            if not cached and reason.startswith("config changed"):
-                print(f"train: {name} fold {f}: retraining, {reason}")
-            results[(name, f)] = train_fold(cfg, comp, folds, name, f)
+            lock_path = paths.fold_lock(name, f)
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(lock_path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                if lock_mode == "skip":
+                    print(f"train: {name} fold {f}: another process holds {lock_path}; skipped "
+                          f"(runtime.lock=skip)", flush=True)
+                    continue
+                print(f"train: {name} fold {f}: another process holds {lock_path}; waiting",
+                      flush=True)
+                lock.acquire()
+            try:
+                cached, reason = is_cached(paths.fold_dir(name, f), fcfg)
+                if cached and not cfg.force:
+                    print(f"train: {name} fold {f}: cached, skipped (force=true retrains)")
+                    continue
+                if not cached and reason.startswith("config changed"):
+                    print(f"train: {name} fold {f}: retraining, {reason}")
+                results[(name, f)] = train_fold(cfg, comp, folds, name, f)
+            finally:
+                lock.release()
     return results

@@ -58,7 +58,7 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=train", "model=lenet"], "unknown model 'lenet'"),
     (["stage=train", "fold=9"], "fold=9: expected 'all' or an integer 0..1"),
     (["stage=blend"], "missing"),
-    (["stage=tea"], "stage=tea: expected one of data, folds, train, blend, all"),
+    (["stage=tea"], "stage=tea: expected one of data, folds, train, tune, blend, all"),
     (["stage=folds", "folds.k=1"], "folds.k=1: expected at least 2 folds"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, args, message):

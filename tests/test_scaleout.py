@@ -1,0 +1,111 @@
+"""Scale-out: Hydra launchers (joblib runs, SLURM composes), the per-(model, fold) lock, and a
+blend that sees every parallel job's artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from filelock import FileLock
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF_DIR, REPO, TINY
+from pipeline import blend, data, train
+from pipeline.folds import ensure_folds
+from pipeline.paths import FOLD_FILES, Paths
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+    assert launcher.timeout_min == 120 and launcher.array_parallelism == 32
+
+
+def test_joblib_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=joblib",
+                                                       "hydra.launcher.n_jobs=2"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+
+
+@pytest.mark.slow
+def test_joblib_multirun_trains_both_folds_then_blend_sees_them(tmp_path, digits_dir, tiny_cfg):
+    """`run.py -m ... fold=0,1 hydra/launcher=joblib`: two processes, one fold each, each with
+    half the cores; `stage=blend` afterwards finds both folds exactly as after a serial run."""
+    args = [sys.executable, str(REPO / "run.py"), "-m", f"paths.root={tmp_path}",
+            f"data.dir={digits_dir}", *TINY, "stage=train", "model=mlp", "fold=0,1",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = Paths.from_cfg(tiny_cfg())
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for f in (0, 1):
+        d = paths.fold_dir("mlp", f)
+        assert all((d / n).exists() for n in FOLD_FILES), f
+        assert f"{threads} threads" in (d / "metrics.json").read_text()  # the jobs split the cores
+    assert "#0 :" in r.stdout + r.stderr and "#1 :" in r.stdout + r.stderr  # two launcher jobs
+    report = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean"))
+    assert set(report["models"]) == {"mlp"} and report["best"] == "mean"
+    assert (paths.submissions_dir / "submission.csv").exists()
+
+
+def _prepared(tiny_cfg, *overrides):
+    cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=1", *overrides)
+    comp = data.load(cfg)
+    return cfg, comp, ensure_folds(cfg, comp.y_train)
+
+
+def test_locked_fold_is_skipped_with_lock_skip(tiny_cfg, capsys):
+    cfg, _, _ = _prepared(tiny_cfg, "runtime.lock=skip")
+    paths = Paths.from_cfg(cfg)
+    lock_path = paths.fold_lock("mlp", 0)
+    lock_path.parent.mkdir(parents=True)
+    with FileLock(lock_path):  # "another process" is training mlp fold 0
+        assert train.run(cfg) == {}
+    assert "another process holds" in capsys.readouterr().out
+    assert not (paths.fold_dir("mlp", 0) / "config.yaml").exists()
+
+
+def test_second_trainer_waits_then_finds_the_fold_cached(tiny_cfg, capsys):
+    """Two trainers of one (model, fold): the second waits on the lock, and once the first has
+    written the fold it skips it instead of training it again."""
+    cfg, comp, folds = _prepared(tiny_cfg)
+    paths = Paths.from_cfg(cfg)
+    lock_path = paths.fold_lock("mlp", 0)
+    lock_path.parent.mkdir(parents=True)
+    first = FileLock(lock_path)
+    first.acquire()
+    result = {}
+    second = threading.Thread(target=lambda: result.update(trained=train.run(cfg)))
+    second.start()
+    time.sleep(1.0)
+    assert second.is_alive()  # blocked on the lock
+    train.train_fold(cfg, comp, folds, "mlp", 0)  # the first trainer's work
+    mtime = (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns
+    first.release()
+    second.join(timeout=60)
+    assert result["trained"] == {}
+    out = capsys.readouterr().out
+    assert "waiting" in out and "cached, skipped" in out
+    assert (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns == mtime  # not rewritten
+
+
+def test_bad_lock_mode_is_a_config_error(tiny_cfg):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runtime.lock=maybe"):
+        train.run(tiny_cfg("runtime.lock=maybe"))
+
+
+def test_launcher_job_outside_a_multirun():
+    assert train.launcher_job() == (None, 1)

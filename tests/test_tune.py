@@ -1,0 +1,165 @@
+"""Stage tune: search-space parsing, a real 3-trial study with pruning, tuned=true, and two
+processes sharing one SQLite study."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY
+from pipeline import tune
+from pipeline.errors import ConfigError
+from pipeline.paths import Paths
+from pipeline.stages import run_stage
+from pipeline.train import fold_config
+
+# mlp on the fixture, 2-3 epochs per trial: about a second a trial on 2 cores
+TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
+        "models.mlp.space.train.epochs.high=3"]
+
+
+def test_default_spaces_parse(tiny_cfg):
+    cfg = tiny_cfg()
+    for name in ("cnn_deotte", "cnn_keras", "mlp", "resnet_timm"):
+        space = tune.parse_space(cfg, name)
+        assert {"train.lr", "train.weight_decay", "train.epochs"} <= set(space), name
+    space = tune.parse_space(cfg, "cnn_deotte")
+    assert space["train.lr"] == optuna.distributions.FloatDistribution(5e-4, 1e-2, log=True)
+    assert space["train.batch_size"].choices == (64, 128, 256)
+    assert space["train.epochs"] == optuna.distributions.IntDistribution(10, 50, step=5)
+    assert {"aug.rotate", "aug.elastic_alpha", "kwargs.dropout"} <= set(space)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("models.mlp.space.train.lr.type=normal", "models.mlp.space.train.lr: type='normal'"),
+    ("models.mlp.space.train.lr.low=0.1", "expected low <= high"),
+    ("+models.mlp.space.train.lrr={type:float,low:0.1,high:0.2}", "mlp has no setting 'train.lrr'"),
+    ("+models.mlp.space.seed={type:int,low:1,high:2}", "must be under kwargs, train, aug"),
+    ("models.mlp.space.kwargs.hidden={type:categorical,choices:[]}", "non-empty 'choices'"),
+    ("+models.mlp.space.train.lr.sigma=3", "unknown key(s) sigma"),
+    ("~models.mlp.space", "models.mlp.space is empty"),
+])
+def test_bad_space_is_a_config_error(tiny_cfg, override, message):
+    with pytest.raises(ConfigError) as e:
+        tune.parse_space(tiny_cfg(override), "mlp")
+    assert message in str(e.value)
+
+
+def test_params_apply_to_the_fold_config(tiny_cfg):
+    cfg = tiny_cfg()
+    params = {"train.lr": 0.01, "kwargs.dropout": 0.3, "aug.rotate": 4.0}
+    fcfg = fold_config(tune.with_params(cfg, "mlp", params), "mlp", 0, "x")
+    assert (fcfg.train.lr, fcfg.kwargs.dropout, fcfg.aug.rotate) == (0.01, 0.3, 4.0)
+    assert fold_config(cfg, "mlp", 0, "x").train.lr != 0.01  # the original is untouched
+    assert tune.nested(params) == {"train": {"lr": 0.01}, "kwargs": {"dropout": 0.3},
+                                   "aug": {"rotate": 4.0}}
+
+
+def test_objective_orders_by_accuracy_then_log_loss():
+    n = 8400
+    assert tune.objective_value(0.99, 0.05, n) > tune.objective_value(0.99, 0.06, n)
+    # one more correct row beats any log loss, even a diverged one
+    assert tune.objective_value(0.99 + 1 / n, 1e9, n) > tune.objective_value(0.99, 0.0, n)
+
+
+def test_three_trial_study_writes_the_best_parameters(tiny_cfg, capsys):
+    """3 sampled trials on real digits: table, importances, best parameters in artifacts/tuned/."""
+    cfg = tiny_cfg(*TUNE, "tune.n_trials=3", "tune.sampler_seed=0")
+    result = run_stage(cfg)["mlp"]
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="mlp", storage=str(cfg.tune.storage))
+    assert result["trials"] == len(study.trials) == 3
+    tuned_file = Paths.from_cfg(cfg).tuned("mlp")
+    best = OmegaConf.load(tuned_file)
+    assert best.train.lr == pytest.approx(study.best_params["train.lr"])
+    assert best.kwargs.hidden == study.best_params["kwargs.hidden"]
+    assert study.best_trial.user_attrs["accuracy"] > 0.3  # well above chance (0.1)
+    assert "best parameters ->" in out and f"trial {study.best_trial.number}" in out
+    assert (tuned_file.parent / "mlp_trials.csv").exists()
+
+
+def test_pruner_stops_a_hopeless_trial(tiny_cfg):
+    """Median pruner, 2 startup trials with a good learning rate, then lr=1e-7: pruned at epoch 1."""
+    cfg = tiny_cfg(*TUNE, "tune.n_trials=3", "tune.pruner_startup_trials=2",
+                   "tune.pruner_warmup_epochs=0", "models.mlp.space.train.lr.low=1e-7")
+    from pipeline import data
+    from pipeline.folds import ensure_folds
+
+    comp = data.load(cfg)
+    ensure_folds(cfg, comp.y_train)
+    study = tune.load_study(cfg, "mlp", comp)
+    fixed = {"train.weight_decay": 1e-4, "train.epochs": 3, "kwargs.hidden": 200, "kwargs.dropout": 0.0}
+    study.enqueue_trial({"train.lr": 3e-3, **fixed})
+    study.enqueue_trial({"train.lr": 4e-3, **fixed})
+    study.enqueue_trial({"train.lr": 1e-7, **fixed})
+    run_stage(cfg)
+    trials = optuna.load_study(study_name="mlp", storage=str(cfg.tune.storage)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert trials[2].last_step == 1  # stopped after its first epoch, not after all three
+    assert trials[0].user_attrs["accuracy"] > 0.2  # real digits: 2x chance after 18 steps
+
+
+def test_rerun_continues_the_study(tiny_cfg):
+    cfg = tiny_cfg(*TUNE, "tune.n_trials=2", "tune.pruner=none")
+    run_stage(cfg)
+    assert run_stage(tiny_cfg(*TUNE, "tune.n_trials=3", "tune.pruner=none"))["mlp"]["trials"] == 3
+    # target already met: nothing new
+    assert run_stage(tiny_cfg(*TUNE, "tune.n_trials=3", "tune.pruner=none"))["mlp"]["trials"] == 3
+
+
+def test_study_refuses_other_folds(tiny_cfg):
+    run_stage(tiny_cfg(*TUNE, "tune.n_trials=1", "tune.pruner=none"))
+    with pytest.raises(ConfigError, match="tune_folds"):
+        run_stage(tiny_cfg(*TUNE, "tune.n_trials=2", "tune.folds=[1]"))
+
+
+def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    path = Paths.from_cfg(cfg).tuned("mlp")
+    path.parent.mkdir(parents=True)
+    path.write_text("train: {lr: 0.0123, epochs: 1}\nkwargs: {dropout: 0.2}\n")
+    applied = tune.apply_tuned(tiny_cfg("model=mlp", "tuned=true"))
+    fcfg = fold_config(applied, "mlp", 0, "x")
+    assert (fcfg.train.lr, fcfg.train.epochs, fcfg.kwargs.dropout) == (0.0123, 1, 0.2)
+    # through the stage: the fold's cache key records the tuned values
+    run_stage(tiny_cfg("model=mlp", "fold=0", "stage=train", "tuned=true"))
+    saved = OmegaConf.load(Paths.from_cfg(cfg).fold_dir("mlp", 0) / "config.yaml")
+    assert saved.train.lr == 0.0123 and saved.train.epochs == 1
+    # without tuned=true nothing changes
+    assert fold_config(tune.apply_tuned(tiny_cfg("model=mlp")), "mlp", 0, "x").train.lr != 0.0123
+    with pytest.raises(ConfigError, match="no .*cnn_keras.yaml"):
+        tune.apply_tuned(tiny_cfg("model=cnn_keras", "tuned=true"))
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(tiny_cfg, digits_dir, tmp_path):
+    """Two concurrent `stage=tune` processes on one SQLite study: both finish, every trial is
+    recorded once with a unique number, both workers contributed, none is left RUNNING."""
+    cfg = tiny_cfg()
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = [sys.executable, str(REPO / "run.py"), f"paths.root={tmp_path}", f"data.dir={digits_dir}",
+            *TINY, *TUNE, "tune.n_trials=6", "tune.pruner=none", f"tune.storage={storage}"]
+    # folds and the parsed-data cache first, so the two workers race only on the study
+    run_stage(tiny_cfg("stage=folds"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    study = optuna.load_study(study_name="mlp", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers)))  # unique, none lost
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) >= 6 and len(study.trials) <= 7  # the target, plus at most one in flight
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    workers = {t.user_attrs["worker"] for t in done}
+    assert len(workers) == 2, workers
+    # each process logged exactly the trials it ran
+    logged = sorted(int(line.split()[3].rstrip(":")) for o in outs for line in o.splitlines()
+                    if line.startswith("tune: mlp trial "))
+    assert logged == sorted(t.number for t in done)

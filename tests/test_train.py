@@ -97,3 +97,20 @@ def test_nan_loss_stops_the_fold_and_caches_nothing(tiny_cfg):
     with pytest.raises(PipelineError, match="mlp fold 0: training loss became nan"):
         train.run(cfg)
     assert not (Paths.from_cfg(cfg).fold_dir("mlp", 0) / "config.yaml").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_fold_bf16_channels_last(tiny_cfg, compile_):
+    """The CUDA path end to end on the fixture: bf16 autocast, channels_last, batched torch
+    augmentation on the GPU, optional torch.compile; probabilities stay valid."""
+    from pipeline import data
+    from pipeline.folds import ensure_folds
+
+    cfg = tiny_cfg("runtime.device=cuda", "aug.backend=torch", f"train.compile={str(compile_).lower()}")
+    comp = data.load(cfg)
+    res = train.fit_fold(cfg, comp, ensure_folds(cfg, comp.y_train), "cnn_deotte", 0)
+    assert res.metrics["device"].startswith("cuda")
+    assert np.allclose(res.oof.sum(1), 1, atol=1e-4) and np.allclose(res.test.sum(1), 1, atol=1e-4)
+    assert res.metrics["accuracy"] > 0.15

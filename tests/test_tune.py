@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -163,3 +164,41 @@ def test_two_processes_share_one_study(tiny_cfg, digits_dir, tmp_path):
     logged = sorted(int(line.split()[3].rstrip(":")) for o in outs for line in o.splitlines()
                     if line.startswith("tune: mlp trial "))
     assert logged == sorted(t.number for t in done)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_killed_worker_trial_is_failed_and_retried(tiny_cfg, digits_dir, tmp_path):
+    """kill -9 a tuning process mid-trial: with heartbeats, the next worker marks that trial
+    failed and re-runs its parameters; nothing is left RUNNING."""
+    storage = f"sqlite:///{tmp_path / 'crash.db'}"
+    slow = ["models.mlp.space.train.epochs.low=60", "models.mlp.space.train.epochs.high=60",
+            "tune.heartbeat_s=1", f"tune.storage={storage}", "tune.pruner=none"]
+    run_stage(tiny_cfg("stage=folds"))
+    args = [sys.executable, str(REPO / "run.py"), f"paths.root={tmp_path}", f"data.dir={digits_dir}",
+            *TINY, *TUNE, *slow, "tune.n_trials=5"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running = []
+    deadline = time.time() + 120
+    while not running and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="mlp", storage=storage)
+        except Exception:  # not created yet
+            continue
+        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    proc.kill()
+    proc.wait()
+    assert running, "the worker never started a trial"
+    crashed = running[0]
+    time.sleep(2.5)  # past the grace period (2 x heartbeat_s)
+    done_before = tune.finished(optuna.load_study(study_name="mlp", storage=storage))
+    run_stage(tiny_cfg(*TUNE, *slow, f"tune.n_trials={done_before + 1}"))
+    trials = optuna.load_study(study_name="mlp", storage=storage).trials
+    assert trials[crashed.number].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials
+               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == crashed.number]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == crashed.params
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]

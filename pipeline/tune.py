@@ -138,6 +138,25 @@ def suggest(trial: optuna.Trial, path: str, dist) -> Any:
     return trial.suggest_float(path, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
+def baseline_params(cfg: DictConfig, name: str, space: dict) -> dict[str, Any]:
+    """The model's current values of the searched parameters that lie inside the space, so the
+    study's first trial measures the config as written (the baseline a tuned result must beat)."""
+    fcfg = fold_config(cfg, name, 0, "")
+    out = {}
+    for path, dist in space.items():
+        value = OmegaConf.select(fcfg, path)
+        if value is None:
+            continue
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            ok = value in dist.choices
+        else:
+            ok = dist.low <= value <= dist.high and (
+                dist.step is None or abs((value - dist.low) / dist.step - round((value - dist.low) / dist.step)) < 1e-9)
+        if ok:
+            out[path] = value
+    return out
+
+
 def with_params(cfg: DictConfig, name: str, params: dict[str, Any]) -> DictConfig:
     """A copy of ``cfg`` with ``params`` (dotted paths under ``models.<name>``) set."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
@@ -363,6 +382,12 @@ def tune_model(cfg: DictConfig, name: str, comp: data.Competition, folds: np.nda
         secs = t.duration.total_seconds() if t.duration else 0.0
         print(f"tune: {name} trial {t.number}: {what} in {secs:.0f} s ({best})", flush=True)
 
+    if not study.trials and cfg.tune.baseline_first:
+        base = baseline_params(cfg, name, space)
+        if base:
+            study.enqueue_trial(base, skip_if_exists=True)
+            print(f"tune: {name}: trial 0 is the current config ({len(base)} of {len(space)} "
+                  f"parameters; the rest sampled)")
     if done < target:
         timeout = None if cfg.tune.timeout is None else float(cfg.tune.timeout)
         study.optimize(

@@ -202,3 +202,12 @@ def test_killed_worker_trial_is_failed_and_retried(tiny_cfg, digits_dir, tmp_pat
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == crashed.params
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_first_trial_is_the_current_config(tiny_cfg):
+    cfg = tiny_cfg(*TUNE, "tune.n_trials=1", "tune.pruner=none", "+models.mlp.train.lr=0.002",
+                   "+models.mlp.train.epochs=3")
+    run_stage(cfg)
+    first = optuna.load_study(study_name="mlp", storage=str(cfg.tune.storage)).trials[0]
+    assert first.params["train.lr"] == 0.002 and first.params["train.epochs"] == 3
+    assert first.params["kwargs.hidden"] == 200 and first.params["kwargs.dropout"] == 0.0

@@ -29,7 +29,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir

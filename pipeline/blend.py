@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from scipy.optimize import minimize
 from scipy.special import softmax as sp_softmax
 from sklearn.linear_model import LogisticRegression
@@ -32,8 +32,8 @@ from pipeline import data
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.folds import ensure_folds
 from pipeline.io import write_with
-from pipeline.paths import CONFIG, FOLD_FILES, METRICS, OOF, TEST, Paths
-from pipeline.train import fold_config, model_names
+from pipeline.paths import METRICS, OOF, TEST, Paths
+from pipeline.train import fold_config, model_names, verify_fold
 
 METHODS = ("mean", "weighted", "stack")
 EPS = 1e-7
@@ -69,22 +69,26 @@ def load_predictions(cfg: DictConfig, comp: data.Competition, folds: np.ndarray,
     test = np.zeros((m, c), dtype=np.float64)
     for f in range(k):
         d = paths.fold_dir(name, f)
-        missing = [x for x in FOLD_FILES if not (d / x).exists()]
-        if missing:
-            raise ArtifactError(f"{name} fold {f}: missing {', '.join(missing)} in {d} "
-                                f"(run: python run.py stage=train model={name} fold={f})")
-        if OmegaConf.load(d / CONFIG) != fold_config(cfg, name, f, comp.fingerprint):
-            raise ArtifactError(f"{name} fold {f}: {d / CONFIG} differs from the current config "
-                                f"(stale; run: python run.py stage=train model={name} fold={f})")
-        with np.load(d / OOF) as z:
-            rows, probs = z["row_ids"], z["probs"]
+        status, reason = verify_fold(d, fold_config(cfg, name, f, comp.fingerprint, folds))
+        if status != "ok":
+            hint = ""
+            if status == "stale" and not cfg.get("tuned") and paths.tuned(name).exists():
+                hint = "; trained with tuned=true? then blend with tuned=true too"
+            what = reason if status == "missing" else f"{status}: {reason}"
+            raise ArtifactError(f"{name} fold {f}: {what} in {d} (run: python run.py "
+                                f"stage=train model={name} fold={f}){hint}")
+        try:
+            with np.load(d / OOF) as z:
+                rows, probs = z["row_ids"], z["probs"]
+            t = np.load(d / TEST)
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{name} fold {f}: cannot read {d}: {e}") from None
         fold_rows = np.flatnonzero(folds == f)
         if not np.array_equal(np.sort(rows), fold_rows) or probs.shape != (len(rows), c):
             raise ArtifactError(f"{name} fold {f}: {d / OOF} does not hold exactly the fold's "
                                 f"{len(fold_rows)} rows x {c} classes")
         oof[rows] = probs
         hits[rows] += 1
-        t = np.load(d / TEST)
         if t.shape != (m, c):
             raise ArtifactError(f"{name} fold {f}: {d / TEST} has shape {t.shape}, expected {(m, c)}")
         test += t / k

@@ -318,10 +318,12 @@ def parse_sample_submission(path: Path, n_test: int) -> tuple[np.ndarray, str, s
     if len(values) != n_test:
         raise DataError(f"{path}: {len(values)} rows, expected {n_test} (one per test.csv row)")
     ids = values[:, 0].astype(np.int64)
-    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        r = first[np.flatnonzero(counts > 1)[0]]
-        raise DataError(f"{path} line {r + 2}, column {header[0]}: duplicated id {ids[r]}")
+    seen: set[int] = set()
+    for r, i in enumerate(ids.tolist()):
+        if i in seen:
+            raise DataError(f"{path} line {r + 2}, column {header[0]}: duplicated id {i} "
+                            f"(ids must be unique)")
+        seen.add(i)
     return ids, header[0], header[1]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}

@@ -24,8 +24,11 @@ CHECKPOINT = "model.pt"
 OOF = "oof.npz"  # row_ids (n_val,) int64, probs (n_val, C) float32
 TEST = "test.npy"  # (n_test, C) float32 probabilities
 METRICS = "metrics.json"
-CONFIG = "config.yaml"  # resolved config; written last, so it marks a complete fold
-FOLD_FILES = (CHECKPOINT, OOF, TEST, METRICS, CONFIG)
+CONFIG = "config.yaml"  # the resolved fold config: the cache key
+MANIFEST = "manifest.json"  # sha256 and size of every other file; written last = a complete fold
+RESUME = "resume.pt"  # end-of-epoch training state of an unfinished fold (removed when it completes)
+DATA_FILES = (CHECKPOINT, OOF, TEST, METRICS, CONFIG)  # what the manifest covers
+FOLD_FILES = DATA_FILES + (MANIFEST,)
 
 
 @dataclass(frozen=True)

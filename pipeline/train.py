@@ -16,6 +16,8 @@ the OOF score stays an honest estimate).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -39,12 +41,13 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.folds import ensure_folds
 from pipeline.io import save_json, save_npy, save_npz, save_text, write_with
 from pipeline.models import create_model
-from pipeline.paths import CHECKPOINT, CONFIG, FOLD_FILES, METRICS, OOF, TEST, Paths
+from pipeline.paths import (CHECKPOINT, CONFIG, DATA_FILES, FOLD_FILES, MANIFEST, METRICS, OOF,
+                            RESUME, TEST, Paths)
 
 
 # --------------------------------------------------------------------------- selection
 
-RUNTIME_ONLY_TRAIN_KEYS = ("compile",)
+RUNTIME_ONLY_TRAIN_KEYS = ("compile", "deterministic")
 
 
 def model_names(cfg: DictConfig) -> list[str]:
@@ -75,11 +78,18 @@ def fold_ids(cfg: DictConfig) -> list[int]:
     return [f]
 
 
-def fold_config(cfg: DictConfig, name: str, fold: int, data_fingerprint: str) -> DictConfig:
+def folds_digest(folds: np.ndarray) -> str:
+    """A short sha256 of a fold assignment ``(N,)``: part of every fold's cache key."""
+    return hashlib.sha256(np.ascontiguousarray(folds, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def fold_config(cfg: DictConfig, name: str, fold: int, data_fingerprint: str,
+                folds: np.ndarray | None = None) -> DictConfig:
     """The settings that determine one (model, fold)'s results; also its cache key.
 
     ``train`` and ``aug`` are the global groups with the model's own ``train``/``aug``
-    overrides merged on top.
+    overrides merged on top; ``folds`` (the ``(N,)`` assignment, when given) adds its digest, so
+    a changed folds file makes every fold stale.
     """
     m = cfg.models[name]
     train = OmegaConf.merge(cfg.train, m.get("train") or {})
@@ -88,27 +98,67 @@ def fold_config(cfg: DictConfig, name: str, fold: int, data_fingerprint: str) ->
     aug = OmegaConf.merge(cfg.aug, m.get("aug") or {})
     if int(train.epochs) <= 0:
         raise ConfigError(f"models.{name}.train.epochs / train.epochs={train.epochs}: expected >= 1")
+    folds_key = {"k": int(cfg.folds.k), "seed": int(cfg.folds.seed)}
+    if folds is not None:
+        folds_key["digest"] = folds_digest(folds)
     return OmegaConf.create({
         "model": name, "arch": m.arch, "kwargs": m.get("kwargs") or {},
-        "train": train, "aug": aug, "fold": fold,
-        "folds": {"k": int(cfg.folds.k), "seed": int(cfg.folds.seed)},
+        "train": train, "aug": aug, "fold": fold, "folds": folds_key,
         "data_fingerprint": data_fingerprint, "seed": int(cfg.seed),
     })
 
 
-def is_cached(out_dir: Path, fcfg: DictConfig) -> tuple[bool, str]:
-    """Whether ``out_dir`` holds every fold file and a ``config.yaml`` equal to ``fcfg``.
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    Returns ``(cached, reason)``; the reason says what is missing or which setting changed.
+
+def write_manifest(out_dir: Path) -> Path:
+    """Record the sha256 and size of every file of a finished fold in ``manifest.json``; written
+    last, after all of them exist, it marks the fold complete."""
+    files = {n: {"sha256": _sha256(out_dir / n), "bytes": (out_dir / n).stat().st_size}
+             for n in DATA_FILES}
+    return save_json(out_dir / MANIFEST, {"files": files})
+
+
+def verify_fold(out_dir: Path, fcfg: DictConfig) -> tuple[str, str]:
+    """Check one (model, fold)'s artifacts against its manifest and the current settings.
+
+    Returns ``(status, reason)``; status is ``ok``, ``missing`` (files absent: never trained or
+    interrupted), ``corrupt`` (unreadable manifest, a size or checksum mismatch, an unreadable
+    config) or ``stale`` (trained with other settings; the reason names the keys that changed).
     """
     missing = [n for n in FOLD_FILES if not (out_dir / n).exists()]
     if missing:
-        return False, f"missing {', '.join(missing)}"
-    old = OmegaConf.load(out_dir / CONFIG)
+        return "missing", f"missing {', '.join(missing)}"
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "corrupt", f"{MANIFEST} is unreadable"
+    for n in DATA_FILES:
+        entry = manifest.get(n) if isinstance(manifest, dict) else None
+        if not entry:
+            return "corrupt", f"{MANIFEST} does not list {n}"
+        if (out_dir / n).stat().st_size != entry.get("bytes") or _sha256(out_dir / n) != entry.get("sha256"):
+            return "corrupt", f"{n} does not match its checksum (truncated or modified)"
+    try:
+        old = OmegaConf.load(out_dir / CONFIG)
+    except Exception:  # a yaml that no longer parses despite its checksum: treat as corrupt
+        return "corrupt", f"{CONFIG} is unreadable"
     if old != fcfg:
         changed = sorted(k for k in set(old) | set(fcfg) if old.get(k) != fcfg.get(k))
-        return False, f"config changed ({', '.join(changed)})"
-    return True, "cached"
+        return "stale", f"config changed ({', '.join(changed)})"
+    return "ok", "cached"
+
+
+def is_cached(out_dir: Path, fcfg: DictConfig) -> tuple[bool, str]:
+    """Whether ``out_dir`` holds a complete, intact fold trained with ``fcfg`` (see
+    :func:`verify_fold`). Returns ``(cached, reason)``."""
+    status, reason = verify_fold(out_dir, fcfg)
+    return status == "ok", reason
 
 
 # --------------------------------------------------------------------------- runtime helpers
@@ -239,10 +289,39 @@ def make_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device
     workers = _num_workers(num_workers, device)
     return DataLoader(augment.ImageDataset(images, labels, transform), batch_size=batch_size,
                       shuffle=True, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0,
                       worker_init_fn=_worker_init if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed),
                       pin_memory=device.type == "cuda")
+
+
+def set_epoch(batches, seed: int, epoch: int) -> None:
+    """Reseed the data order and augmentation of ``epoch`` from ``(seed, epoch)`` alone (like
+    ``DistributedSampler.set_epoch``), so a resumed run draws exactly the batches the
+    uninterrupted run would have. Works for both backends (DataLoader workers are re-created each
+    epoch and seeded from the loader's generator)."""
+    s = (seed * 100_003 + epoch) % 2**63
+    batches.generator.manual_seed(s)
+    transform = getattr(getattr(batches, "dataset", None), "transform", None)
+    if transform is not None:
+        transform.set_random_seed(s % 2**32)
+
+
+def rng_state() -> dict:
+    """python, numpy, torch (CPU and every CUDA device) RNG states, for a resume checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -290,28 +369,41 @@ EpochCallback = Callable[[int, dict], None]
 
 
 def fit_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: str, fold: int,
-             on_epoch: EpochCallback | None = None, predict_test: bool = True) -> FitResult:
+             on_epoch: EpochCallback | None = None, predict_test: bool = True,
+             resume_path: Path | None = None) -> FitResult:
     """Train ``name`` on every fold but ``fold`` and predict that fold (and the test set).
 
-    Writes nothing. ``on_epoch(epoch, record)`` is called after each epoch with that epoch's
-    history record (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``,
-    ``seconds``); it may raise to stop training (the tune stage prunes trials this way).
+    ``on_epoch(epoch, record)`` is called after each epoch with that epoch's history record
+    (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds``); it may raise
+    to stop training (the tune stage prunes trials this way).
+
+    With ``resume_path``, the end-of-epoch state (model, optimizer, LR scheduler, epoch, history,
+    best validation accuracy, python/numpy/torch RNG states) is written there after every epoch
+    (temp file + rename), and training continues from it when it exists and was written for the
+    same fold config; one written for other settings is ignored (and replaced). Data order and
+    augmentation are reseeded per epoch (:func:`set_epoch`), so on CPU with
+    ``train.deterministic=true`` a resumed run gives the uninterrupted run's probabilities.
+    No AMP scaler (bf16 autocast needs none) and no EMA are used, so none is saved.
 
     Raises:
         PipelineError: the loss became NaN/inf.
     """
-    fcfg = fold_config(cfg, name, fold, comp.fingerprint)
+    fcfg = fold_config(cfg, name, fold, comp.fingerprint, folds)
     tcfg, rt = fcfg.train, cfg.runtime
     device = select_device(str(rt.device))
-    seed_everything(int(cfg.seed) * 1000 + fold)
-    if device.type == "cuda":
+    seed = int(cfg.seed) * 1000 + fold
+    seed_everything(seed)
+    if cfg.train.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     channels_last = bool(rt.channels_last)
     t0 = time.perf_counter()
 
     tr_idx, va_idx = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     batches = make_batches(comp.x_train[tr_idx], comp.y_train[tr_idx], int(tcfg.batch_size),
-                           device, fcfg.aug, int(cfg.seed) * 1000 + fold, rt.num_workers)
+                           device, fcfg.aug, seed, rt.num_workers)
     if len(batches) == 0:
         raise ConfigError(f"{name} fold {fold}: train.batch_size={tcfg.batch_size} is larger than "
                           f"the {len(tr_idx)} training rows of the fold")
@@ -326,10 +418,25 @@ def fit_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: s
     epochs, steps = int(tcfg.epochs), len(batches)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tcfg.lr), total_steps=epochs * steps,
                                                 pct_start=float(tcfg.warmup_frac))
-    history = []
+    history: list[dict] = []
+    start = 1
+    fcfg_yaml = OmegaConf.to_yaml(fcfg)
+    if resume_path is not None and resume_path.exists():
+        state = _load_resume(resume_path, fcfg_yaml, name, fold)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            history = state["history"]
+            set_rng_state(state["rng"])
+            start = int(state["epoch"]) + 1
+            print(f"train: {name} fold {fold}: resuming after epoch {state['epoch']}/{epochs} "
+                  f"({resume_path})", flush=True)
     y_val = torch.from_numpy(comp.y_train[va_idx])
-    for epoch in range(1, epochs + 1):
+    val_logits = None
+    for epoch in range(start, epochs + 1):
         model.train()
+        set_epoch(batches, seed, epoch)
         te = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -347,6 +454,8 @@ def fit_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: s
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
         train_loss = loss_sum.item() / max(seen, 1)
         if not math.isfinite(train_loss):
+            if resume_path is not None:
+                resume_path.unlink(missing_ok=True)
             raise PipelineError(f"{name} fold {fold}: training loss became {train_loss} in epoch "
                                 f"{epoch}; nothing was cached (try a lower train.lr)")
         val_logits = predict_logits(net, comp.x_train[va_idx], device, int(rt.eval_batch_size),
@@ -359,9 +468,18 @@ def fit_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: s
             "lr": float(sched.get_last_lr()[0]), "seconds": time.perf_counter() - te,
         }
         history.append(record)
+        if resume_path is not None:
+            state = {"fold_config": fcfg_yaml, "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "history": history, "best_val_acc": max(h["val_acc"] for h in history),
+                     "rng": rng_state()}
+            write_with(resume_path, lambda p: torch.save(state, p))
         if on_epoch is not None:
             on_epoch(epoch, record)
 
+    if val_logits is None:  # resumed after the last epoch: the weights are final, predict again
+        val_logits = predict_logits(net, comp.x_train[va_idx], device, int(rt.eval_batch_size),
+                                    channels_last)
     oof = softmax(val_logits)
     test = (softmax(predict_logits(net, comp.x_test, device, int(rt.eval_batch_size), channels_last))
             if predict_test else None)
@@ -372,8 +490,24 @@ def fit_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: s
         "log_loss": float(log_loss(y_val_np, oof, labels=np.arange(comp.num_classes))),
         "epochs": epochs, "seconds": time.perf_counter() - t0, "device": _device_name(device),
         "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "history": history,
+        "resumed_after_epoch": start - 1 if start > 1 else None,
     }
     return FitResult(model, oof, va_idx.astype(np.int64), test, metrics)
+
+
+def _load_resume(path: Path, fcfg_yaml: str, name: str, fold: int) -> dict | None:
+    """The resume state at ``path`` if it is readable and was written for this fold config."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / corrupt file: start over, say why
+        print(f"train: {name} fold {fold}: ignoring unreadable {path} ({type(e).__name__}); "
+              f"starting over", flush=True)
+        return None
+    if state.get("fold_config") != fcfg_yaml:
+        print(f"train: {name} fold {fold}: {path} was written for other settings; starting over",
+              flush=True)
+        return None
+    return state
 
 
 def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name: str,
@@ -386,11 +520,11 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
     Raises:
         PipelineError: the loss became NaN/inf (nothing is cached for this fold).
     """
-    fcfg = fold_config(cfg, name, fold, comp.fingerprint)
-    res = fit_fold(cfg, comp, folds, name, fold)
-    metrics = res.metrics
+    fcfg = fold_config(cfg, name, fold, comp.fingerprint, folds)
     out = Paths.from_cfg(cfg).fold_dir(name, fold)
-    (out / CONFIG).unlink(missing_ok=True)  # the fold is incomplete until config.yaml is back
+    res = fit_fold(cfg, comp, folds, name, fold, resume_path=out / RESUME)
+    metrics = res.metrics
+    (out / MANIFEST).unlink(missing_ok=True)  # the fold is incomplete until the manifest is back
     ckpt = {"arch": fcfg.arch, "kwargs": OmegaConf.to_container(fcfg.kwargs),
             "num_classes": comp.num_classes, "img_size": comp.side,
             "state_dict": {k: v.cpu() for k, v in res.model.state_dict().items()}}
@@ -399,6 +533,8 @@ def train_fold(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, name:
     save_npy(out / TEST, res.test)
     save_json(out / METRICS, metrics)
     save_text(out / CONFIG, OmegaConf.to_yaml(fcfg))
+    write_manifest(out)
+    (out / RESUME).unlink(missing_ok=True)
     print(f"train: {name} fold {fold}: OOF acc {metrics['accuracy']:.5f}, log loss "
           f"{metrics['log_loss']:.4f}, {metrics['epochs']} epochs, {metrics['seconds']:.1f} s on "
           f"{metrics['device']}", flush=True)
@@ -433,7 +569,7 @@ def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
     results = {}
     for name in names:
         for f in fids:
-            fcfg = fold_config(cfg, name, f, comp.fingerprint)
+            fcfg = fold_config(cfg, name, f, comp.fingerprint, folds)
             cached, _ = is_cached(paths.fold_dir(name, f), fcfg)
             if cached and not cfg.force:
                 print(f"train: {name} fold {f}: cached, skipped (force=true retrains)")
@@ -456,7 +592,7 @@ def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
                 if cached and not cfg.force:
                     print(f"train: {name} fold {f}: cached, skipped (force=true retrains)")
                     continue
-                if not cached and reason.startswith("config changed"):
+                if not cached and not reason.startswith("missing"):
                     print(f"train: {name} fold {f}: retraining, {reason}")
                 results[(name, f)] = train_fold(cfg, comp, folds, name, f)
             finally:

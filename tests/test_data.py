@@ -8,6 +8,8 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import DIGITS, FIXTURES
 from pipeline import data
@@ -146,6 +148,12 @@ BAD_INPUTS = {
     "negative label": (lambda d: _edit(d / "train.csv", 6, lambda l: _set_cell(0)(l, "-3")),
                        "train.csv line 6, column label: -3 is negative"),
     "empty file": (lambda d: (d / "train.csv").write_text(""), "train.csv: file is empty"),
+    "duplicated header": (lambda d: _edit(d / "train.csv", 1, lambda l: l.replace("pixel6,", "pixel5,")),
+                          "train.csv line 1, column 8: header 'pixel5', expected 'pixel6'"),
+    "sample_submission with a duplicated id": (
+        lambda d: _edit(d / "sample_submission.csv", 3, lambda l: "1," + l.split(",")[1]),
+        "sample_submission.csv line 3, column ImageId: duplicated id 1"),
+    "not UTF-8": (lambda d: (d / "test.csv").write_bytes(b"pixel0\xff\n"), "test.csv: not UTF-8 text"),
     "test with label column": (
         lambda d: shutil.copy(d / "train.csv", d / "test.csv"),
         "test.csv line 1: has a 'label' column; test files must not carry labels"),
@@ -183,3 +191,35 @@ def test_missing_data_dir_is_a_config_error(tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"data.dir={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="nowhere does not exist"):
         data.run(cfg)
+
+
+# --------------------------------------------------------------------------- property-based
+
+
+def _small_csv(rows: int = 3) -> str:
+    header = "label," + ",".join(f"pixel{i}" for i in range(16))
+    return header + "\n" + "".join(f"{i % 2}," + ",".join(str((i * 37 + j * 11) % 256) for j in range(16)) + "\n"
+                                  for i in range(rows))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 8),
+                                st.text(alphabet=st.characters(codec="utf-8"), max_size=6)),
+                      min_size=1, max_size=4),
+       raw=st.binary(max_size=8))
+def test_malformed_csv_loads_or_raises_data_error(tmp_path, edits, raw):
+    """Random edits (insert, delete, replace) and raw bytes in a small valid train.csv: the
+    loader either returns consistent arrays or raises DataError with one line; nothing else."""
+    text = _small_csv()
+    for pos, cut, insert in edits:
+        pos %= len(text) + 1
+        text = text[:pos] + insert + text[pos + cut:]
+    path = tmp_path / "train.csv"
+    path.write_bytes(text.encode("utf-8") + raw)
+    try:
+        x, y, num_classes = data.parse_train_csv(path)
+    except DataError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+    else:
+        assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == x.shape[3]
+        assert len(x) == len(y) and y.min() >= 0 and y.max() < num_classes

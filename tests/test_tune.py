@@ -141,7 +141,6 @@ def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
 def test_two_processes_share_one_study(tiny_cfg, digits_dir, tmp_path):
     """Two concurrent `stage=tune` processes on one SQLite study: both finish, every trial is
     recorded once with a unique number, both workers contributed, none is left RUNNING."""
-    cfg = tiny_cfg()
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     args = [sys.executable, str(REPO / "run.py"), f"paths.root={tmp_path}", f"data.dir={digits_dir}",
             *TINY, *TUNE, "tune.n_trials=6", "tune.pruner=none", f"tune.storage={storage}"]

@@ -1,4 +1,4 @@
-"""Entry point: ``python run.py stage=data|folds|train|blend|all key=value ...``.
+"""Entry point: ``python run.py stage=data|folds|train|tune|blend|report|predict|all key=value ...``.
 
 Composes the Hydra config (``pipeline/conf``) and dispatches ``cfg.stage``. User errors
 (:class:`pipeline.errors.PipelineError`) print one line and exit with code 2.

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import joblib
+
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
@@ -31,9 +33,9 @@ from sklearn.metrics import log_loss
 from pipeline import data
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.folds import ensure_folds
-from pipeline.io import write_with
+from pipeline.io import save_json, save_npy, write_with
 from pipeline.paths import METRICS, OOF, TEST, Paths
-from pipeline.train import fold_config, model_names, verify_fold
+from pipeline.train import fold_config, folds_digest, model_names, verify_fold
 
 METHODS = ("mean", "weighted", "stack")
 EPS = 1e-7
@@ -161,7 +163,10 @@ def blend(method: str, oofs: np.ndarray, tests: np.ndarray, y: np.ndarray, folds
             tr, va = folds != f, folds == f
             oof_out[va] = make_meta_learner(cfg).fit(x[tr], y[tr]).predict_proba(x[va])
         meta = make_meta_learner(cfg).fit(x, y)
-        return oof_out, meta.predict_proba(xt), {"meta_learner": repr(meta)}
+        c = oofs.shape[2]
+        per_model = np.abs(meta.coef_).reshape(meta.coef_.shape[0], len(oofs), c).mean((0, 2))
+        return oof_out, meta.predict_proba(xt), {"meta_learner": repr(meta), "model": meta,
+                                                 "mean_abs_coef": per_model.round(4).tolist()}
     raise ConfigError(f"blend.method={method}: expected all or one of {', '.join(METHODS)}")
 
 
@@ -207,17 +212,19 @@ def run(cfg: DictConfig) -> dict:
         acc, ll = _score(y, p.oof)
         report["models"][p.name] = (acc, ll)
         rows.append((f"model {p.name}", acc, ll, _minutes(paths, p.name, int(cfg.folds.k))))
-    outputs = {}
+    outputs, oof_outputs = {}, {}
     for method in _methods(cfg):
         oof_b, test_b, info = blend(method, oofs, tests, y, folds, cfg)
         acc, ll = _score(y, oof_b)
         report["blends"][method] = (acc, ll, info)
         rows.append((f"blend {method}", acc, ll, ""))
         outputs[method] = test_b
+        oof_outputs[method] = oof_b
         write_submission(paths.submission(method), comp, test_b.argmax(1))
     best = min(report["blends"], key=lambda m: (-report["blends"][m][0], report["blends"][m][1]))
     write_submission(paths.submission("submission"), comp, outputs[best].argmax(1))
     report["best"] = best
+    save_blend(paths, names, report, oof_outputs, outputs, comp, folds)
 
     print(f"\n{'':28s} {'OOF acc':>9s} {'log loss':>9s} {'train min':>9s}")
     for label, acc, ll, minutes in rows:
@@ -229,6 +236,28 @@ def run(cfg: DictConfig) -> dict:
     print(f"blend: submissions/submission.csv = {best} (OOF acc {report['blends'][best][0]:.5f}); "
           f"files in {paths.submissions_dir}")
     return report
+
+
+def save_blend(paths: Paths, names: list[str], report: dict, oof_outputs: dict, test_outputs: dict,
+               comp: data.Competition, folds: np.ndarray) -> None:
+    """Persist the blend for ``stage=report`` / ``stage=predict`` under ``artifacts/blend/``:
+    ``<method>_oof.npy`` ``(N, C)`` and ``<method>_test.npy`` ``(M, C)`` float32 probabilities,
+    ``stack.joblib`` (the meta-learner refit on all OOF rows) and ``blend.json`` (written last:
+    models, scores, weights/coefficients, the submitted method, data fingerprint, folds digest)."""
+    d = paths.blend_dir
+    for method in oof_outputs:
+        save_npy(d / f"{method}_oof.npy", oof_outputs[method].astype(np.float32))
+        save_npy(d / f"{method}_test.npy", test_outputs[method].astype(np.float32))
+    methods = {}
+    for method, (acc, ll, info) in report["blends"].items():
+        if "model" in info:
+            write_with(d / "stack.joblib", lambda p, m=info.pop("model"): joblib.dump(m, p))
+        methods[method] = {"accuracy": acc, "log_loss": ll, **info}
+    save_json(d / "blend.json", {
+        "models": names, "best": report["best"], "methods": methods,
+        "model_scores": {n: {"accuracy": a, "log_loss": ll} for n, (a, ll) in report["models"].items()},
+        "data_fingerprint": comp.fingerprint, "folds_digest": folds_digest(folds),
+    })
 
 
 def _minutes(paths: Paths, name: str, k: int) -> str:

@@ -79,6 +79,18 @@ class Paths:
         """``artifacts/tuned/<model>.yaml``: a study's best parameters (``tuned=true`` applies them)."""
         return self.artifacts_dir / "tuned" / f"{model}.yaml"
 
+    @property
+    def blend_dir(self) -> Path:
+        """``artifacts/blend/``: the last blend's summary (``blend.json``), each method's OOF and
+        test probabilities (``<method>_oof.npy``, ``<method>_test.npy``) and the fitted
+        meta-learner (``stack.joblib``), read by ``stage=report`` and ``stage=predict``."""
+        return self.artifacts_dir / "blend"
+
+    @property
+    def report_dir(self) -> Path:
+        """``artifacts/report/``: ``index.html`` and its PNGs."""
+        return self.artifacts_dir / "report"
+
     def submission(self, name: str) -> Path:
         """``submissions/<name>.csv``."""
         return self.submissions_dir / f"{name}.csv"

@@ -10,13 +10,15 @@ from pipeline.errors import ConfigError
 
 
 def run_all(cfg: DictConfig) -> Any:
-    """Stage ``all``: data, folds, train, blend, in order; returns the blend report."""
-    from pipeline import blend, data, folds, train
+    """Stage ``all``: data, folds, train, blend, report, in order; returns the blend report."""
+    from pipeline import blend, data, folds, report, train
 
     data.run(cfg)
     folds.run(cfg)
     train.run(cfg)
-    return blend.run(cfg)
+    result = blend.run(cfg)
+    report.run(cfg)
+    return result
 
 
 def _stage(module: str) -> Callable[[DictConfig], Any]:
@@ -34,6 +36,8 @@ STAGES: dict[str, Callable[[DictConfig], Any]] = {
     "train": _stage("train"),
     "tune": _stage("tune"),
     "blend": _stage("blend"),
+    "report": _stage("report"),
+    "predict": _stage("predict"),
     "all": run_all,
 }
 

@@ -50,7 +50,8 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     sub = pd.read_csv(tmp_path / "submissions" / "submission.csv")
     assert list(sub.columns) == ["ImageId", "Label"] and len(sub) == 119
     assert (tmp_path / "folds" / "folds_k2_seed42.csv").exists()
-    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["cnn_keras", "mlp"]
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["blend", "cnn_keras", "mlp", "report"]
+    assert (tmp_path / "artifacts" / "report" / "index.html").exists()  # stage=all ends with the report
 
 
 @pytest.mark.parametrize("args, message", [
@@ -58,7 +59,7 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=train", "model=lenet"], "unknown model 'lenet'"),
     (["stage=train", "fold=9"], "fold=9: expected 'all' or an integer 0..1"),
     (["stage=blend"], "missing"),
-    (["stage=tea"], "stage=tea: expected one of data, folds, train, tune, blend, all"),
+    (["stage=tea"], "stage=tea: expected one of data, folds, train, tune, blend, report, predict, all"),
     (["stage=folds", "folds.k=1"], "folds.k=1: expected at least 2 folds"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, args, message):

@@ -1,0 +1,293 @@
+"""Stage ``report``: an offline HTML page of what happened, from the cached artifacts only.
+
+    python run.py stage=report         # -> artifacts/report/index.html (+ the PNGs beside it)
+
+Reads each ensemble model's ``metrics.json`` and OOF/test probabilities (checked exactly as
+``stage=blend`` checks them) and the last blend (``artifacts/blend/``); trains nothing. The page
+embeds its images (base64), so it opens offline and can be mailed as one file; the same images
+are written as PNGs beside it. It shows:
+
+* the CV table: model x fold accuracy, log loss, epochs, minutes, device; each blend's OOF
+  accuracy and log loss, and which one became ``submission.csv``;
+* learning curves per model: train / validation loss and accuracy per epoch, mean and spread
+  (min..max) over folds;
+* the confusion matrix of the submitted blend's OOF predictions (counts);
+* the most confident OOF mistakes, titled (predicted, true, probability);
+* the correlation between the models' OOF errors (ensemble diversity) and the blend weights /
+  meta-learner coefficients;
+* the predicted class distribution on the test set next to the train label distribution, and
+  random test images with their predicted labels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline import data  # noqa: E402
+from pipeline.blend import load_predictions  # noqa: E402
+from pipeline.errors import ArtifactError  # noqa: E402
+from pipeline.folds import ensure_folds  # noqa: E402
+from pipeline.io import save_text, write_with  # noqa: E402
+from pipeline.paths import METRICS, Paths  # noqa: E402
+from pipeline.train import folds_digest  # noqa: E402
+
+
+def load_blend(paths: Paths) -> dict:
+    """``artifacts/blend/blend.json`` (the last blend); ArtifactError when there is none."""
+    path = paths.blend_dir / "blend.json"
+    if not path.exists():
+        raise ArtifactError(f"{path}: no blend yet (run: python run.py stage=blend)")
+    return json.loads(path.read_text())
+
+
+def fold_table(paths: Paths, names: list[str], k: int) -> list[dict]:
+    """One row per (model, fold) from its ``metrics.json``: accuracy, log loss, epochs,
+    minutes, device."""
+    rows = []
+    for name in names:
+        for f in range(k):
+            m = json.loads((paths.fold_dir(name, f) / METRICS).read_text())
+            rows.append({"model": name, "fold": f, "accuracy": m["accuracy"], "log_loss": m["log_loss"],
+                         "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
+                         "history": m.get("history", [])})
+    return rows
+
+
+def _save(fig, path: Path) -> Path:
+    write_with(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_curves(name: str, rows: list[dict], path: Path) -> Path:
+    """Train / validation loss and accuracy per epoch for one model: mean line, min..max band."""
+    hist = [r["history"] for r in rows if r["model"] == name and r["history"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    if hist:
+        n = min(len(h) for h in hist)
+        epochs = np.arange(1, n + 1)
+        for ax, key in zip(axes, ("loss", "acc")):
+            for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+                v = np.array([[h[e][f"{split}_{key}"] for e in range(n)] for h in hist])
+                ax.plot(epochs, v.mean(0), color=color, marker="o", ms=3,
+                        label=f"{'validation' if split == 'val' else 'train'} (mean of {len(hist)} folds)")
+                ax.fill_between(epochs, v.min(0), v.max(0), color=color, alpha=0.2)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("loss" if key == "loss" else "accuracy")
+            ax.grid(alpha=0.3)
+        axes[0].set_yscale("log")
+        axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{name}: learning curves (band: min..max over folds)")
+    return _save(fig, path)
+
+
+def plot_confusion(y: np.ndarray, pred: np.ndarray, num_classes: int, title: str, path: Path) -> Path:
+    """Heatmap of the confusion matrix (rows: true, columns: predicted) with the counts."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    im = ax.imshow(off, cmap="Reds")
+    for i in range(num_classes):
+        for j in range(num_classes):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="black" if i != j else "tab:green", fontweight="bold" if i == j else None)
+    ax.set_xticks(range(num_classes))
+    ax.set_yticks(range(num_classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="errors (off-diagonal counts)")
+    return _save(fig, path)
+
+
+def plot_image_grid(images: np.ndarray, titles: list[str], title: str, path: Path,
+                    cols: int = 8) -> Path:
+    """``(n, 1, S, S)`` uint8 images in a grid, one title each."""
+    n = max(len(images), 1)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.25, rows * 1.45), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t in zip(axes.flat, images, titles):
+        ax.imshow(img[0], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(t, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_diversity(names: list[str], oofs: np.ndarray, y: np.ndarray, blend: dict, path: Path) -> Path:
+    """Correlation of the models' OOF error indicators, and the blend weights / meta-learner
+    coefficients per model."""
+    errors = (oofs.argmax(2) != y[None]).astype(np.float64)  # (models, N)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(errors) if len(names) > 1 else np.ones((1, 1))
+    corr = np.nan_to_num(np.atleast_2d(corr), nan=0.0)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.2]})
+    im = axes[0].imshow(corr, vmin=-1, vmax=1, cmap="coolwarm")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            axes[0].text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=9)
+    axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].set_title("OOF error correlation\n(lower = more diverse)")
+    fig.colorbar(im, ax=axes[0])
+    bars = {}
+    for method, info in blend["methods"].items():
+        if method == "weighted" and "weights" in info:
+            bars["weighted: weight"] = info["weights"]
+        if method == "stack" and "mean_abs_coef" in info:
+            c = np.asarray(info["mean_abs_coef"], dtype=np.float64)
+            bars["stack: mean |coef| (normalised)"] = (c / c.sum()).tolist() if c.sum() else c.tolist()
+    x = np.arange(len(names))
+    width = 0.8 / max(len(bars), 1)
+    for i, (label, vals) in enumerate(bars.items()):
+        axes[1].bar(x + i * width, vals, width, label=label)
+    axes[1].set_xticks(x + width * (len(bars) - 1) / 2, names)
+    axes[1].set_title("blend weights and meta-learner coefficients")
+    if bars:
+        axes[1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_distribution(y: np.ndarray, test_pred: np.ndarray, num_classes: int, path: Path) -> Path:
+    """Share of each class: train labels next to the submitted predictions on the test set."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    x = np.arange(num_classes)
+    ax.bar(x - 0.2, np.bincount(y, minlength=num_classes) / len(y), 0.4, label=f"train labels (n={len(y)})")
+    ax.bar(x + 0.2, np.bincount(test_pred, minlength=num_classes) / len(test_pred), 0.4,
+           label=f"test predictions (n={len(test_pred)})")
+    ax.set_xticks(x)
+    ax.set_xlabel("class")
+    ax.set_ylabel("share")
+    ax.legend(fontsize=8)
+    ax.set_title("class distribution")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- page
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}tr.best td{font-weight:bold;
+background:#eef8ee}img{max-width:100%;border:1px solid #eee;margin:0.3em 0}h2{margin-top:1.6em}"""
+
+
+def _img(png: Path, alt: str) -> str:
+    data64 = base64.b64encode(png.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data64}" alt="{html.escape(alt)}" title="{png.name}">'
+
+
+def _table(header: list[str], rows: list[list], best_rows: set[int] = frozenset()) -> str:
+    head = "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(header))
+    body = []
+    for r, row in enumerate(rows):
+        cells = "".join(f'<td class="{"l" if i == 0 else ""}">{html.escape(str(c))}</td>'
+                        for i, c in enumerate(row))
+        body.append(f'<tr class="{"best" if r in best_rows else ""}">{cells}</tr>')
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def run(cfg: DictConfig) -> Path:
+    """Stage ``report``: write ``artifacts/report/index.html`` and its PNGs; return the page.
+
+    Raises:
+        ArtifactError: no blend yet, or the blend / a fold is missing, stale or corrupt
+            (the same checks as ``stage=blend``).
+    """
+    paths = Paths.from_cfg(cfg)
+    blend = load_blend(paths)
+    comp = data.load(cfg)
+    folds = ensure_folds(cfg, comp.y_train)
+    if blend["data_fingerprint"] != comp.fingerprint or blend["folds_digest"] != folds_digest(folds):
+        raise ArtifactError(f"{paths.blend_dir / 'blend.json'}: made for other data or folds "
+                            f"(run: python run.py stage=blend)")
+    names, best, k = blend["models"], blend["best"], int(cfg.folds.k)
+    preds = [load_predictions(cfg, comp, folds, n) for n in names]
+    oofs = np.stack([p.oof for p in preds])
+    y, c = comp.y_train, comp.num_classes
+    oof_best = np.load(paths.blend_dir / f"{best}_oof.npy")
+    test_best = np.load(paths.blend_dir / f"{best}_test.npy")
+    out = paths.report_dir
+    rows = fold_table(paths, names, k)
+
+    pngs: dict[str, Path] = {}
+    for name in names:
+        pngs[f"curves_{name}"] = plot_curves(name, rows, out / f"curves_{name}.png")
+    pred = oof_best.argmax(1)
+    pngs["confusion"] = plot_confusion(y, pred, c, f"OOF confusion matrix: blend '{best}' "
+                                       f"(accuracy {(pred == y).mean():.5f})", out / "confusion.png")
+    wrong = np.flatnonzero(pred != y)
+    conf = oof_best[wrong, pred[wrong]]
+    top = wrong[np.argsort(-conf)][:32]
+    pngs["mistakes"] = plot_image_grid(
+        comp.x_train[top], [f"pred {pred[i]} true {y[i]}\np={oof_best[i, pred[i]]:.3f}" for i in top],
+        f"the {len(top)} most confident OOF mistakes of blend '{best}' (of {len(wrong)})",
+        out / "mistakes.png")
+    pngs["diversity"] = plot_diversity(names, oofs, y, blend, out / "diversity.png")
+    test_pred = test_best.argmax(1)
+    pngs["distribution"] = plot_distribution(y, test_pred, c, out / "distribution.png")
+    rng = np.random.default_rng(int(cfg.seed))
+    sample = np.sort(rng.choice(len(test_pred), size=min(32, len(test_pred)), replace=False))
+    pngs["test_samples"] = plot_image_grid(
+        comp.x_test[sample], [f"id {comp.test_ids[i]}: {test_pred[i]}" for i in sample],
+        "random test images with the submitted label", out / "test_samples.png")
+
+    fold_rows = [[r["model"], r["fold"], f"{r['accuracy']:.5f}", f"{r['log_loss']:.4f}", r["epochs"],
+                  f"{r['minutes']:.2f}", r["device"]] for r in rows]
+    model_rows = []
+    for name in names:
+        s = blend["model_scores"][name]
+        minutes = sum(r["minutes"] for r in rows if r["model"] == name)
+        model_rows.append([f"model {name}", f"{s['accuracy']:.5f}", f"{s['log_loss']:.4f}", f"{minutes:.1f}", ""])
+    blend_rows = []
+    for method, info in blend["methods"].items():
+        extra = ""
+        if method == "weighted":
+            extra = "weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info.get("weights", [])))
+        elif method == "stack":
+            extra = "mean |coef| " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info.get("mean_abs_coef", [])))
+        blend_rows.append([f"blend {method}" + (" -> submission.csv" if method == best else ""),
+                           f"{info['accuracy']:.5f}", f"{info['log_loss']:.4f}", "", extra])
+    summary = model_rows + blend_rows
+    best_row = len(model_rows) + list(blend["methods"]).index(best)
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>kfold-stack report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>kfold-stack report</h1>",
+        f"<p>Data fingerprint <code>{html.escape(comp.fingerprint)}</code>, {len(y)} train / "
+        f"{len(comp.x_test)} test images, {k} folds. Every number is out-of-fold (OOF): no test "
+        f"label is used anywhere.</p>",
+        "<h2>CV scores</h2>",
+        _table(["", "OOF accuracy", "OOF log loss", "train minutes", "blend"], summary, {best_row}),
+        "<h2>Per fold</h2>",
+        _table(["model", "fold", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
+        "<h2>Learning curves</h2>",
+        *[_img(pngs[f"curves_{n}"], f"learning curves of {n}") for n in names],
+        "<h2>Confusion matrix (submitted blend, OOF)</h2>", _img(pngs["confusion"], "confusion matrix"),
+        "<h2>Most confident mistakes (OOF)</h2>", _img(pngs["mistakes"], "most confident mistakes"),
+        "<h2>Ensemble diversity and blend weights</h2>", _img(pngs["diversity"], "diversity"),
+        "<h2>Test predictions</h2>", _img(pngs["distribution"], "class distribution"),
+        _img(pngs["test_samples"], "random test images"),
+        # for headless checks: how many images decoded once the page has loaded
+        "<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
+        "document.body.setAttribute('data-images-loaded',i.filter(function(x){return x.complete&&"
+        "x.naturalWidth>0}).length+'/'+i.length);});</script>",
+        "</body></html>",
+    ]
+    page = save_text(out / "index.html", "\n".join(parts))
+    print(f"report: {page} ({len(pngs)} figures; blend '{best}' OOF acc "
+          f"{blend['methods'][best]['accuracy']:.5f})")
+    return page

@@ -1,0 +1,138 @@
+"""Stage report (HTML page from the cached artifacts) and stage predict (your own images)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import blend, data, predict, report
+from pipeline.errors import ArtifactError, ConfigError, DataError
+from pipeline.paths import Paths
+
+FIGURES = ("curves_cnn_deotte", "curves_mlp", "confusion", "mistakes", "diversity", "distribution",
+           "test_samples")
+
+
+@pytest.fixture
+def blended_cfg(trained_cfg):
+    """Factory of configs on the shared tiny training run, after a blend of all methods."""
+    blend.run(trained_cfg("blend.method=all"))
+    return trained_cfg
+
+
+def test_report_page_figures_and_numbers(blended_cfg):
+    cfg = blended_cfg()
+    page = report.run(cfg)
+    paths = Paths.from_cfg(cfg)
+    assert page == paths.report_dir / "index.html"
+    for name in FIGURES:
+        png = paths.report_dir / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    text = page.read_text()
+    # every image is embedded, so the page opens offline on its own
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(embedded) == len(FIGURES) and "src=\"http" not in text
+    assert all(base64.b64decode(e)[:4] == b"\x89PNG" for e in embedded)
+    # the tables hold the artifacts' numbers
+    for name in ("cnn_deotte", "mlp"):
+        for f in (0, 1):
+            m = json.loads((paths.fold_dir(name, f) / "metrics.json").read_text())
+            assert f"<td class=\"l\">{name}</td><td class=\"\">{f}</td><td class=\"\">{m['accuracy']:.5f}</td>" in text
+    b = json.loads((paths.blend_dir / "blend.json").read_text())
+    for method, info in b["methods"].items():
+        assert f"{info['accuracy']:.5f}" in text
+    assert f"blend {b['best']} -&gt; submission.csv" in text
+
+
+def test_report_needs_a_blend(tiny_cfg):
+    with pytest.raises(ArtifactError, match="no blend yet"):
+        report.run(tiny_cfg())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_report_renders_in_headless_chromium(blended_cfg, tmp_path):
+    """Every image of the page decodes in a real browser (the page's own onload check)."""
+    page = report.run(blended_cfg())
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+         page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert m, dom[:500]
+    assert m.group(1) == m.group(2) == str(len(FIGURES))
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _handwritten_like(img: np.ndarray, i: int) -> Image.Image:
+    """A real digit as a user might supply it: dark ink on white paper, 3x larger, off-centre,
+    RGB."""
+    big = Image.fromarray(255 - img).resize((84, 84), Image.Resampling.BILINEAR)
+    canvas = Image.new("L", (160, 120), 255)
+    canvas.paste(big, (10 + 5 * i, 20))
+    return canvas.convert("RGB")
+
+
+def test_to_mnist_recovers_the_mnist_digit(digits_dir):
+    comp = data.load_competition(digits_dir)
+    corr = []
+    for i in range(20):
+        out = predict.to_mnist(_handwritten_like(comp.x_train[i, 0], i))
+        assert out.shape == (28, 28) and out.dtype == np.uint8 and out.max() == 255
+        assert np.median(out) == 0  # white ink on a black background
+        corr.append(np.corrcoef(out.ravel(), comp.x_train[i, 0].ravel())[0, 1])
+    assert np.mean(corr) > 0.9 and np.min(corr) > 0.8  # measured: mean 0.95, min 0.90
+
+
+def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_path, capsys):
+    comp = data.load(blended_cfg())
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    n = 16
+    for i in range(n):
+        _handwritten_like(comp.x_train[i, 0], i).save(folder / f"digit{i:02d}.png")
+    out_csv = tmp_path / "preds.csv"
+    cfg = blended_cfg("stage=predict", f"input={folder}", f"predict.output={out_csv}")
+    results = predict.run(cfg)
+    printed = capsys.readouterr().out
+    assert len(results) == n and printed.count("digit") == n
+    # the same ensemble on the original 28x28 arrays
+    probs, _ = predict.ensemble_probabilities(cfg, comp.x_train[:n])
+    agree = np.mean([r["label"] == p for r, p in zip(results, probs.argmax(1))])
+    assert agree >= 0.8
+    # real labels: these rows were in the models' training folds half of the time
+    acc = np.mean([r["label"] == y for r, y in zip(results, comp.y_train[:n])])
+    assert acc >= 0.5
+    for r in results:
+        assert len(r["top"]) == 3 and r["top"][0][1] >= r["top"][1][1] >= r["top"][2][1]
+    csv = out_csv.read_text().splitlines()
+    assert csv[0].startswith("file,label,p0") and len(csv) == n + 1
+
+
+def test_predict_bad_inputs(blended_cfg, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images in this folder"):
+        predict.run(blended_cfg(f"input={empty}"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png: cannot read it as an image"):
+        predict.run(blended_cfg(f"input={broken}"))
+    blank = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 255).save(blank)
+    with pytest.raises(DataError, match="blank.png: no ink found"):
+        predict.run(blended_cfg(f"input={blank}"))
+    with pytest.raises(DataError, match="no such file or folder"):
+        predict.run(blended_cfg(f"input={tmp_path / 'nope.png'}"))
+    with pytest.raises(ConfigError, match="needs input="):
+        predict.run(blended_cfg())

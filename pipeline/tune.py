@@ -39,7 +39,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.folds import ensure_folds
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
-from pipeline.train import fit_fold, fold_config, model_names
+from pipeline.train import configure_threads, fit_fold, fold_config, model_names, select_device
 
 SPACE_TYPES = ("float", "int", "categorical")
 SPACE_ROOTS = ("kwargs", "train", "aug")
@@ -428,6 +428,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     names = model_names(cfg)
     comp = data.load(cfg)
     folds = ensure_folds(cfg, comp.y_train)
+    configure_threads(cfg.runtime.threads, select_device(str(cfg.runtime.device)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
     return {name: tune_model(cfg, name, comp, folds) for name in names}
 

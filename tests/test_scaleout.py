@@ -88,15 +88,19 @@ def test_second_trainer_waits_then_finds_the_fold_cached(tiny_cfg, capsys):
     result = {}
     second = threading.Thread(target=lambda: result.update(trained=train.run(cfg)))
     second.start()
-    time.sleep(1.0)
-    assert second.is_alive()  # blocked on the lock
+    seen = ""
+    deadline = time.time() + 60
+    while "waiting" not in seen and time.time() < deadline:  # until it reports the lock
+        time.sleep(0.1)
+        seen += capsys.readouterr().out
+    assert "waiting" in seen and second.is_alive()  # blocked on the lock
     train.train_fold(cfg, comp, folds, "mlp", 0)  # the first trainer's work
     mtime = (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns
     first.release()
     second.join(timeout=60)
     assert result["trained"] == {}
-    out = capsys.readouterr().out
-    assert "waiting" in out and "cached, skipped" in out
+    out = seen + capsys.readouterr().out
+    assert "cached, skipped" in out
     assert (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns == mtime  # not rewritten
 
 

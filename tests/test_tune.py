@@ -143,7 +143,10 @@ def test_two_processes_share_one_study(tiny_cfg, digits_dir, tmp_path):
     recorded once with a unique number, both workers contributed, none is left RUNNING."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     args = [sys.executable, str(REPO / "run.py"), f"paths.root={tmp_path}", f"data.dir={digits_dir}",
-            *TINY, *TUNE, "tune.n_trials=6", "tune.pruner=none", f"tune.storage={storage}"]
+            *TINY, *TUNE, "tune.n_trials=12", "tune.pruner=none", f"tune.storage={storage}",
+            # trials of ~1 s on one thread each, so both workers are busy when the slower starts
+            "models.mlp.space.train.epochs.low=10", "models.mlp.space.train.epochs.high=10",
+            "runtime.threads=1"]
     # folds and the parsed-data cache first, so the two workers race only on the study
     run_stage(tiny_cfg("stage=folds"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -155,7 +158,7 @@ def test_two_processes_share_one_study(tiny_cfg, digits_dir, tmp_path):
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers)))  # unique, none lost
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) >= 6 and len(study.trials) <= 7  # the target, plus at most one in flight
+    assert len(done) >= 12 and len(study.trials) <= 13  # the target, plus at most one in flight
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     workers = {t.user_attrs["worker"] for t in done}
     assert len(workers) == 2, workers

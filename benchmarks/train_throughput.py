@@ -3,7 +3,8 @@
 (a) naive reference: a torch ``DataLoader`` over per-sample albumentations transforms,
     ``num_workers`` = CPU cores, fp32, default memory format (today's typical Kaggle notebook);
 (b) the pipeline's own path: ``DeviceBatches`` (device-resident uint8, ``randperm`` slices,
-    batched ``BatchAugment``) and ``train_step`` (bf16 autocast and channels_last on CUDA).
+    batched ``BatchAugment``) and ``train_step`` (channels_last; bf16 autocast per
+    ``train.precision``: on CUDA by default, on CPU with ``--override train.precision=bf16``).
 
 Both use the same model, batch size, optimizer and augmentation settings (the config's ``aug``
 group, elastic included) on the real training images, measured in the same run after a
@@ -12,9 +13,16 @@ a shared machine hits both alike). Also printed: the share of a pipeline step sp
 in augmentation, peak memory, and the seconds per epoch of a 5-fold run of the default ensemble
 extrapolated from these figures.
 
+(c) side by side (``--fold-jobs 1 2 4``): K joblib worker processes, each training its own
+    model on the pipeline path, start together (a common wall-clock instant, after each has
+    warmed up) and run for ``--side-seconds``; the aggregate images/s over the K jobs, against
+    one job, is what ``runtime.fold_jobs`` (several (model, fold) trainings at once) gains on
+    this machine. Default: 1 2 4 8 on CUDA, 1 2 on CPU.
+
     python benchmarks/train_throughput.py                       # every model, default config
     python benchmarks/train_throughput.py --models cnn_deotte cnn_keras --windows 7
     python benchmarks/train_throughput.py --override profile=quick
+    python benchmarks/train_throughput.py --models cnn_deotte --fold-jobs 1 2 4 8
 
 Needs the competition data (``python run.py stage=data`` builds the offline default).
 """
@@ -129,13 +137,61 @@ def bench_pipeline(name, x, y, cfg, device, args, num_classes) -> tuple[float, f
 
     def step():
         xb, yb = next(it)
-        train_step(model, opt, xb, yb, 0.0, channels_last)
+        train_step(model, opt, xb, yb, 0.0, channels_last, str(cfg.train.precision))
 
     rate = timed_windows(step, device, args.batch_size, args.warmup, args.steps, args.windows)
     raw = batches.x[: args.batch_size].float().div_(255)
     aug_rate = timed_windows(lambda: batches.augment(raw), device, args.batch_size, args.warmup,
                              args.steps, args.windows)
     return rate, aug_rate
+
+
+def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, seconds) -> float:
+    """One of (c)'s processes: its own model and batches on its device (GPU ``slot % count``), a
+    ``1/n_jobs`` share of the cores, warm-up, then training from ``start_at`` (``time.time()``)
+    for ``seconds``, synchronised every 10 steps. Returns its images/s; raises when it was not
+    ready at ``start_at`` (raise ``--side-spawn-s``)."""
+    device = select_device(str(cfg.runtime.device), slot=slot)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+    comp = data.load(cfg)
+    torch.manual_seed(slot)
+    model = create_model(name, comp.num_classes, 1, comp.side, **_kwargs(cfg, name)).to(device)
+    channels_last = bool(cfg.runtime.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = augment.DeviceBatches(comp.x_train[:rows], comp.y_train[:rows], batch_size, device,
+                                    cfg.aug, seed=slot)
+    it = _forever(lambda: batches)
+    for _ in range(10):
+        train_step(model, opt, *next(it), 0.0, channels_last, str(cfg.train.precision))
+    _sync(device)
+    wait = start_at - time.time()
+    if wait < 0:
+        raise RuntimeError(f"side-by-side job {slot} was ready {-wait:.1f} s late; raise --side-spawn-s")
+    time.sleep(wait)
+    t0, images = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            train_step(model, opt, *next(it), 0.0, channels_last, str(cfg.train.precision))
+        _sync(device)
+        images += 10 * batch_size
+    return images / (time.perf_counter() - t0)
+
+
+def bench_side_by_side(name, cfg, args, n_jobs: int) -> float:
+    """(c): aggregate images/s of ``n_jobs`` simultaneous pipeline-path trainings of ``name``."""
+    from joblib.externals.loky import get_reusable_executor
+
+    # fresh worker processes for every K, K=1 included (joblib's Parallel would run 1 job inline)
+    executor = get_reusable_executor(max_workers=n_jobs, kill_workers=True, reuse=False)
+    start_at = time.time() + args.side_spawn_s
+    futures = [executor.submit(_side_by_side_job, name, cfg, args.rows, args.batch_size, slot,
+                               n_jobs, start_at, args.side_seconds) for slot in range(n_jobs)]
+    rates = [f.result() for f in futures]
+    executor.shutdown(wait=True)
+    return sum(rates)
 
 
 def _kwargs(cfg, name):
@@ -147,12 +203,20 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=None, help="default: every registered model")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=7, help="timed windows (median reported)")
+    p.add_argument("--steps", type=int, default=30,
+                   help="steps per timed window (short windows overstate sustained throughput on "
+                        "shared VMs: 0.7 s windows read ~25%% high on a 2-core EPYC)")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
     p.add_argument("--repeats", type=int, default=3,
                    help="alternate (b) and (a) this many times per model; medians reported")
-    p.add_argument("--rows", type=int, default=16384, help="training images to draw batches from")
+    p.add_argument("--rows", type=int, default=42000, help="training images to draw batches from")
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. profile=quick")
+    p.add_argument("--fold-jobs", type=int, nargs="*", default=None,
+                   help="(c): side-by-side job counts to compare; default 1 2 4 8 on CUDA, 1 2 on "
+                        "CPU; pass no number to skip")
+    p.add_argument("--side-seconds", type=float, default=10.0, help="(c): timed seconds per count")
+    p.add_argument("--side-spawn-s", type=float, default=30.0,
+                   help="(c): seconds allowed for the processes to start and warm up")
     args = p.parse_args()
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -162,7 +226,7 @@ def main() -> None:
     x, y = comp.x_train[: args.rows], comp.y_train[: args.rows]
     names = args.models or [n for n in list_models() if n in cfg.models]
     print(hardware(device))
-    print(f"device {device}; batch {args.batch_size}; aug {OmegaConf.to_container(cfg.aug)}; "
+    print(f"device {device}; precision {cfg.train.precision}; batch {args.batch_size}; aug {OmegaConf.to_container(cfg.aug)}; "
           f"median of {args.windows} windows x {args.steps} steps after {args.warmup} warm-up steps, "
           f"median of {args.repeats} alternating repeats\n")
     print(f"{'model':14s} {'naive img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s} "
@@ -188,6 +252,16 @@ def main() -> None:
                     for n in ens)
         print(f"\nensemble {ens}: {per_epoch:.1f} s per epoch of all {k} folds x all models; "
               f"{total / 60:.1f} min for the configured epochs (training only, extrapolated)")
+    counts = args.fold_jobs if args.fold_jobs is not None else (
+        [1, 2, 4, 8] if device.type == "cuda" else [1, 2])
+    if counts:
+        print(f"\nside by side (runtime.fold_jobs): aggregate pipeline img/s of K simultaneous "
+              f"trainings, {args.side_seconds:.0f} s each")
+        print(f"{'model':14s} " + " ".join(f"{f'K={k}':>14s}" for k in counts))
+        for name in names:
+            rates = [bench_side_by_side(name, cfg, args, k) for k in counts]
+            print(f"{name:14s} " + " ".join(f"{r:8.0f} ({r / rates[0]:.2f}x)" for r in rates),
+                  flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem = f"peak RSS {peak:.0f} MiB"
     if device.type == "cuda":

@@ -113,3 +113,57 @@ def test_bad_lock_mode_is_a_config_error(tiny_cfg):
 
 def test_launcher_job_outside_a_multirun():
     assert train.launcher_job() == (None, 1)
+
+
+def test_fold_jobs_resolution(monkeypatch):
+    """runtime.fold_jobs: auto is 2 on a CPU with >= 2 cores, several per GPU on CUDA, and 1
+    inside a parallel multirun; an explicit count is capped by the pending folds; nonsense is a ConfigError."""
+    from pipeline.errors import ConfigError
+
+    cpu, cuda = train.torch.device("cpu"), train.torch.device("cuda")
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    assert train.fold_jobs("auto", cpu, 10) == train.FOLD_JOBS_CPU == 2
+    assert train.fold_jobs("auto", cpu, 1) == 1
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 1)
+    assert train.fold_jobs("auto", cpu, 10) == 1
+    assert train.fold_jobs(3, cpu, 2) == 2 and train.fold_jobs("4", cpu, 10) == 4
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
+    assert train.fold_jobs("auto", cuda, 100) == 2 * train.FOLD_JOBS_PER_GPU
+    assert train.fold_jobs("auto", train.torch.device("cuda:1"), 100) == train.FOLD_JOBS_PER_GPU
+    assert train.fold_jobs("auto", cuda, 3) == 3
+    monkeypatch.setattr(train, "launcher_job", lambda: (0, 2))  # a joblib multirun already
+    assert train.fold_jobs("auto", cuda, 100) == 1
+    for bad in (0, -1, "many"):
+        with pytest.raises(ConfigError, match=f"runtime.fold_jobs={bad}: expected auto"):
+            train.fold_jobs(bad, cpu, 5)
+
+
+def test_side_by_side_jobs_spread_over_gpus(monkeypatch):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
+    assert [str(train.select_device("auto", slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 1)
+    assert str(train.select_device("auto", slot=3)) == "cuda"
+
+
+@pytest.mark.slow
+def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_dir, tiny_cfg, capsys):
+    """runtime.fold_jobs=2: two worker processes, one fold each, half the cores each; every fold's
+    OOF and test probabilities equal a serial run's on the same thread count."""
+    import numpy as np
+
+    common = ["model=mlp", "train.epochs=2", "train.deterministic=true"]
+    par = tiny_cfg(*common, "runtime.fold_jobs=2")
+    trained = train.run(par)
+    assert set(trained) == {("mlp", 0), ("mlp", 1)}
+    assert "2 side by side" in capsys.readouterr().out
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert all(f"{threads} threads" in m["device"] for m in trained.values())
+    ser = tiny_cfg(*common, "runtime.fold_jobs=1", f"runtime.threads={threads}",
+                                    f"paths.artifacts_dir={tmp_path / 'serial'}")
+    assert set(train.run(ser)) == {("mlp", 0), ("mlp", 1)}
+    for f in (0, 1):
+        a, b = Paths.from_cfg(par).fold_dir("mlp", f), Paths.from_cfg(ser).fold_dir("mlp", f)
+        np.testing.assert_allclose(np.load(a / "oof.npz")["probs"], np.load(b / "oof.npz")["probs"], atol=1e-6)
+        np.testing.assert_allclose(np.load(a / "test.npy"), np.load(b / "test.npy"), atol=1e-6)
+    assert train.run(par) == {}  # all cached now: nothing is started

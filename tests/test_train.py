@@ -115,3 +115,35 @@ def test_cuda_fold_bf16_channels_last(tiny_cfg, compile_):
     assert res.metrics["device"].startswith("cuda")
     assert np.allclose(res.oof.sum(1), 1, atol=1e-4) and np.allclose(res.test.sum(1), 1, atol=1e-4)
     assert res.metrics["accuracy"] > 0.15
+
+
+def test_precision_setting():
+    """train.precision: auto is bf16 on CUDA and fp32 on CPU; bf16 / fp32 force it; else an error."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [train.use_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [False, False, True]
+    assert [train.use_bf16(p, cuda) for p in ("auto", "fp32", "bf16")] == [True, False, True]
+    with pytest.raises(ConfigError, match="train.precision=fp16: expected one of auto, fp32, bf16"):
+        train.use_bf16("fp16", cpu)
+
+
+def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):
+    """The CPU step runs in fp32 unless train.precision=bf16, which autocasts the model (logits in
+    bf16, loss in fp32) and still learns; the setting is part of the fold's cache key."""
+    torch.manual_seed(0)
+    model = create_model("cnn_keras", 10, width=0.25)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    assert train.train_step(model, opt, x, y)[1].dtype == torch.float32
+    loss, logits = train.train_step(model, opt, x, y, precision="bf16")
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    acc = {}
+    for p in ("fp32", "bf16"):  # the shared training run's settings, where mlp clears 0.6
+        cfg = tiny_cfg("model=mlp", "fold=0", f"train.precision={p}", "train.epochs=6", "aug=none")
+        comp = data.load(cfg)
+        res = train.fit_fold(cfg, comp, ensure_folds(cfg, comp.y_train), "mlp", 0, predict_test=False)
+        assert np.allclose(res.oof.sum(1), 1, atol=1e-3)
+        acc[p] = res.metrics["accuracy"]
+    assert acc["bf16"] > 0.6 and abs(acc["bf16"] - acc["fp32"]) < 0.08, acc
+    assert train.fold_config(cfg, "mlp", 0, comp.fingerprint).train.precision == "bf16"
+    with pytest.raises(ConfigError, match="train.precision=fp8"):
+        train.run(tiny_cfg("model=mlp", "fold=0", "train.precision=fp8"))

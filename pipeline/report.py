@@ -101,13 +101,14 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, num_classes: int, title: str
     im = ax.imshow(off, cmap="Reds")
     for i in range(num_classes):
         for j in range(num_classes):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="black" if i != j else "tab:green", fontweight="bold" if i == j else None)
+            color = "tab:green" if i == j else "white" if off[i, j] > off.max() / 2 else "black"
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color,
+                    fontweight="bold" if i == j else None)
     ax.set_xticks(range(num_classes))
     ax.set_yticks(range(num_classes))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    fig.suptitle(title)  # over the whole figure: an axes title runs under the colorbar
     fig.colorbar(im, ax=ax, label="errors (off-diagonal counts)")
     return _save(fig, path)
 

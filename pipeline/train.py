@@ -641,11 +641,31 @@ def _train_locked(cfg: DictConfig, comp: data.Competition, folds: np.ndarray, na
         lock.release()
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker process: end it as soon as the process that started it is gone (``kill -9``
+    of ``run.py`` would otherwise leave workers training, holding cores or GPU memory). A fold
+    cut short this way keeps its last end-of-epoch resume checkpoint. One watchdog thread per
+    process."""
+    import threading
+
+    if any(t.name == "exit-with-parent" for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(70)  # the parent died: stop now, without cleanup (nothing is half-written)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _fold_job(cfg: DictConfig, name: str, fold: int, slot: int, n_jobs: int) -> dict | None:
     """One side-by-side fold job (runs in a joblib worker process): pins its device (GPU
     ``slot % count`` on a multi-GPU machine), takes ``cores // n_jobs`` of the cores (torch
     threads on the CPU, DataLoader workers on CUDA), loads the cached data and folds, and trains
-    the fold under its lock."""
+    the fold under its lock. The worker exits when the parent process dies."""
+    _exit_with_parent()
     cfg = copy.deepcopy(cfg)
     device = select_device(str(cfg.runtime.device), slot=slot)
     cfg.runtime.device = str(device)

@@ -167,3 +167,33 @@ def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_d
         np.testing.assert_allclose(np.load(a / "oof.npz")["probs"], np.load(b / "oof.npz")["probs"], atol=1e-6)
         np.testing.assert_allclose(np.load(a / "test.npy"), np.load(b / "test.npy"), atol=1e-6)
     assert train.run(par) == {}  # all cached now: nothing is started
+
+
+def test_fold_job_worker_exits_when_its_parent_is_killed(tmp_path):
+    """A side-by-side worker whose parent dies (kill -9 of run.py) stops instead of training on
+    as an orphan: a real process tree, parent SIGKILLed, the child gone within seconds."""
+    child_code = ("from pipeline.train import _exit_with_parent; import time; "
+                  "_exit_with_parent(0.1); print('ready', flush=True); time.sleep(120)")
+    parent_code = ("import subprocess, sys, time; "
+                   f"c = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "
+                   "print(c.pid, flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    child_pid = int(parent.stdout.readline())
+    status = f"/proc/{child_pid}/status"
+
+    def alive() -> bool:
+        try:  # a zombie (exited, not yet reaped by whoever adopted it) counts as gone
+            return "\nState:\tZ" not in open(status).read()
+        except FileNotFoundError:
+            return False
+
+    assert parent.stdout.readline().strip() == "ready"  # the child's watchdog runs (same pipe)
+    assert alive()
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 15
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive()

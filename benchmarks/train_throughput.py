@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import augment, data
 from pipeline.models import create_model, list_models
-from pipeline.train import select_device, train_step
+from pipeline.train import core_share, select_device, train_step
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
 
@@ -153,7 +153,7 @@ def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, secon
     ready at ``start_at`` (raise ``--side-spawn-s``)."""
     device = select_device(str(cfg.runtime.device), slot=slot)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
+        torch.set_num_threads(core_share(n_jobs))
     comp = data.load(cfg)
     torch.manual_seed(slot)
     model = create_model(name, comp.num_classes, 1, comp.side, **_kwargs(cfg, name)).to(device)

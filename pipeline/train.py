@@ -249,16 +249,21 @@ def fold_jobs(setting, device: torch.device, pending: int) -> int:
     return max(1, min(n, pending))
 
 
-def configure_threads(setting, device: torch.device) -> int:
-    """Set torch's intra-op threads: ``setting`` when given, else (CPU training inside a parallel
-    multirun) ``cores // parallel jobs`` so the jobs split the cores instead of oversubscribing
-    them. Returns the thread count in effect."""
+def core_share(parallel: int) -> int:
+    """Cores for each of ``parallel`` jobs side by side on this machine: ``cores // parallel``, >= 1."""
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def configure_threads(setting, device: torch.device, parallel: int | None = None) -> int:
+    """Set torch's intra-op threads: ``setting`` when given, else (CPU training with ``parallel``
+    jobs side by side; default: the parallel Hydra multirun's job count) :func:`core_share`, so
+    the jobs split the cores instead of oversubscribing them. Returns the thread count in effect."""
     if setting:
         torch.set_num_threads(int(setting))
     else:
-        _, parallel = launcher_job()
+        parallel = launcher_job()[1] if parallel is None else parallel
         if parallel > 1 and device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel))
+            torch.set_num_threads(core_share(parallel))
     return torch.get_num_threads()
 
 
@@ -660,26 +665,26 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _fold_job(cfg: DictConfig, name: str, fold: int, slot: int, n_jobs: int) -> dict | None:
+def _fold_job(cfg: DictConfig, name: str, fold: int, slot: int,
+              n_jobs: int) -> dict | PipelineError | None:
     """One side-by-side fold job (runs in a joblib worker process): pins its device (GPU
     ``slot % count`` on a multi-GPU machine), takes ``cores // n_jobs`` of the cores (torch
     threads on the CPU, DataLoader workers on CUDA), loads the cached data and folds, and trains
-    the fold under its lock. The worker exits when the parent process dies."""
+    the fold under its lock. The worker exits when the parent process dies. Returns the fold's
+    metrics, ``None`` (skipped) or the :class:`PipelineError` that stopped it."""
     _exit_with_parent()
     cfg = copy.deepcopy(cfg)
     device = select_device(str(cfg.runtime.device), slot=slot)
     cfg.runtime.device = str(device)
     cfg.runtime.progress = False  # several processes' bars would garble one terminal
-    share = max(1, (os.cpu_count() or 1) // n_jobs)  # this job's cores
-    if cfg.runtime.threads:
-        torch.set_num_threads(int(cfg.runtime.threads))
-    elif device.type == "cpu":
-        torch.set_num_threads(share)
+    configure_threads(cfg.runtime.threads, device, n_jobs)
     if cfg.runtime.num_workers in (None, "auto") and device.type == "cuda":
-        cfg.runtime.num_workers = max(0, min(8, share - 1))  # albumentations backend only
-    comp = data.load(cfg)
-    folds = ensure_folds(cfg, comp.y_train)
-    return _train_locked(cfg, comp, folds, name, fold)
+        cfg.runtime.num_workers = max(0, min(8, core_share(n_jobs) - 1))  # albumentations backend
+    try:
+        comp = data.load(cfg)
+        return _train_locked(cfg, comp, ensure_folds(cfg, comp.y_train), name, fold)
+    except PipelineError as e:  # a user error: returned, so the other folds can finish first
+        return e
 
 
 def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
@@ -691,7 +696,8 @@ def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
     With ``runtime.fold_jobs`` > 1 (see :func:`fold_jobs`; ``auto`` = 2 on a CPU, 4 per GPU on
     CUDA) the pending (model, fold)s run side by side in joblib worker processes; each fold's
     results do not depend on which process trained it (seeds come from the model, fold and
-    ``seed``). Returns ``{(model, fold): metrics}`` for the folds trained in this call.
+    ``seed``); a user error in one of them is raised once the others have finished.
+    Returns ``{(model, fold): metrics}`` for the folds trained in this call.
     """
     names, fids = model_names(cfg), fold_ids(cfg)
     lock_mode = str(cfg.runtime.get("lock", "wait"))
@@ -719,10 +725,10 @@ def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
 
         print(f"train: {len(pending)} (model, fold)s, {n_jobs} side by side "
               f"(runtime.fold_jobs={cfg.runtime.get('fold_jobs', 'auto')})", flush=True)
-        try:
-            trained = Parallel(n_jobs=n_jobs, backend="loky")(
-                delayed(_fold_job)(cfg, name, f, i % n_jobs, n_jobs)
-                for i, (name, f) in enumerate(pending))
-        finally:  # free the workers' memory (and CUDA contexts) now, not after loky's idle timeout
-            get_reusable_executor().shutdown(wait=True)
+        trained = Parallel(n_jobs=n_jobs, backend="loky")(
+            delayed(_fold_job)(cfg, name, f, i % n_jobs, n_jobs) for i, (name, f) in enumerate(pending))
+        get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout
+        errors = [e for e in trained if isinstance(e, PipelineError)]
+        if errors:  # every other fold has finished and kept its artifacts
+            raise errors[0]
     return {job: m for job, m in zip(pending, trained) if m is not None}

@@ -197,3 +197,15 @@ def test_fold_job_worker_exits_when_its_parent_is_killed(tmp_path):
     while alive() and time.time() < deadline:
         time.sleep(0.2)
     assert not alive()
+
+
+def test_user_error_in_a_side_by_side_fold_is_the_projects_error(tiny_cfg):
+    """A fold that fails in a worker process (NaN loss) reaches the caller as the same one-line
+    PipelineError as in-process, after the other fold has finished; nothing is cached."""
+    from pipeline.errors import PipelineError
+
+    cfg = tiny_cfg("model=mlp", "runtime.fold_jobs=2", "train.lr=1e30")
+    with pytest.raises(PipelineError, match=r"mlp fold \d: training loss became nan"):
+        train.run(cfg)
+    paths = Paths.from_cfg(cfg)
+    assert not any((paths.fold_dir("mlp", f) / n).exists() for f in (0, 1) for n in FOLD_FILES)

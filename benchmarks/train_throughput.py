@@ -124,21 +124,29 @@ def bench_naive(name, x, y, cfg, device, args, num_classes) -> float:
         it._shutdown_workers()  # noqa: SLF001 - join the workers now, not at garbage collection
 
 
-def bench_pipeline(name, x, y, cfg, device, args, num_classes) -> tuple[float, float]:
-    """(b): DeviceBatches + train_step. Returns (images/s, augmentation-only images/s)."""
-    torch.manual_seed(0)
+def pipeline_step(name, x, y, cfg, device, batch_size: int, num_classes: int, seed: int = 0):
+    """The pipeline's training path for ``name``: a fresh model (channels_last per the config),
+    AdamW, ``DeviceBatches`` over ``x``/``y`` and ``train_step`` (precision per ``train.precision``).
+    Returns ``(step, batches)``: ``step()`` trains on the next batch (batches repeat forever)."""
+    torch.manual_seed(seed)
     model = create_model(name, num_classes, 1, x.shape[-1], **_kwargs(cfg, name)).to(device)
     channels_last = bool(cfg.runtime.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = augment.DeviceBatches(x, y, args.batch_size, device, cfg.aug, seed=0)
+    batches = augment.DeviceBatches(x, y, batch_size, device, cfg.aug, seed=seed)
     it = _forever(lambda: batches)
+    precision = str(cfg.train.precision)
 
     def step():
-        xb, yb = next(it)
-        train_step(model, opt, xb, yb, 0.0, channels_last, str(cfg.train.precision))
+        train_step(model, opt, *next(it), 0.0, channels_last, precision)
 
+    return step, batches
+
+
+def bench_pipeline(name, x, y, cfg, device, args, num_classes) -> tuple[float, float]:
+    """(b): DeviceBatches + train_step. Returns (images/s, augmentation-only images/s)."""
+    step, batches = pipeline_step(name, x, y, cfg, device, args.batch_size, num_classes)
     rate = timed_windows(step, device, args.batch_size, args.warmup, args.steps, args.windows)
     raw = batches.x[: args.batch_size].float().div_(255)
     aug_rate = timed_windows(lambda: batches.augment(raw), device, args.batch_size, args.warmup,
@@ -155,17 +163,10 @@ def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, secon
     if device.type == "cpu":
         torch.set_num_threads(core_share(n_jobs))
     comp = data.load(cfg)
-    torch.manual_seed(slot)
-    model = create_model(name, comp.num_classes, 1, comp.side, **_kwargs(cfg, name)).to(device)
-    channels_last = bool(cfg.runtime.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = augment.DeviceBatches(comp.x_train[:rows], comp.y_train[:rows], batch_size, device,
-                                    cfg.aug, seed=slot)
-    it = _forever(lambda: batches)
+    step, _ = pipeline_step(name, comp.x_train[:rows], comp.y_train[:rows], cfg, device,
+                            batch_size, comp.num_classes, seed=slot)
     for _ in range(10):
-        train_step(model, opt, *next(it), 0.0, channels_last, str(cfg.train.precision))
+        step()
     _sync(device)
     wait = start_at - time.time()
     if wait < 0:
@@ -174,7 +175,7 @@ def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, secon
     t0, images = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         for _ in range(10):
-            train_step(model, opt, *next(it), 0.0, channels_last, str(cfg.train.precision))
+            step()
         _sync(device)
         images += 10 * batch_size
     return images / (time.perf_counter() - t0)

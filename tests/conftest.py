@@ -86,3 +86,19 @@ def trained_cfg(trained_root):
                            data_dir=data_dir)
 
     return make
+
+
+def trained(outcomes) -> dict:
+    """``{(model, fold): metrics}`` of the members a ``stage=train`` call (re)trained."""
+    return {(o.key.model, o.key.fold): o.metrics for o in outcomes if o.metrics is not None}
+
+
+def fit(cfg, name: str, fold: int, **kwargs):
+    """One member's fit loop on ``cfg`` (no files written): :func:`pipeline.train.engine.fit_member`."""
+    from pipeline.train.engine import FitSpec, fit_member
+    from pipeline.train.members import MemberKey
+    from pipeline.workspace import Workspace
+
+    ws = Workspace.load(cfg)
+    key = MemberKey(name, fold)
+    return fit_member(FitSpec.from_config(cfg, key, ws.member_config(key)), ws.comp, ws.folds, **kwargs)

@@ -1,26 +1,43 @@
-"""Stage blend: every method, the CV table, the submission format, and missing/stale folds."""
+"""Stage blend: every method, blenders as estimators (against scikit-learn itself), the saved
+blend, the submission format, and missing/stale members."""
 
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import PredefinedSplit, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from pipeline import blend, data
-from pipeline.errors import ArtifactError
+from pipeline import blend
+from pipeline.blend import store
+from pipeline.blend.blenders import (MeanBlender, StackBlender, WeightedBlender, cross_val_oof,
+                                     fit_weights, stack_features)
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import Paths
+from pipeline.settings import BlendMethod, validate
+from pipeline.workspace import Workspace
+
+
+def _oof(cfg):
+    ws = Workspace.load(cfg)
+    X = np.stack([ws.predictions(n).oof for n in ("cnn_deotte", "mlp")], 1)
+    return ws, X, ws.comp.y_train
 
 
 @pytest.mark.parametrize("method", ["mean", "weighted", "stack"])
-def test_each_method_writes_a_valid_submission(trained_cfg, method, capsys):
+def test_each_method_writes_a_valid_submission(trained_cfg, method):
     cfg = trained_cfg(f"blend.method={method}")
-    report = blend.run(cfg)
-    out = capsys.readouterr().out
-    assert f"blend {method}" in out and "model cnn_deotte" in out and "model mlp" in out
-    acc, ll, _ = report["blends"][method]
-    assert 0.3 < acc <= 1 and ll > 0  # 3x chance on 400 real digits (the 2 members: ~0.3 and ~0.7)
+    out = blend.run(cfg)
+    assert set(out.members) == {"cnn_deotte", "mlp"} and list(out.blends) == [BlendMethod(method)]
+    s = out.blends[BlendMethod(method)].score
+    assert 0.3 < s.accuracy <= 1 and s.log_loss > 0  # 3x chance on 400 real digits
     paths = Paths.from_cfg(cfg)
     sample = pd.read_csv(paths.root / "digits" / "sample_submission.csv")
     for name in (method, "submission"):
@@ -30,43 +47,93 @@ def test_each_method_writes_a_valid_submission(trained_cfg, method, capsys):
         assert sub["Label"].between(0, 9).all() and len(sub) == 119
 
 
-def test_all_methods_and_best_is_the_submission(trained_cfg):
+def test_all_methods_best_is_the_submission_and_the_record_says_so(trained_cfg):
+    import hashlib
+
     cfg = trained_cfg("blend.method=all")
-    report = blend.run(cfg)
-    assert set(report["blends"]) == {"mean", "weighted", "stack"}
-    best = report["best"]
-    assert report["blends"][best][0] == max(v[0] for v in report["blends"].values())
+    out = blend.run(cfg)
+    assert set(out.blends) == set(BlendMethod)
+    assert out.blends[out.best].score.accuracy == max(r.score.accuracy for r in out.blends.values())
     paths = Paths.from_cfg(cfg)
-    assert paths.submission("submission").read_text() == paths.submission(best).read_text()
-    w = report["blends"]["weighted"][2]["weights"]
-    assert len(w) == 2 and abs(sum(w) - 1) < 1e-3 and min(w) >= 0
+    text = paths.submission("submission").read_text()
+    assert text == paths.submission(out.best.value).read_text()
+    saved = store.load(paths)
+    assert saved.best is out.best and saved.record["k"] == 2 and saved.members == ["cnn_deotte", "mlp"]
+    assert saved.record["submission_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert set(saved.record["manifests"]["mlp"]) == {"0", "1"}
+    w = saved.record["methods"]["weighted"]["member_weights"]
+    assert len(w) == 2 and abs(sum(w) - 1) < 1e-9 and min(w) >= 0
 
 
-def test_mean_blend_is_the_probability_average(trained_cfg):
-    cfg = trained_cfg()
-    comp = data.load(cfg)
-    from pipeline.folds import ensure_folds
-
-    folds = ensure_folds(cfg, comp.y_train)
-    preds = [blend.load_predictions(cfg, comp, folds, n) for n in ("cnn_deotte", "mlp")]
-    oofs = np.stack([p.oof for p in preds])
-    tests = np.stack([p.test for p in preds])
-    oof_b, test_b, _ = blend.blend("mean", oofs, tests, comp.y_train, folds, cfg)
-    np.testing.assert_allclose(oof_b, (preds[0].oof + preds[1].oof) / 2, rtol=1e-6)
-    assert test_b.shape == (119, 10)
+def test_saved_blenders_predict_exactly_like_the_fitted_ones(trained_cfg):
+    cfg = trained_cfg("blend.method=all")
+    out = blend.run(cfg)
+    ws, X, _ = _oof(cfg)
+    saved = store.load(Paths.from_cfg(cfg))
+    for method, result in out.blends.items():
+        np.testing.assert_array_equal(saved.blender(method).predict_proba(X), result.blender.predict_proba(X))
+        np.testing.assert_array_equal(saved.probabilities(method, "test"), result.test.astype(np.float32))
 
 
-def test_fit_weights_prefers_the_better_model():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 300)
-    good = np.full((300, 3), 0.05)
-    good[np.arange(300), y] = 0.9
-    bad = np.full((300, 3), 1 / 3)
-    w = blend.fit_weights(np.stack([good, bad]), y)
+def test_a_new_blend_clears_the_files_of_the_last(trained_cfg):
+    blend.run(trained_cfg("blend.method=all"))
+    blend.run(trained_cfg("blend.method=mean"))
+    folder = Paths.from_cfg(trained_cfg()).blend_dir
+    assert sorted(p.name for p in folder.iterdir()) == ["blend.json", "mean_oof.npy", "mean_state.npz",
+                                                       "mean_test.npy"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".blend")]  # no temp folders
+
+
+def test_mean_blender_is_the_probability_average(trained_cfg):
+    ws, X, y = _oof(trained_cfg())
+    oof = cross_val_oof(MeanBlender(), X, y, ws.folds)
+    np.testing.assert_allclose(oof, (X[:, 0] + X[:, 1]) / 2, rtol=1e-6)
+
+
+def test_stack_oof_equals_sklearn_cross_val_predict(trained_cfg):
+    """The stack blender's cross-validated OOF is scikit-learn's own cross_val_predict with the
+    same folds (PredefinedSplit) on the same features and meta-learner."""
+    ws, X, y = _oof(trained_cfg())
+    ours = cross_val_oof(StackBlender(C=1.0, max_iter=1000), X, y, ws.folds)
+    meta = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+    theirs = cross_val_predict(meta, stack_features(X), y, cv=PredefinedSplit(ws.folds),
+                               method="predict_proba")
+    np.testing.assert_allclose(ours, theirs, atol=1e-10)
+
+
+def test_stack_converges_on_real_digits_without_warnings(trained_cfg):
+    """Standardised features: the meta-learner converges (it warned six times on raw log-probabilities)."""
+    ws, X, y = _oof(trained_cfg())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        cross_val_oof(StackBlender(), X, y, ws.folds)
+        b = StackBlender().fit(X, y)
+    assert b.meta_.n_iter_.max() < 1000
+
+
+def test_blenders_handle_a_class_absent_from_the_training_rows(trained_cfg):
+    ws, X, y = _oof(trained_cfg())
+    keep = y != 3  # no row of class 3 to fit on
+    for blender in (MeanBlender(), WeightedBlender(), StackBlender()):
+        p = blender.fit(X[keep], y[keep]).predict_proba(X)
+        assert p.shape == (len(y), 10) and np.allclose(p.sum(1), 1, atol=1e-6), type(blender).__name__
+    assert (StackBlender().fit(X[keep], y[keep]).predict_proba(X)[:, 3] == 0).all()
+
+
+def test_fit_weights_prefers_the_better_member(trained_cfg):
+    """mlp (~0.7 OOF accuracy) against a copy of it made uninformative (uniform)."""
+    ws, X, y = _oof(trained_cfg())
+    good, flat = X[:, 1], np.full_like(X[:, 1], 0.1)
+    w = fit_weights(np.stack([good, flat], 1), y)
     assert w[0] > 0.95 and w.sum() == pytest.approx(1)
 
 
-def test_missing_fold_is_named(trained_cfg, tmp_path):
+def test_unknown_blend_model_is_a_config_error(trained_cfg):
+    with pytest.raises(ConfigError, match="blend.models: unknown model 'lenet'"):
+        validate(trained_cfg("blend.models=[mlp,lenet]"))
+
+
+def test_missing_member_is_named_and_nothing_is_written(trained_cfg, tmp_path):
     cfg = trained_cfg()
     d = Paths.from_cfg(cfg).fold_dir("mlp", 1)
     backup = tmp_path / "backup"
@@ -84,7 +151,7 @@ def test_missing_fold_is_named(trained_cfg, tmp_path):
         shutil.copytree(backup, d)
 
 
-def test_stale_fold_is_refused(trained_cfg):
+def test_stale_member_is_refused(trained_cfg):
     cfg = trained_cfg("models.mlp.kwargs.hidden=64")
     with pytest.raises(ArtifactError, match=r"mlp fold 0: stale: config changed \(kwargs\)"):
         blend.run(cfg)

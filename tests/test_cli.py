@@ -28,10 +28,36 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("group, option", [(g, o) for g in ("profile", "aug", "train", "blend",
                                                              "runtime", "data", "folds", "paths")
                                            for o in _options(g)])
-def test_every_config_file_composes(tmp_path, group, option):
+def test_every_config_option_instantiates(tmp_path, group, option):
+    """Each option of each group passes the schema, and what it configures is built for real:
+    every model with its kwargs (forward pass on real digits), every member's augmentation on
+    both backends, every blender, the device."""
+    import numpy as np
+    import torch
+
+    from conftest import DIGITS
+    from pipeline import augment, data
+    from pipeline.blend.blenders import make_blender
+    from pipeline.models import create_model
+    from pipeline.settings import aug_settings, blend_methods, runtime_settings, validate
+    from pipeline.train.runtime import select_device
+
     cfg = compose_cfg(tmp_path, [f"{group}={option}"])
-    assert set(cfg.ensemble) <= set(cfg.models)
-    assert cfg.stage in STAGES
+    validate(cfg)
+    assert set(cfg.ensemble) <= set(cfg.models) and cfg.stage in STAGES
+    digits = data.load_competition(DIGITS).x_train[:4]
+    x = torch.from_numpy(digits).float() / 255
+    for name, m in cfg.models.items():
+        model = create_model(m.arch, 10, 1, 28, **dict(m.kwargs)).eval()
+        assert model(x).shape == (4, 10), name
+        aug = aug_settings(cfg, name)
+        out = augment.batch_augment_from_cfg(aug, torch.Generator().manual_seed(0))(x)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        transform = augment.transform_from_cfg(aug)
+        assert transform is None or transform(image=digits[0, 0])["image"].shape == (28, 28)
+    for method in blend_methods(cfg):
+        make_blender(method, float(cfg.blend.stack_C), int(cfg.blend.stack_max_iter))
+    assert select_device(runtime_settings(cfg).device).type in ("cpu", "cuda")
 
 
 def test_profiles_blend_several_models(tmp_path):
@@ -46,7 +72,10 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     res = run_cli("stage=all", f"paths.root={tmp_path}", f"data.dir={digits_dir}",
                   "ensemble=[cnn_keras,mlp]", *TINY, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "blend: submissions/submission.csv =" in res.stdout
+    assert "blend: submissions/submission.csv =" in res.stdout + res.stderr
+    logs = list((tmp_path / "logs" / "runs").glob("*/run.log"))  # Hydra's job log holds the run
+    assert len(logs) == 1 and "blend: submissions/submission.csv =" in logs[0].read_text()
+    assert "train: cnn_keras fold 1: OOF acc" in logs[0].read_text()
     sub = pd.read_csv(tmp_path / "submissions" / "submission.csv")
     assert list(sub.columns) == ["ImageId", "Label"] and len(sub) == 119
     assert (tmp_path / "folds" / "folds_k2_seed42.csv").exists()
@@ -60,7 +89,10 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=train", "fold=9"], "fold=9: expected 'all' or an integer 0..1"),
     (["stage=blend"], "missing"),
     (["stage=tea"], "stage=tea: expected one of data, folds, train, tune, blend, report, predict, all"),
-    (["stage=folds", "folds.k=1"], "folds.k=1: expected at least 2 folds"),
+    (["stage=folds", "folds.k=1"], "folds.k=1: expected >= 2"),
+    (["stage=train", "+models.mlp.train.lr=-1"], "models.mlp.train.lr=-1.0: expected > 0"),
+    (["stage=blend", "blend.models=[lenet]"], "blend.models: unknown model 'lenet'"),
+    (["stage=train", "train.precision=fp16"], "train.precision=fp16: Invalid value 'fp16'"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, args, message):
     args = [a.format(tmp=tmp_path) for a in args]

@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, fit, trained
 from pipeline import blend, train
 from pipeline.errors import ArtifactError
 from pipeline.paths import FOLD_FILES, MANIFEST, OOF, RESUME, TEST, Paths
+from pipeline.train.members import MemberKey, MemberStatus
+from pipeline.train.scheduler import Outcome
+from pipeline.workspace import Workspace
 
 # cnn_deotte (BN, dropout, batched elastic + affine augmentation) on the fixture, CPU, exact mode
-RESUME_RUN = TINY + ["ensemble=[cnn_deotte]", "train.deterministic=true", "train.epochs=12",
+RESUME_RUN = TINY + ["ensemble=[cnn_deotte]", "runtime.deterministic=true", "train.epochs=12",
                      "models.cnn_deotte.train.epochs=12", "blend.method=mean"]
 
 
@@ -45,18 +48,21 @@ def test_kill_9_mid_fold_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if resume.exists():
-            epoch = torch.load(resume, weights_only=False)["epoch"]
+            try:
+                epoch = torch.load(resume, weights_only=True)["epoch"]
+            except Exception:  # caught mid-rename
+                continue
             if epoch >= 2:
                 break
         time.sleep(0.02)
     proc.kill()
     proc.wait()
     assert resume.exists(), "the subprocess finished fold 0 before it could be killed"
-    killed_after = torch.load(resume, weights_only=False)["epoch"]
+    killed_after = torch.load(resume, weights_only=True)["epoch"]
     assert 2 <= killed_after < 12
 
     cfg = compose_cfg(root, RESUME_RUN, data_dir=digits_dir)
-    done = train.run(cfg)  # the same command again, no flag
+    done = trained(train.run(cfg))  # the same command again, no flag
     assert done[("cnn_deotte", 0)]["resumed_after_epoch"] == killed_after
     assert not resume.exists()  # removed once the fold completed
     blend.run(cfg)
@@ -94,33 +100,20 @@ def test_manifest_lists_every_file_with_its_checksum(tiny_cfg):
     (lambda d: (d / MANIFEST).write_text("{not json"), "manifest.json is unreadable"),
     (lambda d: (d / MANIFEST).unlink(), "missing manifest.json"),
 ])
-def test_corrupted_fold_is_refused_by_blend_and_retrained(tiny_cfg, capsys, damage, reason):
+def test_corrupted_member_is_refused_by_blend_and_retrained(tiny_cfg, damage, reason):
     cfg, paths = _train_mlp(tiny_cfg)
     d = paths.fold_dir("mlp", 1)
     damage(d)
     with pytest.raises(ArtifactError, match=f"mlp fold 1: .*{reason}"):
         blend.run(cfg)
-    capsys.readouterr()
-    assert set(train.run(cfg)) == {("mlp", 1)}  # only the damaged fold
-    assert reason in capsys.readouterr().out or reason.startswith("missing")
-    assert train.verify_fold(d, train.fold_config(cfg, "mlp", 1, _fp(cfg), _folds(cfg)))[0] == "ok"
+    outcomes = {o.key.fold: o for o in train.run(cfg)}
+    assert outcomes[0].outcome is Outcome.CACHED  # only the damaged member is trained again
+    assert outcomes[1].outcome in (Outcome.RETRAINED, Outcome.TRAINED) and reason in outcomes[1].reason
+    assert Workspace.load(cfg).verify(MemberKey("mlp", 1)).status is MemberStatus.OK
     blend.run(cfg)
 
 
-def _fp(cfg):
-    from pipeline import data
-
-    return data.load(cfg).fingerprint
-
-
-def _folds(cfg):
-    from pipeline import data
-    from pipeline.folds import ensure_folds
-
-    return ensure_folds(cfg, data.load(cfg).y_train)
-
-
-def test_edited_folds_file_makes_every_fold_stale(tiny_cfg, capsys):
+def test_edited_folds_file_makes_every_fold_stale(tiny_cfg):
     """Hand-editing the folds file (a different but valid assignment) changes the cache key."""
     cfg, paths = _train_mlp(tiny_cfg)
     folds_file = paths.folds_file(2, 42)
@@ -133,29 +126,67 @@ def test_edited_folds_file_makes_every_fold_stale(tiny_cfg, capsys):
     folds_file.write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
     with pytest.raises(ArtifactError, match=r"mlp fold 0: stale: config changed \(folds\)"):
         blend.run(cfg)
-    capsys.readouterr()
-    assert set(train.run(cfg)) == {("mlp", 0), ("mlp", 1)}
-    assert "retraining, config changed (folds)" in capsys.readouterr().out
+    outcomes = train.run(cfg)
+    assert [o.outcome for o in outcomes] == [Outcome.RETRAINED] * 2
+    assert {o.reason for o in outcomes} == {"config changed (folds)"}
 
 
-def test_resume_checkpoint_of_other_settings_is_ignored(tiny_cfg, capsys):
+def test_resume_checkpoint_of_other_settings_is_ignored(tiny_cfg, caplog):
     cfg = tiny_cfg("model=mlp", "fold=0")
-    paths = Paths.from_cfg(cfg)
-    from pipeline import data
-    from pipeline.folds import ensure_folds
-
-    comp = data.load(cfg)
-    folds = ensure_folds(cfg, comp.y_train)
-    resume = paths.fold_dir("mlp", 0) / RESUME
-    train.fit_fold(cfg, comp, folds, "mlp", 0, resume_path=resume, predict_test=False)
-    assert torch.load(resume, weights_only=False)["epoch"] == 2
+    resume = Paths.from_cfg(cfg).fold_dir("mlp", 0) / RESUME
+    fit(cfg, "mlp", 0, resume_path=resume, predict_test=False)
+    state = torch.load(resume, weights_only=True)  # tensors and plain data only
+    assert state["epoch"] == 2 and state["seconds"] > 0
     other = tiny_cfg("model=mlp", "fold=0", "train.lr=0.01")
-    res = train.fit_fold(other, comp, folds, "mlp", 0, resume_path=resume, predict_test=False)
-    assert "written for other settings; starting over" in capsys.readouterr().out
+    res = fit(other, "mlp", 0, resume_path=resume, predict_test=False)
+    assert "written for other settings; starting over" in caplog.text
     assert res.metrics["resumed_after_epoch"] is None
-    # the same settings: resumes after the last epoch, trains nothing more, predicts again
-    res = train.fit_fold(other, comp, folds, "mlp", 0, resume_path=resume, predict_test=False)
+    # the same settings: resumes after the last epoch, trains nothing more, predicts again, and
+    # the seconds include the training before the resume
+    before = torch.load(resume, weights_only=True)["seconds"]
+    res = fit(other, "mlp", 0, resume_path=resume, predict_test=False)
     assert res.metrics["resumed_after_epoch"] == 2 and len(res.metrics["history"]) == 2
+    assert res.metrics["seconds"] >= before
     resume.write_bytes(b"garbage")
-    res = train.fit_fold(other, comp, folds, "mlp", 0, resume_path=resume, predict_test=False)
-    assert "ignoring unreadable" in capsys.readouterr().out and res.metrics["resumed_after_epoch"] is None
+    caplog.clear()
+    res = fit(other, "mlp", 0, resume_path=resume, predict_test=False)
+    assert "ignoring unreadable" in caplog.text and res.metrics["resumed_after_epoch"] is None
+
+
+class _Payload:
+    """A pickle that creates a file when it is unpickled: what a hostile artifact would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_pickles_in_artifacts_never_run(tiny_cfg, tmp_path, caplog):
+    """A pickle planted as a resume checkpoint, a checkpoint or a blender state is refused
+    with a message; the code in it never runs (its marker file is never created)."""
+    import pickle
+
+    from pipeline import predict
+
+    cfg, paths = _train_mlp(tiny_cfg)
+    blend.run(cfg)
+    marker = tmp_path / "pwned"
+    resume = paths.fold_dir("mlp", 0) / RESUME
+    torch.save({"cache_key": "x", "payload": _Payload(marker)}, resume)
+    res = fit(cfg, "mlp", 0, resume_path=resume, predict_test=False)
+    assert res.metrics["resumed_after_epoch"] is None and "ignoring unreadable" in caplog.text
+    ckpt = paths.fold_dir("mlp", 1) / "model.safetensors"
+    ckpt.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ArtifactError, match=r"mlp fold 1: .*model.safetensors does not match its checksum"):
+        predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+    from pipeline.train.members import load_model
+    with pytest.raises(ArtifactError, match="cannot load the checkpoint"):
+        load_model(ckpt.parent)
+    state = paths.blend_dir / "mean_state.npz"
+    np.savez(state, n_members=np.array([_Payload(marker)], dtype=object))
+    from pipeline.blend import store
+    with pytest.raises(ArtifactError, match="unreadable blender state"):
+        store.load(paths).blender()
+    assert not marker.exists()

@@ -13,10 +13,13 @@ import pytest
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF_DIR, REPO, TINY
-from pipeline import blend, data, train
-from pipeline.folds import ensure_folds
+from conftest import CONF_DIR, REPO, TINY, trained
+from pipeline import blend, train
 from pipeline.paths import FOLD_FILES, Paths
+from pipeline.train import runtime
+from pipeline.train.members import MemberKey
+from pipeline.train.scheduler import Outcome, train_member
+from pipeline.workspace import Workspace
 
 
 def test_slurm_launcher_config_composes():
@@ -54,32 +57,45 @@ def test_joblib_multirun_trains_both_folds_then_blend_sees_them(tmp_path, digits
         assert all((d / n).exists() for n in FOLD_FILES), f
         assert f"{threads} threads" in (d / "metrics.json").read_text()  # the jobs split the cores
     assert "#0 :" in r.stdout + r.stderr and "#1 :" in r.stdout + r.stderr  # two launcher jobs
-    report = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean"))
-    assert set(report["models"]) == {"mlp"} and report["best"] == "mean"
+    out = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean"))
+    assert set(out.members) == {"mlp"} and out.best.value == "mean"
     assert (paths.submissions_dir / "submission.csv").exists()
 
 
-def _prepared(tiny_cfg, *overrides):
-    cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=1", *overrides)
-    comp = data.load(cfg)
-    return cfg, comp, ensure_folds(cfg, comp.y_train)
+@pytest.mark.slow
+def test_submitit_local_multirun_then_blend(tmp_path, digits_dir, tiny_cfg):
+    """The cluster path exercised, not only configured: a 2-job `stage=train` multirun through
+    Hydra's submitit_local launcher (the SLURM launcher's submitit code path, as local processes),
+    then a blend that sees both jobs' members."""
+    args = [sys.executable, str(REPO / "run.py"), "-m", f"paths.root={tmp_path}",
+            f"data.dir={digits_dir}", *TINY, "train.epochs=6", "aug=none", "stage=train",
+            "model=mlp", "fold=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = Paths.from_cfg(tiny_cfg())
+    for f in (0, 1):
+        assert all((paths.fold_dir("mlp", f) / n).exists() for n in FOLD_FILES), f
+    assert list(tmp_path.glob("logs/multirun/*/.submitit/*"))  # submitit ran the jobs
+    out = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean", "train.epochs=6", "aug=none"))
+    assert set(out.members) == {"mlp"} and out.blends[out.best].score.accuracy > 0.5
 
 
-def test_locked_fold_is_skipped_with_lock_skip(tiny_cfg, capsys):
-    cfg, _, _ = _prepared(tiny_cfg, "runtime.lock=skip")
+def test_locked_member_is_skipped_with_lock_skip(tiny_cfg):
+    cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=1", "runtime.lock=skip")
     paths = Paths.from_cfg(cfg)
     lock_path = paths.fold_lock("mlp", 0)
     lock_path.parent.mkdir(parents=True)
     with FileLock(lock_path):  # "another process" is training mlp fold 0
-        assert train.run(cfg) == {}
-    assert "another process holds" in capsys.readouterr().out
+        [out] = train.run(cfg)
+    assert out.outcome is Outcome.SKIPPED_LOCKED and "another process" in out.reason
     assert not (paths.fold_dir("mlp", 0) / "config.yaml").exists()
 
 
-def test_second_trainer_waits_then_finds_the_fold_cached(tiny_cfg, capsys):
-    """Two trainers of one (model, fold): the second waits on the lock, and once the first has
-    written the fold it skips it instead of training it again."""
-    cfg, comp, folds = _prepared(tiny_cfg)
+def test_second_trainer_waits_then_finds_the_member_cached(tiny_cfg, caplog):
+    """Two trainers of one member: the second waits on the lock, and once the first has
+    written the member it skips it instead of training it again."""
+    cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=1")
     paths = Paths.from_cfg(cfg)
     lock_path = paths.fold_lock("mlp", 0)
     lock_path.parent.mkdir(parents=True)
@@ -88,31 +104,29 @@ def test_second_trainer_waits_then_finds_the_fold_cached(tiny_cfg, capsys):
     result = {}
     second = threading.Thread(target=lambda: result.update(trained=train.run(cfg)))
     second.start()
-    seen = ""
     deadline = time.time() + 60
-    while "waiting" not in seen and time.time() < deadline:  # until it reports the lock
+    while "waiting" not in caplog.text and time.time() < deadline:  # until it reports the lock
         time.sleep(0.1)
-        seen += capsys.readouterr().out
-    assert "waiting" in seen and second.is_alive()  # blocked on the lock
-    train.train_fold(cfg, comp, folds, "mlp", 0)  # the first trainer's work
+    assert "waiting" in caplog.text and second.is_alive()  # blocked on the lock
+    train_member(Workspace.load(cfg), MemberKey("mlp", 0))  # the first trainer's work
     mtime = (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns
     first.release()
     second.join(timeout=60)
-    assert result["trained"] == {}
-    out = seen + capsys.readouterr().out
-    assert "cached, skipped" in out
+    [out] = result["trained"]
+    assert out.outcome is Outcome.CACHED
     assert (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns == mtime  # not rewritten
 
 
 def test_bad_lock_mode_is_a_config_error(tiny_cfg):
     from pipeline.errors import ConfigError
+    from pipeline.settings import validate
 
     with pytest.raises(ConfigError, match="runtime.lock=maybe"):
-        train.run(tiny_cfg("runtime.lock=maybe"))
+        validate(tiny_cfg("runtime.lock=maybe"))
 
 
 def test_launcher_job_outside_a_multirun():
-    assert train.launcher_job() == (None, 1)
+    assert runtime.launcher_job() == (None, 1)
 
 
 def test_fold_jobs_resolution(monkeypatch):
@@ -120,60 +134,60 @@ def test_fold_jobs_resolution(monkeypatch):
     inside a parallel multirun; an explicit count is capped by the pending folds; nonsense is a ConfigError."""
     from pipeline.errors import ConfigError
 
-    cpu, cuda = train.torch.device("cpu"), train.torch.device("cuda")
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
-    assert train.fold_jobs("auto", cpu, 10) == train.FOLD_JOBS_CPU == 2
-    assert train.fold_jobs("auto", cpu, 1) == 1
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 1)
-    assert train.fold_jobs("auto", cpu, 10) == 1
-    assert train.fold_jobs(3, cpu, 2) == 2 and train.fold_jobs("4", cpu, 10) == 4
-    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
-    assert train.fold_jobs("auto", cuda, 100) == 2 * train.FOLD_JOBS_PER_GPU
-    assert train.fold_jobs("auto", train.torch.device("cuda:1"), 100) == train.FOLD_JOBS_PER_GPU
-    assert train.fold_jobs("auto", cuda, 3) == 3
-    monkeypatch.setattr(train, "launcher_job", lambda: (0, 2))  # a joblib multirun already
-    assert train.fold_jobs("auto", cuda, 100) == 1
+    cpu, cuda = runtime.torch.device("cpu"), runtime.torch.device("cuda")
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.fold_jobs("auto", cpu, 10) == runtime.FOLD_JOBS_CPU == 2
+    assert runtime.fold_jobs("auto", cpu, 1) == 1
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 1)
+    assert runtime.fold_jobs("auto", cpu, 10) == 1
+    assert runtime.fold_jobs(3, cpu, 2) == 2 and runtime.fold_jobs("4", cpu, 10) == 4
+    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
+    assert runtime.fold_jobs("auto", cuda, 100) == 2 * runtime.FOLD_JOBS_PER_GPU
+    assert runtime.fold_jobs("auto", runtime.torch.device("cuda:1"), 100) == runtime.FOLD_JOBS_PER_GPU
+    assert runtime.fold_jobs("auto", cuda, 3) == 3
+    monkeypatch.setattr(runtime, "launcher_job", lambda: (0, 2))  # a joblib multirun already
+    assert runtime.fold_jobs("auto", cuda, 100) == 1
     for bad in (0, -1, "many"):
         with pytest.raises(ConfigError, match=f"runtime.fold_jobs={bad}: expected auto"):
-            train.fold_jobs(bad, cpu, 5)
+            runtime.fold_jobs(bad, cpu, 5)
 
 
 def test_side_by_side_jobs_spread_over_gpus(monkeypatch):
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
-    assert [str(train.select_device("auto", slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 1)
-    assert str(train.select_device("auto", slot=3)) == "cuda"
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
+    assert [str(runtime.select_device("auto", slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 1)
+    assert str(runtime.select_device("auto", slot=3)) == "cuda"
 
 
 @pytest.mark.slow
-def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_dir, tiny_cfg, capsys):
+def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_dir, tiny_cfg, caplog):
     """runtime.fold_jobs=2: two worker processes, one fold each, half the cores each; every fold's
     OOF and test probabilities equal a serial run's on the same thread count."""
     import numpy as np
 
-    common = ["model=mlp", "train.epochs=2", "train.deterministic=true"]
+    common = ["model=mlp", "train.epochs=2", "runtime.deterministic=true"]
     par = tiny_cfg(*common, "runtime.fold_jobs=2")
-    trained = train.run(par)
-    assert set(trained) == {("mlp", 0), ("mlp", 1)}
-    assert "2 side by side" in capsys.readouterr().out
+    done = trained(train.run(par))
+    assert set(done) == {("mlp", 0), ("mlp", 1)}
+    assert "2 side by side" in caplog.text
     threads = max(1, (os.cpu_count() or 1) // 2)
-    assert all(f"{threads} threads" in m["device"] for m in trained.values())
+    assert all(f"{threads} threads" in m["device"] for m in done.values())
     ser = tiny_cfg(*common, "runtime.fold_jobs=1", f"runtime.threads={threads}",
                                     f"paths.artifacts_dir={tmp_path / 'serial'}")
-    assert set(train.run(ser)) == {("mlp", 0), ("mlp", 1)}
+    assert set(trained(train.run(ser))) == {("mlp", 0), ("mlp", 1)}
     for f in (0, 1):
         a, b = Paths.from_cfg(par).fold_dir("mlp", f), Paths.from_cfg(ser).fold_dir("mlp", f)
         np.testing.assert_allclose(np.load(a / "oof.npz")["probs"], np.load(b / "oof.npz")["probs"], atol=1e-6)
         np.testing.assert_allclose(np.load(a / "test.npy"), np.load(b / "test.npy"), atol=1e-6)
-    assert train.run(par) == {}  # all cached now: nothing is started
+    assert {o.outcome for o in train.run(par)} == {Outcome.CACHED}  # nothing is started
 
 
 def test_fold_job_worker_exits_when_its_parent_is_killed(tmp_path):
     """A side-by-side worker whose parent dies (kill -9 of run.py) stops instead of training on
     as an orphan: a real process tree, parent SIGKILLed, the child gone within seconds."""
-    child_code = ("from pipeline.train import _exit_with_parent; import time; "
-                  "_exit_with_parent(0.1); print('ready', flush=True); time.sleep(120)")
+    child_code = ("from pipeline.train.scheduler import exit_with_parent; import time; "
+                  "exit_with_parent(0.1); print('ready', flush=True); time.sleep(120)")
     parent_code = ("import subprocess, sys, time; "
                    f"c = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "
                    "print(c.pid, flush=True); time.sleep(120)")

@@ -1,4 +1,5 @@
-"""Stage train: the OOF contract, the artifact layout, cache skip / force / config change."""
+"""Stage train: the OOF contract, the artifact layout, outcomes (cached / force / changed config),
+seeds per member, the cache key's parts, and checkpoints that load without pickle."""
 
 from __future__ import annotations
 
@@ -8,34 +9,35 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, train
-from pipeline.errors import ConfigError
-from pipeline.folds import ensure_folds
+from conftest import fit, trained
+from pipeline import train
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model
 from pipeline.paths import FOLD_FILES, Paths
+from pipeline.settings import validate
+from pipeline.train import engine, members
+from pipeline.train.members import MemberKey, MemberStatus
+from pipeline.train.scheduler import Outcome
+from pipeline.workspace import Workspace
 
 
 def test_every_train_row_predicted_exactly_once(trained_cfg):
-    cfg = trained_cfg()
-    comp = data.load(cfg)
-    folds = ensure_folds(cfg, comp.y_train)
-    paths = Paths.from_cfg(cfg)
+    ws = Workspace.load(trained_cfg())
     for name in ("cnn_deotte", "mlp"):
-        hits = np.zeros(len(comp.y_train), dtype=int)
-        for f in range(2):
-            d = paths.fold_dir(name, f)
+        hits = np.zeros(len(ws.comp.y_train), dtype=int)
+        for key in ws.keys(name):
+            d = ws.member_dir(key)
             assert all((d / n).exists() for n in FOLD_FILES)
-            with np.load(d / "oof.npz") as z:
-                rows, probs = z["row_ids"], z["probs"]
-            np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(folds == f))
+            rows, probs = members.read_oof(d)
+            np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(ws.folds == key.fold))
             assert probs.dtype == np.float32 and probs.shape == (len(rows), 10)
             np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
-            test = np.load(d / "test.npy")
+            test = members.read_test(d)
             assert test.shape == (119, 10) and np.isfinite(test).all()
             hits[rows] += 1
-            m = json.loads((d / "metrics.json").read_text())
+            m = members.read_metrics(d)
             assert m["epochs"] == 6 and m["device"].startswith("cpu") and m["seconds"] > 0
-            assert m["accuracy"] == pytest.approx((probs.argmax(1) == comp.y_train[rows]).mean())
+            assert m["accuracy"] == pytest.approx((probs.argmax(1) == ws.comp.y_train[rows]).mean())
             assert len(m["history"]) == 6 and {"train_loss", "val_acc"} <= set(m["history"][0])
         assert (hits == 1).all()
 
@@ -44,55 +46,91 @@ def test_models_learn_something_real(trained_cfg):
     """Six epochs on 200 real digits: far above the 10% of chance (the data is not noise)."""
     paths = Paths.from_cfg(trained_cfg())
     for name, floor in (("mlp", 0.6), ("cnn_deotte", 0.2)):  # a narrow BN net is slower to start
-        acc = np.mean([json.loads((paths.fold_dir(name, f) / "metrics.json").read_text())["accuracy"]
-                       for f in range(2)])
+        acc = np.mean([members.read_metrics(paths.fold_dir(name, f))["accuracy"] for f in range(2)])
         assert acc > floor, name
 
 
-def test_checkpoint_rebuilds_the_model(trained_cfg):
-    cfg = trained_cfg()
-    ckpt = torch.load(Paths.from_cfg(cfg).fold_dir("cnn_deotte", 0) / "model.pt", weights_only=True)
-    model = create_model(ckpt["arch"], ckpt["num_classes"], 1, ckpt["img_size"], **ckpt["kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    comp = data.load(cfg)
-    logits = train.predict_logits(model, comp.x_test, torch.device("cpu"))
-    np.testing.assert_allclose(train.softmax(logits),
-                               np.load(Paths.from_cfg(cfg).fold_dir("cnn_deotte", 0) / "test.npy"),
-                               atol=1e-4)
+def test_checkpoint_is_safetensors_and_rebuilds_the_model(trained_cfg):
+    ws = Workspace.load(trained_cfg())
+    d = ws.member_dir(MemberKey("cnn_deotte", 0))
+    assert (d / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors: a JSON header, no pickle
+    model, meta = members.load_model(d)
+    assert meta["arch"] == "cnn_deotte" and meta["img_size"] == 28 and meta["in_chans"] == 1
+    probs = engine.softmax(engine.predict_logits(model, ws.comp.x_test, torch.device("cpu"),
+                                                 channels_last=True))
+    np.testing.assert_allclose(probs, members.read_test(d), atol=1e-5)
 
 
-def test_cached_folds_are_skipped_and_force_retrains(trained_cfg, capsys):
+def test_cached_members_are_skipped_and_force_retrains(trained_cfg):
     cfg = trained_cfg("model=mlp", "fold=1")
     target = Paths.from_cfg(cfg).fold_dir("mlp", 1) / "test.npy"
     stamp = target.stat().st_mtime_ns
-    assert train.run(cfg) == {}
-    assert "mlp fold 1: cached, skipped" in capsys.readouterr().out
+    [out] = train.run(cfg)
+    assert out.outcome is Outcome.CACHED and out.metrics is None
     assert target.stat().st_mtime_ns == stamp
-    done = train.run(trained_cfg("model=mlp", "fold=1", "force=true"))
-    assert list(done) == [("mlp", 1)] and target.stat().st_mtime_ns != stamp
+    [out] = train.run(trained_cfg("model=mlp", "fold=1", "force=true"))
+    assert out.outcome is Outcome.RETRAINED and out.reason == "force=true"
+    assert target.stat().st_mtime_ns != stamp
 
 
-def test_changed_config_retrains(tiny_cfg, capsys):
+def test_changed_config_retrains_and_says_why(tiny_cfg):
+    [first] = train.run(tiny_cfg("model=mlp", "fold=0"))
+    assert first.outcome is Outcome.TRAINED
+    [out] = train.run(tiny_cfg("model=mlp", "fold=0", "models.mlp.kwargs.hidden=64"))
+    assert out.outcome is Outcome.RETRAINED and out.reason == "config changed (kwargs)"
+
+
+def test_seeds_differ_per_model_and_fold_and_are_stable():
+    seeds = {(m, f): members.training_seed(42, MemberKey(m, f)) for m in ("mlp", "cnn_deotte") for f in range(3)}
+    assert len(set(seeds.values())) == len(seeds)  # every (model, fold) draws its own batches
+    assert members.training_seed(42, MemberKey("mlp", 0)) == seeds[("mlp", 0)]
+    assert members.training_seed(43, MemberKey("mlp", 0)) != seeds[("mlp", 0)]
+    assert all(0 <= s < 2**31 for s in seeds.values())
+
+
+def test_cache_key_holds_seed_architecture_and_folds(tiny_cfg):
+    ws = Workspace.load(tiny_cfg())
+    key = ws.member_config(MemberKey("cnn_deotte", 1))
+    assert key.seed == members.training_seed(42, MemberKey("cnn_deotte", 1))
+    assert key.arch_digest == __import__("pipeline.models", fromlist=["x"]).architecture_digest("cnn_deotte")
+    assert key.folds.digest == ws.folds_digest and key.train.precision == "auto"
+    assert "compile" not in key.train and "deterministic" not in key.train  # how to run: runtime.*
+
+
+def test_edited_architecture_makes_members_stale(tiny_cfg, monkeypatch):
+    """A changed model definition (here: its digest) makes its cached members stale."""
+    from pipeline import models
+
     train.run(tiny_cfg("model=mlp", "fold=0"))
-    capsys.readouterr()
-    done = train.run(tiny_cfg("model=mlp", "fold=0", "models.mlp.kwargs.hidden=64"))
-    assert list(done) == [("mlp", 0)]
-    assert "config changed (kwargs)" in capsys.readouterr().out
+    monkeypatch.setattr(members, "architecture_digest", lambda name: "edited")
+    ws = Workspace.load(tiny_cfg("model=mlp", "fold=0"))
+    v = ws.verify(MemberKey("mlp", 0))
+    assert v.status is MemberStatus.STALE and v.reason == "config changed (arch_digest)"
+    # the digest ignores docstrings and comments but not code
+    assert models.architecture_digest("mlp") == models.architecture_digest("mlp")
+    assert len({models.architecture_digest(n) for n in models.list_models()}) == len(models.list_models())
 
 
 @pytest.mark.parametrize("override, message", [
     ("fold=2", "fold=2: expected 'all' or an integer 0..1"),
     ("model=lenet", "unknown model 'lenet'; known models: cnn_deotte"),
-    ("train.epochs=0", "epochs=0: expected >= 1"),
+    ("train.epochs=0", "train.epochs=0: expected >= 1"),
+    ("models.mlp.train.lr=-1", "models.mlp.train.lr=-1.0: expected > 0"),
+    ("models.mlp.train.compile=true", "models.mlp.train.compile: unknown setting"),
+    ("train.precision=fp8", "train.precision=fp8: Invalid value 'fp8'"),
+    ("runtime.fold_jobs=0", "runtime.fold_jobs=0: expected auto or >= 1"),
+    ("aug.shift=1.5", "aug.shift=1.5: expected >= 0 and <= 1"),
 ])
-def test_bad_selection(tiny_cfg, override, message):
-    with pytest.raises(ConfigError, match=message):
-        train.run(tiny_cfg(override))
+def test_bad_settings_are_one_config_error_before_any_work(tiny_cfg, override, message):
+    if override.startswith("models.mlp.train"):
+        override = "+" + override  # the model's train group is empty in the base config
+    cfg = tiny_cfg(override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg)
+    assert not (Paths.from_cfg(cfg).artifacts_dir).exists()
 
 
-def test_nan_loss_stops_the_fold_and_caches_nothing(tiny_cfg):
-    from pipeline.errors import PipelineError
-
+def test_nan_loss_stops_the_member_and_caches_nothing(tiny_cfg):
     cfg = tiny_cfg("model=mlp", "fold=0", "train.lr=1e30")
     with pytest.raises(PipelineError, match="mlp fold 0: training loss became nan"):
         train.run(cfg)
@@ -103,15 +141,11 @@ def test_nan_loss_stops_the_fold_and_caches_nothing(tiny_cfg):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile_", [False, True])
-def test_cuda_fold_bf16_channels_last(tiny_cfg, compile_):
+def test_cuda_member_bf16_channels_last(tiny_cfg, compile_):
     """The CUDA path end to end on the fixture: bf16 autocast, channels_last, batched torch
     augmentation on the GPU, optional torch.compile; probabilities stay valid."""
-    from pipeline import data
-    from pipeline.folds import ensure_folds
-
-    cfg = tiny_cfg("runtime.device=cuda", "aug.backend=torch", f"train.compile={str(compile_).lower()}")
-    comp = data.load(cfg)
-    res = train.fit_fold(cfg, comp, ensure_folds(cfg, comp.y_train), "cnn_deotte", 0)
+    cfg = tiny_cfg("runtime.device=cuda", "aug.backend=torch", f"runtime.compile={str(compile_).lower()}")
+    res = fit(cfg, "cnn_deotte", 0)
     assert res.metrics["device"].startswith("cuda")
     assert np.allclose(res.oof.sum(1), 1, atol=1e-4) and np.allclose(res.test.sum(1), 1, atol=1e-4)
     assert res.metrics["accuracy"] > 0.15
@@ -120,30 +154,28 @@ def test_cuda_fold_bf16_channels_last(tiny_cfg, compile_):
 def test_precision_setting():
     """train.precision: auto is bf16 on CUDA and fp32 on CPU; bf16 / fp32 force it; else an error."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [train.use_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [False, False, True]
-    assert [train.use_bf16(p, cuda) for p in ("auto", "fp32", "bf16")] == [True, False, True]
+    assert [engine.use_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [False, False, True]
+    assert [engine.use_bf16(p, cuda) for p in ("auto", "fp32", "bf16")] == [True, False, True]
     with pytest.raises(ConfigError, match="train.precision=fp16: expected one of auto, fp32, bf16"):
-        train.use_bf16("fp16", cpu)
+        engine.use_bf16("fp16", cpu)
 
 
 def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):
     """The CPU step runs in fp32 unless train.precision=bf16, which autocasts the model (logits in
-    bf16, loss in fp32) and still learns; the setting is part of the fold's cache key."""
+    bf16, loss in fp32) and still learns; the setting is part of the member's cache key."""
     torch.manual_seed(0)
     model = create_model("cnn_keras", 10, width=0.25)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
-    assert train.train_step(model, opt, x, y)[1].dtype == torch.float32
-    loss, logits = train.train_step(model, opt, x, y, precision="bf16")
+    digits = Workspace.load(tiny_cfg()).comp
+    x, y = torch.from_numpy(digits.x_train[:8]).float() / 255, torch.from_numpy(digits.y_train[:8])
+    assert engine.train_step(model, opt, x, y)[1].dtype == torch.float32
+    loss, logits = engine.train_step(model, opt, x, y, precision="bf16")
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     acc = {}
     for p in ("fp32", "bf16"):  # the shared training run's settings, where mlp clears 0.6
         cfg = tiny_cfg("model=mlp", "fold=0", f"train.precision={p}", "train.epochs=6", "aug=none")
-        comp = data.load(cfg)
-        res = train.fit_fold(cfg, comp, ensure_folds(cfg, comp.y_train), "mlp", 0, predict_test=False)
+        res = fit(cfg, "mlp", 0, predict_test=False)
         assert np.allclose(res.oof.sum(1), 1, atol=1e-3)
         acc[p] = res.metrics["accuracy"]
     assert acc["bf16"] > 0.6 and abs(acc["bf16"] - acc["fp32"]) < 0.08, acc
-    assert train.fold_config(cfg, "mlp", 0, comp.fingerprint).train.precision == "bf16"
-    with pytest.raises(ConfigError, match="train.precision=fp8"):
-        train.run(tiny_cfg("model=mlp", "fold=0", "train.precision=fp8"))
+    assert Workspace.load(cfg).member_config(MemberKey("mlp", 0)).train.precision == "bf16"

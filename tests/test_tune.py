@@ -13,11 +13,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY
-from pipeline import tune
+from pipeline.tune import space as tune_space
+from pipeline.tune import study as tune_study
+from pipeline.tune import tuned as tune_tuned
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
 from pipeline.stages import run_stage
-from pipeline.train import fold_config
+from pipeline.train.members import model_settings
 
 # mlp on the fixture, 2-3 epochs per trial: about a second a trial on 2 cores
 TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
@@ -27,9 +29,9 @@ TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
 def test_default_spaces_parse(tiny_cfg):
     cfg = tiny_cfg()
     for name in ("cnn_deotte", "cnn_keras", "mlp", "resnet_timm"):
-        space = tune.parse_space(cfg, name)
+        space = tune_space.parse_space(cfg, name)
         assert {"train.lr", "train.weight_decay", "train.epochs"} <= set(space), name
-    space = tune.parse_space(cfg, "cnn_deotte")
+    space = tune_space.parse_space(cfg, "cnn_deotte")
     assert space["train.lr"] == optuna.distributions.FloatDistribution(5e-4, 1e-2, log=True)
     assert space["train.batch_size"].choices == (64, 128, 256)
     assert space["train.epochs"] == optuna.distributions.IntDistribution(10, 50, step=5)
@@ -47,32 +49,32 @@ def test_default_spaces_parse(tiny_cfg):
 ])
 def test_bad_space_is_a_config_error(tiny_cfg, override, message):
     with pytest.raises(ConfigError) as e:
-        tune.parse_space(tiny_cfg(override), "mlp")
+        tune_space.parse_space(tiny_cfg(override), "mlp")
     assert message in str(e.value)
 
 
-def test_params_apply_to_the_fold_config(tiny_cfg):
+def test_params_apply_to_the_model_settings(tiny_cfg):
     cfg = tiny_cfg()
     params = {"train.lr": 0.01, "kwargs.dropout": 0.3, "aug.rotate": 4.0}
-    fcfg = fold_config(tune.with_params(cfg, "mlp", params), "mlp", 0, "x")
+    fcfg = model_settings(tune_space.with_params(cfg, "mlp", params), "mlp")
     assert (fcfg.train.lr, fcfg.kwargs.dropout, fcfg.aug.rotate) == (0.01, 0.3, 4.0)
-    assert fold_config(cfg, "mlp", 0, "x").train.lr != 0.01  # the original is untouched
-    assert tune.nested(params) == {"train": {"lr": 0.01}, "kwargs": {"dropout": 0.3},
+    assert model_settings(cfg, "mlp").train.lr != 0.01  # the original is untouched
+    assert tune_space.nested(params) == {"train": {"lr": 0.01}, "kwargs": {"dropout": 0.3},
                                    "aug": {"rotate": 4.0}}
 
 
 def test_objective_orders_by_accuracy_then_log_loss():
     n = 8400
-    assert tune.objective_value(0.99, 0.05, n) > tune.objective_value(0.99, 0.06, n)
+    assert tune_study.objective_value(0.99, 0.05, n) > tune_study.objective_value(0.99, 0.06, n)
     # one more correct row beats any log loss, even a diverged one
-    assert tune.objective_value(0.99 + 1 / n, 1e9, n) > tune.objective_value(0.99, 0.0, n)
+    assert tune_study.objective_value(0.99 + 1 / n, 1e9, n) > tune_study.objective_value(0.99, 0.0, n)
 
 
-def test_three_trial_study_writes_the_best_parameters(tiny_cfg, capsys):
+def test_three_trial_study_writes_the_best_parameters(tiny_cfg, caplog):
     """3 sampled trials on real digits: table, importances, best parameters in artifacts/tuned/."""
     cfg = tiny_cfg(*TUNE, "tune.n_trials=3", "tune.sampler_seed=0")
     result = run_stage(cfg)["mlp"]
-    out = capsys.readouterr().out
+    out = caplog.text
     study = optuna.load_study(study_name="mlp", storage=str(cfg.tune.storage))
     assert result["trials"] == len(study.trials) == 3
     tuned_file = Paths.from_cfg(cfg).tuned("mlp")
@@ -88,12 +90,9 @@ def test_pruner_stops_a_hopeless_trial(tiny_cfg):
     """Median pruner, 2 startup trials with a good learning rate, then lr=1e-7: pruned at epoch 1."""
     cfg = tiny_cfg(*TUNE, "tune.n_trials=3", "tune.pruner_startup_trials=2",
                    "tune.pruner_warmup_epochs=0", "models.mlp.space.train.lr.low=1e-7")
-    from pipeline import data
-    from pipeline.folds import ensure_folds
+    from pipeline.workspace import Workspace
 
-    comp = data.load(cfg)
-    ensure_folds(cfg, comp.y_train)
-    study = tune.load_study(cfg, "mlp", comp)
+    study = tune_study.load_study(cfg, "mlp", Workspace.load(cfg))
     fixed = {"train.weight_decay": 1e-4, "train.epochs": 3, "kwargs.hidden": 200, "kwargs.dropout": 0.0}
     study.enqueue_trial({"train.lr": 3e-3, **fixed})
     study.enqueue_trial({"train.lr": 4e-3, **fixed})
@@ -124,17 +123,17 @@ def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
     path = Paths.from_cfg(cfg).tuned("mlp")
     path.parent.mkdir(parents=True)
     path.write_text("train: {lr: 0.0123, epochs: 1}\nkwargs: {dropout: 0.2}\n")
-    applied = tune.apply_tuned(tiny_cfg("model=mlp", "tuned=true"))
-    fcfg = fold_config(applied, "mlp", 0, "x")
+    applied = tune_tuned.apply_tuned(tiny_cfg("model=mlp", "tuned=true"))
+    fcfg = model_settings(applied, "mlp")
     assert (fcfg.train.lr, fcfg.train.epochs, fcfg.kwargs.dropout) == (0.0123, 1, 0.2)
     # through the stage: the fold's cache key records the tuned values
     run_stage(tiny_cfg("model=mlp", "fold=0", "stage=train", "tuned=true"))
     saved = OmegaConf.load(Paths.from_cfg(cfg).fold_dir("mlp", 0) / "config.yaml")
     assert saved.train.lr == 0.0123 and saved.train.epochs == 1
     # without tuned=true nothing changes
-    assert fold_config(tune.apply_tuned(tiny_cfg("model=mlp")), "mlp", 0, "x").train.lr != 0.0123
+    assert model_settings(tune_tuned.apply_tuned(tiny_cfg("model=mlp")), "mlp").train.lr != 0.0123
     with pytest.raises(ConfigError, match="no .*cnn_keras.yaml"):
-        tune.apply_tuned(tiny_cfg("model=cnn_keras", "tuned=true"))
+        tune_tuned.apply_tuned(tiny_cfg("model=cnn_keras", "tuned=true"))
 
 
 @pytest.mark.slow
@@ -163,8 +162,8 @@ def test_two_processes_share_one_study(tiny_cfg, digits_dir, tmp_path):
     workers = {t.user_attrs["worker"] for t in done}
     assert len(workers) == 2, workers
     # each process logged exactly the trials it ran
-    logged = sorted(int(line.split()[3].rstrip(":")) for o in outs for line in o.splitlines()
-                    if line.startswith("tune: mlp trial "))
+    logged = sorted(int(line.split("tune: mlp trial ")[1].split(":")[0]) for o in outs
+                    for line in o.splitlines() if "tune: mlp trial " in line)
     assert logged == sorted(t.number for t in done)
 
 
@@ -195,7 +194,7 @@ def test_killed_worker_trial_is_failed_and_retried(tiny_cfg, digits_dir, tmp_pat
     assert running, "the worker never started a trial"
     crashed = running[0]
     time.sleep(2.5)  # past the grace period (2 x heartbeat_s)
-    done_before = tune.finished(optuna.load_study(study_name="mlp", storage=storage))
+    done_before = tune_study.finished(optuna.load_study(study_name="mlp", storage=storage))
     run_stage(tiny_cfg(*TUNE, *slow, f"tune.n_trials={done_before + 1}"))
     trials = optuna.load_study(study_name="mlp", storage=storage).trials
     assert trials[crashed.number].state == optuna.trial.TrialState.FAIL

@@ -3,9 +3,7 @@
     python run.py stage=tune model=cnn_deotte tune.n_trials=30
     python run.py stage=train model=cnn_deotte tuned=true      # train with the best parameters
 
-* The search space is declared per model in config, under ``models.<name>.space``: a nested
-  mapping whose leaves are ``{type: float|int|categorical, ...}`` and whose paths (``train.lr``,
-  ``kwargs.dropout``, ``aug.rotate``) are the model's own keys (see :func:`parse_space`).
+* The search space is declared per model in config (:mod:`pipeline.tune.space`).
 * Objective: OOF accuracy on ``tune.folds`` (default fold 0 only), pooled over those folds; ties
   are broken by OOF log loss (:func:`objective_value`). Each epoch's validation accuracy is
   reported (``trial.report``) and ``tune.pruner`` (median by default, hyperband, none) prunes.
@@ -13,171 +11,40 @@
   (PostgreSQL/MySQL to share a study between machines); the study is loaded when it exists, so
   re-running continues it and N processes on one storage share one study. ``tune.n_trials`` is
   the study's target (finished trials of every worker together). Heartbeats mark a killed
-  worker's trial failed after ``2 x tune.heartbeat_s`` and re-queue it (Optuna's
-  ``RetryHeartbeatStaleTrialCallback``), so nothing stays RUNNING forever.
+  worker's trial failed after ``2 x tune.heartbeat_s`` and re-queue it, so nothing stays
+  RUNNING forever.
 * At the end: the best trials, parameter importances (Optuna's fANOVA evaluator) and the best
-  parameters written to ``artifacts/tuned/<model>.yaml`` (see :func:`apply_tuned`).
+  parameters written to ``artifacts/tuned/<model>.yaml`` (see :mod:`pipeline.tune.tuned`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
 import time
 import warnings
-from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import log_loss
 
-from pipeline import data
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.folds import ensure_folds
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
-from pipeline.train import configure_threads, fit_fold, fold_config, model_names, select_device
+from pipeline.settings import Pruner, selected_models
+from pipeline.train import members
+from pipeline.train.engine import FitSpec, fit_member
+from pipeline.train.members import MemberKey
+from pipeline.train.runtime import configure_threads, select_device
+from pipeline.tune.space import baseline_params, nested, parse_space, suggest, with_params
+from pipeline.workspace import Workspace
 
-SPACE_TYPES = ("float", "int", "categorical")
-SPACE_ROOTS = ("kwargs", "train", "aug")
-PRUNERS = ("median", "hyperband", "none")
 LOG_LOSS_CAP = 50.0  # a diverged trial's log loss cannot outweigh one OOF row of accuracy
-
-
-# --------------------------------------------------------------------------- search space
-
-
-def parse_space(cfg: DictConfig, name: str) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space of model ``name`` from ``models.<name>.space``.
-
-    Leaves (``{type: ...}`` mappings, at any depth) become Optuna distributions keyed by their
-    dotted path, e.g. ``train.lr``:
-
-    * ``{type: float, low, high, log: false, step: null}`` -> ``FloatDistribution``;
-    * ``{type: int, low, high, log: false, step: 1}`` -> ``IntDistribution``;
-    * ``{type: categorical, choices: [...]}`` -> ``CategoricalDistribution``.
-
-    A path must start with ``kwargs``, ``train`` or ``aug`` and name a key the model's fold
-    config has (the global ``train``/``aug`` groups merged with the model's overrides).
-
-    Raises:
-        ConfigError: no space declared, an unknown type or key, low > high, no choices, or a
-            path the model does not have - naming the ``models.<name>.space.<path>`` entry.
-    """
-    if name not in cfg.models:
-        raise ConfigError(f"unknown model '{name}'; known models: {', '.join(sorted(cfg.models))}")
-    raw = cfg.models[name].get("space")
-    if not raw:
-        raise ConfigError(f"models.{name}.space is empty: declare the search space of {name} in "
-                          f"pipeline/conf/models/{name}.yaml (see README, Tuning)")
-    target = fold_config(cfg, name, 0, "")
-    out: dict[str, optuna.distributions.BaseDistribution] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, DictConfig) and "type" in node:
-            out[prefix] = _distribution(name, prefix, node, target)
-        elif isinstance(node, DictConfig):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            raise ConfigError(f"models.{name}.space.{prefix}: expected a mapping with a 'type' "
-                              f"({', '.join(SPACE_TYPES)}), got {node!r}")
-
-    walk(raw, "")
-    return out
-
-
-def _distribution(name: str, path: str, spec: DictConfig, target: DictConfig):
-    where = f"models.{name}.space.{path}"
-    root = path.split(".", 1)[0]
-    if root not in SPACE_ROOTS or "." not in path:
-        raise ConfigError(f"{where}: a tuned key must be under {', '.join(SPACE_ROOTS)} "
-                          f"(e.g. train.lr, kwargs.dropout, aug.rotate)")
-    if OmegaConf.select(target, path, default="__missing__") == "__missing__":
-        raise ConfigError(f"{where}: {name} has no setting '{path}' to tune")
-    spec = OmegaConf.to_container(spec)
-    kind = spec.pop("type")
-    try:
-        if kind == "categorical":
-            choices = spec.pop("choices", None)
-            if not choices:
-                raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
-            dist = optuna.distributions.CategoricalDistribution(choices)
-        elif kind in ("float", "int"):
-            if "low" not in spec or "high" not in spec:
-                raise ConfigError(f"{where}: {kind} needs 'low' and 'high'")
-            low, high = spec.pop("low"), spec.pop("high")
-            if not low <= high:
-                raise ConfigError(f"{where}: expected low <= high, got low={low} high={high}")
-            log, step = bool(spec.pop("log", False)), spec.pop("step", None)
-            if kind == "float":
-                dist = optuna.distributions.FloatDistribution(float(low), float(high), log=log,
-                                                              step=None if step is None else float(step))
-            else:
-                dist = optuna.distributions.IntDistribution(int(low), int(high), log=log,
-                                                            step=int(step or 1))
-        else:
-            raise ConfigError(f"{where}: type={kind!r}, expected one of {', '.join(SPACE_TYPES)}")
-    except ValueError as e:  # Optuna's own checks (e.g. log with low <= 0)
-        raise ConfigError(f"{where}: {e}") from None
-    if spec:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(spec)} for type {kind}")
-    return dist
-
-
-def suggest(trial: optuna.Trial, path: str, dist) -> Any:
-    """Draw ``path`` from ``dist`` with the trial's public ``suggest_*`` API."""
-    D = optuna.distributions
-    if isinstance(dist, D.CategoricalDistribution):
-        return trial.suggest_categorical(path, list(dist.choices))
-    if isinstance(dist, D.IntDistribution):
-        return trial.suggest_int(path, dist.low, dist.high, step=dist.step, log=dist.log)
-    return trial.suggest_float(path, dist.low, dist.high, step=dist.step, log=dist.log)
-
-
-def baseline_params(cfg: DictConfig, name: str, space: dict) -> dict[str, Any]:
-    """The model's current values of the searched parameters that lie inside the space, so the
-    study's first trial measures the config as written (the baseline a tuned result must beat)."""
-    fcfg = fold_config(cfg, name, 0, "")
-    out = {}
-    for path, dist in space.items():
-        value = OmegaConf.select(fcfg, path)
-        if value is None:
-            continue
-        if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            ok = value in dist.choices
-        else:
-            ok = dist.low <= value <= dist.high and (
-                dist.step is None or abs((value - dist.low) / dist.step - round((value - dist.low) / dist.step)) < 1e-9)
-        if ok:
-            out[path] = value
-    return out
-
-
-def with_params(cfg: DictConfig, name: str, params: dict[str, Any]) -> DictConfig:
-    """A copy of ``cfg`` with ``params`` (dotted paths under ``models.<name>``) set."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    for path, value in params.items():
-        OmegaConf.update(out, f"models.{name}.{path}", value, force_add=True)
-    return out
-
-
-def nested(params: dict[str, Any]) -> dict:
-    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}``."""
-    out: dict = {}
-    for path, value in params.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value.item() if isinstance(value, np.generic) else value
-    return out
-
-
-# --------------------------------------------------------------------------- objective
+log = logging.getLogger(__name__)
 
 
 def objective_value(accuracy: float, logloss: float, n_val: int) -> float:
@@ -205,17 +72,17 @@ def tune_folds(cfg: DictConfig) -> list[int]:
 class Objective:
     """The function Optuna maximises for one model: train on the tune folds, score their OOF rows."""
 
-    def __init__(self, cfg: DictConfig, name: str, space: dict, comp: data.Competition,
-                 folds: np.ndarray, fold_list: list[int]):
+    def __init__(self, cfg: DictConfig, name: str, space: dict, ws: Workspace, fold_list: list[int]):
         self.cfg, self.name, self.space = cfg, name, space
-        self.comp, self.folds, self.fold_list = comp, folds, fold_list
+        self.ws, self.fold_list = ws, fold_list
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = {path: suggest(trial, path, dist) for path, dist in self.space.items()}
         trial.set_user_attr("worker", self.worker)
         cfg = with_params(self.cfg, self.name, params)
-        epochs = int(fold_config(cfg, self.name, 0, "").train.epochs)
+        epochs = int(members.model_settings(cfg, self.name).train.epochs)
+        comp = self.ws.comp
         t0 = time.perf_counter()
         probs, labels = [], []
         for i, fold in enumerate(self.fold_list):
@@ -225,14 +92,16 @@ class Objective:
                     raise optuna.TrialPruned(f"epoch {epoch} of fold {fold}: val acc "
                                              f"{record['val_acc']:.4f}")
 
-            res = fit_fold(cfg, self.comp, self.folds, self.name, fold, on_epoch=report,
-                           predict_test=False)
+            key = MemberKey(self.name, fold)
+            member_cfg = members.member_config(cfg, key, comp.fingerprint, self.ws.folds_digest)
+            res = fit_member(FitSpec.from_config(cfg, key, member_cfg), comp, self.ws.folds,
+                             on_epoch=report, predict_test=False)
             probs.append(res.oof)
-            labels.append(self.comp.y_train[res.row_ids])
+            labels.append(comp.y_train[res.row_ids])
             trial.set_user_attr(f"fold{fold}_accuracy", res.metrics["accuracy"])
         p, y = np.concatenate(probs), np.concatenate(labels)
         acc = float((p.argmax(1) == y).mean())
-        ll = float(log_loss(y, p, labels=np.arange(self.comp.num_classes)))
+        ll = float(log_loss(y, p, labels=np.arange(comp.num_classes)))
         trial.set_user_attr("accuracy", acc)
         trial.set_user_attr("log_loss", ll)
         trial.set_user_attr("seconds", time.perf_counter() - t0)
@@ -244,15 +113,13 @@ class Objective:
 
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     """``tune.pruner``: median (``MedianPruner``), hyperband (``HyperbandPruner``) or none."""
-    kind = str(cfg.tune.pruner)
-    if kind == "median":
+    kind = Pruner(cfg.tune.pruner)
+    if kind is Pruner.median:
         return optuna.pruners.MedianPruner(n_startup_trials=int(cfg.tune.pruner_startup_trials),
                                            n_warmup_steps=int(cfg.tune.pruner_warmup_epochs))
-    if kind == "hyperband":
+    if kind is Pruner.hyperband:
         return optuna.pruners.HyperbandPruner(min_resource=max(1, int(cfg.tune.pruner_warmup_epochs)))
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    raise ConfigError(f"tune.pruner={kind}: expected one of {', '.join(PRUNERS)}")
+    return optuna.pruners.NopPruner()
 
 
 def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
@@ -293,7 +160,7 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
                               f"{str(e).splitlines()[0]})") from None
 
 
-def load_study(cfg: DictConfig, name: str, comp: data.Competition) -> optuna.Study:
+def load_study(cfg: DictConfig, name: str, ws: Workspace) -> optuna.Study:
     """Create or load (``load_if_exists``) the study of ``name``.
 
     The study records the data fingerprint, folds and tune folds it was run on; loading it for
@@ -305,7 +172,7 @@ def load_study(cfg: DictConfig, name: str, comp: data.Competition) -> optuna.Stu
     study = optuna.create_study(study_name=study_name, storage=make_storage(cfg),
                                 direction="maximize", sampler=sampler, pruner=make_pruner(cfg),
                                 load_if_exists=True)
-    key = {"model": name, "data_fingerprint": comp.fingerprint, "folds_k": int(cfg.folds.k),
+    key = {"model": name, "data_fingerprint": ws.comp.fingerprint, "folds_k": int(cfg.folds.k),
            "folds_seed": int(cfg.folds.seed), "tune_folds": tune_folds(cfg)}
     old = study.user_attrs.get("key")
     if old is None:
@@ -359,18 +226,18 @@ def write_tuned(cfg: DictConfig, name: str, study: optuna.Study) -> str:
     return str(path)
 
 
-def tune_model(cfg: DictConfig, name: str, comp: data.Competition, folds: np.ndarray) -> dict:
+def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
     """Run (or continue) the study of one model up to ``tune.n_trials``; report and save the best.
 
     Returns ``{"study", "trials", "best_value", "best_params", "tuned_file"}``.
     """
     space = parse_space(cfg, name)
     fold_list = tune_folds(cfg)
-    study = load_study(cfg, name, comp)
+    study = load_study(cfg, name, ws)
     target = int(cfg.tune.n_trials)
     done = finished(study)
-    print(f"tune: {name}: study '{study.study_name}' in {cfg.tune.storage}: {done} finished "
-          f"trials, target {target}; space {', '.join(space)}; folds {fold_list}", flush=True)
+    log.info("tune: %s: study '%s' in %s: %d finished trials, target %d; space %s; folds %s", name,
+             study.study_name, cfg.tune.storage, done, target, ", ".join(space), fold_list)
 
     def log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         acc = t.user_attrs.get("accuracy")
@@ -380,18 +247,18 @@ def tune_model(cfg: DictConfig, name: str, comp: data.Competition, folds: np.nda
         except ValueError:
             best = "no complete trial yet"
         secs = t.duration.total_seconds() if t.duration else 0.0
-        print(f"tune: {name} trial {t.number}: {what} in {secs:.0f} s ({best})", flush=True)
+        log.info("tune: %s trial %d: %s in %.0f s (%s)", name, t.number, what, secs, best)
 
     if not study.trials and cfg.tune.baseline_first:
         base = baseline_params(cfg, name, space)
         if base:
             study.enqueue_trial(base, skip_if_exists=True)
-            print(f"tune: {name}: trial 0 is the current config ({len(base)} of {len(space)} "
-                  f"parameters; the rest sampled)")
+            log.info("tune: %s: trial 0 is the current config (%d of %d parameters; the rest "
+                     "sampled)", name, len(base), len(space))
     if done < target:
         timeout = None if cfg.tune.timeout is None else float(cfg.tune.timeout)
         study.optimize(
-            Objective(cfg, name, space, comp, folds, fold_list), n_trials=target - done,
+            Objective(cfg, name, space, ws, fold_list), n_trials=target - done,
             timeout=timeout, catch=(PipelineError,), gc_after_trial=True,
             show_progress_bar=bool(cfg.runtime.progress),
             callbacks=[optuna.study.MaxTrialsCallback(
@@ -399,20 +266,21 @@ def tune_model(cfg: DictConfig, name: str, comp: data.Competition, folds: np.nda
                 log_trial])
 
     counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
-    print(f"tune: {name}: {len(study.trials)} trials ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())})")
+    log.info("tune: %s: %d trials (%s)", name, len(study.trials),
+             ", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
     table = best_table(study, int(cfg.tune.top))
     if table.empty:
         raise PipelineError(f"tune: {name}: no trial completed (all pruned or failed); "
                             f"raise tune.n_trials or loosen tune.pruner")
     with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+        log.info("tune: %s: best trials\n%s", name, table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     imp = importances(study)
     if imp:
-        print("tune: parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
+        log.info("tune: parameter importances: %s", ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
     path = write_tuned(cfg, name, study)
     _write_trials_csv(cfg, name, study)
-    print(f"tune: {name}: best parameters -> {path} (train with them: python run.py stage=train "
-          f"model={name} tuned=true)", flush=True)
+    log.info("tune: %s: best parameters -> %s (train with them: python run.py stage=train "
+             "model=%s tuned=true)", name, path, name)
     return {"study": study.study_name, "trials": len(study.trials), "best_value": study.best_value,
             "best_params": study.best_params, "tuned_file": path, "importances": imp}
 
@@ -423,51 +291,12 @@ def _write_trials_csv(cfg: DictConfig, name: str, study: optuna.Study) -> None:
     write_with(path, lambda p: df.to_csv(p, index=False))
 
 
-def run(cfg: DictConfig) -> dict[str, dict]:
+def run(cfg: DictConfig, ws: Workspace | None = None) -> dict[str, dict]:
     """Stage ``tune``: one study per selected model (``model=NAME``, or every ensemble model)."""
-    names = model_names(cfg)
-    comp = data.load(cfg)
-    folds = ensure_folds(cfg, comp.y_train)
+    names = selected_models(cfg)
+    for name in names:  # every search space is checked before any trial runs
+        parse_space(cfg, name)
+    ws = ws or Workspace.load(cfg)
     configure_threads(cfg.runtime.threads, select_device(str(cfg.runtime.device)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
-    return {name: tune_model(cfg, name, comp, folds) for name in names}
-
-
-# --------------------------------------------------------------------------- tuned=true
-
-
-def apply_tuned(cfg: DictConfig) -> DictConfig:
-    """With ``tuned=true``, merge ``artifacts/tuned/<model>.yaml`` into ``models.<model>`` for
-    every model of the run (``model=NAME`` or the ensemble) that has one, and say so.
-
-    Raises ConfigError when ``model=NAME`` is given and it has no tuned file, or when no model
-    of the ensemble has one.
-    """
-    if not cfg.get("tuned"):
-        return cfg
-    paths = Paths.from_cfg(cfg)
-    names = model_names(cfg)
-    applied = []
-    for name in names:
-        path = paths.tuned(name)
-        if not path.exists():
-            if cfg.model not in (None, "all"):
-                raise ConfigError(f"tuned=true: no {path} for {name} (run: python run.py "
-                                  f"stage=tune model={name})")
-            print(f"tuned: {name}: no {path}, using its config as is")
-            continue
-        params = OmegaConf.load(path)
-        bad = [k for k in params if k not in SPACE_ROOTS]
-        if bad:
-            raise ConfigError(f"{path}: unexpected top-level key(s) {', '.join(bad)}; "
-                              f"expected {', '.join(SPACE_ROOTS)}")
-        node = cfg.models[name]
-        with open_dict(node):
-            node.merge_with(params)
-        applied.append(name)
-        flat = ", ".join(f"{k}.{kk}={vv}" for k, v in params.items() for kk, vv in v.items())
-        print(f"tuned: {name} <- {path}: {flat}")
-    if not applied:
-        raise ConfigError(f"tuned=true: none of {', '.join(names)} has tuned parameters under "
-                          f"{paths.artifacts_dir / 'tuned'} (run stage=tune first)")
-    return cfg
+    return {name: tune_model(cfg, name, ws) for name in names}

@@ -1,0 +1,136 @@
+"""Stage ``blend``: combine the members' cached OOF/test probabilities into leaderboard files.
+
+    python run.py stage=blend                       # every method (blend.method=all)
+    python run.py stage=blend blend.method=stack
+
+Only OOF predictions are used for fitting and scoring. Each blender's CV score is itself
+cross-validated on the same folds (:func:`pipeline.blend.blenders.cross_val_oof`); the final
+blender is then fitted on all OOF rows and applied to the fold-averaged test probabilities.
+``submissions/submission.csv`` is the method with the best OOF accuracy (ties: lower log loss).
+The blend is saved (:mod:`pipeline.blend.store`) before the submissions are written; its record
+holds the sha256 of ``submission.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from pipeline.blend import store
+from pipeline.blend.blenders import Score, cross_val_oof, make_blender, score
+from pipeline.data import Competition
+from pipeline.errors import ArtifactError
+from pipeline.io import save_text
+from pipeline.settings import BlendMethod, blend_methods, blend_models
+from pipeline.train.members import read_metrics
+from pipeline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlendResult:
+    """One method's blend: the blender fitted on all OOF rows, its own cross-validated OOF
+    ``(N, C)``, its test probabilities ``(M, C)`` and the OOF score."""
+
+    method: BlendMethod
+    blender: object
+    oof: np.ndarray
+    test: np.ndarray
+    score: Score
+
+
+@dataclass
+class BlendOutcome:
+    """What ``stage=blend`` produced: member and blend scores, the submitted method, the saved blend."""
+
+    members: dict[str, Score]
+    blends: dict[BlendMethod, BlendResult]
+    best: BlendMethod
+    saved: store.SavedBlend
+
+
+def fit_blend(method: BlendMethod, X: np.ndarray, X_test: np.ndarray, y: np.ndarray,
+              folds: np.ndarray, cfg: DictConfig) -> BlendResult:
+    """Blend with one method. ``X``: ``(N, M, C)`` OOF and ``X_test``: ``(M_test, M, C)`` test
+    probabilities of the M members; ``folds``: ``(N,)``."""
+    blender = make_blender(method, float(cfg.blend.stack_C), int(cfg.blend.stack_max_iter))
+    oof = cross_val_oof(blender, X, y, folds)
+    fitted = blender.fit(X, y)
+    return BlendResult(method, fitted, oof, fitted.predict_proba(X_test), score(y, oof))
+
+
+def submission_csv(comp: Competition, labels: np.ndarray, where: str) -> str:
+    """``ImageId,Label`` text for every test row, in ``sample_submission.csv``'s id order.
+
+    Raises ArtifactError if the labels do not match the sample submission (rows, classes).
+    """
+    if labels.shape != comp.test_ids.shape or labels.min() < 0 or labels.max() >= comp.num_classes:
+        raise ArtifactError(f"{where}: {labels.shape[0]} labels in {labels.min()}..{labels.max()}, expected "
+                            f"{len(comp.test_ids)} in 0..{comp.num_classes - 1} (sample_submission.csv)")
+    df = pd.DataFrame({comp.id_column: comp.test_ids, comp.label_column: labels.astype(np.int64)})
+    return df.to_csv(index=False)
+
+
+def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMethod,
+            submission_sha: str) -> dict:
+    comp = ws.comp
+    return {
+        "members": names, "k": int(ws.cfg.folds.k), "folds_digest": ws.folds_digest,
+        "data_fingerprint": comp.fingerprint, "num_classes": comp.num_classes,
+        "in_chans": int(comp.x_train.shape[1]), "img_size": comp.side,
+        "manifests": {p.name: {str(f): s for f, s in p.manifests.items()} for p in preds},
+        "model_scores": {p.name: vars(score(comp.y_train, p.oof)) for p in preds},
+        "methods": {m.value: {**vars(r.score), "params": r.blender.get_params(),
+                              "member_weights": r.blender.member_weights().tolist()}
+                    for m, r in results.items()},
+        "best": best.value, "submission_sha256": submission_sha,
+    }
+
+
+def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
+    lines = [f"{'':28s} {'OOF acc':>9s} {'log loss':>9s} {'train min':>9s}"]
+    for name, s in outcome.members.items():
+        minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(name)) / 60
+        lines.append(f"{'model ' + name:28s} {s.accuracy:9.5f} {s.log_loss:9.4f} {minutes:9.1f}")
+    for m, r in outcome.blends.items():
+        lines.append(f"{'blend ' + m.value:28s} {r.score.accuracy:9.5f} {r.score.log_loss:9.4f}")
+        if m is not BlendMethod.mean:
+            lines.append(f"  member weights: " + ", ".join(
+                f"{n}={w:.3f}" for n, w in zip(outcome.members, r.blender.member_weights())))
+    log.info("blend: CV table\n%s", "\n".join(lines))
+    log.info("blend: submissions/submission.csv = %s (OOF acc %.5f); files in %s", outcome.best.value,
+             outcome.blends[outcome.best].score.accuracy, ws.paths.submissions_dir)
+
+
+def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
+    """Stage ``blend``: fit every ``blend.method`` on the members' OOF predictions, save the
+    blend, write ``submissions/<method>.csv`` and ``submissions/submission.csv``.
+
+    Raises:
+        ArtifactError: a member is missing, stale or corrupt (named, with the command to fix it).
+        ConfigError: an unknown method or model name.
+    """
+    ws = ws or Workspace.load(cfg)
+    names, methods = blend_models(cfg), blend_methods(cfg)
+    preds = [ws.predictions(n) for n in names]
+    y = ws.comp.y_train
+    X, X_test = np.stack([p.oof for p in preds], 1), np.stack([p.test for p in preds], 1)
+    results = {m: fit_blend(m, X, X_test, y, ws.folds, cfg) for m in methods}
+    best = min(results, key=lambda m: (-results[m].score.accuracy, results[m].score.log_loss))
+    csvs = {m.value: submission_csv(ws.comp, r.test.argmax(1), str(ws.paths.submission(m.value)))
+            for m, r in results.items()}
+    sha = hashlib.sha256(csvs[best.value].encode()).hexdigest()
+    saved = store.save(ws.paths, _record(ws, names, preds, results, best, sha),
+                       {m: (r.oof, r.test, r.blender.state()) for m, r in results.items()})
+    for method, text in csvs.items():
+        save_text(ws.paths.submission(method), text)
+    save_text(ws.paths.submission("submission"), csvs[best.value])
+    outcome = BlendOutcome({p.name: score(y, p.oof) for p in preds}, results, best, saved)
+    _log_table(ws, outcome)
+    return outcome

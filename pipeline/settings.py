@@ -1,0 +1,318 @@
+"""The config schema: typed settings with ranges, checked once when a run starts.
+
+Every group of ``pipeline/conf`` has a dataclass here. :func:`validate` merges the composed
+config into them (OmegaConf structured configs: types are converted, unknown keys refused) and
+then checks each field's range, so a bad override such as ``models.mlp.train.lr=-1`` stops with
+one line naming the key and what was expected (:class:`~pipeline.errors.ConfigError`, exit code
+2) before any data is read or any model trained. Per-model ``train``/``aug`` overrides are checked
+merged over the global groups, exactly as training uses them.
+
+The choices that carry state through the pipeline are enums: :class:`Precision`,
+:class:`AugBackend`, :class:`LockMode`, :class:`Pruner`, :class:`BlendMethod`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+
+
+class Precision(str, Enum):
+    """``train.precision``: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class AugBackend(str, Enum):
+    """``aug.backend``: batched on the training device, or per sample (the reference)."""
+
+    torch = "torch"
+    albumentations = "albumentations"
+
+
+class LockMode(str, Enum):
+    """``runtime.lock``: what to do with a member another process is training."""
+
+    wait = "wait"
+    skip = "skip"
+
+
+class Pruner(str, Enum):
+    """``tune.pruner``."""
+
+    median = "median"
+    hyperband = "hyperband"
+    none = "none"
+
+
+class BlendMethod(str, Enum):
+    """``blend.method``: the blenders of :mod:`pipeline.blend.blenders`."""
+
+    mean = "mean"
+    weighted = "weighted"
+    stack = "stack"
+
+
+def _f(default: Any, **limits: Any) -> Any:
+    """A dataclass field with range limits (``ge``, ``gt``, ``le``, ``lt``, ``auto``)."""
+    return field(default=default, metadata=limits)
+
+
+@dataclass
+class TrainSettings:
+    """``train`` (and ``models.<name>.train`` merged over it): what is learned."""
+
+    epochs: int = _f(30, ge=1)                # passes over the k-1 training folds
+    batch_size: int = _f(128, ge=1)           # images per optimizer step
+    lr: float = _f(3e-3, gt=0)                # peak one-cycle learning rate (AdamW)
+    weight_decay: float = _f(1e-4, ge=0)      # AdamW decoupled weight decay
+    warmup_frac: float = _f(0.2, gt=0, lt=1)  # OneCycleLR pct_start
+    label_smoothing: float = _f(0.0, ge=0, lt=1)
+    precision: Precision = Precision.auto
+
+
+@dataclass
+class AugSettings:
+    """``aug`` (and ``models.<name>.aug`` merged over it); a strength of 0 is off."""
+
+    backend: AugBackend = AugBackend.torch
+    rotate: float = _f(0.0, ge=0, le=180)     # degrees
+    scale: float = _f(0.0, ge=0, lt=1)        # relative zoom
+    shift: float = _f(0.0, ge=0, le=1)        # fraction of the side
+    elastic_alpha: float = _f(0.0, ge=0)      # pixels (Simard et al. 2003)
+    elastic_sigma: float = _f(4.0, gt=0)      # pixels
+    p_affine: float = _f(1.0, ge=0, le=1)
+    p_elastic: float = _f(0.5, ge=0, le=1)
+
+
+@dataclass
+class RuntimeSettings:
+    """``runtime``: how to run; nothing here is part of a member's cache key."""
+
+    device: str = "auto"
+    num_workers: Any = _f("auto", auto=True, ge=0)
+    eval_batch_size: int = _f(2048, ge=1)
+    channels_last: bool = True
+    threads: Optional[int] = _f(None, ge=1)
+    progress: bool = True
+    fold_jobs: Any = _f("auto", auto=True, ge=1)
+    lock: LockMode = LockMode.wait
+    compile: bool = False          # torch.compile the model
+    deterministic: bool = False    # torch deterministic algorithms (exact resume on CPU)
+
+
+@dataclass
+class FoldsSettings:
+    k: int = _f(5, ge=2)
+    seed: int = 42
+
+
+@dataclass
+class DataSettings:
+    dir: str = "data/digit-recognizer"
+    num_classes: Optional[int] = _f(None, ge=2)
+    build_offline: Any = "auto"
+
+
+@dataclass
+class BlendSettings:
+    method: Any = "all"
+    models: Optional[list] = None
+    stack_C: float = _f(1.0, gt=0)
+    stack_max_iter: int = _f(1000, ge=10)
+
+
+@dataclass
+class TuneSettings:
+    n_trials: int = _f(20, ge=1)
+    timeout: Optional[float] = _f(None, gt=0)
+    folds: Any = field(default_factory=lambda: [0])
+    storage: str = "sqlite:///artifacts/optuna.db"
+    study_name: Optional[str] = None
+    pruner: Pruner = Pruner.median
+    pruner_startup_trials: int = _f(3, ge=0)
+    pruner_warmup_epochs: int = _f(1, ge=0)
+    sampler_seed: Optional[int] = None
+    heartbeat_s: int = _f(60, ge=1)
+    max_retry: int = _f(2, ge=0)
+    top: int = _f(5, ge=1)
+    baseline_first: bool = True
+
+
+@dataclass
+class PredictSettings:
+    output: Optional[str] = None
+    top_k: int = _f(3, ge=1)
+
+
+GROUPS: dict[str, type] = {
+    "train": TrainSettings, "aug": AugSettings, "runtime": RuntimeSettings,
+    "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
+    "predict": PredictSettings,
+}
+MODEL_KEYS = ("arch", "kwargs", "train", "aug", "space")
+BUILD_OFFLINE = ("auto", "true", "false")
+
+
+def _structured(schema: type, node: Any, where: str):
+    """``node`` merged into ``schema``; ConfigError (one line) for a wrong type or unknown key."""
+    try:
+        if isinstance(node, DictConfig):  # interpolations resolve against the whole config
+            node = OmegaConf.to_container(node, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node or {}))
+    except OmegaConfBaseException as e:
+        key = f"{where}.{e.full_key}" if getattr(e, "full_key", None) else where
+        if isinstance(e, ConfigKeyError):
+            known = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ConfigError(f"{key}: unknown setting (expected one of {known})") from None
+        value = getattr(e, "value", None)
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        shown = f"={value}" if value is not None else ""
+        raise ConfigError(f"{key}{shown}: {msg}") from None
+
+
+def _check_limits(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        value, lim = getattr(obj, f.name), f.metadata
+        if not lim or value is None:
+            continue
+        key = f"{where}.{f.name}={value}"
+        if lim.get("auto") and value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = int(value) if lim.get("auto") else value
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: expected auto or an integer >= {lim['ge']}") from None
+        expect = " and ".join(f"{op} {lim[name]}" for name, op in
+                              (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if name in lim)
+        ok = all((name not in lim) or test(value, lim[name]) for name, test in (
+            ("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b),
+            ("le", lambda v, b: v <= b), ("lt", lambda v, b: v < b)))
+        if not ok:
+            prefix = "auto or " if lim.get("auto") else ""
+            raise ConfigError(f"{key}: expected {prefix}{expect}")
+
+
+def checked(schema: type, node: Any, where: str):
+    """``node`` as a ``schema`` dataclass instance, types converted and ranges checked.
+
+    Raises:
+        ConfigError: one line naming ``where.<key>``, the value and what was expected.
+    """
+    obj = _structured(schema, node, where)
+    _check_limits(obj, where)
+    return obj
+
+
+def model_group(cfg: DictConfig, name: str, group: str) -> DictConfig:
+    """The global ``train``/``aug`` group with ``models.<name>.<group>`` merged over it (plain,
+    not struct: a key the schema lacks is reported by :func:`checked`, naming the model)."""
+    own = cfg.models[name].get(group)
+    return OmegaConf.merge(OmegaConf.to_container(cfg[group], resolve=True),
+                           OmegaConf.to_container(own, resolve=True) if own else {})
+
+
+def train_settings(cfg: DictConfig, name: str) -> TrainSettings:
+    """The checked training settings of model ``name`` (global ``train`` + its overrides)."""
+    return checked(TrainSettings, model_group(cfg, name, "train"), f"models.{name}.train")
+
+
+def aug_settings(cfg: DictConfig, name: str) -> AugSettings:
+    """The checked augmentation settings of model ``name`` (global ``aug`` + its overrides)."""
+    return checked(AugSettings, model_group(cfg, name, "aug"), f"models.{name}.aug")
+
+
+def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
+    """The checked ``runtime`` group."""
+    return checked(RuntimeSettings, cfg.runtime, "runtime")
+
+
+def selected_models(cfg: DictConfig) -> list[str]:
+    """Models a stage runs on: ``model=NAME`` if set (not ``all``), else ``ensemble``.
+
+    Raises ConfigError for an empty ensemble or a name with no entry under ``models``.
+    """
+    names = list(cfg.ensemble) if cfg.model in (None, "all") else [str(cfg.model)]
+    if not names:
+        raise ConfigError("ensemble is empty: list at least one model under 'ensemble'")
+    for n in names:
+        if n not in cfg.models:
+            raise ConfigError(f"unknown model '{n}'; known models: {', '.join(sorted(cfg.models))}")
+    return names
+
+
+def selected_folds(cfg: DictConfig) -> list[int]:
+    """Folds a stage runs on: every fold for ``fold=all``, else the one given (0..k-1)."""
+    k = int(cfg.folds.k)
+    if cfg.fold in (None, "all"):
+        return list(range(k))
+    try:
+        f = int(cfg.fold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fold={cfg.fold}: expected 'all' or an integer 0..{k - 1}") from None
+    if not 0 <= f < k:
+        raise ConfigError(f"fold={f}: expected 'all' or an integer 0..{k - 1} (folds.k={k})")
+    return [f]
+
+
+def blend_methods(cfg: DictConfig) -> list[BlendMethod]:
+    """``blend.method`` (``all``, one name or a list) as :class:`BlendMethod` values."""
+    m = cfg.blend.method
+    raw = [x.value for x in BlendMethod] if m == "all" else ([str(m)] if isinstance(m, str) else list(m))
+    known = ", ".join(x.value for x in BlendMethod)
+    out = []
+    for x in raw:
+        try:
+            out.append(BlendMethod(str(x)))
+        except ValueError:
+            raise ConfigError(f"blend.method={x}: expected all or one of {known}") from None
+    if not out:
+        raise ConfigError(f"blend.method=[]: expected all or one of {known}")
+    return out
+
+
+def blend_models(cfg: DictConfig) -> list[str]:
+    """``blend.models`` (default: the selected models), each checked against ``models``."""
+    names = list(cfg.blend.models) if cfg.blend.models else selected_models(cfg)
+    for n in names:
+        if n not in cfg.models:
+            raise ConfigError(f"blend.models: unknown model '{n}'; known models: "
+                              f"{', '.join(sorted(cfg.models))}")
+    return names
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole composed config once, before any work (see the module docstring).
+
+    Raises:
+        ConfigError: the first bad setting, as one line naming the key and what was expected.
+    """
+    from pipeline.models import list_models
+
+    for group, schema in GROUPS.items():
+        checked(schema, cfg[group], group)
+    for name, node in cfg.models.items():
+        extra = sorted(set(node) - set(MODEL_KEYS))
+        if extra:
+            raise ConfigError(f"models.{name}.{extra[0]}: unknown key (expected {', '.join(MODEL_KEYS)})")
+        if node.get("arch") not in list_models():
+            raise ConfigError(f"models.{name}.arch={node.get('arch')}: unknown architecture; "
+                              f"known: {', '.join(list_models())}")
+        train_settings(cfg, name)
+        aug_settings(cfg, name)
+    if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
+        raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
+    selected_models(cfg)
+    selected_folds(cfg)
+    blend_methods(cfg)
+    blend_models(cfg)

@@ -1,0 +1,339 @@
+"""Ensemble members: the key of one (model, fold[, seed]), its cache key, its files.
+
+A *member* is one model trained on every fold but one. This module is the only reader and writer
+of a member's files under ``artifacts/<model>/fold<k>/`` (:data:`pipeline.paths.FOLD_FILES`):
+
+* ``model.safetensors`` - the final weights; architecture, kwargs, classes, channels and side in
+  its metadata (safetensors: tensors only, nothing is unpickled when it is read);
+* ``oof.npz``           - ``row_ids (n_val,) int64`` and ``probs (n_val, C) float32``;
+* ``test.npy``          - ``(M, C) float32`` test probabilities;
+* ``metrics.json``      - fold accuracy, log loss, epochs, seconds, device, per-epoch history;
+* ``config.yaml``       - the member's cache key (:func:`member_config`);
+* ``manifest.json``     - sha256 and size of the five above; written last, it marks the member
+  complete.
+
+Arrays are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import ArtifactError
+from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, write_with
+from pipeline.models import architecture_digest
+from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, FOLD_FILES, MANIFEST, METRICS, OOF, TEST
+from pipeline.settings import aug_settings, train_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+    from pipeline.workspace import Workspace
+
+
+@dataclass(frozen=True, order=True)
+class MemberKey:
+    """One ensemble member: ``model`` trained without fold ``fold``; ``seed`` is the seed index
+    (0 = the run's base seed; further indices are extra seeds of the same model and fold)."""
+
+    model: str
+    fold: int
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.model} fold {self.fold}" + (f" seed {self.seed}" if self.seed else "")
+
+
+class MemberStatus(Enum):
+    """What :func:`verify` found in a member's directory."""
+
+    OK = "ok"            # complete, intact, trained with the current settings
+    MISSING = "missing"  # files absent: never trained, or interrupted
+    CORRUPT = "corrupt"  # unreadable manifest, a size or checksum mismatch, an unreadable config
+    STALE = "stale"      # trained with other settings
+
+
+@dataclass(frozen=True)
+class Verification:
+    """:func:`verify`'s answer: a status and a one-line reason (the changed keys when stale)."""
+
+    status: MemberStatus
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status is MemberStatus.OK
+
+
+@dataclass
+class MemberPredictions:
+    """One model's cached predictions over its folds.
+
+    Attributes:
+        oof: ``(N, C)`` float32 OOF probabilities in train-row order, every row from exactly one fold.
+        test: ``(M, C)`` float32 test probabilities averaged over the folds' members.
+        manifests: ``{fold: sha256 of its manifest.json}``: what a saved blend was built from.
+    """
+
+    name: str
+    oof: np.ndarray
+    test: np.ndarray
+    manifests: dict[int, str]
+
+
+def training_seed(base: int, key: MemberKey) -> int:
+    """The seed a member trains with, a stable hash of ``(base seed, model, fold, seed index)``:
+    every (model, fold) draws its own batch order, initialisation and augmentation."""
+    digest = hashlib.sha256(f"{base}/{key.model}/{key.fold}/{key.seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def plain(obj: Any) -> Any:
+    """A settings dataclass (or anything inside one) as plain YAML/JSON data (enums as values)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    return obj
+
+
+def model_settings(cfg: DictConfig, name: str) -> DictConfig:
+    """What is learned for model ``name``, independent of the fold: ``arch``, ``kwargs`` and the
+    checked ``train``/``aug`` settings (global groups with the model's overrides merged)."""
+    m = cfg.models[name]
+    return OmegaConf.create({
+        "arch": str(m.arch), "kwargs": m.get("kwargs") or {},
+        "train": plain(train_settings(cfg, name)), "aug": plain(aug_settings(cfg, name)),
+    })
+
+
+def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_digest: str) -> DictConfig:
+    """The settings that determine one member's results: its cache key, saved as ``config.yaml``.
+
+    Model settings (:func:`model_settings`), the architecture's digest (so an edited model makes
+    its members stale), the fold and seed index, the folds (k, seed, digest of the assignment),
+    the data fingerprint and the training seed (:func:`training_seed`).
+    """
+    ms = model_settings(cfg, key.model)
+    return OmegaConf.create({
+        "model": key.model, "arch": ms.arch, "arch_digest": architecture_digest(ms.arch),
+        "kwargs": ms.kwargs, "train": ms.train, "aug": ms.aug, "fold": key.fold,
+        "seed_index": key.seed,
+        "folds": {"k": int(cfg.folds.k), "seed": int(cfg.folds.seed), "digest": folds_digest},
+        "data_fingerprint": fingerprint, "seed": training_seed(int(cfg.seed), key),
+    })
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def verify(out_dir: Path, expected: DictConfig) -> Verification:
+    """Check one member's files against its manifest and the expected cache key."""
+    missing = [n for n in FOLD_FILES if not (out_dir / n).exists()]
+    if missing:
+        return Verification(MemberStatus.MISSING, f"missing {', '.join(missing)}")
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return Verification(MemberStatus.CORRUPT, f"{MANIFEST} is unreadable")
+    for n in DATA_FILES:
+        entry = manifest.get(n) if isinstance(manifest, dict) else None
+        if not entry:
+            return Verification(MemberStatus.CORRUPT, f"{MANIFEST} does not list {n}")
+        if (out_dir / n).stat().st_size != entry.get("bytes") or sha256_file(out_dir / n) != entry.get("sha256"):
+            return Verification(MemberStatus.CORRUPT, f"{n} does not match its checksum (truncated or modified)")
+    try:
+        old = OmegaConf.load(out_dir / CONFIG)
+    except Exception:  # a yaml that no longer parses despite its checksum
+        return Verification(MemberStatus.CORRUPT, f"{CONFIG} is unreadable")
+    if old != expected:
+        changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
+        return Verification(MemberStatus.STALE, f"config changed ({', '.join(changed)})")
+    return Verification(MemberStatus.OK, "cached")
+
+
+def manifest_sha256(out_dir: Path) -> str:
+    """sha256 of a member's ``manifest.json``: one value that changes whenever any file does."""
+    return sha256_file(out_dir / MANIFEST)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def checkpoint_metadata(arch: str, kwargs: dict, num_classes: int, in_chans: int, img_size: int) -> dict:
+    """How to rebuild a member's model, as safetensors metadata (strings only)."""
+    return {"arch": arch, "kwargs": json.dumps(kwargs, sort_keys=True), "num_classes": str(num_classes),
+            "in_chans": str(in_chans), "img_size": str(img_size)}
+
+
+def write_member(out_dir: Path, cache_key: DictConfig, model: "nn.Module", meta: dict,
+                 row_ids: np.ndarray, oof: np.ndarray, test: np.ndarray, metrics: dict) -> Verification:
+    """Write a finished member: checkpoint, OOF, test, metrics, cache key, then the manifest.
+
+    Args:
+        meta: :func:`checkpoint_metadata`; row_ids: ``(n_val,)`` int64; oof: ``(n_val, C)`` and
+            test ``(M, C)`` float32 probabilities.
+    Each file is written atomically; the member counts as complete only once ``manifest.json``
+    (written last) exists. Returns the member's (OK) verification.
+    """
+    from safetensors.torch import save_file
+
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is back
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_with(out_dir / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
+    save_npz(out_dir / OOF, row_ids=row_ids.astype(np.int64), probs=oof.astype(np.float32))
+    save_npy(out_dir / TEST, test.astype(np.float32))
+    save_json(out_dir / METRICS, metrics)
+    save_text(out_dir / CONFIG, OmegaConf.to_yaml(cache_key))
+    files = {n: {"sha256": sha256_file(out_dir / n), "bytes": (out_dir / n).stat().st_size}
+             for n in DATA_FILES}
+    save_json(out_dir / MANIFEST, {"files": files})
+    return Verification(MemberStatus.OK, "cached")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_oof(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_ids (n_val,) int64, probs (n_val, C) float32)``; ArtifactError when unreadable."""
+    try:
+        with np.load(out_dir / OOF, allow_pickle=False) as z:
+            return z["row_ids"], z["probs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{out_dir / OOF}: unreadable ({e})") from None
+
+
+def read_test(out_dir: Path) -> np.ndarray:
+    """``(M, C) float32`` test probabilities; ArtifactError when unreadable."""
+    try:
+        return np.load(out_dir / TEST, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{out_dir / TEST}: unreadable ({e})") from None
+
+
+def read_config(out_dir: Path) -> DictConfig:
+    """The member's cache key (``config.yaml``): how it was trained."""
+    return OmegaConf.load(out_dir / CONFIG)
+
+
+def check_recorded(out_dir: Path, manifest_sha: str, what: str) -> None:
+    """Check that a member is the one a saved blend recorded: its ``manifest.json`` has the
+    recorded sha256 and its checkpoint still matches the manifest.
+
+    Raises:
+        ArtifactError: missing, retrained or modified since the blend (naming the member).
+    """
+    if not (out_dir / MANIFEST).exists():
+        raise ArtifactError(f"{what}: missing {out_dir / MANIFEST} (run: python run.py stage=train, "
+                            f"then stage=blend)")
+    if manifest_sha256(out_dir) != manifest_sha:
+        raise ArtifactError(f"{what}: {out_dir} changed since the blend (retrained?); run: python "
+                            f"run.py stage=blend")
+    entry = json.loads((out_dir / MANIFEST).read_text())["files"][CHECKPOINT]
+    if not (out_dir / CHECKPOINT).exists() or sha256_file(out_dir / CHECKPOINT) != entry["sha256"]:
+        raise ArtifactError(f"{what}: {out_dir / CHECKPOINT} does not match its checksum "
+                            f"(truncated or modified)")
+
+
+def check_shape(images: np.ndarray, in_chans: int, img_size: int) -> None:
+    """ArtifactError unless ``images`` is ``(N, in_chans, img_size, img_size)``, the members' input."""
+    if images.ndim != 4 or images.shape[1:] != (in_chans, img_size, img_size):
+        raise ArtifactError(f"images of shape {tuple(images.shape[1:])}, but the members take "
+                            f"{(in_chans, img_size, img_size)}")
+
+
+def read_metrics(out_dir: Path) -> dict:
+    """The member's ``metrics.json``."""
+    return json.loads((out_dir / METRICS).read_text())
+
+
+def load_model(out_dir: Path) -> tuple["nn.Module", dict]:
+    """Rebuild a member's model from ``model.safetensors`` (no pickle) on the CPU.
+
+    Returns ``(model in eval mode, metadata)``: metadata has ``arch``, ``kwargs`` (dict),
+    ``num_classes``, ``in_chans``, ``img_size`` (ints). Raises ArtifactError when the file is
+    missing, not a safetensors file, or does not fit its architecture.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from pipeline.models import create_model
+
+    path = out_dir / CHECKPOINT
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path))
+        meta = {"arch": raw["arch"], "kwargs": json.loads(raw["kwargs"]),
+                **{k: int(raw[k]) for k in ("num_classes", "in_chans", "img_size")}}
+        model = create_model(meta["arch"], meta["num_classes"], meta["in_chans"], meta["img_size"],
+                             **meta["kwargs"])
+        model.load_state_dict(state)
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: cannot load the checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return model.eval(), meta
+
+
+def average_folds(probs: list[np.ndarray]) -> np.ndarray:
+    """The fold-average of ``k`` ``(M, C)`` probability arrays, float32 (accumulated in float64,
+    in fold order): how a model's test probabilities are formed, in ``stage=blend`` and in
+    ``stage=predict`` alike."""
+    acc = np.zeros(probs[0].shape, dtype=np.float64)
+    for p in probs:
+        acc += p / len(probs)
+    return acc.astype(np.float32)
+
+
+def load_predictions(ws: "Workspace", name: str) -> MemberPredictions:
+    """Read every fold's OOF and test arrays of model ``name`` and check the OOF contract.
+
+    Raises:
+        ArtifactError: a member is missing, stale or corrupt (naming it, the reason and the
+            command that fixes it), its row ids are not exactly its fold's rows, the shapes are
+            wrong, or an OOF row is not predicted exactly once.
+    """
+    comp, folds = ws.comp, ws.folds
+    n, m, c = len(comp.y_train), len(comp.x_test), comp.num_classes
+    oof = np.full((n, c), np.nan, dtype=np.float32)
+    hits = np.zeros(n, dtype=np.int64)
+    tests, manifests = [], {}
+    for key in ws.keys(name):
+        d = ws.member_dir(key)
+        v = ws.verify(key)
+        if not v.ok:
+            hint = ""
+            if v.status is MemberStatus.STALE and not ws.cfg.get("tuned") and ws.paths.tuned(name).exists():
+                hint = "; trained with tuned=true? then blend with tuned=true too"
+            what = v.reason if v.status is MemberStatus.MISSING else f"{v.status.value}: {v.reason}"
+            raise ArtifactError(f"{key}: {what} in {d} (run: python run.py stage=train "
+                                f"model={key.model} fold={key.fold}){hint}")
+        rows, probs = read_oof(d)
+        fold_rows = np.flatnonzero(folds == key.fold)
+        if not np.array_equal(np.sort(rows), fold_rows) or probs.shape != (len(rows), c):
+            raise ArtifactError(f"{key}: {d / OOF} does not hold exactly the fold's "
+                                f"{len(fold_rows)} rows x {c} classes")
+        oof[rows] = probs
+        hits[rows] += 1
+        t = read_test(d)
+        if t.shape != (m, c):
+            raise ArtifactError(f"{key}: {d / TEST} has shape {t.shape}, expected {(m, c)}")
+        tests.append(t)
+        manifests[key.fold] = manifest_sha256(d)
+    if not (hits == 1).all():
+        raise ArtifactError(f"{name}: OOF rows predicted {hits.min()}..{hits.max()} times, "
+                            f"expected exactly once")
+    return MemberPredictions(name, oof, average_folds(tests), manifests)

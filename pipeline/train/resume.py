@@ -1,0 +1,64 @@
+"""End-of-epoch resume state of an unfinished member, saved and loaded without pickle.
+
+``resume.pt`` holds only tensors and plain Python data (dicts, lists, numbers, strings), written
+with ``torch.save`` and read with ``torch.load(weights_only=True)``, so a checkpoint from a
+teammate or a downloaded artifact folder cannot run code when it is loaded. RNG states are kept
+as tensors and lists, not as numpy objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.io import write_with
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict:
+    """python, numpy, torch (CPU and every CUDA device) RNG states as tensors and lists."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "internal": list(internal), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    p, n = state["python"], state["numpy"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume(path: Path, state: dict) -> None:
+    """Atomically write ``state`` (tensors and plain data only) to ``path``."""
+    write_with(path, lambda p: torch.save(state, p))
+
+
+def load_resume(path: Path, cache_key_yaml: str, what: str) -> dict | None:
+    """The resume state at ``path`` if it is readable and was written for this cache key, else
+    ``None`` (and a log line saying why). Loaded with ``weights_only=True``: a file holding
+    anything but tensors and plain data is refused, never executed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / corrupt / pickled objects: start over, say why
+        log.warning("train: %s: ignoring unreadable %s (%s); starting over", what, path, type(e).__name__)
+        return None
+    if not isinstance(state, dict) or state.get("cache_key") != cache_key_yaml:
+        log.warning("train: %s: %s was written for other settings; starting over", what, path)
+        return None
+    return state

@@ -1,0 +1,137 @@
+"""Where and how training runs: device choice, torch threads, side-by-side job counts.
+
+None of this changes what is learned, so none of it is part of a member's cache key.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError
+
+# Side-by-side members for runtime.fold_jobs=auto. On the CPU: 2 jobs with half the cores each
+# beat 1 job with all of them, because small convolutions scale poorly over intra-op threads
+# (2-core AMD EPYC, benchmarks/train_throughput.py, 15 s sustained: cnn_deotte 1,375 -> 2,026
+# images/s in all, 1.47x; cnn_keras 1,093 -> 1,356, 1.24x). On CUDA: an MNIST-sized model leaves
+# most of a modern GPU idle; separate processes launch in parallel and fill the gaps. The CUDA
+# figure is not yet measured: `--fold-jobs 1 2 4 8` on a GPU settles it.
+FOLD_JOBS_CPU = 2
+FOLD_JOBS_PER_GPU = 4
+
+
+def launcher_job() -> tuple[int | None, int]:
+    """``(job number, parallel jobs)`` inside a Hydra multirun (``-m``), else ``(None, 1)``.
+
+    Parallel jobs is the joblib launcher's ``n_jobs`` resolved against the CPU count (``-1`` =
+    every core); other launchers (basic: sequential; submitit: one job per node) count as 1.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not under @hydra.main (tests, benchmarks, notebooks)
+        return None, 1
+    if hc.mode != RunMode.MULTIRUN:
+        return None, 1
+    num = int(hc.job.num) if hc.job.get("num") is not None else None
+    n_jobs = hc.launcher.get("n_jobs") if "joblib" in str(hc.launcher.get("_target_", "")) else 1
+    n_jobs = int(n_jobs or 1)
+    if n_jobs < 0:
+        n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)  # joblib's convention: -1 = all cores
+    return num, n_jobs
+
+
+def select_device(name: str = "auto", slot: int | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    On a machine with several GPUs, ``auto`` spreads parallel work over them: side-by-side job
+    ``slot`` or, in a Hydra multirun, launcher job ``n`` uses GPU ``slot % device_count``
+    (``n % device_count``). Raises ConfigError for CUDA on a machine without it.
+    """
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        num = slot if slot is not None else launcher_job()[0]
+        count = torch.cuda.device_count()
+        return torch.device(f"cuda:{num % count}" if num is not None and count > 1 else "cuda")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"runtime.device={name}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={name}, but CUDA is not available here (use auto or cpu)")
+    return dev
+
+
+def fold_jobs(setting, device: torch.device, pending: int) -> int:
+    """How many members ``stage=train`` trains side by side (joblib processes).
+
+    Args:
+        setting: ``runtime.fold_jobs``: an int >= 1, or ``auto``: :data:`FOLD_JOBS_CPU` on a CPU
+            with at least that many cores, :data:`FOLD_JOBS_PER_GPU` x the GPU count on CUDA, and
+            1 inside a parallel Hydra multirun (the launcher already runs jobs side by side).
+        device: the training device; pending: the members left to train.
+    Returns:
+        ``min(jobs, pending)``, at least 1. Raises ConfigError for a value not auto or >= 1.
+    """
+    if setting in (None, "auto"):
+        if launcher_job()[1] > 1:
+            n = 1
+        elif device.type == "cuda":
+            n = FOLD_JOBS_PER_GPU * (torch.cuda.device_count() if device.index is None else 1)
+        else:
+            n = FOLD_JOBS_CPU if (os.cpu_count() or 1) >= FOLD_JOBS_CPU else 1
+    else:
+        try:
+            n = int(setting)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1:
+            raise ConfigError(f"runtime.fold_jobs={setting}: expected auto or an integer >= 1")
+    return max(1, min(n, pending))
+
+
+def core_share(parallel: int) -> int:
+    """Cores for each of ``parallel`` jobs side by side on this machine: ``cores // parallel``, >= 1."""
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def configure_threads(setting, device: torch.device, parallel: int | None = None) -> int:
+    """Set torch's intra-op threads: ``setting`` when given, else (CPU training with ``parallel``
+    jobs side by side; default: the parallel Hydra multirun's job count) :func:`core_share`, so
+    the jobs split the cores instead of oversubscribing them. Returns the thread count in effect."""
+    if setting:
+        torch.set_num_threads(int(setting))
+    else:
+        parallel = launcher_job()[1] if parallel is None else parallel
+        if parallel > 1 and device.type == "cpu":
+            torch.set_num_threads(core_share(parallel))
+    return torch.get_num_threads()
+
+
+def num_workers(setting, device: torch.device, parallel: int = 1) -> int:
+    """DataLoader workers (albumentations backend); ``auto``: none when training on the CPU (the
+    workers' IPC then costs more than it overlaps: 2,570 vs 2,367 images/s for cnn_deotte width
+    0.5 on 2 cores), else ``min(8, cores // parallel - 1)`` so augmentation overlaps GPU compute."""
+    if setting in (None, "auto"):
+        return 0 if device.type == "cpu" else max(0, min(8, core_share(parallel) - 1))
+    return int(setting)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda (<GPU name>)`` or ``cpu (<cores> cores, <threads> threads)``, for metrics and logs."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

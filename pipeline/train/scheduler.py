@@ -1,0 +1,206 @@
+"""Which members to train, and where: the pending scan, per-member file locks, side-by-side
+worker processes (joblib/loky) and the watchdog that ends a worker when ``run.py`` dies.
+
+Every member is trained under ``<member dir>.lock``, so parallel processes (side-by-side
+workers, Hydra launcher jobs, other machines on a shared filesystem) never write one twice: with
+``runtime.lock=wait`` a second process waits and then finds the member cached; with ``skip`` it
+moves on. Results do not depend on which process trained a member (its seed comes from its key).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+from filelock import FileLock, Timeout
+from omegaconf import open_dict
+
+from pipeline.errors import PipelineError
+from pipeline.paths import RESUME
+from pipeline.settings import LockMode, runtime_settings
+from pipeline.train import members
+from pipeline.train.engine import FitSpec, fit_member
+from pipeline.train.members import MemberKey, MemberStatus
+from pipeline.train.runtime import configure_threads, fold_jobs, num_workers, select_device
+from pipeline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(Enum):
+    """What ``stage=train`` did with one member."""
+
+    TRAINED = "trained"                # no complete member was there
+    RETRAINED = "retrained"            # a stale or corrupt member was replaced (reason says why)
+    CACHED = "cached"                  # complete and current: skipped
+    SKIPPED_LOCKED = "skipped-locked"  # another process holds its lock (runtime.lock=skip)
+
+
+@dataclass
+class MemberOutcome:
+    """One member's outcome; ``metrics`` is its ``metrics.json`` when it was (re)trained."""
+
+    key: MemberKey
+    outcome: Outcome
+    reason: str = ""
+    metrics: dict | None = None
+
+
+def train_member(ws: Workspace, key: MemberKey) -> dict:
+    """Train one member (resuming its checkpoint if any), write its files, record it verified
+    in ``ws`` and return its metrics. Raises PipelineError (NaN loss: nothing is cached)."""
+    out = ws.member_dir(key)
+    spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
+    res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME)
+    meta = members.checkpoint_metadata(spec.arch, spec.kwargs, ws.comp.num_classes,
+                                       int(ws.comp.x_train.shape[1]), ws.comp.side)
+    ws.record(key, members.write_member(out, ws.member_config(key), res.model, meta, res.row_ids,
+                                        res.oof, res.test, res.metrics))
+    (out / RESUME).unlink(missing_ok=True)
+    m = res.metrics
+    log.info("train: %s: OOF acc %.5f, log loss %.4f, %d epochs, %.1f s on %s", key, m["accuracy"],
+             m["log_loss"], m["epochs"], m["seconds"], m["device"])
+    return m
+
+
+def train_locked(ws: Workspace, key: MemberKey) -> MemberOutcome:
+    """Train one member under its file lock unless it is (or, after waiting for another
+    process, has become) cached; ``force=true`` retrains a cached one."""
+    lock_path = ws.paths.fold_lock(key.model, key.fold, key.seed)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if runtime_settings(ws.cfg).lock is LockMode.skip:
+            log.info("train: %s: another process holds %s; skipped (runtime.lock=skip)", key, lock_path)
+            return MemberOutcome(key, Outcome.SKIPPED_LOCKED, f"locked by another process ({lock_path})")
+        log.info("train: %s: another process holds %s; waiting", key, lock_path)
+        lock.acquire()
+        ws.forget(key)  # the other process may have written it meanwhile
+    try:
+        v = ws.verify(key)
+        if v.ok and not ws.cfg.force:
+            log.info("train: %s: cached, skipped (force=true retrains)", key)
+            return MemberOutcome(key, Outcome.CACHED, v.reason)
+        if v.status in (MemberStatus.STALE, MemberStatus.CORRUPT):
+            log.info("train: %s: retraining, %s", key, v.reason)
+            outcome = Outcome.RETRAINED
+        else:
+            outcome = Outcome.RETRAINED if v.ok else Outcome.TRAINED  # v.ok here: force=true
+        reason = "force=true" if v.ok else v.reason
+        return MemberOutcome(key, outcome, reason, train_member(ws, key))
+    finally:
+        lock.release()
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker process: end it as soon as the process that started it is gone (``kill -9``
+    of ``run.py`` would otherwise leave workers training, holding cores or GPU memory). A member
+    cut short this way keeps its last end-of-epoch resume checkpoint. One watchdog thread per
+    process."""
+    if any(t.name == "exit-with-parent" for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(70)  # the parent died: stop now, without cleanup (nothing is half-written)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def log_handlers() -> list[tuple[str, str, str | None, int]]:
+    """The root logger's console and file handlers as ``(kind, target, format, level)``, so a
+    worker process can log where the parent does (Hydra's console and the run's log file)."""
+    out = []
+    for h in logging.getLogger().handlers:
+        fmt = h.formatter._fmt if h.formatter else None  # noqa: SLF001 - the format string itself
+        if isinstance(h, logging.FileHandler):
+            out.append(("file", h.baseFilename, fmt, h.level))
+        elif type(h) is logging.StreamHandler:
+            out.append(("stream", "stderr" if h.stream is sys.stderr else "stdout", fmt, h.level))
+    return out
+
+
+def install_log_handlers(handlers: list[tuple[str, str, str | None, int]], level: int) -> None:
+    """In a worker process: add :func:`log_handlers`' handlers to a root logger that has none."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    root.setLevel(level)
+    for kind, target, fmt, hlevel in handlers:
+        h = (logging.FileHandler(target, mode="a") if kind == "file"
+             else logging.StreamHandler(sys.stderr if target == "stderr" else sys.stdout))
+        h.setLevel(hlevel)
+        if fmt:
+            h.setFormatter(logging.Formatter(fmt))
+        root.addHandler(h)
+
+
+def _worker(ws: Workspace, key: MemberKey, slot: int, n_jobs: int, handlers: list,
+            level: int) -> MemberOutcome | PipelineError:
+    """One side-by-side member (in a joblib worker process): its device (GPU ``slot % count`` on
+    a multi-GPU machine), ``cores // n_jobs`` torch threads on the CPU (DataLoader workers on
+    CUDA), no progress bar, the parent's log handlers; exits when the parent dies. Returns the
+    outcome, or the user error that stopped it (so the other members can finish first)."""
+    exit_with_parent()
+    install_log_handlers(handlers, level)
+    device = select_device(str(ws.cfg.runtime.device), slot=slot)
+    with open_dict(ws.cfg):
+        ws.cfg.runtime.device = str(device)
+        ws.cfg.runtime.progress = False  # several processes' bars would garble one terminal
+        ws.cfg.runtime.num_workers = num_workers(ws.cfg.runtime.num_workers, device, n_jobs)
+    configure_threads(ws.cfg.runtime.threads, device, n_jobs)
+    try:
+        return train_locked(ws, key)
+    except PipelineError as e:
+        return e
+
+
+def schedule(ws: Workspace, keys: list[MemberKey]) -> list[MemberOutcome]:
+    """Train every member of ``keys`` that is not cached, ``runtime.fold_jobs`` side by side.
+
+    Returns one :class:`MemberOutcome` per key, in order. A user error in a worker is raised
+    (as the project's one-line error) once the other members have finished and kept their files.
+    """
+    rt = runtime_settings(ws.cfg)
+    device = select_device(rt.device)
+    done: dict[MemberKey, MemberOutcome] = {}
+    pending = []
+    for key in keys:
+        v = ws.verify(key)
+        if v.ok and not ws.cfg.force:
+            log.info("train: %s: cached, skipped (force=true retrains)", key)
+            done[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
+        else:
+            pending.append(key)
+    n_jobs = fold_jobs(rt.fold_jobs, device, len(pending))
+    log.info("train: %d member(s) cached, %d to train%s", len(done), len(pending),
+             f", {n_jobs} side by side (runtime.fold_jobs={rt.fold_jobs})" if n_jobs > 1 else "")
+    if n_jobs == 1:
+        configure_threads(rt.threads, device)
+        results = [train_locked(ws, key) for key in pending]
+    else:
+        from joblib import Parallel, delayed
+        from joblib.externals.loky import get_reusable_executor
+
+        handlers, level = log_handlers(), logging.getLogger().level
+        results = Parallel(n_jobs=n_jobs, backend="loky")(
+            delayed(_worker)(ws, key, i % n_jobs, n_jobs, handlers, level) for i, key in enumerate(pending))
+        get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout
+        errors = [r for r in results if isinstance(r, PipelineError)]
+        if errors:
+            raise errors[0]
+        for r in results:  # what the workers wrote, as this process's workspace sees it
+            ws.forget(r.key)
+            if r.metrics is not None:
+                ws.record(r.key, members.Verification(MemberStatus.OK, "cached"))
+    done.update({r.key: r for r in results})
+    return [done[k] for k in keys]

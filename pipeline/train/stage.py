@@ -1,0 +1,28 @@
+"""Stage ``train``: every selected (model, fold) member, cached members skipped.
+
+    python run.py stage=train fold=all                 # every ensemble model, every fold
+    python run.py stage=train model=cnn_deotte fold=2  # one member
+    python run.py stage=train force=true               # retrain even when cached
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from pipeline.settings import selected_folds, selected_models
+from pipeline.train.members import MemberKey
+from pipeline.train.scheduler import MemberOutcome, schedule
+from pipeline.workspace import Workspace
+
+
+def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
+    """Train the members of ``model`` (or the ensemble) x ``fold`` (or all folds).
+
+    Returns one :class:`~pipeline.train.scheduler.MemberOutcome` per member (trained, retrained
+    and why, cached, or skipped because another process holds its lock). Raises ConfigError /
+    PipelineError for bad settings or a diverged training (see
+    :func:`pipeline.train.scheduler.schedule`).
+    """
+    ws = ws or Workspace.load(cfg)
+    keys = [MemberKey(name, f) for name in selected_models(cfg) for f in selected_folds(cfg)]
+    return schedule(ws, keys)

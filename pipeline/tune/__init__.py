@@ -1,0 +1,11 @@
+"""Stage ``tune`` and its parts: :mod:`~pipeline.tune.space` (search spaces),
+:mod:`~pipeline.tune.study` (Optuna studies, the objective, the stage) and
+:mod:`~pipeline.tune.tuned` (``tuned=true``, without importing Optuna).
+"""
+
+
+def run(cfg, ws=None):
+    """Stage ``tune`` (see :func:`pipeline.tune.study.run`)."""
+    from pipeline.tune.study import run as _run
+
+    return _run(cfg, ws)

@@ -1,0 +1,87 @@
+"""The run's shared state: the competition and folds loaded once, member keys computed once.
+
+``stage=all`` builds one :class:`Workspace` and hands it to every stage and every side-by-side
+fold worker; a single stage builds its own. Each member's cache key is computed once per run and
+verified (sha256 of its files) at most once per run: a member written in this run is recorded as
+verified by its writer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import data
+from pipeline.folds import ensure_folds, folds_digest
+from pipeline.paths import Paths
+from pipeline.train import members
+from pipeline.train.members import MemberKey, MemberPredictions, Verification
+
+
+@dataclass
+class Workspace:
+    """The composed config, its paths, the loaded competition and the fold assignment.
+
+    Attributes:
+        comp: the competition (``x_train (N, 1, S, S) uint8``, ``y_train (N,) int64``, ...).
+        folds: ``(N,)`` int64 fold of each training row; ``folds_digest``: its short sha256.
+    """
+
+    cfg: DictConfig
+    paths: Paths
+    comp: data.Competition
+    folds: np.ndarray
+    folds_digest: str
+    _configs: dict = field(default_factory=dict, repr=False)
+    _verified: dict = field(default_factory=dict, repr=False)
+    _predictions: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, cfg: DictConfig) -> "Workspace":
+        """Load (building the offline default if needed) the competition and its folds.
+
+        Raises DataError / ConfigError / ArtifactError as :func:`pipeline.data.load` and
+        :func:`pipeline.folds.ensure_folds` do."""
+        comp = data.load(cfg)
+        folds = ensure_folds(cfg, comp.y_train)
+        return cls(cfg, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
+
+    def keys(self, name: str, folds: list[int] | None = None) -> list[MemberKey]:
+        """The members of model ``name``: one per fold (all ``folds.k`` folds by default)."""
+        fl = range(int(self.cfg.folds.k)) if folds is None else folds
+        return [MemberKey(name, f) for f in fl]
+
+    def member_dir(self, key: MemberKey) -> Path:
+        return self.paths.fold_dir(key.model, key.fold, key.seed)
+
+    def member_config(self, key: MemberKey) -> DictConfig:
+        """The member's cache key (:func:`pipeline.train.members.member_config`), computed once."""
+        if key not in self._configs:
+            self._configs[key] = members.member_config(self.cfg, key, self.comp.fingerprint,
+                                                       self.folds_digest)
+        return self._configs[key]
+
+    def verify(self, key: MemberKey) -> Verification:
+        """The member's verification against its cache key, hashed at most once per run."""
+        if key not in self._verified:
+            self._verified[key] = members.verify(self.member_dir(key), self.member_config(key))
+        return self._verified[key]
+
+    def record(self, key: MemberKey, verification: Verification) -> None:
+        """What a writer (or another process) established about a member in this run."""
+        self._verified[key] = verification
+        self._predictions.pop(key.model, None)
+
+    def forget(self, key: MemberKey) -> None:
+        """Drop what is known about a member (another process may have written it)."""
+        self._verified.pop(key, None)
+        self._predictions.pop(key.model, None)
+
+    def predictions(self, name: str) -> MemberPredictions:
+        """Model ``name``'s OOF and fold-averaged test probabilities, read once per run."""
+        if name not in self._predictions:
+            self._predictions[name] = members.load_predictions(self, name)
+        return self._predictions[name]

@@ -86,7 +86,8 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
     out = []
     bf16 = use_bf16(precision, device)
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).to(device, non_blocking=True).float().div_(255)
+        # a copy: the images may be a read-only memory map (side-by-side workers get them so)
+        x = torch.from_numpy(images[i:i + batch_size].copy()).to(device, non_blocking=True).float().div_(255)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -29,12 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-_PARAMS = ("rotate", "scale", "shift", "elastic_alpha", "elastic_sigma", "p_affine", "p_elastic")
+_PARAMS = ("rotate", "scale", "shift", "elastic_alpha", "elastic_sigma", "p_affine", "p_elastic",
+           "hflip", "vflip", "brightness", "contrast", "saturation", "p_color")
 
 
 def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
                     elastic_alpha: float = 0.0, elastic_sigma: float = 4.0,
-                    p_affine: float = 1.0, p_elastic: float = 0.5) -> A.Compose | None:
+                    p_affine: float = 1.0, p_elastic: float = 0.5, hflip: float = 0.0,
+                    vflip: float = 0.0, brightness: float = 0.0, contrast: float = 0.0,
+                    saturation: float = 0.0, p_color: float = 1.0) -> A.Compose | None:
     """Build the albumentations pipeline for one training image.
 
     Args:
@@ -44,8 +47,12 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
         elastic_alpha: elastic displacement scale in pixels (Simard et al. 2003); 0 = off.
         elastic_sigma: std in pixels of the Gaussian smoothing the displacement field.
         p_affine, p_elastic: probability of applying each part to an image.
+        hflip, vflip: probability of a horizontal / vertical flip (off for digits).
+        brightness, contrast, saturation: colour jitter strength s, a factor uniform in
+            ``[1-s, 1+s]`` (saturation acts on RGB only); p_color: its probability per image.
     Returns:
-        an ``A.Compose`` taking ``image=(S, S) uint8``, or ``None`` when every strength is 0.
+        an ``A.Compose`` taking ``image=(S, S) or (S, S, 3) uint8``, or ``None`` when every
+        strength is 0.
     """
     parts: list[A.BasicTransform] = []
     if rotate or scale or shift:
@@ -56,6 +63,13 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
         parts.append(A.ElasticTransform(alpha=elastic_alpha, sigma=elastic_sigma,
                                         noise_distribution="uniform", interpolation=cv2.INTER_LINEAR,
                                         border_mode=cv2.BORDER_CONSTANT, fill=0, p=p_elastic))
+    if hflip:
+        parts.append(A.HorizontalFlip(p=hflip))
+    if vflip:
+        parts.append(A.VerticalFlip(p=vflip))
+    if brightness or contrast or saturation:
+        parts.append(A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation,
+                                   hue=0.0, p=p_color))
     return A.Compose(parts) if parts else None
 
 
@@ -83,13 +97,17 @@ def gaussian_blur_matrix(side: int, sigma: float, device: torch.device) -> torch
 
 
 class BatchAugment:
-    """Affine + elastic augmentation of a whole batch on its device, in one resampling.
+    """Affine + elastic augmentation of a whole batch on its device, in one resampling, then
+    flips and colour jitter.
 
     Same parameters and meaning as :func:`build_transform`: ``rotate`` degrees, ``scale`` relative
     zoom, ``shift`` fraction of the side, elastic ``alpha``/``sigma`` in pixels (Simard et al.
     2003: a uniform(-1, 1) field per axis, Gaussian-smoothed with std ``sigma`` and replicated
     borders, times ``alpha``), applied with probabilities ``p_affine`` / ``p_elastic`` per image.
-    Bilinear sampling, zero fill outside the image. A strength of 0 is the identity.
+    Bilinear sampling, zero fill outside the image. Flips with probabilities ``hflip``/``vflip``;
+    colour jitter (brightness: ``x * f``, contrast: ``(x - mean) * f + mean``, saturation: ``gray +
+    (x - gray) * f`` on RGB; each ``f`` uniform in ``[1-s, 1+s]``) with probability ``p_color``,
+    clamped to [0, 1]. A strength of 0 is the identity.
 
     Args:
         generator: a ``torch.Generator`` on the images' device (for reproducible draws).
@@ -98,19 +116,25 @@ class BatchAugment:
 
     def __init__(self, rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
                  elastic_alpha: float = 0.0, elastic_sigma: float = 4.0, p_affine: float = 1.0,
-                 p_elastic: float = 0.5, generator: torch.Generator | None = None):
+                 p_elastic: float = 0.5, hflip: float = 0.0, vflip: float = 0.0,
+                 brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
+                 p_color: float = 1.0, generator: torch.Generator | None = None):
         self.rotate, self.scale, self.shift = rotate, scale, shift
         self.alpha, self.sigma = elastic_alpha, elastic_sigma
         self.p_affine, self.p_elastic = p_affine, p_elastic
         self.generator = generator
         self.has_affine = bool(rotate or scale or shift) and p_affine > 0
         self.has_elastic = bool(elastic_alpha) and p_elastic > 0
+        self.hflip, self.vflip = hflip, vflip
+        self.jitter = (brightness, contrast, saturation)
+        self.p_color = p_color
+        self.has_color = any(self.jitter) and p_color > 0
         self._blur = None  # ((side, device), blur matrix), built on first use
 
     @property
     def is_identity(self) -> bool:
         """True when every strength is 0 (calling returns the input unchanged)."""
-        return not (self.has_affine or self.has_elastic)
+        return not (self.has_affine or self.has_elastic or self.hflip or self.vflip or self.has_color)
 
     def _uniform(self, *shape: int, device: torch.device) -> torch.Tensor:
         """Uniform(-1, 1) draws."""
@@ -145,12 +169,40 @@ class BatchAugment:
         gate = self._gate(b, self.p_elastic, device)
         return (field.view(b, 2, side, side) * (self.alpha * gate)[:, None, None, None]).permute(0, 2, 3, 1)
 
+    def _flip(self, x: torch.Tensor, p: float, dim: int) -> torch.Tensor:
+        gate = self._gate(x.shape[0], p, x.device).bool()[:, None, None, None]
+        return torch.where(gate, x.flip(dim), x)
+
+    def _color(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        gate = self._gate(b, self.p_color, x.device)[:, None, None, None]
+        brightness, contrast, saturation = self.jitter
+
+        def factor(s: float) -> torch.Tensor:
+            return 1 + self._uniform(b, device=x.device)[:, None, None, None] * s * gate
+
+        if brightness:
+            x = x * factor(brightness)
+        if contrast:
+            mean = x.mean((1, 2, 3), keepdim=True)
+            x = (x - mean) * factor(contrast) + mean
+        if saturation and x.shape[1] == 3:
+            gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = gray + (x - gray) * factor(saturation)
+        return x.clamp_(0, 1)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_identity:
-            return x
-        grid = self.sampling_grid(x.shape[0], x.shape[-1], x.device)
-        return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
-                             align_corners=False)
+        if self.has_affine or self.has_elastic:
+            grid = self.sampling_grid(x.shape[0], x.shape[-1], x.device)
+            x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
+                              align_corners=False)
+        if self.hflip:
+            x = self._flip(x, self.hflip, -1)
+        if self.vflip:
+            x = self._flip(x, self.vflip, -2)
+        if self.has_color:
+            x = self._color(x)
+        return x
 
 
 def batch_augment_from_cfg(aug_cfg, generator: torch.Generator | None = None) -> BatchAugment:
@@ -162,10 +214,10 @@ class ImageDataset(Dataset):
     """Images (and optionally labels) as float tensors, augmented per sample when training.
 
     Args:
-        images: ``(N, 1, S, S)`` uint8.
+        images: ``(N, C, S, S)`` uint8 (C = 1 or 3).
         labels: ``(N,)`` int64, or ``None`` for unlabeled (test) images.
         transform: an albumentations pipeline from :func:`build_transform`, or ``None``.
-    Items are ``(x, y)`` with ``x`` a ``(1, S, S)`` float32 tensor in [0, 1] and ``y`` an int64
+    Items are ``(x, y)`` with ``x`` a ``(C, S, S)`` float32 tensor in [0, 1] and ``y`` an int64
     scalar (-1 when unlabeled).
     """
 
@@ -179,10 +231,11 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        img = self.images[i, 0]
+        img = np.ascontiguousarray(self.images[i].transpose(1, 2, 0))  # (S, S, C) for albumentations
         if self.transform is not None:
             img = self.transform(image=img)["image"]
-        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
+        img = img.reshape(img.shape[0], img.shape[1], -1).transpose(2, 0, 1)
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / 255.0)
         y = -1 if self.labels is None else int(self.labels[i])
         return x, torch.tensor(y, dtype=torch.int64)
 
@@ -192,10 +245,10 @@ class DeviceBatches:
     epoch is a ``randperm`` cut into slices, normalised to [0, 1] and augmented a batch at a time.
 
     Args:
-        images: ``(N, 1, S, S)`` uint8; labels: ``(N,)`` int64.
+        images: ``(N, C, S, S)`` uint8; labels: ``(N,)`` int64.
         batch_size: images per batch (the last incomplete batch is dropped, like the loader's).
         aug_cfg: the ``aug`` config group; seed: seeds the device generator (order + augmentation).
-    Iterating yields ``(x (B, 1, S, S) float32, y (B,) int64)`` on ``device``.
+    Iterating yields ``(x (B, C, S, S) float32, y (B,) int64)`` on ``device``.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,

@@ -9,8 +9,10 @@ import ast
 import hashlib
 import inspect
 import textwrap
+from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -112,27 +114,86 @@ def cnn_deotte(num_classes: int, in_chans: int = 1, img_size: int = 28, width: f
     )
 
 
-@register_model
-def resnet_timm(num_classes: int, in_chans: int = 1, img_size: int = 28,
-                timm_name: str = "resnet18", drop_rate: float = 0.1, **timm_kwargs) -> nn.Module:
-    """A timm ResNet (``timm.create_model``, random init) adapted to small inputs.
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel: the input statistics a pretrained backbone expects."""
 
-    The 7x7 stride-2 stem and the max-pool would shrink 28 px to 7 before the first block; they
-    are replaced by a 3x3 stride-1 conv and no pool (as for CIFAR ResNets, He et al. 2016), so the
-    stages run at 28/14/7/4 px. ``timm_kwargs`` go to timm (e.g. ``channels=[32,64,128,256]``,
-    ``layers=[1,1,1,1]``). No weights are downloaded.
-    """
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float,
+          pretrained_file: str | None, timm_kwargs: dict,
+          adapt: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """``timm.create_model``; with ``pretrained_file`` (a local ``.safetensors``/``.pth`` of the
+    backbone's ImageNet weights; timm reads it with ``weights_only=True``) the weights come from
+    that file through ``pretrained_cfg_overlay``, never from a hub, timm adapts the stem to
+    ``in_chans`` and drops the classifier, and the model normalises its input with the weights'
+    mean/std (averaged over RGB for 1 channel). ``adapt(model)`` edits it before wrapping."""
     import timm
 
+    from pipeline.errors import ConfigError
+
     for key in ("channels", "layers"):
-        if key in timm_kwargs and timm_kwargs[key] is not None:
+        if timm_kwargs.get(key) is not None:
             timm_kwargs[key] = tuple(timm_kwargs[key])
-    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
-                              in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs)
-    stem_out = model.conv1.out_channels
-    model.conv1 = nn.Conv2d(in_chans, stem_out, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+    if pretrained_file and not Path(pretrained_file).is_file():
+        raise ConfigError(f"kwargs.pretrained_file={pretrained_file}: file not found (a local copy of "
+                          f"the {timm_name} weights; nothing is downloaded)")
+    try:
+        model = timm.create_model(timm_name, pretrained=bool(pretrained_file), num_classes=num_classes,
+                                  in_chans=in_chans, drop_rate=drop_rate,
+                                  pretrained_cfg_overlay=dict(file=str(pretrained_file)) if pretrained_file else None,
+                                  **timm_kwargs)
+    except RuntimeError as e:
+        raise ConfigError(f"timm_name={timm_name}: {str(e).splitlines()[0]}") from None
+    if adapt is not None:
+        adapt(model)
+    if not pretrained_file:
+        return model
+    mean, std = model.pretrained_cfg.get("mean", IMAGENET_MEAN), model.pretrained_cfg.get("std", IMAGENET_STD)
+    if in_chans != len(mean):
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return nn.Sequential(Normalize(tuple(mean), tuple(std)), model)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_INPUT = 64  # below this side a ResNet's stride-4 stem leaves too little resolution
+
+
+@register_model
+def resnet_timm(num_classes: int, in_chans: int = 1, img_size: int = 28, timm_name: str = "resnet18",
+                drop_rate: float = 0.1, pretrained_file: str | None = None, **timm_kwargs) -> nn.Module:
+    """A timm ResNet (``timm.create_model``) at any input size and channel count.
+
+    Below 64 px the 7x7 stride-2 stem and the max-pool would shrink the image 4x before the first
+    block (28 px to 7); they are replaced by a 3x3 stride-1 conv and no pool (as for CIFAR
+    ResNets, He et al. 2016), so the stages run at 28/14/7/4 px (a pretrained stem is then not
+    used). From 64 px on, timm's own stem is kept. ``pretrained_file``: see :func:`_timm`.
+    ``timm_kwargs`` go to timm (e.g. ``channels=[32,64,128,256]``, ``layers=[1,1,1,1]``).
+    """
+    def small_stem(model: nn.Module) -> None:
+        if img_size < SMALL_INPUT:
+            model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+
+    return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained_file, timm_kwargs, small_stem)
+
+
+@register_model
+def timm_backbone(num_classes: int, in_chans: int = 3, img_size: int = 224, timm_name: str = "resnet18",
+                  drop_rate: float = 0.0, pretrained_file: str | None = None, **timm_kwargs) -> nn.Module:
+    """Any timm architecture by name (``timm_name``: e.g. ``efficientnet_b0``, ``convnext_nano``),
+    unchanged, at any input size and channel count; ImageNet weights from a local
+    ``pretrained_file`` (see :func:`_timm`). ``img_size`` is passed to timm for models that take
+    one (vision transformers)."""
+    if timm_name.startswith(("vit", "deit", "swin", "beit", "eva")):  # transformers fix their grid
+        timm_kwargs.setdefault("img_size", img_size)
+    return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained_file, timm_kwargs)
 
 
 def _definition(fn: Callable) -> str:

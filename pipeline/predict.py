@@ -1,4 +1,4 @@
-"""Stage ``predict``: the submitted ensemble on your own digit images.
+"""Stage ``predict``: the submitted ensemble on your own images.
 
     python run.py stage=predict input=my_digit.png
     python run.py stage=predict input=my_digits/ predict.output=my_predictions.csv
@@ -7,10 +7,14 @@ Runs exactly what produced ``submission.csv``: the saved blend (:mod:`pipeline.b
 names its members, its folds and the manifest of every member it was built from; each member's
 checkpoint is verified against that record (a model retrained since the blend is refused), its
 probabilities computed as for the test set and fold-averaged, then the submitted blender object
-itself (mean, weights, or the fitted meta-learner) is applied. Each image is first brought to the MNIST convention (LeCun et al., "Gradient-based
+itself (mean, weights, or the fitted meta-learner) is applied. Labels are the competition's class
+names. For a digit competition (``pixels`` layout, 1 channel; ``predict.preprocess=auto`` or
+``mnist``) each image is first brought to the MNIST convention (LeCun et al., "Gradient-based
 learning applied to document recognition", 1998; the MNIST page): grayscale, white ink on black
 (inverted when the background is light), cropped to the ink, scaled to fit a 20 x 20 box
-(aspect kept, anti-aliased), placed in 28 x 28 with its centre of mass at the centre.
+(aspect kept, anti-aliased), placed in 28 x 28 with its centre of mass at the centre. Otherwise
+(``resize``) it is converted and resized exactly as the competition's own images were
+(:func:`pipeline.data.to_array`, with the blend's side, channels and ``data.resize``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy import ndimage
 
 from pipeline.blend import store
+from pipeline.data import IMAGE_EXTENSIONS, open_image, to_array
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_with
 from pipeline.paths import Paths
@@ -31,8 +36,6 @@ from pipeline.settings import runtime_settings
 from pipeline.train import members
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -93,14 +96,16 @@ def to_mnist(img: Image.Image, side: int = 28, box: int = 20, source: str = "ima
     return (out / out.max() * 255).round().astype(np.uint8)
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image file; DataError naming it when it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read it as an image ({type(e).__name__})") from None
+def prepare(files: list[Path], record: dict, preprocess: str) -> np.ndarray:
+    """``files`` as the members' input, ``(N, C, S, S)`` uint8: the MNIST convention
+    (:func:`to_mnist`) for digit competitions, else the data layer's own conversion.
+    Raises DataError: an unreadable or (MNIST convention) blank image."""
+    side, chans = int(record["img_size"]), int(record["in_chans"])
+    mnist = preprocess == "mnist" or (preprocess == "auto" and record.get("layout", "pixels") == "pixels"
+                                      and chans == 1)
+    if mnist:
+        return np.stack([to_mnist(open_image(f), side, source=str(f)) for f in files])[:, None]
+    return np.stack([to_array(open_image(f), side, chans, record.get("resize", "stretch")) for f in files])
 
 
 def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndarray, store.SavedBlend]:
@@ -138,7 +143,7 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
 def run(cfg: DictConfig, ws=None) -> list[dict]:
     """Stage ``predict``: print, per image, the predicted label and the top-``predict.top_k``
     probabilities; with ``predict.output=FILE.csv`` also write them. Returns one dict per image
-    (``file``, ``label``, ``top``: ``[(class, probability), ...]``).
+    (``file``, ``label``, ``top``: ``[(class name, probability), ...]``).
 
     Raises:
         ConfigError: no ``input=``. DataError: a missing path, an empty folder, an unreadable or
@@ -147,23 +152,23 @@ def run(cfg: DictConfig, ws=None) -> list[dict]:
     if not cfg.get("input"):
         raise ConfigError("stage=predict needs input=<image file or folder>")
     files = list_images(str(cfg.input))
-    side = int(store.load(Paths.from_cfg(cfg)).record["img_size"])
-    images = np.stack([to_mnist(load_image(f), side, source=str(f)) for f in files])[:, None]
+    images = prepare(files, store.load(Paths.from_cfg(cfg)).record, str(cfg.predict.get("preprocess", "auto")))
     probs, saved = ensemble_probabilities(cfg, images)
+    names = saved.record.get("class_names") or [str(c) for c in range(probs.shape[1])]
     top_k = min(int(cfg.predict.top_k), probs.shape[1])
     results = []
     log.info("predict: %d image(s), ensemble %s, blend '%s'", len(files), "+".join(saved.members),
              saved.best.value)
     for f, p in zip(files, probs):
         order = np.argsort(-p)[:top_k]
-        top = [(int(c), float(p[c])) for c in order]
+        top = [(names[c], float(p[c])) for c in order]
         results.append({"file": str(f), "label": top[0][0], "top": top})
-        log.info("%s: %d  (%s)", f, top[0][0], ", ".join(f"{c}: {q:.3f}" for c, q in top))
+        log.info("%s: %s  (%s)", f, top[0][0], ", ".join(f"{c}: {q:.3f}" for c, q in top))
     if cfg.predict.output:
         import pandas as pd
 
         df = pd.DataFrame({"file": [r["file"] for r in results], "label": [r["label"] for r in results],
-                           **{f"p{c}": probs[:, c] for c in range(probs.shape[1])}})
+                           **{f"p_{n}": probs[:, c] for c, n in enumerate(names)}})
         path = write_with(Path(str(cfg.predict.output)), lambda q: df.to_csv(q, index=False))
         log.info("predict: wrote %s", path)
     return results

@@ -83,8 +83,9 @@ def plot_curves(name: str, rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_confusion(y: np.ndarray, pred: np.ndarray, num_classes: int, title: str, path: Path) -> Path:
+def plot_confusion(y: np.ndarray, pred: np.ndarray, names: list[str], title: str, path: Path) -> Path:
     """Heatmap of the confusion matrix (rows: true, columns: predicted) with the counts."""
+    num_classes = len(names)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
@@ -96,8 +97,8 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, num_classes: int, title: str
             color = "tab:green" if i == j else "white" if off[i, j] > off.max() / 2 else "black"
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color,
                     fontweight="bold" if i == j else None)
-    ax.set_xticks(range(num_classes))
-    ax.set_yticks(range(num_classes))
+    ax.set_xticks(range(num_classes), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right")
+    ax.set_yticks(range(num_classes), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.suptitle(title)  # over the whole figure: an axes title runs under the colorbar
@@ -107,14 +108,17 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, num_classes: int, title: str
 
 def plot_image_grid(images: np.ndarray, titles: list[str], title: str, path: Path,
                     cols: int = 8) -> Path:
-    """``(n, 1, S, S)`` uint8 images in a grid, one title each."""
+    """``(n, C, S, S)`` uint8 images (C = 1 or 3) in a grid, one title each."""
     n = max(len(images), 1)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.25, rows * 1.45), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t in zip(axes.flat, images, titles):
-        ax.imshow(img[0], cmap="gray_r", vmin=0, vmax=255)
+        if img.shape[0] == 3:
+            ax.imshow(img.transpose(1, 2, 0))
+        else:
+            ax.imshow(img[0], cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(t, fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -149,14 +153,15 @@ def plot_diversity(names: list[str], oofs: np.ndarray, y: np.ndarray, record: di
     return _save(fig, path)
 
 
-def plot_distribution(y: np.ndarray, test_pred: np.ndarray, num_classes: int, path: Path) -> Path:
+def plot_distribution(y: np.ndarray, test_pred: np.ndarray, names: list[str], path: Path) -> Path:
     """Share of each class: train labels next to the submitted predictions on the test set."""
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    num_classes = len(names)
+    fig, ax = plt.subplots(figsize=(max(8, num_classes * 0.4), 3.2))
     x = np.arange(num_classes)
     ax.bar(x - 0.2, np.bincount(y, minlength=num_classes) / len(y), 0.4, label=f"train labels (n={len(y)})")
     ax.bar(x + 0.2, np.bincount(test_pred, minlength=num_classes) / len(test_pred), 0.4,
            label=f"test predictions (n={len(test_pred)})")
-    ax.set_xticks(x)
+    ax.set_xticks(x, names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right")
     ax.set_xlabel("class")
     ax.set_ylabel("share")
     ax.legend(fontsize=8)
@@ -211,36 +216,41 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     for name in names:
         pngs[f"curves_{name}"] = plot_curves(name, rows, out / f"curves_{name}.png")
     pred = oof_best.argmax(1)
-    pngs["confusion"] = plot_confusion(y, pred, c, f"OOF confusion matrix: blend '{best}' "
+    cn = comp.class_names
+    pngs["confusion"] = plot_confusion(y, pred, cn, f"OOF confusion matrix: blend '{best}' "
                                        f"(accuracy {(pred == y).mean():.5f})", out / "confusion.png")
     wrong = np.flatnonzero(pred != y)
     conf = oof_best[wrong, pred[wrong]]
     top = wrong[np.argsort(-conf)][:32]
     pngs["mistakes"] = plot_image_grid(
-        comp.x_train[top], [f"pred {pred[i]} true {y[i]}\np={oof_best[i, pred[i]]:.3f}" for i in top],
+        comp.x_train[top], [f"pred {cn[pred[i]]} true {cn[y[i]]}\np={oof_best[i, pred[i]]:.3f}" for i in top],
         f"the {len(top)} most confident OOF mistakes of blend '{best}' (of {len(wrong)})",
         out / "mistakes.png")
     pngs["diversity"] = plot_diversity(names, oofs, y, blend, out / "diversity.png")
     test_pred = test_best.argmax(1)
-    pngs["distribution"] = plot_distribution(y, test_pred, c, out / "distribution.png")
+    pngs["distribution"] = plot_distribution(y, test_pred, cn, out / "distribution.png")
     rng = np.random.default_rng(int(cfg.seed))
     sample = np.sort(rng.choice(len(test_pred), size=min(32, len(test_pred)), replace=False))
     pngs["test_samples"] = plot_image_grid(
-        comp.x_test[sample], [f"id {comp.test_ids[i]}: {test_pred[i]}" for i in sample],
+        comp.x_test[sample], [f"id {comp.test_ids[i]}: {cn[test_pred[i]]}" for i in sample],
         "random test images with the submitted label", out / "test_samples.png")
 
     fold_rows = [[r["model"], r["fold"], f"{r['accuracy']:.5f}", f"{r['log_loss']:.4f}", r["epochs"],
                   f"{r['minutes']:.2f}", r["device"]] for r in rows]
+    auc = blend["model_scores"][names[0]].get("roc_auc") is not None
+
+    def scores(s: dict) -> list[str]:
+        return [f"{s['accuracy']:.5f}", f"{s['log_loss']:.4f}"] + ([f"{s['roc_auc']:.5f}"] if auc else [])
+
     model_rows = []
     for name in names:
-        s = blend["model_scores"][name]
         minutes = sum(r["minutes"] for r in rows if r["model"] == name)
-        model_rows.append([f"model {name}", f"{s['accuracy']:.5f}", f"{s['log_loss']:.4f}", f"{minutes:.1f}", ""])
+        model_rows.append([f"model {name}", *scores(blend["model_scores"][name]), f"{minutes:.1f}", ""])
     blend_rows = []
     for method, info in blend["methods"].items():
         extra = "member weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info["member_weights"]))
         blend_rows.append([f"blend {method}" + (" -> submission.csv" if method == best else ""),
-                           f"{info['accuracy']:.5f}", f"{info['log_loss']:.4f}", "", extra])
+                           *scores(info), "", extra])
     summary = model_rows + blend_rows
     best_row = len(model_rows) + list(blend["methods"]).index(best)
 
@@ -249,10 +259,12 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         f"<style>{_CSS}</style></head><body>",
         "<h1>kfold-stack report</h1>",
         f"<p>Data fingerprint <code>{html.escape(comp.fingerprint)}</code>, {len(y)} train / "
-        f"{len(comp.x_test)} test images, {k} folds. Every number is out-of-fold (OOF): no test "
-        f"label is used anywhere.</p>",
+        f"{len(comp.x_test)} test images ({comp.side}x{comp.side}x{comp.channels}), {c} classes, {k} "
+        f"folds; metric <b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the submission. "
+        f"Every number is out-of-fold (OOF): no test label is used anywhere.</p>",
         "<h2>CV scores</h2>",
-        _table(["", "OOF accuracy", "OOF log loss", "train minutes", "blend"], summary, {best_row}),
+        _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
+                "blend"], summary, {best_row}),
         "<h2>Per fold</h2>",
         _table(["model", "fold", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
         "<h2>Learning curves</h2>",

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from pipeline.data.competition import Layout, Resize, SubmissionKind
 from pipeline.errors import ConfigError
 
 
@@ -54,6 +55,14 @@ class Pruner(str, Enum):
     none = "none"
 
 
+class Metric(str, Enum):
+    """``data.metric``: what scores members, blends and trials, and picks the submitted blend."""
+
+    accuracy = "accuracy"
+    log_loss = "log_loss"
+    roc_auc = "roc_auc"  # binary competitions
+
+
 class BlendMethod(str, Enum):
     """``blend.method``: the blenders of :mod:`pipeline.blend.blenders`."""
 
@@ -63,7 +72,8 @@ class BlendMethod(str, Enum):
 
 
 def _f(default: Any, **limits: Any) -> Any:
-    """A dataclass field with range limits (``ge``, ``gt``, ``le``, ``lt``, ``auto``)."""
+    """A dataclass field with limits: a range (``ge``, ``gt``, ``le``, ``lt``), ``auto`` allowed,
+    or ``choices``."""
     return field(default=default, metadata=limits)
 
 
@@ -92,6 +102,12 @@ class AugSettings:
     elastic_sigma: float = _f(4.0, gt=0)      # pixels
     p_affine: float = _f(1.0, ge=0, le=1)
     p_elastic: float = _f(0.5, ge=0, le=1)
+    hflip: float = _f(0.0, ge=0, le=1)        # probability of a horizontal flip
+    vflip: float = _f(0.0, ge=0, le=1)        # probability of a vertical flip
+    brightness: float = _f(0.0, ge=0, lt=1)   # colour jitter strengths: factor in [1-s, 1+s]
+    contrast: float = _f(0.0, ge=0, lt=1)
+    saturation: float = _f(0.0, ge=0, lt=1)
+    p_color: float = _f(1.0, ge=0, le=1)      # probability of the colour jitter
 
 
 @dataclass
@@ -119,8 +135,18 @@ class FoldsSettings:
 @dataclass
 class DataSettings:
     dir: str = "data/digit-recognizer"
+    format: str = _f("auto", choices=("auto", *(x.value for x in Layout)))
     num_classes: Optional[int] = _f(None, ge=2)
     build_offline: Any = "auto"
+    id_column: Optional[str] = None
+    label_column: Optional[str] = None
+    img_size: Optional[int] = _f(None, ge=8)
+    max_img_size: int = _f(128, ge=8)
+    resize: str = _f("stretch", choices=tuple(x.value for x in Resize))
+    channels: str = _f("auto", choices=("auto", "1", "3"))
+    submission: str = _f("auto", choices=("auto", *(x.value for x in SubmissionKind)))
+    metric: Metric = Metric.accuracy
+    decode_jobs: Optional[int] = _f(None, ge=1)
 
 
 @dataclass
@@ -152,6 +178,7 @@ class TuneSettings:
 class PredictSettings:
     output: Optional[str] = None
     top_k: int = _f(3, ge=1)
+    preprocess: str = _f("auto", choices=("auto", "mnist", "resize"))
 
 
 GROUPS: dict[str, type] = {
@@ -186,6 +213,10 @@ def _check_limits(obj: Any, where: str) -> None:
         if not lim or value is None:
             continue
         key = f"{where}.{f.name}={value}"
+        if "choices" in lim:
+            if str(value) not in lim["choices"]:
+                raise ConfigError(f"{key}: expected one of {', '.join(lim['choices'])}")
+            continue
         if lim.get("auto") and value == "auto":
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -312,6 +343,7 @@ def validate(cfg: DictConfig) -> None:
         aug_settings(cfg, name)
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
+
     selected_models(cfg)
     selected_folds(cfg)
     blend_methods(cfg)

@@ -45,7 +45,10 @@ class Workspace:
 
         Raises DataError / ConfigError / ArtifactError as :func:`pipeline.data.load` and
         :func:`pipeline.folds.ensure_folds` do."""
+        from pipeline.metrics import check_metric
+
         comp = data.load(cfg)
+        check_metric(cfg.data.metric, comp.num_classes)
         folds = ensure_folds(cfg, comp.y_train)
         return cls(cfg, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import albumentations.augmentations.geometric.functional as AF
 from conftest import DIGITS
 from pipeline import augment, data
+from pipeline.settings import AugSettings
 
 AFFINE = dict(rotate=10.0, scale=0.1, shift=0.1)
 ELASTIC = dict(elastic_alpha=34.0, elastic_sigma=4.0, p_elastic=1.0)
@@ -112,8 +112,7 @@ def test_seeded_and_random(digits):
 
 def test_device_batches_cover_each_row_once(digits):
     x, y = digits
-    cfg = OmegaConf.create({"backend": "torch", **AFFINE, "elastic_alpha": 0.0, "elastic_sigma": 4.0,
-                            "p_affine": 1.0, "p_elastic": 0.5})
+    cfg = AugSettings(**AFFINE)
     batches = augment.DeviceBatches(x, y, 64, torch.device("cpu"), cfg, seed=0)
     assert len(batches) == 400 // 64
     seen = []
@@ -133,8 +132,42 @@ def test_device_batches_cover_each_row_once(digits):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_batches_on_cuda(digits):
     x, y = digits
-    cfg = OmegaConf.create({"backend": "torch", **AFFINE, **ELASTIC, "p_affine": 1.0})
+    cfg = AugSettings(**AFFINE, **ELASTIC)
     batches = augment.DeviceBatches(x, y, 64, torch.device("cuda"), cfg, seed=0)
     xb, yb = next(iter(batches))
     assert xb.is_cuda and yb.is_cuda and xb.shape == (64, 1, 28, 28)
     assert batches.x.dtype == torch.uint8  # resident as uint8, normalised per batch
+
+
+def test_flips_and_colour_jitter_on_both_backends(digits):
+    """Flips mirror real digits exactly (p=1); colour jitter at strength 0 is the identity and
+    otherwise changes brightness within its range; the albumentations path does the same."""
+    x, _ = digits
+    imgs = torch.from_numpy(x[:16]).float() / 255
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment.BatchAugment(hflip=1.0, generator=g)(imgs), imgs.flip(-1))
+    assert torch.equal(augment.BatchAugment(vflip=1.0, generator=g)(imgs), imgs.flip(-2))
+    assert augment.BatchAugment(brightness=0.0, contrast=0.0, saturation=0.0).is_identity
+    bright = augment.BatchAugment(brightness=0.3, generator=g)(imgs)
+    ratio = bright.sum((1, 2, 3)) / imgs.sum((1, 2, 3))
+    assert (ratio <= 1.3 + 1e-4).all() and (ratio >= 0.7 - 1e-4).all() and ratio.std() > 0.01
+    alb = _alb_aug(x[:4], hflip=1.0)
+    np.testing.assert_array_equal(alb, x[:4, :, :, ::-1].astype(np.float32) / 255)
+
+
+def test_colour_jitter_on_real_rgb_photographs():
+    """Saturation acts on RGB only: a real photograph (scikit-image's astronaut) desaturated
+    towards gray keeps its mean brightness; both backends accept (S, S, 3) images."""
+    skdata = pytest.importorskip("skimage.data")
+    from pipeline.data import to_array
+    from PIL import Image
+
+    rgb = to_array(Image.fromarray(skdata.astronaut()), 64, 3)  # (3, 64, 64) uint8
+    x = torch.from_numpy(rgb[None]).float() / 255
+    out = augment.BatchAugment(saturation=0.9, generator=torch.Generator().manual_seed(1))(x)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    assert abs(float(out.mean() - x.mean())) < 0.05
+    t = augment.build_transform(hflip=1.0, brightness=0.2, saturation=0.2)
+    assert t(image=rgb.transpose(1, 2, 0))["image"].shape == (64, 64, 3)
+    ds = augment.ImageDataset(rgb[None], np.array([0]), t)
+    assert ds[0][0].shape == (3, 64, 64)

@@ -63,11 +63,17 @@ def test_params_apply_to_the_model_settings(tiny_cfg):
                                    "aug": {"rotate": 4.0}}
 
 
-def test_objective_orders_by_accuracy_then_log_loss():
-    n = 8400
-    assert tune_study.objective_value(0.99, 0.05, n) > tune_study.objective_value(0.99, 0.06, n)
+def test_objective_orders_by_the_metric_then_log_loss():
+    from pipeline.metrics import Score
+    from pipeline.settings import Metric
+
+    n, acc = 8400, Metric.accuracy
+    v = lambda a, ll, auc=None, m=acc: tune_study.objective_value(Score(a, ll, auc), m, n)  # noqa: E731
+    assert v(0.99, 0.05) > v(0.99, 0.06)
     # one more correct row beats any log loss, even a diverged one
-    assert tune_study.objective_value(0.99 + 1 / n, 1e9, n) > tune_study.objective_value(0.99, 0.0, n)
+    assert v(0.99 + 1 / n, 1e9) > v(0.99, 0.0)
+    assert v(0.90, 0.05, m=Metric.log_loss) > v(0.99, 0.06, m=Metric.log_loss)
+    assert v(0.90, 0.5, 0.97, m=Metric.roc_auc) > v(0.95, 0.1, 0.96, m=Metric.roc_auc)
 
 
 def test_three_trial_study_writes_the_best_parameters(tiny_cfg, caplog):

@@ -18,35 +18,17 @@ folds (:func:`cross_val_oof`, equal to scikit-learn's ``cross_val_predict`` with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import softmax as sp_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 from sklearn.model_selection import PredefinedSplit
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.settings import BlendMethod
 
-EPS = 1e-7
-
-
-@dataclass(frozen=True)
-class Score:
-    """OOF accuracy and log loss of ``(N, C)`` probabilities."""
-
-    accuracy: float
-    log_loss: float
-
-
-def score(y: np.ndarray, probs: np.ndarray) -> Score:
-    """:class:`Score` of ``(N, C)`` probabilities against labels ``(N,)`` (clipped at 1e-7)."""
-    p = np.clip(probs, EPS, 1)
-    p = p / p.sum(1, keepdims=True)
-    return Score(float((probs.argmax(1) == y).mean()), float(log_loss(y, p, labels=np.arange(p.shape[1]))))
+from pipeline.metrics import EPS
 
 
 class _Blender(ClassifierMixin, BaseEstimator):

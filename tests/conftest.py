@@ -20,6 +20,7 @@ TINY = [
     "runtime.num_workers=0",
     "runtime.progress=false",
     "runtime.fold_jobs=1",   # in-process, so tests see the output (fold_jobs has its own tests)
+    "runtime.estimate=false",  # no timed probe before training (it has its own test)
     "train.epochs=2",
     "train.batch_size=32",
     "models.cnn_deotte.train.epochs=2",

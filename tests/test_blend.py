@@ -17,8 +17,10 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline import blend
 from pipeline.blend import store
-from pipeline.blend.blenders import (MeanBlender, StackBlender, WeightedBlender, cross_val_oof,
-                                     fit_weights, stack_features)
+from pipeline.blend.blenders import (BLENDERS, EnsembleSelectionBlender, GeometricMeanBlender,
+                                     MeanBlender, PowerMeanBlender, RankMeanBlender, StackBlender,
+                                     WeightedBlender, cross_val_oof, fit_weights, greedy_selection,
+                                     make_blender, stack_features)
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import Paths
 from pipeline.settings import BlendMethod, validate
@@ -65,16 +67,6 @@ def test_all_methods_best_is_the_submission_and_the_record_says_so(trained_cfg):
     assert len(w) == 2 and abs(sum(w) - 1) < 1e-9 and min(w) >= 0
 
 
-def test_saved_blenders_predict_exactly_like_the_fitted_ones(trained_cfg):
-    cfg = trained_cfg("blend.method=all")
-    out = blend.run(cfg)
-    ws, X, _ = _oof(cfg)
-    saved = store.load(Paths.from_cfg(cfg))
-    for method, result in out.blends.items():
-        np.testing.assert_array_equal(saved.blender(method).predict_proba(X), result.blender.predict_proba(X))
-        np.testing.assert_array_equal(saved.probabilities(method, "test"), result.test.astype(np.float32))
-
-
 def test_a_new_blend_clears_the_files_of_the_last(trained_cfg):
     blend.run(trained_cfg("blend.method=all"))
     blend.run(trained_cfg("blend.method=mean"))
@@ -114,7 +106,7 @@ def test_stack_converges_on_real_digits_without_warnings(trained_cfg):
 def test_blenders_handle_a_class_absent_from_the_training_rows(trained_cfg):
     ws, X, y = _oof(trained_cfg())
     keep = y != 3  # no row of class 3 to fit on
-    for blender in (MeanBlender(), WeightedBlender(), StackBlender()):
+    for blender in [make_blender(m) for m in BLENDERS] + [StackBlender(meta="hgb", max_iter=20)]:
         p = blender.fit(X[keep], y[keep]).predict_proba(X)
         assert p.shape == (len(y), 10) and np.allclose(p.sum(1), 1, atol=1e-6), type(blender).__name__
     assert (StackBlender().fit(X[keep], y[keep]).predict_proba(X)[:, 3] == 0).all()
@@ -155,3 +147,46 @@ def test_stale_member_is_refused(trained_cfg):
     cfg = trained_cfg("models.mlp.kwargs.hidden=64")
     with pytest.raises(ArtifactError, match=r"mlp fold 0: stale: config changed \(kwargs\)"):
         blend.run(cfg)
+
+
+def test_ensemble_selection_against_a_hand_computed_case():
+    """Two rows, classes (0, 1); members A [.9 .1 | .4 .6], B [.6 .4 | .1 .9], C [.5 .5 | .5 .5].
+    Log loss: A and B 0.5108 each, C 0.6931. Sorted init (1): A (the first of the tie). Adding
+    B gives p_true (.65, .65): 0.4308; adding A keeps 0.5108; adding C (.7, .45): 0.5776 -> B.
+    A third pick: A or B gives (.733, .567) or (.567, .733): 0.4390 > 0.4308, C gives 0.5108 ->
+    the best point of the path is {A, B}: weights (0.5, 0.5, 0)."""
+    X = np.array([[[0.9, 0.1], [0.4, 0.6], [0.5, 0.5]],
+                  [[0.6, 0.4], [0.1, 0.9], [0.5, 0.5]]])
+    y = np.array([0, 1])
+    np.testing.assert_array_equal(greedy_selection(X, y, size=5, init=1), [1, 1, 0])
+    b = EnsembleSelectionBlender(size=5, init=1, bags=1).fit(X, y)
+    np.testing.assert_allclose(b.weights_, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(b.predict_proba(X), [[0.65, 0.35], [0.35, 0.65]])
+
+
+def test_ensemble_selection_and_means_on_real_members(trained_cfg):
+    """On the fixture's members: bagged selection weights sum to 1 and favour the better member
+    (mlp); the fixed means are valid probabilities; each is cross-validated like the others."""
+    ws, X, y = _oof(trained_cfg())
+    b = EnsembleSelectionBlender(size=10, bags=5).fit(X, y)
+    assert b.weights_.sum() == pytest.approx(1) and b.weights_[1] > b.weights_[0]
+    for blender in (GeometricMeanBlender(), PowerMeanBlender(3.0), RankMeanBlender(), b):
+        oof = cross_val_oof(blender, X, y, ws.folds)
+        assert oof.shape == X.shape[::2] and np.allclose(oof.sum(1), 1, atol=1e-6)
+    g = GeometricMeanBlender().fit(X, y).predict_proba(X)
+    expect = np.exp(np.log(np.clip(X, 1e-7, 1)).mean(1))
+    np.testing.assert_allclose(g, expect / expect.sum(1, keepdims=True))
+
+
+def test_every_blender_round_trips_through_the_store(trained_cfg):
+    """All methods, stack with HistGradientBoosting (saved with skops, no pickle) too: the saved
+    blender predicts exactly like the fitted one."""
+    for extra in ([], ["blend.stack_meta=hgb", "blend.stack_max_iter=20", "blend.stack_entropy=true"]):
+        cfg = trained_cfg("blend.method=all", *extra)
+        out = blend.run(cfg)
+        assert set(out.blends) == set(BlendMethod)
+        ws, X, _ = _oof(cfg)
+        saved = store.load(Paths.from_cfg(cfg))
+        for method, result in out.blends.items():
+            np.testing.assert_array_equal(saved.blender(method).predict_proba(X), result.blender.predict_proba(X))
+            np.testing.assert_array_equal(saved.probabilities(method, "test"), result.test.astype(np.float32))

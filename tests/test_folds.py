@@ -23,7 +23,7 @@ def test_stratified_disjoint_and_covering(digits_dir):
 def test_written_once_and_reused(tiny_cfg):
     cfg = tiny_cfg()
     first = folds.run(cfg)
-    path = Paths.from_cfg(cfg).folds_file(2, 42)
+    path = Paths.from_cfg(cfg).folds_file(2, 42, data.load(cfg).fingerprint)
     assert path.read_text().splitlines()[0] == "row_id,label,fold"
     stamp = path.stat().st_mtime_ns
     np.testing.assert_array_equal(folds.run(cfg), first)
@@ -33,7 +33,7 @@ def test_written_once_and_reused(tiny_cfg):
 def test_mismatching_folds_file_is_an_error(tiny_cfg):
     cfg = tiny_cfg()
     folds.run(cfg)
-    path = Paths.from_cfg(cfg).folds_file(2, 42)
+    path = Paths.from_cfg(cfg).folds_file(2, 42, data.load(cfg).fingerprint)
     lines = path.read_text().splitlines()
     row, label, fold = lines[4].split(",")
     lines[4] = f"{row},{(int(label) + 1) % 10},{fold}"

@@ -116,7 +116,7 @@ def test_corrupted_member_is_refused_by_blend_and_retrained(tiny_cfg, damage, re
 def test_edited_folds_file_makes_every_fold_stale(tiny_cfg):
     """Hand-editing the folds file (a different but valid assignment) changes the cache key."""
     cfg, paths = _train_mlp(tiny_cfg)
-    folds_file = paths.folds_file(2, 42)
+    folds_file = paths.folds_file(2, 42, __import__('pipeline.data', fromlist=['load']).load(cfg).fingerprint)
     lines = folds_file.read_text().splitlines()
     rows = [ln.split(",") for ln in lines[1:]]
     # swap the folds of two rows with the same label: still stratified, still k=2

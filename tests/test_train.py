@@ -57,7 +57,7 @@ def test_checkpoint_is_safetensors_and_rebuilds_the_model(trained_cfg):
     model, meta = members.load_model(d)
     assert meta["arch"] == "cnn_deotte" and meta["img_size"] == 28 and meta["in_chans"] == 1
     probs = engine.softmax(engine.predict_logits(model, ws.comp.x_test, torch.device("cpu"),
-                                                 channels_last=True))
+                                                 channels_last=True)[0])
     np.testing.assert_allclose(probs, members.read_test(d), atol=1e-5)
 
 
@@ -151,24 +151,31 @@ def test_cuda_member_bf16_channels_last(tiny_cfg, compile_):
     assert res.metrics["accuracy"] > 0.15
 
 
-def test_precision_setting():
-    """train.precision: auto is bf16 on CUDA and fp32 on CPU; bf16 / fp32 force it; else an error."""
+def test_precision_setting(monkeypatch):
+    """train.precision: auto is bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs;
+    bf16 / fp32 force it; else an error."""
+    from pipeline.train import runtime
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [engine.use_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [False, False, True]
+    native = "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+    assert runtime.cpu_has_native_bf16() == native
+    for has in (False, True):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda h=has: h)
+        assert [engine.use_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [has, False, True]
     assert [engine.use_bf16(p, cuda) for p in ("auto", "fp32", "bf16")] == [True, False, True]
     with pytest.raises(ConfigError, match="train.precision=fp16: expected one of auto, fp32, bf16"):
         engine.use_bf16("fp16", cpu)
 
 
 def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):
-    """The CPU step runs in fp32 unless train.precision=bf16, which autocasts the model (logits in
+    """The CPU step runs in fp32 with train.precision=fp32; bf16 autocasts the model (logits in
     bf16, loss in fp32) and still learns; the setting is part of the member's cache key."""
     torch.manual_seed(0)
     model = create_model("cnn_keras", 10, width=0.25)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     digits = Workspace.load(tiny_cfg()).comp
     x, y = torch.from_numpy(digits.x_train[:8]).float() / 255, torch.from_numpy(digits.y_train[:8])
-    assert engine.train_step(model, opt, x, y)[1].dtype == torch.float32
+    assert engine.train_step(model, opt, x, y, precision="fp32")[1].dtype == torch.float32
     loss, logits = engine.train_step(model, opt, x, y, precision="bf16")
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     acc = {}
@@ -179,3 +186,21 @@ def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):
         acc[p] = res.metrics["accuracy"]
     assert acc["bf16"] > 0.6 and abs(acc["bf16"] - acc["fp32"]) < 0.08, acc
     assert Workspace.load(cfg).member_config(MemberKey("mlp", 0)).train.precision == "bf16"
+
+
+def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
+    """Before training: the members left and the minutes they should take (from timed steps);
+    after each member: the minutes to go; a GPU-sized profile on a CPU is warned about at once."""
+    cfg = tiny_cfg("model=mlp", "runtime.estimate=true", "sized_for=gpu")
+    train.run(cfg)
+    text = caplog.text
+    assert "train: 2 member(s) to train, about" in text and "min on cpu" in text
+    assert "train: 1 of 2 member(s) done, about" in text
+    warn = [r for r in caplog.records if r.levelname == "WARNING" and "sized for a GPU" in r.message]
+    assert len(warn) == 1 and "profile=quick" in warn[0].message
+    from pipeline.train.scheduler import estimate
+
+    ws = Workspace.load(cfg)
+    est = estimate(ws, ws.keys("mlp"), 1, torch.device("cpu"))
+    assert all(0 < s < 600 for s in est.member_seconds.values())
+    assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 60)

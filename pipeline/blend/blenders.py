@@ -11,9 +11,16 @@ folds (:func:`cross_val_oof`, equal to scikit-learn's ``cross_val_predict`` with
 * :class:`MeanBlender`     - the plain average;
 * :class:`WeightedBlender` - convex weights minimising OOF log loss (softmax-parametrised,
   scipy L-BFGS);
-* :class:`StackBlender`    - a multinomial logistic-regression meta-learner on the standardised
-  log-probabilities (stacked generalisation, Wolpert 1992; scikit-learn's ``StackingClassifier``
-  recipe of fitting the meta-learner on out-of-fold predictions only).
+* :class:`StackBlender`    - a meta-learner on the members' OOF predictions (stacked
+  generalisation, Wolpert 1992; scikit-learn's ``StackingClassifier`` recipe of fitting it on
+  out-of-fold predictions only): multinomial logistic regression on standardised features, or
+  scikit-learn's ``HistGradientBoostingClassifier``; features log-probabilities or probabilities,
+  optionally each member's prediction entropy;
+* :class:`GeometricMeanBlender`, :class:`PowerMeanBlender`, :class:`RankMeanBlender` - fixed
+  means (of probabilities, of their powers, of their per-class ranks);
+* :class:`EnsembleSelectionBlender` - greedy forward selection with replacement on OOF log loss
+  (Caruana, Niculescu-Mizil, Crew & Ksikes, "Ensemble selection from libraries of models", ICML
+  2004), with sorted initialisation and bagged selections (as AutoGluon and auto-sklearn use it).
 """
 
 from __future__ import annotations
@@ -118,42 +125,82 @@ class WeightedBlender(_Blender):
         return self.weights_
 
 
-def stack_features(X: np.ndarray) -> np.ndarray:
-    """``(N, M, C)`` probabilities -> ``(N, M*C)`` log-probability features (clipped at 1e-7)."""
-    return np.log(np.clip(X, EPS, 1)).reshape(len(X), -1)
+def stack_features(X: np.ndarray, kind: str = "logprob", entropy: bool = False) -> np.ndarray:
+    """``(N, M, C)`` probabilities -> ``(N, M*C [+ M])`` meta-features: log-probabilities (clipped
+    at 1e-7) or probabilities, plus each member's prediction entropy when ``entropy``."""
+    P = np.clip(X, EPS, 1)
+    F = (np.log(P) if kind == "logprob" else X).reshape(len(X), -1)
+    if entropy:
+        F = np.concatenate([F, -(P * np.log(P)).sum(2)], axis=1)
+    return F
 
 
 class StackBlender(_Blender):
-    """Multinomial logistic regression on the standardised log-probabilities of the members.
+    """A meta-learner on the members' predictions.
 
-    Standardising the features (each log-probability column to zero mean, unit variance) puts
-    the L2 penalty ``C`` on one scale for every member and lets L-BFGS converge well within
-    ``max_iter`` (raw log-probabilities span 0..-16 and left it short of convergence).
+    ``meta="logistic"``: multinomial logistic regression on standardised features (each column to
+    zero mean, unit variance: the L2 penalty ``C`` acts on one scale for every member and L-BFGS
+    converges well within ``max_iter``; raw log-probabilities span 0..-16 and left it short).
+    ``meta="hgb"``: scikit-learn's ``HistGradientBoostingClassifier`` (at most 200 trees, early
+    stopping off), saved in scikit-learn's secure format (skops), loading only scikit-learn and
+    numpy types. ``features``: ``logprob`` or ``prob``; ``entropy``: add each member's prediction
+    entropy.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 1000):
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, meta: str = "logistic",
+                 features: str = "logprob", entropy: bool = False):
         self.C = C
         self.max_iter = max_iter
+        self.meta = meta
+        self.features = features
+        self.entropy = entropy
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        return stack_features(X, self.features, self.entropy)
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "StackBlender":
         self._set_classes(X)
-        F = stack_features(X)
+        F = self._features(X)
+        self.n_members_ = X.shape[1]
+        if self.meta == "hgb":
+            from sklearn.ensemble import HistGradientBoostingClassifier
+
+            self.scaler_ = None
+            self.meta_ = HistGradientBoostingClassifier(max_iter=min(self.max_iter, 200), early_stopping=False,
+                                                        random_state=0).fit(F, y)
+            return self
         self.scaler_ = StandardScaler().fit(F)
         self.meta_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(self.scaler_.transform(F), y)
-        self.n_members_ = X.shape[1]
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        F = self._features(X)
         out = np.zeros((len(X), len(self.classes_)))
-        out[:, self.meta_.classes_] = self.meta_.predict_proba(self.scaler_.transform(stack_features(X)))
+        out[:, self.meta_.classes_] = self.meta_.predict_proba(F if self.scaler_ is None else self.scaler_.transform(F))
         return out
 
     def state(self):
+        if self.meta == "hgb":
+            import skops.io
+
+            return {"skops": np.frombuffer(skops.io.dumps(self.meta_), dtype=np.uint8),
+                    "n_members": np.array(self.n_members_)}
         return {"scaler_mean": self.scaler_.mean_, "scaler_scale": self.scaler_.scale_,
                 "coef": self.meta_.coef_, "intercept": self.meta_.intercept_,
                 "meta_classes": self.meta_.classes_, "n_members": np.array(self.n_members_)}
 
     def _load_state(self, arrays):
+        if self.meta == "hgb":
+            import skops.io
+
+            blob = arrays["skops"].tobytes()
+            untrusted = skops.io.get_untrusted_types(data=blob)
+            foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
+            if foreign:
+                raise ValueError(f"the saved meta-learner holds types other than scikit-learn's: {foreign}")
+            self.meta_, self.scaler_ = skops.io.loads(blob, trusted=untrusted), None
+            self.n_members_ = int(arrays["n_members"])
+            return
         n_features = arrays["scaler_mean"].shape[0]
         self.scaler_ = StandardScaler()
         self.scaler_.mean_, self.scaler_.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
@@ -165,20 +212,148 @@ class StackBlender(_Blender):
         self.n_members_ = int(arrays["n_members"])
 
     def member_weights(self) -> np.ndarray:
-        """Mean absolute coefficient of each member's features, normalised to sum to 1."""
-        c = np.abs(self.meta_.coef_).reshape(self.meta_.coef_.shape[0], self.n_members_, -1).mean((0, 2))
+        """Mean absolute coefficient of each member's features, normalised to sum to 1 (uniform
+        for the gradient-boosted meta-learner, which has no coefficients)."""
+        if self.meta == "hgb":
+            return np.full(self.n_members_, 1 / self.n_members_)
+        M = self.n_members_
+        coef = np.abs(self.meta_.coef_)
+        c = coef[:, :coef.shape[1] - (M if self.entropy else 0)].reshape(coef.shape[0], M, -1).mean((0, 2))
         return c / c.sum() if c.sum() else c
+
+
+def _renormalise(p: np.ndarray) -> np.ndarray:
+    return p / np.clip(p.sum(1, keepdims=True), EPS, None)
+
+
+class GeometricMeanBlender(MeanBlender):
+    """The renormalised geometric mean of the members' probabilities (the mean of their
+    log-probabilities): a member that is confidently against a class vetoes it more strongly."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return _renormalise(np.exp(np.log(np.clip(X, EPS, 1)).mean(1)))
+
+
+class PowerMeanBlender(MeanBlender):
+    """The renormalised power mean ``(mean_m p_m^power)^(1/power)``; ``power`` > 1 favours the
+    members' confident votes."""
+
+    def __init__(self, power: float = 2.0):
+        self.power = power
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return _renormalise(np.power(np.power(X, self.power).mean(1), 1 / self.power))
+
+
+class RankMeanBlender(MeanBlender):
+    """The mean over members of each class column's rank among the rows (scaled to 0..1),
+    renormalised per row: calibration-free, the classic blend for ROC AUC. Ranks are taken over
+    the rows it is given (the test set at prediction time)."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        from scipy.stats import rankdata
+
+        ranks = rankdata(X, axis=0) / len(X)  # (N, M, C), ranks over rows
+        return _renormalise(ranks.mean(1) + EPS)
+
+
+def _log_loss(p_true: np.ndarray) -> float:
+    return float(-np.log(np.clip(p_true, EPS, 1)).mean())
+
+
+def greedy_selection(X: np.ndarray, y: np.ndarray, size: int, init: int) -> np.ndarray:
+    """Caruana et al. (2004)'s forward selection with replacement on OOF log loss.
+
+    The ``init`` best single members start the ensemble (sorted initialisation); then, up to
+    ``size`` picks in all, the member whose addition lowers the log loss of the running average
+    the most is added (ties go to a member already chosen, then to the lower index). Returns the
+    ``(M,)`` pick counts at the best point along the path (AutoGluon keeps that point too).
+    """
+    n, M = len(y), X.shape[1]
+    p_true = X[np.arange(n), :, y]  # (N, M): each member's probability of the true class
+    losses = np.array([_log_loss(p_true[:, m]) for m in range(M)])
+    counts = np.zeros(M, dtype=np.int64)
+    total = np.zeros(n)
+    for m in np.argsort(losses, kind="stable")[:max(1, min(init, M))]:
+        counts[m] += 1
+        total += p_true[:, m]
+    best_loss, best_counts = _log_loss(total / counts.sum()), counts.copy()
+    while counts.sum() < size:
+        k = counts.sum() + 1
+        trial = np.array([_log_loss((total + p_true[:, m]) / k) for m in range(M)])
+        m = min(range(M), key=lambda j: (round(trial[j], 12), -counts[j], j))
+        counts[m] += 1
+        total += p_true[:, m]
+        if trial[m] < best_loss - 1e-12:
+            best_loss, best_counts = trial[m], counts.copy()
+    return best_counts
+
+
+class EnsembleSelectionBlender(_Blender):
+    """Ensemble selection (Caruana et al. 2004): weights = pick counts / picks, from
+    :func:`greedy_selection`; with ``bags`` > 1 each selection sees a random ``bag_fraction`` of
+    the members and the counts of all bags are summed (bagged ensemble selection, Caruana et al.
+    2004, section 4.3), which limits overfitting the OOF rows."""
+
+    def __init__(self, size: int = 25, init: int = 1, bags: int = 20, bag_fraction: float = 0.5,
+                 seed: int = 0):
+        self.size = size
+        self.init = init
+        self.bags = bags
+        self.bag_fraction = bag_fraction
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "EnsembleSelectionBlender":
+        self._set_classes(X)
+        M = X.shape[1]
+        counts = np.zeros(M)
+        if self.bags <= 1 or M < 3:
+            counts += greedy_selection(X, y, self.size, self.init)
+        else:
+            rng = np.random.default_rng(self.seed)
+            k = max(2, int(round(M * self.bag_fraction)))
+            for _ in range(self.bags):
+                bag = np.sort(rng.choice(M, k, replace=False))
+                counts[bag] += greedy_selection(X[:, bag], y, self.size, self.init)
+        self.counts_ = counts
+        self.weights_ = counts / counts.sum()
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return np.tensordot(X, self.weights_, axes=([1], [0]))
+
+    def state(self):
+        return {"weights": self.weights_, "counts": self.counts_}
+
+    def _load_state(self, arrays):
+        self.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
+        self.counts_ = np.asarray(arrays["counts"], dtype=np.float64)
+
+    def member_weights(self) -> np.ndarray:
+        return self.weights_
 
 
 BLENDERS: dict[BlendMethod, type[_Blender]] = {
     BlendMethod.mean: MeanBlender, BlendMethod.weighted: WeightedBlender, BlendMethod.stack: StackBlender,
+    BlendMethod.geometric: GeometricMeanBlender, BlendMethod.power: PowerMeanBlender,
+    BlendMethod.rank: RankMeanBlender, BlendMethod.ensemble_selection: EnsembleSelectionBlender,
 }
 
 
-def make_blender(method: BlendMethod, stack_C: float = 1.0, stack_max_iter: int = 1000) -> _Blender:
-    """An unfitted blender for ``method`` (``blend.stack_C`` / ``blend.stack_max_iter`` for stack)."""
+def make_blender(method: BlendMethod, blend_cfg=None) -> _Blender:
+    """An unfitted blender for ``method`` with its settings from the ``blend`` group
+    (``stack_*``, ``power``, ``es_*``); defaults without one."""
+    b = blend_cfg
+    if b is None:
+        return BLENDERS[method]()
     if method is BlendMethod.stack:
-        return StackBlender(C=stack_C, max_iter=stack_max_iter)
+        return StackBlender(C=float(b.stack_C), max_iter=int(b.stack_max_iter), meta=str(b.stack_meta),
+                            features=str(b.stack_features), entropy=bool(b.stack_entropy))
+    if method is BlendMethod.power:
+        return PowerMeanBlender(power=float(b.power))
+    if method is BlendMethod.ensemble_selection:
+        return EnsembleSelectionBlender(size=int(b.es_size), init=int(b.es_init), bags=int(b.es_bags),
+                                        bag_fraction=float(b.es_bag_fraction))
     return BLENDERS[method]()
 
 

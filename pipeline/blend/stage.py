@@ -60,7 +60,7 @@ def fit_blend(method: BlendMethod, X: np.ndarray, X_test: np.ndarray, y: np.ndar
               folds: np.ndarray, cfg: DictConfig) -> BlendResult:
     """Blend with one method. ``X``: ``(N, M, C)`` OOF and ``X_test``: ``(M_test, M, C)`` test
     probabilities of the M members; ``folds``: ``(N,)``."""
-    blender = make_blender(method, float(cfg.blend.stack_C), int(cfg.blend.stack_max_iter))
+    blender = make_blender(method, cfg.blend)
     oof = cross_val_oof(blender, X, y, folds)
     fitted = blender.fit(X, y)
     return BlendResult(method, fitted, oof, fitted.predict_proba(X_test), score(y, oof))

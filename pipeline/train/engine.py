@@ -29,25 +29,27 @@ from pipeline.data import Competition
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model
 from pipeline.settings import (AugBackend, AugSettings, Precision, RuntimeSettings, TrainSettings,
-                               aug_settings, runtime_settings, train_settings)
+                               TTASettings, aug_settings, runtime_settings, train_settings, tta_settings)
 from pipeline.train.members import MemberKey
 from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
-from pipeline.train.runtime import device_name, num_workers, seed_everything, select_device
+from pipeline.train.runtime import (cpu_has_native_bf16, device_name, num_workers, seed_everything,
+                                    select_device)
 
 log = logging.getLogger(__name__)
 
 
 def use_bf16(precision: Precision | str, device: torch.device) -> bool:
-    """Whether ``train.precision`` means bf16 autocast on ``device``: ``auto`` = on CUDA only
-    (CPU results stay fp32), ``bf16`` = everywhere (on CPUs with AVX512-BF16/AMX ~1.5-2x faster:
-    cnn_keras 1,106 -> 2,329 images/s on a 2-core AMD EPYC), ``fp32`` = never.
+    """Whether ``train.precision`` means bf16 autocast on ``device``: ``auto`` = on CUDA, and on
+    a CPU with native bf16 (:func:`~pipeline.train.runtime.cpu_has_native_bf16`: AVX512-BF16 or
+    AMX, where it is 1.5-2.6x faster with no OOF loss measured), fp32 on other CPUs; ``bf16`` =
+    everywhere; ``fp32`` = never. Results are reproducible per precision.
     Raises ConfigError for another value."""
     try:
         p = Precision(precision)
     except ValueError:
         raise ConfigError(f"train.precision={precision}: expected one of "
                           f"{', '.join(x.value for x in Precision)}") from None
-    return p is Precision.bf16 or (p is Precision.auto and device.type == "cuda")
+    return p is Precision.bf16 or (p is Precision.auto and (device.type == "cuda" or cpu_has_native_bf16()))
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -74,30 +76,35 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
                    batch_size: int = 2048, channels_last: bool = False,
-                   precision: Precision | str = Precision.auto) -> np.ndarray:
-    """Logits for uint8 images without augmentation (bf16 autocast per :func:`use_bf16`).
+                   precision: Precision | str = Precision.auto, views=None) -> np.ndarray:
+    """Logits for uint8 images (bf16 autocast per :func:`use_bf16`), one set per test-time view.
 
     Args:
         images: ``(N, C, S, S)`` uint8.
+        views: :class:`pipeline.augment.TTAViews` (default: the image itself only).
     Returns:
-        ``(N, classes)`` float32 logits.
+        ``(V, N, classes)`` float32 logits, V = ``len(views)`` (1 without TTA).
     """
     model.eval()
+    views = views or augment.TTAViews()
     out = []
     bf16 = use_bf16(precision, device)
     for i in range(0, len(images), batch_size):
         # a copy: the images may be a read-only memory map (side-by-side workers get them so)
         x = torch.from_numpy(images[i:i + batch_size].copy()).to(device, non_blocking=True).float().div_(255)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(model(x).float().cpu())
-    return torch.cat(out).numpy()
+        per_view = []
+        for v in views(x):
+            if channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                per_view.append(model(v).float().cpu())
+        out.append(torch.stack(per_view))
+    return torch.cat(out, dim=1).numpy()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of ``(N, C)`` logits as float32 probabilities (computed in float64)."""
-    return torch.softmax(torch.from_numpy(logits).double(), dim=1).float().numpy()
+    """Softmax over the last axis of ``(..., C)`` logits as float32 probabilities (in float64)."""
+    return torch.softmax(torch.from_numpy(logits).double(), dim=-1).float().numpy()
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -107,12 +114,25 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def predict_view_probs(model: nn.Module, images: np.ndarray, device: torch.device,
+                       runtime: RuntimeSettings, precision: Precision | str, tta=None) -> np.ndarray:
+    """``(V, N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images, one per
+    test-time view of ``tta`` (:func:`pipeline.augment.tta_views`; the identity view first)."""
+    return softmax(predict_logits(model, images, device, runtime.eval_batch_size, runtime.channels_last,
+                                  precision, augment.tta_views(tta)))
+
+
+def average_views(view_probs: np.ndarray) -> np.ndarray:
+    """``(V, N, C)`` -> ``(N, C)`` float32: the mean over test-time views (in float64)."""
+    return view_probs.astype(np.float64).mean(0).astype(np.float32)
+
+
 def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device,
-                  runtime: RuntimeSettings, precision: Precision | str) -> np.ndarray:
-    """``(N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images: the one way a
-    member's OOF, test and ``stage=predict`` probabilities are computed."""
-    return softmax(predict_logits(model, images, device, runtime.eval_batch_size,
-                                  runtime.channels_last, precision))
+                  runtime: RuntimeSettings, precision: Precision | str, tta=None) -> np.ndarray:
+    """``(N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images, averaged over the
+    test-time views of ``tta``: the one way a member's OOF, test and ``stage=predict``
+    probabilities are computed."""
+    return average_views(predict_view_probs(model, images, device, runtime, precision, tta))
 
 
 # --------------------------------------------------------------------------- batches
@@ -172,6 +192,7 @@ class FitSpec:
     kwargs: dict
     train: TrainSettings
     aug: AugSettings
+    tta: TTASettings
     runtime: RuntimeSettings
     seed: int
     cache_key: str
@@ -181,7 +202,7 @@ class FitSpec:
         """The spec of ``key`` under ``cfg``, whose cache key is ``member_cfg``."""
         return cls(key, str(member_cfg.arch), OmegaConf.to_container(member_cfg.kwargs),
                    train_settings(cfg, key.model), aug_settings(cfg, key.model),
-                   runtime_settings(cfg), int(member_cfg.seed), OmegaConf.to_yaml(member_cfg))
+                   tta_settings(cfg, key.model), runtime_settings(cfg), int(member_cfg.seed), OmegaConf.to_yaml(member_cfg))
 
 
 @dataclass
@@ -215,9 +236,15 @@ class _Loop:
     sched: torch.optim.lr_scheduler.LRScheduler
     batches: object
     device: torch.device
+    ema: nn.Module | None = None  # timm ModelEmaV3 of the weights (train.ema > 0)
     history: list = field(default_factory=list)
     start: int = 1
     seconds_before: float = 0.0  # training time before a resume
+
+    @property
+    def predictor(self) -> nn.Module:
+        """What the member predicts with: the EMA weights when there are any, else the model."""
+        return self.ema.module if self.ema is not None else self.net
 
 
 def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray) -> _Loop:
@@ -240,7 +267,12 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray) -> _Loop:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * len(batches),
                                                 pct_start=t.warmup_frac)
-    return _Loop(model, net, opt, sched, batches, device)
+    ema = None
+    if t.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=t.ema, use_warmup=True)  # decay ramps up over the first steps
+    return _Loop(model, net, opt, sched, batches, device, ema)
 
 
 def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
@@ -250,6 +282,8 @@ def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
     loop.model.load_state_dict(state["model"])
     loop.opt.load_state_dict(state["optimizer"])
     loop.sched.load_state_dict(state["scheduler"])
+    if loop.ema is not None:
+        loop.ema.load_state_dict(state["ema"])
     loop.history = state["history"]
     loop.seconds_before = float(state["seconds"])
     set_rng_state(state["rng"])
@@ -260,7 +294,8 @@ def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
 def _save_state(loop: _Loop, spec: FitSpec, path: Path, epoch: int, seconds: float) -> None:
     save_resume(path, {"cache_key": spec.cache_key, "epoch": epoch, "model": loop.model.state_dict(),
                        "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
-                       "history": loop.history, "seconds": seconds, "rng": rng_state()})
+                       "history": loop.history, "seconds": seconds, "rng": rng_state(),
+                       **({"ema": loop.ema.state_dict()} if loop.ema is not None else {})})
 
 
 def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
@@ -277,6 +312,8 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
         loss, logits = train_step(loop.net, loop.opt, x, y, spec.train.label_smoothing,
                                   spec.runtime.channels_last, spec.train.precision)
         loop.sched.step()
+        if loop.ema is not None:
+            loop.ema.update(loop.model, step=(epoch - 1) * steps + step + 1)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -285,8 +322,14 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-def _predict(loop: _Loop, spec: FitSpec, images: np.ndarray) -> np.ndarray:
-    return predict_probs(loop.net, images, loop.device, spec.runtime, spec.train.precision)
+def _predict(loop: _Loop, spec: FitSpec, images: np.ndarray, tta: bool = False,
+             model: nn.Module | None = None) -> np.ndarray:
+    """Probabilities of the member's predictor (EMA weights if any; or ``model``) without TTA
+    (per-epoch validation), or ``(V, N, C)`` per test-time view with it."""
+    model = loop.predictor if model is None else model
+    if tta:
+        return predict_view_probs(model, images, loop.device, spec.runtime, spec.train.precision, spec.tta)
+    return predict_probs(model, images, loop.device, spec.runtime, spec.train.precision)
 
 
 def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarray,
@@ -295,6 +338,30 @@ def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarr
     return {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
             "val_loss": float(-logp[np.arange(len(y_val)), y_val].mean()),
             "val_acc": float((val.argmax(1) == y_val).mean()), "lr": lr, "seconds": seconds}
+
+
+def seconds_per_epoch(spec: FitSpec, comp: Competition, folds: np.ndarray, steps: int = 5,
+                      warmup: int = 2) -> float:
+    """Seconds one training epoch of ``spec`` takes here: ``steps`` real training steps (after
+    ``warmup``) of its model, batches and augmentation on its device, times the steps per epoch
+    (validation excluded). Trains a throw-away copy; nothing is written."""
+    loop = _setup(spec, comp, np.flatnonzero(folds != spec.key.fold))
+    loop.model.train()
+    it = iter(loop.batches)
+    n = min(len(loop.batches), warmup + steps)
+    t0 = time.perf_counter()
+    for i in range(n):
+        if i == min(warmup, n - 1):
+            if loop.device.type == "cuda":
+                torch.cuda.synchronize(loop.device)
+            t0 = time.perf_counter()
+        x, y = next(it)
+        train_step(loop.net, loop.opt, x.to(loop.device), y.to(loop.device), spec.train.label_smoothing,
+                   spec.runtime.channels_last, spec.train.precision)
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize(loop.device)
+    timed = max(1, n - min(warmup, n - 1))
+    return (time.perf_counter() - t0) / timed * len(loop.batches)
 
 
 def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
@@ -339,9 +406,10 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
             _save_state(loop, spec, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch, record)
-    if val is None:  # resumed after the last epoch: the weights are final, predict again
-        val = _predict(loop, spec, comp.x_train[va_idx])
-    test = _predict(loop, spec, comp.x_test) if predict_test else None
+    views = _predict(loop, spec, comp.x_train[va_idx], tta=True)  # the final OOF, with TTA
+    plain, val = views[0], average_views(views)
+    raw = _predict(loop, spec, comp.x_train[va_idx], model=loop.net) if loop.ema is not None else None
+    test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None
     metrics = {
         "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed,
         "accuracy": float((val.argmax(1) == y_val).mean()),
@@ -349,5 +417,11 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         "epochs": spec.train.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
         "device": device_name(loop.device), "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
         "history": loop.history, "resumed_after_epoch": loop.start - 1 if loop.start > 1 else None,
+        "tta": {"views": len(views), "accuracy_without": float((plain.argmax(1) == y_val).mean()),
+                "log_loss_without": float(log_loss(y_val, plain, labels=np.arange(comp.num_classes)))},
     }
-    return FitResult(loop.model, val, va_idx.astype(np.int64), test, metrics)
+    if raw is not None:  # the EMA's gain: the same member's raw weights, without TTA
+        metrics["ema"] = {"decay": spec.train.ema, "accuracy_without": float((raw.argmax(1) == y_val).mean()),
+                          "log_loss_without": float(log_loss(y_val, raw, labels=np.arange(comp.num_classes)))}
+    weights = loop.ema.module if loop.ema is not None else loop.model  # not the torch.compile wrapper
+    return FitResult(weights, val, va_idx.astype(np.int64), test, metrics)

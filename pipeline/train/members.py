@@ -32,7 +32,7 @@ from pipeline.errors import ArtifactError
 from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, write_with
 from pipeline.models import architecture_digest
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, FOLD_FILES, MANIFEST, METRICS, OOF, TEST
-from pipeline.settings import aug_settings, train_settings
+from pipeline.settings import aug_settings, train_settings, tta_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -112,11 +112,12 @@ def plain(obj: Any) -> Any:
 
 def model_settings(cfg: DictConfig, name: str) -> DictConfig:
     """What is learned for model ``name``, independent of the fold: ``arch``, ``kwargs`` and the
-    checked ``train``/``aug`` settings (global groups with the model's overrides merged)."""
+    checked ``train``/``aug``/``tta`` settings (global groups with the model's overrides merged)."""
     m = cfg.models[name]
     return OmegaConf.create({
         "arch": str(m.arch), "kwargs": m.get("kwargs") or {},
         "train": plain(train_settings(cfg, name)), "aug": plain(aug_settings(cfg, name)),
+        "tta": plain(tta_settings(cfg, name)),
     })
 
 
@@ -130,7 +131,7 @@ def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_diges
     ms = model_settings(cfg, key.model)
     return OmegaConf.create({
         "model": key.model, "arch": ms.arch, "arch_digest": architecture_digest(ms.arch),
-        "kwargs": ms.kwargs, "train": ms.train, "aug": ms.aug, "fold": key.fold,
+        "kwargs": ms.kwargs, "train": ms.train, "aug": ms.aug, "tta": ms.tta, "fold": key.fold,
         "seed_index": key.seed,
         "folds": {"k": int(cfg.folds.k), "seed": int(cfg.folds.seed), "digest": folds_digest},
         "data_fingerprint": fingerprint, "seed": training_seed(int(cfg.seed), key),

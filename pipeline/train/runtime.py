@@ -130,6 +130,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag in
+    ``/proc/cpuinfo``), where bf16 autocast is measured 1.5-2.6x faster than fp32 for the
+    pipeline's CNNs (2-core AMD EPYC with AVX512-BF16: cnn_deotte 969 -> 2,059 images/s,
+    cnn_keras 696 -> 1,830); elsewhere bf16 is emulated and slower. False when unknown."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def device_name(device: torch.device) -> str:
     """``cuda (<GPU name>)`` or ``cpu (<cores> cores, <threads> threads)``, for metrics and logs."""
     if device.type == "cuda":

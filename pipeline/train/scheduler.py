@@ -24,9 +24,10 @@ from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
 from pipeline.settings import LockMode, runtime_settings
 from pipeline.train import members
-from pipeline.train.engine import FitSpec, fit_member
+from pipeline.train.engine import FitSpec, fit_member, seconds_per_epoch
 from pipeline.train.members import MemberKey, MemberStatus
-from pipeline.train.runtime import configure_threads, fold_jobs, num_workers, select_device
+from pipeline.train.runtime import (configure_threads, core_share, device_name, fold_jobs, num_workers,
+                                    select_device)
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,66 @@ def install_log_handlers(handlers: list[tuple[str, str, str | None, int]], level
         root.addHandler(h)
 
 
+@dataclass
+class Estimate:
+    """What ``stage=train`` expects to spend: seconds per member (from timed steps) and the
+    number of members trained side by side."""
+
+    member_seconds: dict[MemberKey, float]
+    n_jobs: int
+
+    def minutes_left(self, done: set[MemberKey], actual_over_estimated: float = 1.0) -> float:
+        left = sum(s for k, s in self.member_seconds.items() if k not in done)
+        return left * actual_over_estimated / self.n_jobs / 60
+
+
+def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device) -> Estimate:
+    """Time a few training steps of each pending model (:func:`seconds_per_epoch`, with the
+    threads each side-by-side job will have) and extrapolate to every pending member's epochs."""
+    torch_threads = None
+    if device.type == "cpu" and n_jobs > 1:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(core_share(n_jobs))
+    per_epoch: dict[str, float] = {}
+    try:
+        for key in keys:
+            if key.model not in per_epoch:
+                spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
+                per_epoch[key.model] = seconds_per_epoch(spec, ws.comp, ws.folds)
+    finally:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+    seconds = {k: per_epoch[k.model] * FitSpec.from_config(ws.cfg, k, ws.member_config(k)).train.epochs
+               for k in keys}
+    return Estimate(seconds, n_jobs)
+
+
+def _announce(ws: Workspace, est: Estimate, device) -> None:
+    minutes = est.minutes_left(set())
+    log.info("train: %d member(s) to train, about %.1f min on %s (%d side by side; estimated from "
+             "5 timed steps of each model)", len(est.member_seconds), minutes, device_name(device), est.n_jobs)
+    if device.type == "cpu" and str(ws.cfg.get("sized_for", "")) == "gpu":
+        log.warning("train: this profile is sized for a GPU, and this machine has none: about %.0f min "
+                    "here; for a CPU run use profile=quick", minutes)
+
+
+def _progress(est: Estimate, done: dict[MemberKey, float]) -> None:
+    """After each finished member: how many are left and the minutes to go, rescaled by how the
+    finished members' real seconds compare with their estimates."""
+    estimated = sum(est.member_seconds[k] for k in done)
+    ratio = sum(done.values()) / estimated if estimated > 0 else 1.0
+    left = len(est.member_seconds) - len(done)
+    if left:
+        log.info("train: %d of %d member(s) done, about %.1f min to go", len(done), len(est.member_seconds),
+                 est.minutes_left(set(done), ratio))
+
+
 def _worker(ws: Workspace, key: MemberKey, slot: int, n_jobs: int, handlers: list,
-            level: int) -> MemberOutcome | PipelineError:
+            level: int) -> tuple[MemberKey, MemberOutcome | PipelineError]:
     """One side-by-side member (in a joblib worker process): its device (GPU ``slot % count`` on
     a multi-GPU machine), ``cores // n_jobs`` torch threads on the CPU (DataLoader workers on
     CUDA), no progress bar, the parent's log handlers; exits when the parent dies. Returns the
@@ -159,9 +218,9 @@ def _worker(ws: Workspace, key: MemberKey, slot: int, n_jobs: int, handlers: lis
         ws.cfg.runtime.num_workers = num_workers(ws.cfg.runtime.num_workers, device, n_jobs)
     configure_threads(ws.cfg.runtime.threads, device, n_jobs)
     try:
-        return train_locked(ws, key)
+        return key, train_locked(ws, key)
     except PipelineError as e:
-        return e
+        return key, e
 
 
 def schedule(ws: Workspace, keys: list[MemberKey]) -> list[MemberOutcome]:
@@ -184,23 +243,39 @@ def schedule(ws: Workspace, keys: list[MemberKey]) -> list[MemberOutcome]:
     n_jobs = fold_jobs(rt.fold_jobs, device, len(pending))
     log.info("train: %d member(s) cached, %d to train%s", len(done), len(pending),
              f", {n_jobs} side by side (runtime.fold_jobs={rt.fold_jobs})" if n_jobs > 1 else "")
+    if not pending:
+        return [done[k] for k in keys]
+    est = estimate(ws, pending, n_jobs, device) if rt.estimate else None
+    if est is not None:
+        _announce(ws, est, device)
+    finished: dict[MemberKey, float] = {}
+
+    def finish(outcome: MemberOutcome) -> None:
+        done[outcome.key] = outcome
+        finished[outcome.key] = (outcome.metrics or {}).get("seconds", 0.0)
+        if est is not None:
+            _progress(est, finished)
+
     if n_jobs == 1:
         configure_threads(rt.threads, device)
-        results = [train_locked(ws, key) for key in pending]
-    else:
-        from joblib import Parallel, delayed
-        from joblib.externals.loky import get_reusable_executor
+        for key in pending:
+            finish(train_locked(ws, key))
+        return [done[k] for k in keys]
+    from joblib import Parallel, delayed
+    from joblib.externals.loky import get_reusable_executor
 
-        handlers, level = log_handlers(), logging.getLogger().level
-        results = Parallel(n_jobs=n_jobs, backend="loky")(
-            delayed(_worker)(ws, key, i % n_jobs, n_jobs, handlers, level) for i, key in enumerate(pending))
-        get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout
-        errors = [r for r in results if isinstance(r, PipelineError)]
-        if errors:
-            raise errors[0]
-        for r in results:  # what the workers wrote, as this process's workspace sees it
-            ws.forget(r.key)
-            if r.metrics is not None:
-                ws.record(r.key, members.Verification(MemberStatus.OK, "cached"))
-    done.update({r.key: r for r in results})
+    handlers, level = log_handlers(), logging.getLogger().level
+    errors = []
+    for key, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
+            delayed(_worker)(ws, key, i % n_jobs, n_jobs, handlers, level) for i, key in enumerate(pending)):
+        ws.forget(key)  # what the worker wrote, as this process's workspace sees it
+        if isinstance(r, PipelineError):
+            errors.append(r)
+            continue
+        if r.metrics is not None:
+            ws.record(key, members.Verification(MemberStatus.OK, "cached"))
+        finish(r)
+    get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout
+    if errors:  # every other member has finished and kept its files
+        raise errors[0]
     return [done[k] for k in keys]

@@ -1,0 +1,97 @@
+"""Members that earn their keep: test-time augmentation, weight averaging (EMA), their cache keys
+and an exact resume with EMA, on the real fixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DIGITS, fit
+from pipeline import augment, data, train
+from pipeline.settings import runtime_settings
+from pipeline.train import engine, members
+from pipeline.train.members import MemberKey, MemberStatus
+from pipeline.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return torch.from_numpy(data.load_competition(DIGITS).x_train[:32]).float() / 255
+
+
+def test_tta_views_are_deterministic_and_exact(digits):
+    views = augment.TTAViews(shifts=1, rotations=5.0, hflip=True)
+    assert len(views) == 8  # identity, 4 shifts, 2 rotations, mirror
+    a, b = list(views(digits)), list(views(digits))
+    assert len(a) == 8 and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert a[0] is digits  # the identity view is the image itself
+    # +1 px along x: every pixel moves one column to the right, a zero column enters (to float rounding)
+    torch.testing.assert_close(a[1][..., 1:], digits[..., :-1], atol=1e-5, rtol=0)
+    assert a[1][..., 0].abs().max() == 0
+    torch.testing.assert_close(a[3][..., 1:, :], digits[..., :-1, :], atol=1e-5, rtol=0)  # +1 px along y
+    assert torch.equal(a[-1], digits.flip(-1))
+    ink = digits.sum((1, 2, 3))
+    assert ((a[5].sum((1, 2, 3)) - ink).abs() / ink < 0.05).all()  # a 5 degree turn keeps the ink
+    assert len(augment.TTAViews()) == 1
+
+
+def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
+    """A member trained with TTA: its saved OOF and test probabilities are exactly what the one
+    prediction function gives for those rows with its checkpoint; metrics record the view count
+    and the OOF score without TTA."""
+    cfg = tiny_cfg("model=mlp", "fold=0", "tta.shifts=1", "tta.rotations=6")
+    train.run(cfg)
+    ws = Workspace.load(cfg)
+    d = ws.member_dir(MemberKey("mlp", 0))
+    model, _ = members.load_model(d)
+    tta = members.read_config(d).tta
+    assert (tta.shifts, tta.rotations) == (1, 6.0)
+    rt = runtime_settings(cfg)
+    model = engine.place_model(model, torch.device("cpu"), rt.channels_last)
+    rows, oof = members.read_oof(d)
+    again = engine.predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), rt, "auto", tta)
+    np.testing.assert_array_equal(again, oof)
+    test = engine.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, "auto", tta)
+    np.testing.assert_array_equal(test, members.read_test(d))
+    m = members.read_metrics(d)
+    assert m["tta"]["views"] == 7 and 0 < m["tta"]["accuracy_without"] <= 1
+    # the views really differ: one shifted row is predicted differently from the plain row
+    views = engine.predict_view_probs(model, ws.comp.x_test[:8], torch.device("cpu"), rt, "auto", tta)
+    assert views.shape == (7, 8, 10) and not np.allclose(views[0], views[1])
+
+
+@pytest.mark.parametrize("override, changed", [("tta.shifts=1", "tta"), ("train.ema=0.9", "train"),
+                                               ("tta.hflip=true", "tta")])
+def test_new_cache_key_parts_make_members_stale(tiny_cfg, override, changed):
+    train.run(tiny_cfg("model=mlp", "fold=0"))
+    v = Workspace.load(tiny_cfg("model=mlp", "fold=0", override)).verify(MemberKey("mlp", 0))
+    assert v.status is MemberStatus.STALE and v.reason == f"config changed ({changed})"
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_with_ema_is_exact(tiny_cfg, tmp_path):
+    """EMA on: a fit interrupted after epoch 2 of 4 and resumed from its checkpoint ends with the
+    uninterrupted fit's OOF probabilities (CPU, deterministic), and the EMA's raw-weights
+    comparison is recorded."""
+    common = ["model=mlp", "fold=0", "train.epochs=4", "train.ema=0.9", "runtime.deterministic=true",
+              "train.precision=fp32"]
+    ref = fit(tiny_cfg(*common), "mlp", 0, predict_test=False)
+    assert ref.metrics["ema"]["decay"] == 0.9 and 0 < ref.metrics["ema"]["accuracy_without"] <= 1
+    resume = tmp_path / "resume.pt"
+
+    def stop_after_2(epoch, record):
+        if epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(tiny_cfg(*common), "mlp", 0, predict_test=False, resume_path=resume, on_epoch=stop_after_2)
+    assert "ema" in torch.load(resume, weights_only=True)  # the EMA weights are in the checkpoint
+    res = fit(tiny_cfg(*common), "mlp", 0, predict_test=False, resume_path=resume)
+    assert res.metrics["resumed_after_epoch"] == 2
+    np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
+    # the member predicts with the averaged weights, not the raw ones
+    assert res.metrics["ema"]["log_loss_without"] != pytest.approx(res.metrics["log_loss"], rel=1e-9, abs=0)

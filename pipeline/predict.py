@@ -125,19 +125,20 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     members.check_shape(images, r["in_chans"], r["img_size"])
     runtime = runtime_settings(cfg)
     device = select_device(runtime.device)
-    per_model = []
-    for name in saved.members:
-        fold_probs = []
-        for f in range(int(r["k"])):
-            d = paths.fold_dir(name, f)
-            members.check_recorded(d, r["manifests"][name][str(f)], f"{name} fold {f}")
+    per_member = []
+    for label in saved.members:
+        model_name = members.BlendMember.parse(label).model
+        seed_probs: dict[int, list[np.ndarray]] = {}
+        for e in r["manifests"][label]:  # seed by seed, fold by fold, as the blend read them
+            d = paths.fold_dir(model_name, e["fold"], e["seed"])
+            members.check_recorded(d, e["sha256"], str(members.MemberKey(model_name, e["fold"], e["seed"])))
             model, _ = members.load_model(d)
             model = place_model(model, device, runtime.channels_last)
             trained = members.read_config(d)  # the member's own precision and test-time views
-            fold_probs.append(predict_probs(model, images, device, runtime, trained.train.precision,
-                                            trained.get("tta")))
-        per_model.append(members.average_folds(fold_probs))
-    probs = saved.blender().predict_proba(np.stack(per_model, 1))
+            seed_probs.setdefault(e["seed"], []).append(
+                predict_probs(model, images, device, runtime, trained.train.precision, trained.get("tta")))
+        per_member.append(members.average_probs([members.average_probs(p) for p in seed_probs.values()]))
+    probs = saved.blender().predict_proba(np.stack(per_member, 1))
     return probs.astype(np.float32), saved
 
 

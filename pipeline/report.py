@@ -37,20 +37,25 @@ from omegaconf import DictConfig  # noqa: E402
 from pipeline.blend import store  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
 from pipeline.settings import BlendMethod  # noqa: E402
-from pipeline.train.members import read_metrics  # noqa: E402
+from pipeline.train.members import BlendMember, read_metrics  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
-    """One row per member from its ``metrics.json``: accuracy, log loss, epochs, minutes, device."""
+    """One row per member (blend member labels: a model, or ``model@seed``) from its
+    ``metrics.json``: fold, seed, accuracy, log loss, epochs, minutes, device, TTA/EMA gains."""
     rows = []
     for name in names:
-        for key in ws.keys(name):
+        e = BlendMember.parse(name)
+        for key in ws.keys(e.model, seed=e.seed):
             m = read_metrics(ws.member_dir(key))
-            rows.append({"model": name, "fold": key.fold, "accuracy": m["accuracy"], "log_loss": m["log_loss"],
+            rows.append({"model": name, "fold": key.fold, "seed": key.seed, "accuracy": m["accuracy"],
+                         "log_loss": m["log_loss"],
                          "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
+                         "tta": m.get("tta") if (m.get("tta") or {}).get("views", 1) > 1 else None,
+                         "ema": m.get("ema"),
                          "history": m.get("history", [])})
     return rows
 
@@ -235,7 +240,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         comp.x_test[sample], [f"id {comp.test_ids[i]}: {cn[test_pred[i]]}" for i in sample],
         "random test images with the submitted label", out / "test_samples.png")
 
-    fold_rows = [[r["model"], r["fold"], f"{r['accuracy']:.5f}", f"{r['log_loss']:.4f}", r["epochs"],
+    fold_rows = [[r["model"], r["fold"], r["seed"], f"{r['accuracy']:.5f}", f"{r['log_loss']:.4f}", r["epochs"],
                   f"{r['minutes']:.2f}", r["device"]] for r in rows]
     auc = blend["model_scores"][names[0]].get("roc_auc") is not None
 
@@ -253,6 +258,21 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
                            *scores(info), "", extra])
     summary = model_rows + blend_rows
     best_row = len(model_rows) + list(blend["methods"]).index(best)
+    best_acc = blend["methods"][best]["accuracy"]
+    es = dict(zip(names, blend["methods"].get("ensemble_selection", {}).get("member_weights", [])))
+    value_rows = []
+    for name in names:
+        folds_m = [r for r in rows if r["model"] == name]
+        loo = blend.get("leave_one_out", {}).get(name)
+
+        def gain(part: str) -> str:
+            pairs = [(r["accuracy"], r[part]["accuracy_without"]) for r in folds_m if r.get(part)]
+            if not pairs:
+                return "off"
+            return f"{np.mean([a - b for a, b in pairs]):+.5f}"
+
+        value_rows.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain("tta"), gain("ema"),
+                           f"{es[name]:.3f}" if es else ""])
 
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kfold-stack report</title>",
@@ -265,8 +285,13 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         "<h2>CV scores</h2>",
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
                 "blend"], summary, {best_row}),
+        "<h2>What each member adds</h2>",
+        f"<p>Marginal value: the submitted blend's OOF accuracy minus that of the same blend "
+        f"({html.escape(best)}) fitted and cross-validated without the member. TTA and EMA: the "
+        f"member's mean fold OOF accuracy with minus without them. Ensemble selection: its weight.</p>",
+        _table(["model", "marginal value", "TTA gain", "EMA gain", "ensemble selection weight"], value_rows),
         "<h2>Per fold</h2>",
-        _table(["model", "fold", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
+        _table(["model", "fold", "seed", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
         "<h2>Learning curves</h2>",
         *[_img(pngs[f"curves_{n}"], f"learning curves of {n}") for n in names],
         "<h2>Confusion matrix (submitted blend, OOF)</h2>", _img(pngs["confusion"], "confusion matrix"),

@@ -169,6 +169,7 @@ class DataSettings:
 class BlendSettings:
     method: Any = "all"
     models: Optional[list] = None
+    seeds: str = _f("average", choices=("average", "members"))
     stack_meta: str = _f("logistic", choices=("logistic", "hgb"))
     stack_features: str = _f("logprob", choices=("logprob", "prob"))
     stack_entropy: bool = False
@@ -177,7 +178,7 @@ class BlendSettings:
     power: float = _f(2.0, gt=0)
     es_size: int = _f(25, ge=1)
     es_init: int = _f(1, ge=1)
-    es_bags: int = _f(20, ge=1)
+    es_bags: int = _f(1, ge=1)
     es_bag_fraction: float = _f(0.5, gt=0, le=1)
 
 
@@ -210,7 +211,7 @@ GROUPS: dict[str, type] = {
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
     "predict": PredictSettings,
 }
-MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "space")
+MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space")
 BUILD_OFFLINE = ("auto", "true", "false")
 
 
@@ -292,6 +293,21 @@ def tta_settings(cfg: DictConfig, name: str) -> TTASettings:
     return checked(TTASettings, model_group(cfg, name, "tta"), f"models.{name}.tta")
 
 
+def seed_count(cfg: DictConfig, name: str) -> int:
+    """How many seeds model ``name`` trains per fold: ``models.<name>.seeds``, else ``seeds``.
+    Raises ConfigError below 1."""
+    own = cfg.models[name].get("seeds")
+    n = own if own is not None else cfg.get("seeds", 1)
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        where = f"models.{name}.seeds" if own is not None else "seeds"
+        raise ConfigError(f"{where}={own if own is not None else cfg.get('seeds')}: expected an integer >= 1")
+    return n
+
+
 def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
     """The checked ``runtime`` group."""
     return checked(RuntimeSettings, cfg.runtime, "runtime")
@@ -371,6 +387,7 @@ def validate(cfg: DictConfig) -> None:
         train_settings(cfg, name)
         aug_settings(cfg, name)
         tta_settings(cfg, name)
+        seed_count(cfg, name)
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
 

@@ -18,7 +18,8 @@ from pipeline import data
 from pipeline.folds import ensure_folds, folds_digest
 from pipeline.paths import Paths
 from pipeline.train import members
-from pipeline.train.members import MemberKey, MemberPredictions, Verification
+from pipeline.settings import seed_count
+from pipeline.train.members import BlendMember, MemberKey, MemberPredictions, Verification
 
 
 @dataclass
@@ -52,10 +53,15 @@ class Workspace:
         folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
         return cls(cfg, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
 
-    def keys(self, name: str, folds: list[int] | None = None) -> list[MemberKey]:
-        """The members of model ``name``: one per fold (all ``folds.k`` folds by default)."""
+    def seeds(self, name: str) -> list[int]:
+        """The seed indices of model ``name`` (``models.<name>.seeds`` or ``seeds``)."""
+        return list(range(seed_count(self.cfg, name)))
+
+    def keys(self, name: str, folds: list[int] | None = None, seed: int | None = None) -> list[MemberKey]:
+        """The members of model ``name``: one per seed (or only ``seed``) and fold (all
+        ``folds.k`` folds by default), seed by seed."""
         fl = range(int(self.cfg.folds.k)) if folds is None else folds
-        return [MemberKey(name, f) for f in fl]
+        return [MemberKey(name, f, s) for s in (self.seeds(name) if seed is None else [seed]) for f in fl]
 
     def member_dir(self, key: MemberKey) -> Path:
         return self.paths.fold_dir(key.model, key.fold, key.seed)
@@ -73,18 +79,24 @@ class Workspace:
             self._verified[key] = members.verify(self.member_dir(key), self.member_config(key))
         return self._verified[key]
 
+    def _drop_predictions(self, model: str) -> None:
+        for label in [k for k in self._predictions if BlendMember.parse(k).model == model]:
+            del self._predictions[label]
+
     def record(self, key: MemberKey, verification: Verification) -> None:
         """What a writer (or another process) established about a member in this run."""
         self._verified[key] = verification
-        self._predictions.pop(key.model, None)
+        self._drop_predictions(key.model)
 
     def forget(self, key: MemberKey) -> None:
         """Drop what is known about a member (another process may have written it)."""
         self._verified.pop(key, None)
-        self._predictions.pop(key.model, None)
+        self._drop_predictions(key.model)
 
-    def predictions(self, name: str) -> MemberPredictions:
-        """Model ``name``'s OOF and fold-averaged test probabilities, read once per run."""
-        if name not in self._predictions:
-            self._predictions[name] = members.load_predictions(self, name)
-        return self._predictions[name]
+    def predictions(self, member: BlendMember | str) -> MemberPredictions:
+        """A blend member's (a model's, or ``model@seed``) OOF and averaged test probabilities,
+        read once per run."""
+        member = BlendMember.parse(member) if isinstance(member, str) else member
+        if member.label not in self._predictions:
+            self._predictions[member.label] = members.load_predictions(self, member)
+        return self._predictions[member.label]

@@ -62,7 +62,7 @@ def test_all_methods_best_is_the_submission_and_the_record_says_so(trained_cfg):
     saved = store.load(paths)
     assert saved.best is out.best and saved.record["k"] == 2 and saved.members == ["cnn_deotte", "mlp"]
     assert saved.record["submission_sha256"] == hashlib.sha256(text.encode()).hexdigest()
-    assert set(saved.record["manifests"]["mlp"]) == {"0", "1"}
+    assert [(e["seed"], e["fold"]) for e in saved.record["manifests"]["mlp"]] == [(0, 0), (0, 1)]
     w = saved.record["methods"]["weighted"]["member_weights"]
     assert len(w) == 2 and abs(sum(w) - 1) < 1e-9 and min(w) >= 0
 

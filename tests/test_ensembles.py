@@ -95,3 +95,35 @@ def test_resume_with_ema_is_exact(tiny_cfg, tmp_path):
     np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
     # the member predicts with the averaged weights, not the raw ones
     assert res.metrics["ema"]["log_loss_without"] != pytest.approx(res.metrics["log_loss"], rel=1e-9, abs=0)
+
+
+def test_seeds_are_members_cached_blended_and_predicted(tiny_cfg):
+    """seeds=2: each (model, fold) trains under two seeds (seed 1 under artifacts/<model>/seed1/),
+    each cached on its own; the blend averages a model's seeds, or takes each seed as a member;
+    predict reproduces the submitted blend exactly either way."""
+    from pipeline import blend, predict
+    from pipeline.blend import store
+    from pipeline.settings import BlendMethod
+    from pipeline.train.scheduler import Outcome
+
+    common = ["ensemble=[mlp]", "seeds=2", "train.epochs=3", "blend.method=[mean,weighted]"]
+    cfg = tiny_cfg(*common)
+    outcomes = train.run(cfg)
+    assert [(o.key.seed, o.key.fold) for o in outcomes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ws = Workspace.load(cfg)
+    assert ws.member_dir(MemberKey("mlp", 1, 1)).parts[-3:] == ("mlp", "seed1", "fold1")
+    s0, s1 = (members.read_oof(ws.member_dir(MemberKey("mlp", 0, s)))[1] for s in (0, 1))
+    assert not np.allclose(s0, s1)  # other seeds, other members
+    assert {o.outcome for o in train.run(cfg)} == {Outcome.CACHED}
+    out = blend.run(cfg)
+    both = ws.predictions("mlp")
+    np.testing.assert_allclose(both.oof, (ws.predictions("mlp@0").oof.astype(np.float64)
+                                          + ws.predictions("mlp@1").oof) / 2, atol=1e-7)
+    assert list(out.members) == ["mlp"] and len(both.manifests) == 4
+    for seeds_mode, labels in (("average", ["mlp"]), ("members", ["mlp@0", "mlp@1"])):
+        c = tiny_cfg(*common, f"blend.seeds={seeds_mode}")
+        out = blend.run(c)
+        assert list(out.members) == labels and BlendMethod.weighted in out.blends
+        probs, saved = predict.ensemble_probabilities(c, ws.comp.x_test)
+        np.testing.assert_array_equal(probs, saved.probabilities(saved.best, "test"))
+        assert store.load(ws.paths).members == labels

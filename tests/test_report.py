@@ -46,13 +46,20 @@ def test_report_page_figures_and_numbers(blended_cfg):
     for name in ("cnn_deotte", "mlp"):
         for f in (0, 1):
             m = json.loads((paths.fold_dir(name, f) / "metrics.json").read_text())
-            assert f"<td class=\"l\">{name}</td><td class=\"\">{f}</td><td class=\"\">{m['accuracy']:.5f}</td>" in text
+            assert f"<td class=\"l\">{name}</td><td class=\"\">{f}</td><td class=\"\">0</td><td class=\"\">{m['accuracy']:.5f}</td>" in text
     b = json.loads((paths.blend_dir / "blend.json").read_text())
     for method, info in b["methods"].items():
         assert f"{info['accuracy']:.5f}" in text
         assert "member weights " + ", ".join(
             f"{n} {w:.3f}" for n, w in zip(b["members"], info["member_weights"])) in text
     assert f"blend {b['best']} -&gt; submission.csv" in text
+    # what each member adds: leave-one-out marginal value, TTA/EMA gains, ensemble-selection weight
+    assert set(b["leave_one_out"]) == {"cnn_deotte", "mlp"}
+    for name in ("cnn_deotte", "mlp"):
+        value = b["methods"][b["best"]]["accuracy"] - b["leave_one_out"][name]["accuracy"]
+        es = dict(zip(b["members"], b["methods"]["ensemble_selection"]["member_weights"]))[name]
+        assert f"<td class=\"l\">{name}</td><td class=\"\">{value:+.5f}</td><td class=\"\">off</td>" \
+               f"<td class=\"\">off</td><td class=\"\">{es:.3f}</td>" in text
 
 
 def test_report_needs_a_blend(tiny_cfg):

@@ -295,7 +295,7 @@ class EnsembleSelectionBlender(_Blender):
     the members and the counts of all bags are summed (bagged ensemble selection, Caruana et al.
     2004, section 4.3), which limits overfitting the OOF rows."""
 
-    def __init__(self, size: int = 25, init: int = 1, bags: int = 20, bag_fraction: float = 0.5,
+    def __init__(self, size: int = 25, init: int = 1, bags: int = 1, bag_fraction: float = 0.5,
                  seed: int = 0):
         self.size = size
         self.init = init

@@ -28,7 +28,7 @@ from pipeline.data import submission_csv
 from pipeline.io import save_text
 from pipeline.metrics import Score, score
 from pipeline.settings import BlendMethod, Metric, blend_methods, blend_models
-from pipeline.train.members import read_metrics
+from pipeline.train.members import BlendMember, read_metrics
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,24 @@ def fit_blend(method: BlendMethod, X: np.ndarray, X_test: np.ndarray, y: np.ndar
     return BlendResult(method, fitted, oof, fitted.predict_proba(X_test), score(y, oof))
 
 
+def leave_one_out(method: BlendMethod, X: np.ndarray, y: np.ndarray, folds: np.ndarray,
+                  names: list[str], cfg: DictConfig) -> dict[str, Score]:
+    """Each member's marginal value: the ``method`` blend of all the other members, fitted and
+    cross-validated exactly like the blend itself (empty with a single member)."""
+    if len(names) < 2:
+        return {}
+    return {n: score(y, cross_val_oof(make_blender(method, cfg.blend), np.delete(X, i, axis=1), y, folds))
+            for i, n in enumerate(names)}
+
+
 def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMethod,
-            submission_sha: str) -> dict:
+            submission_sha: str, loo: dict[str, Score]) -> dict:
     comp = ws.comp
     return {
         "members": names, "k": int(ws.cfg.folds.k), "folds_digest": ws.folds_digest,
         "data_fingerprint": comp.fingerprint, "num_classes": comp.num_classes,
         "in_chans": int(comp.x_train.shape[1]), "img_size": comp.side,
-        "manifests": {p.name: {str(f): s for f, s in p.manifests.items()} for p in preds},
+        "manifests": {p.name: p.manifests for p in preds},
         "class_names": comp.class_names, "metric": str(Metric(ws.cfg.data.metric).value),
         "layout": comp.layout.value, "resize": str(ws.cfg.data.resize),
         "model_scores": {p.name: vars(score(comp.y_train, p.oof)) for p in preds},
@@ -81,6 +91,7 @@ def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMe
                               "member_weights": r.blender.member_weights().tolist()}
                     for m, r in results.items()},
         "best": best.value, "submission_sha256": submission_sha,
+        "leave_one_out": {n: vars(s) for n, s in loo.items()},
     }
 
 
@@ -93,7 +104,8 @@ def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
 
     lines = [f"{'':28s} {'OOF acc':>9s} {'log loss':>9s}{' OOF AUC' if auc else ''} {'train min':>9s}"]
     for name, s in outcome.members.items():
-        minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(name)) / 60
+        e = BlendMember.parse(name)
+        minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(e.model, seed=e.seed)) / 60
         lines.append(row("model " + name, s, f"{minutes:.1f}"))
     for m, r in outcome.blends.items():
         lines.append(row("blend " + m.value, r.score))
@@ -115,8 +127,11 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
         ConfigError: an unknown method or model name.
     """
     ws = ws or Workspace.load(cfg)
-    names, methods = blend_models(cfg), blend_methods(cfg)
-    preds = [ws.predictions(n) for n in names]
+    methods = blend_methods(cfg)
+    entries = [BlendMember(n) if cfg.blend.seeds == "average" else BlendMember(n, s)
+               for n in blend_models(cfg) for s in ([None] if cfg.blend.seeds == "average" else ws.seeds(n))]
+    names = [e.label for e in entries]
+    preds = [ws.predictions(e) for e in entries]
     y = ws.comp.y_train
     X, X_test = np.stack([p.oof for p in preds], 1), np.stack([p.test for p in preds], 1)
     results = {m: fit_blend(m, X, X_test, y, ws.folds, cfg) for m in methods}
@@ -125,7 +140,11 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
     csvs = {m.value: submission_csv(ws.comp, r.test, str(ws.paths.submission(m.value)))
             for m, r in results.items()}
     sha = hashlib.sha256(csvs[best.value].encode()).hexdigest()
-    saved = store.save(ws.paths, _record(ws, names, preds, results, best, sha),
+    loo = leave_one_out(best, X, y, ws.folds, names, cfg)
+    for n, s in loo.items():
+        log.info("blend: %s without %s: OOF acc %.5f (%+.5f), log loss %.4f", best.value, n, s.accuracy,
+                 results[best].score.accuracy - s.accuracy, s.log_loss)
+    saved = store.save(ws.paths, _record(ws, names, preds, results, best, sha, loo),
                        {m: (r.oof, r.test, r.blender.state()) for m, r in results.items()})
     for method, text in csvs.items():
         save_text(ws.paths.submission(method), text)

@@ -74,20 +74,40 @@ class Verification:
         return self.status is MemberStatus.OK
 
 
+@dataclass(frozen=True)
+class BlendMember:
+    """What a blend combines: the members of ``model`` of one seed index, or (``seed=None``) of
+    all its seeds averaged. Its label is ``model`` or ``model@seed``."""
+
+    model: str
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.model if self.seed is None else f"{self.model}@{self.seed}"
+
+    @classmethod
+    def parse(cls, label: str) -> "BlendMember":
+        model, _, seed = label.partition("@")
+        return cls(model, int(seed) if seed else None)
+
+
 @dataclass
 class MemberPredictions:
-    """One model's cached predictions over its folds.
+    """A blend member's cached predictions over its folds (and seeds).
 
     Attributes:
-        oof: ``(N, C)`` float32 OOF probabilities in train-row order, every row from exactly one fold.
-        test: ``(M, C)`` float32 test probabilities averaged over the folds' members.
-        manifests: ``{fold: sha256 of its manifest.json}``: what a saved blend was built from.
+        name: the :class:`BlendMember` label.
+        oof: ``(N, C)`` float32 OOF probabilities in train-row order (each seed's row from exactly
+            one fold; seeds averaged).
+        test: ``(M, C)`` float32 test probabilities averaged over folds, then seeds.
+        manifests: ``[{seed, fold, sha256 of its manifest.json}]``: what a saved blend was built from.
     """
 
     name: str
     oof: np.ndarray
     test: np.ndarray
-    manifests: dict[int, str]
+    manifests: list[dict]
 
 
 def training_seed(base: int, key: MemberKey) -> int:
@@ -289,35 +309,30 @@ def load_model(out_dir: Path) -> tuple["nn.Module", dict]:
     return model.eval(), meta
 
 
-def average_folds(probs: list[np.ndarray]) -> np.ndarray:
-    """The fold-average of ``k`` ``(M, C)`` probability arrays, float32 (accumulated in float64,
-    in fold order): how a model's test probabilities are formed, in ``stage=blend`` and in
-    ``stage=predict`` alike."""
+def average_probs(probs: list[np.ndarray]) -> np.ndarray:
+    """The mean of probability arrays of one shape, float32 (accumulated in float64, in list
+    order): how folds' test probabilities, and seeds' probabilities, are averaged, in
+    ``stage=blend`` and in ``stage=predict`` alike."""
     acc = np.zeros(probs[0].shape, dtype=np.float64)
     for p in probs:
         acc += p / len(probs)
     return acc.astype(np.float32)
 
 
-def load_predictions(ws: "Workspace", name: str) -> MemberPredictions:
-    """Read every fold's OOF and test arrays of model ``name`` and check the OOF contract.
-
-    Raises:
-        ArtifactError: a member is missing, stale or corrupt (naming it, the reason and the
-            command that fixes it), its row ids are not exactly its fold's rows, the shapes are
-            wrong, or an OOF row is not predicted exactly once.
-    """
+def _seed_predictions(ws: "Workspace", model: str, seed: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One seed's OOF ``(N, C)`` and fold-averaged test ``(M, C)`` probabilities of ``model``,
+    with ``[{seed, fold, sha256}]`` of the members read; checks the OOF contract."""
     comp, folds = ws.comp, ws.folds
     n, m, c = len(comp.y_train), len(comp.x_test), comp.num_classes
     oof = np.full((n, c), np.nan, dtype=np.float32)
     hits = np.zeros(n, dtype=np.int64)
-    tests, manifests = [], {}
-    for key in ws.keys(name):
+    tests, entries = [], []
+    for key in ws.keys(model, seed=seed):
         d = ws.member_dir(key)
         v = ws.verify(key)
         if not v.ok:
             hint = ""
-            if v.status is MemberStatus.STALE and not ws.cfg.get("tuned") and ws.paths.tuned(name).exists():
+            if v.status is MemberStatus.STALE and not ws.cfg.get("tuned") and ws.paths.tuned(model).exists():
                 hint = "; trained with tuned=true? then blend with tuned=true too"
             what = v.reason if v.status is MemberStatus.MISSING else f"{v.status.value}: {v.reason}"
             raise ArtifactError(f"{key}: {what} in {d} (run: python run.py stage=train "
@@ -333,8 +348,23 @@ def load_predictions(ws: "Workspace", name: str) -> MemberPredictions:
         if t.shape != (m, c):
             raise ArtifactError(f"{key}: {d / TEST} has shape {t.shape}, expected {(m, c)}")
         tests.append(t)
-        manifests[key.fold] = manifest_sha256(d)
+        entries.append({"seed": key.seed, "fold": key.fold, "sha256": manifest_sha256(d)})
     if not (hits == 1).all():
-        raise ArtifactError(f"{name}: OOF rows predicted {hits.min()}..{hits.max()} times, "
+        raise ArtifactError(f"{model} seed {seed}: OOF rows predicted {hits.min()}..{hits.max()} times, "
                             f"expected exactly once")
-    return MemberPredictions(name, oof, average_folds(tests), manifests)
+    return oof, average_probs(tests), entries
+
+
+def load_predictions(ws: "Workspace", member: "BlendMember") -> MemberPredictions:
+    """Read the OOF and test arrays of a blend member (one model's seed, or all its seeds
+    averaged) and check the OOF contract of every seed.
+
+    Raises:
+        ArtifactError: a member is missing, stale or corrupt (naming it, the reason and the
+            command that fixes it), its row ids are not exactly its fold's rows, the shapes are
+            wrong, or an OOF row is not predicted exactly once.
+    """
+    seeds = ws.seeds(member.model) if member.seed is None else [member.seed]
+    parts = [_seed_predictions(ws, member.model, s) for s in seeds]
+    return MemberPredictions(member.label, average_probs([p[0] for p in parts]),
+                             average_probs([p[1] for p in parts]), [e for p in parts for e in p[2]])

@@ -10,13 +10,12 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from pipeline.settings import selected_folds, selected_models
-from pipeline.train.members import MemberKey
 from pipeline.train.scheduler import MemberOutcome, schedule
 from pipeline.workspace import Workspace
 
 
 def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
-    """Train the members of ``model`` (or the ensemble) x ``fold`` (or all folds).
+    """Train the members of ``model`` (or the ensemble) x its seeds x ``fold`` (or all folds).
 
     Returns one :class:`~pipeline.train.scheduler.MemberOutcome` per member (trained, retrained
     and why, cached, or skipped because another process holds its lock). Raises ConfigError /
@@ -24,5 +23,5 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
     :func:`pipeline.train.scheduler.schedule`).
     """
     ws = ws or Workspace.load(cfg)
-    keys = [MemberKey(name, f) for name in selected_models(cfg) for f in selected_folds(cfg)]
+    keys = [k for name in selected_models(cfg) for k in ws.keys(name, selected_folds(cfg))]
     return schedule(ws, keys)

@@ -255,23 +255,27 @@ class ImageDataset(Dataset):
     """Images (and optionally labels) as float tensors, augmented per sample when training.
 
     Args:
-        images: ``(N, C, S, S)`` uint8 (C = 1 or 3).
+        images: ``(N, C, S, S)`` uint8 (C = 1 or 3), possibly a memory map: read one row at a time.
         labels: ``(N,)`` int64, or ``None`` for unlabeled (test) images.
         transform: an albumentations pipeline from :func:`build_transform`, or ``None``.
+        rows: the rows of ``images`` this dataset serves (default: all), so a fold of a set larger
+            than RAM is never copied whole.
     Items are ``(x, y)`` with ``x`` a ``(C, S, S)`` float32 tensor in [0, 1] and ``y`` an int64
     scalar (-1 when unlabeled).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
-                 transform: A.Compose | None = None):
+                 transform: A.Compose | None = None, rows: np.ndarray | None = None):
         self.images = images
         self.labels = labels
         self.transform = transform
+        self.rows = np.arange(len(images)) if rows is None else rows
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, j: int):
+        i = int(self.rows[j])
         img = np.ascontiguousarray(self.images[i].transpose(1, 2, 0))  # (S, S, C) for albumentations
         if self.transform is not None:
             img = self.transform(image=img)["image"]

@@ -218,3 +218,24 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path):
         create_model("timm_backbone", 5, 3, 64, pretrained_file=str(tmp_path / "nowhere.safetensors"))
     small = create_model("resnet_timm", 5, 3, 32, **kw)  # below 64 px: the small-input stem
     assert small.conv1.stride == (1, 1) and small(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_a_fold_of_a_memory_mapped_set_is_read_row_by_row(tmp_path, digits):
+    """aug.backend=albumentations serves a fold's rows from the memory-mapped cache itself (no
+    copy of the set), so a competition larger than RAM trains; the batches are the real rows."""
+    from pipeline.settings import AugSettings
+    from pipeline.train.engine import make_batches
+
+    d = _write(tmp_path, digits, "files")
+    data.load_competition(d, tmp_path / "cache")
+    comp = data.load_competition(d, tmp_path / "cache")  # from the cache: memory maps
+    assert isinstance(comp.x_train, np.memmap)
+    rows = np.arange(0, 400, 2)
+    batches = make_batches(comp.x_train, comp.y_train, rows, 50, torch.device("cpu"),
+                           AugSettings(backend="albumentations"), seed=0)
+    assert batches.dataset.images is comp.x_train and len(batches.dataset) == 200
+    xb, yb = next(iter(batches))
+    assert xb.shape == (50, 1, 28, 28) and set(yb.tolist()) <= set(comp.y_train[rows].tolist())
+    x0, y0 = batches.dataset[3]
+    np.testing.assert_array_equal(x0.numpy(), comp.x_train[6] / np.float32(255))
+    assert int(y0) == comp.y_train[6]

@@ -144,21 +144,22 @@ def _worker_init(worker_id: int) -> None:
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def make_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-                 aug: AugSettings | DictConfig, seed: int, workers: int = 0):
-    """The training batches of one member for ``aug.backend``.
+def make_batches(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
+                 device: torch.device, aug: AugSettings | DictConfig, seed: int, workers: int = 0):
+    """The training batches of one member, over ``rows`` of ``images``, for ``aug.backend``.
 
-    ``torch``: :class:`pipeline.augment.DeviceBatches` (device-resident uint8, batched
-    augmentation). ``albumentations``: a shuffling ``DataLoader`` over per-sample transforms
-    with ``workers`` processes. Both drop the last incomplete batch and yield
-    ``(x (B, C, S, S) float32, y (B,) int64)``.
+    ``torch``: :class:`pipeline.augment.DeviceBatches` (the rows copied to the device as uint8,
+    batched augmentation). ``albumentations``: a shuffling ``DataLoader`` over per-sample
+    transforms with ``workers`` processes, reading ``images`` (a memory map, for image layouts)
+    one row at a time, so a set larger than RAM trains. Both drop the last incomplete batch and
+    yield ``(x (B, C, S, S) float32, y (B,) int64)``.
     """
     if AugBackend(aug.backend) is AugBackend.torch:
-        return augment.DeviceBatches(images, labels, batch_size, device, aug, seed)
+        return augment.DeviceBatches(images[rows], labels[rows], batch_size, device, aug, seed)
     transform = augment.transform_from_cfg(aug)
     if transform is not None:
         transform.set_random_seed(seed)
-    return DataLoader(augment.ImageDataset(images, labels, transform), batch_size=batch_size,
+    return DataLoader(augment.ImageDataset(images, labels, transform, rows), batch_size=batch_size,
                       shuffle=True, drop_last=True, num_workers=workers,
                       worker_init_fn=_worker_init if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed),
@@ -256,7 +257,7 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray) -> _Loop:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t = spec.train
-    batches = make_batches(comp.x_train[tr_idx], comp.y_train[tr_idx], t.batch_size, device,
+    batches = make_batches(comp.x_train, comp.y_train, tr_idx, t.batch_size, device,
                            spec.aug, spec.seed, num_workers(spec.runtime.num_workers, device))
     if len(batches) == 0:
         raise ConfigError(f"{spec.key}: train.batch_size={t.batch_size} is larger than the "

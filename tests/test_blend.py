@@ -19,7 +19,7 @@ from pipeline import blend
 from pipeline.blend import store
 from pipeline.blend.blenders import (BLENDERS, EnsembleSelectionBlender, GeometricMeanBlender,
                                      MeanBlender, PowerMeanBlender, RankMeanBlender, StackBlender,
-                                     WeightedBlender, cross_val_oof, fit_weights, greedy_selection,
+                                     cross_val_oof, fit_weights, greedy_selection,
                                      make_blender, stack_features)
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import Paths

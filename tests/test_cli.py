@@ -32,7 +32,6 @@ def test_every_config_option_instantiates(tmp_path, group, option):
     """Each option of each group passes the schema, and what it configures is built for real:
     every model with its kwargs (forward pass on real digits), every member's augmentation on
     both backends, every blender, the device."""
-    import numpy as np
     import torch
 
     from conftest import DIGITS

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from pipeline import blend, data, predict, report, train
-from pipeline.blend import store
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.paths import Paths
 from pipeline.workspace import Workspace

@@ -3,13 +3,12 @@ seeds per member, the cache key's parts, and checkpoints that load without pickl
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import fit, trained
+from conftest import fit
 from pipeline import train
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model

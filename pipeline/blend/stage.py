@@ -110,7 +110,7 @@ def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
     for m, r in outcome.blends.items():
         lines.append(row("blend " + m.value, r.score))
         if m is not BlendMethod.mean:
-            lines.append(f"  member weights: " + ", ".join(
+            lines.append("  member weights: " + ", ".join(
                 f"{n}={w:.3f}" for n, w in zip(outcome.members, r.blender.member_weights())))
     log.info("blend: CV table\n%s", "\n".join(lines))
     metric = Metric(ws.cfg.data.metric)

@@ -92,16 +92,12 @@ def _read_images(data_dir: Path, layout: Layout, cache_dir: Path | None, opts: d
                         f"{opts['num_classes']}")
     jobs = int(opts.get("decode_jobs") or os.cpu_count() or 1)
     side, ch = images.choose_geometry(s.train_files + s.test_files, opts.get("img_size"),
-                                      int(opts.get("max_img_size") or 128), opts.get("channels", "auto"), jobs)
-    if cache_dir is None:  # no cache: decode into memory
-        x_train = images._decode(s.train_files, side, ch, opts.get("resize", "stretch"))
-        x_test = images._decode(s.test_files, side, ch, opts.get("resize", "stretch"))
-    else:
-        x_train = images.decode_to(cache_dir / "x_train.npy", s.train_files, side, ch, opts.get("resize", "stretch"),
-                                   jobs, "decoding train images")
-        x_test = images.decode_to(cache_dir / "x_test.npy", s.test_files, side, ch, opts.get("resize", "stretch"),
-                                  jobs, "decoding test images")
-    kind = submission_kind(str(opts.get("submission", "auto")), s.columns, names, data_dir / SAMPLE_CSV)
+                                      int(opts.get("max_img_size") or 128), opts.get("channels") or "auto", jobs)
+    resize = opts.get("resize") or "stretch"
+    x_train, x_test = (images.decode_to(cache_dir / f"x_{split}.npy" if cache_dir else None, files, side, ch,
+                                        resize, jobs, f"decoding {split} images")
+                       for split, files in (("train", s.train_files), ("test", s.test_files)))
+    kind = submission_kind(str(opts.get("submission") or "auto"), s.columns, names, data_dir / SAMPLE_CSV)
     return {"x_train": x_train, "y_train": y, "x_test": x_test, "test_ids": np.array(s.test_ids, dtype=str),
             "info": {"num_classes": len(names), "id_column": s.columns[0], "label_column": s.columns[-1],
                      "class_names": names, "submission": kind.value, "submission_columns": s.columns}}
@@ -121,7 +117,7 @@ def load_competition(data_dir: str | Path, cache_dir: Path | None = None, num_cl
     from pipeline.data.layout import detect
 
     data_dir = Path(data_dir)
-    fmt = str(opts.get("format", "auto"))
+    fmt = str(opts.get("format") or "auto")
     layout = detect(data_dir) if fmt == "auto" else Layout(fmt)
     if layout is Layout.pixels:
         missing = [n for n in COMPETITION_FILES if not (data_dir / n).exists()]
@@ -142,7 +138,7 @@ def load_competition(data_dir: str | Path, cache_dir: Path | None = None, num_cl
             return Competition(**arrays, **meta["info"])
     if layout is Layout.pixels:
         x_train, y_train, x_test, test_ids, n_cls, columns = read_pixels(data_dir, num_classes)
-        kind = submission_kind(str(opts.get("submission", "auto")), columns, [str(i) for i in range(n_cls)],
+        kind = submission_kind(str(opts.get("submission") or "auto"), columns, [str(i) for i in range(n_cls)],
                                data_dir / SAMPLE_CSV)
         parts = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "test_ids": test_ids,
                  "info": {"num_classes": n_cls, "id_column": columns[0], "label_column": columns[1],
@@ -193,7 +189,6 @@ def load(cfg: DictConfig) -> Competition:
     n_cls = d.num_classes
     opts = {k: d.get(k) for k in ("format", "id_column", "label_column", "img_size", "max_img_size",
                                   "resize", "channels", "submission", "decode_jobs")}
-    opts = {k: v for k, v in opts.items() if v is not None or k in ("img_size", "id_column", "label_column")}
     return load_competition(data_dir, Paths.from_cfg(cfg).parsed_cache(data_dir),
                             None if n_cls is None else int(n_cls), **opts)
 

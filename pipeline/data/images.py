@@ -240,10 +240,14 @@ def choose_geometry(paths: list[Path], img_size: int | None, max_img_size: int,
     return side, int(channels)
 
 
-def decode_to(path: Path, files: list[Path], side: int, channels: int, resize: Resize | str,
+def decode_to(path: Path | None, files: list[Path], side: int, channels: int, resize: Resize | str,
               jobs: int, what: str) -> np.ndarray:
     """Decode ``files`` into a new memory-mapped ``(N, channels, side, side)`` uint8 ``.npy`` at
-    ``path`` (written beside it, then renamed); returns it opened read-only."""
+    ``path`` (written beside it, then renamed) and return it opened read-only; with no ``path``,
+    decode into memory."""
+    if path is None:
+        return np.concatenate([a for _, a in _parallel(_decode, files, jobs, what, side, channels,
+                                                       Resize(resize).value)])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, side, side))

@@ -265,8 +265,13 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         folds_m = [r for r in rows if r["model"] == name]
         loo = blend.get("leave_one_out", {}).get(name)
 
+        def without_tta(r: dict) -> float:  # the member's own weights, no test-time views
+            return r["tta"]["accuracy_without"] if r.get("tta") else r["accuracy"]
+
         def gain(part: str) -> str:
-            pairs = [(r["accuracy"], r[part]["accuracy_without"]) for r in folds_m if r.get(part)]
+            """Mean fold gain: TTA = with - without views; EMA = averaged - raw weights (no TTA)."""
+            pairs = [(r["accuracy"] if part == "tta" else without_tta(r), r[part]["accuracy_without"])
+                     for r in folds_m if r.get(part)]
             if not pairs:
                 return "off"
             return f"{np.mean([a - b for a, b in pairs]):+.5f}"
@@ -287,8 +292,9 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
                 "blend"], summary, {best_row}),
         "<h2>What each member adds</h2>",
         f"<p>Marginal value: the submitted blend's OOF accuracy minus that of the same blend "
-        f"({html.escape(best)}) fitted and cross-validated without the member. TTA and EMA: the "
-        f"member's mean fold OOF accuracy with minus without them. Ensemble selection: its weight.</p>",
+        f"({html.escape(best)}) fitted and cross-validated without the member. TTA: the members' "
+        f"mean fold OOF accuracy with minus without the test-time views; EMA: with the averaged "
+        f"minus the raw weights (both without TTA). Ensemble selection: its weight.</p>",
         _table(["model", "marginal value", "TTA gain", "EMA gain", "ensemble selection weight"], value_rows),
         "<h2>Per fold</h2>",
         _table(["model", "fold", "seed", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),

@@ -224,7 +224,7 @@ def test_a_fold_of_a_memory_mapped_set_is_read_row_by_row(tmp_path, digits):
     """aug.backend=albumentations serves a fold's rows from the memory-mapped cache itself (no
     copy of the set), so a competition larger than RAM trains; the batches are the real rows."""
     from pipeline.settings import AugSettings
-    from pipeline.train.engine import make_batches
+    from pipeline.train.batches import make_batches
 
     d = _write(tmp_path, digits, "files")
     data.load_competition(d, tmp_path / "cache")

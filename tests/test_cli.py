@@ -59,10 +59,16 @@ def test_every_config_option_instantiates(tmp_path, group, option):
     assert select_device(runtime_settings(cfg).device).type in ("cpu", "cuda")
 
 
-def test_profiles_blend_several_models(tmp_path):
+def test_profiles_blend_several_members(tmp_path):
+    """Each profile trains several members per fold (models x seeds) and the quick one less."""
+    from pipeline.settings import seed_count, validate
+
     quick = compose_cfg(tmp_path, ["profile=quick"])
     full = compose_cfg(tmp_path, [])
-    assert len(quick.ensemble) >= 3 and len(full.ensemble) >= 3
+    for cfg in (quick, full):
+        validate(cfg)
+        assert sum(seed_count(cfg, n) for n in cfg.ensemble) >= 3
+    assert seed_count(quick, "cnn_deotte") == 2 and quick.sized_for == "cpu" and full.sized_for == "gpu"
     assert quick.models.cnn_deotte.train.epochs < full.models.cnn_deotte.train.epochs
 
 

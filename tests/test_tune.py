@@ -195,6 +195,9 @@ def test_killed_worker_trial_is_failed_and_retried(tiny_cfg, digits_dir, tmp_pat
         except Exception:  # not created yet
             continue
         running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    # Optuna fails only trials that have a heartbeat: wait past the first one (every 1 s) before
+    # the kill, or a trial killed right after it starts stays RUNNING (the trial runs 60 epochs)
+    time.sleep(2.5)
     proc.kill()
     proc.wait()
     assert running, "the worker never started a trial"

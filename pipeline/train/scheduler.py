@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
 from filelock import FileLock, Timeout
 from omegaconf import open_dict
 
 from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
-from pipeline.settings import LockMode, runtime_settings
+from pipeline.settings import LockMode, runtime_settings, train_settings
 from pipeline.train import members
 from pipeline.train.engine import FitSpec, fit_member, seconds_per_epoch
 from pipeline.train.members import MemberKey, MemberStatus
@@ -161,11 +162,8 @@ class Estimate:
 def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device) -> Estimate:
     """Time a few training steps of each pending model (:func:`seconds_per_epoch`, with the
     threads each side-by-side job will have) and extrapolate to every pending member's epochs."""
-    torch_threads = None
+    threads = torch.get_num_threads()
     if device.type == "cpu" and n_jobs > 1:
-        import torch
-
-        torch_threads = torch.get_num_threads()
         torch.set_num_threads(core_share(n_jobs))
     per_epoch: dict[str, float] = {}
     try:
@@ -174,12 +172,8 @@ def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device) -> Estim
                 spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
                 per_epoch[key.model] = seconds_per_epoch(spec, ws.comp, ws.folds)
     finally:
-        if torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(torch_threads)
-    seconds = {k: per_epoch[k.model] * FitSpec.from_config(ws.cfg, k, ws.member_config(k)).train.epochs
-               for k in keys}
+        torch.set_num_threads(threads)
+    seconds = {k: per_epoch[k.model] * train_settings(ws.cfg, k.model).epochs for k in keys}
     return Estimate(seconds, n_jobs)
 
 

@@ -179,25 +179,29 @@ def test_killed_worker_trial_is_failed_and_retried(tiny_cfg, digits_dir, tmp_pat
     """kill -9 a tuning process mid-trial: with heartbeats, the next worker marks that trial
     failed and re-runs its parameters; nothing is left RUNNING."""
     storage = f"sqlite:///{tmp_path / 'crash.db'}"
-    slow = ["models.mlp.space.train.epochs.low=60", "models.mlp.space.train.epochs.high=60",
+    slow = ["models.mlp.space.train.epochs.low=400", "models.mlp.space.train.epochs.high=400",
             "tune.heartbeat_s=1", f"tune.storage={storage}", "tune.pruner=none"]
     run_stage(tiny_cfg("stage=folds"))
     args = [sys.executable, str(REPO / "run.py"), f"paths.root={tmp_path}", f"data.dir={digits_dir}",
             *TINY, *TUNE, *slow, "tune.n_trials=5"]
     proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    running = []
-    deadline = time.time() + 120
-    while not running and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    import sqlite3
+
+    def beating() -> bool:
+        """A trial is RUNNING and has recorded a heartbeat (Optuna fails only such trials)."""
         try:
-            study = optuna.load_study(study_name="mlp", storage=storage)
-        except Exception:  # not created yet
-            continue
-        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    # Optuna fails only trials that have a heartbeat: wait past the first one (every 1 s) before
-    # the kill, or a trial killed right after it starts stays RUNNING (the trial runs 60 epochs)
-    time.sleep(2.5)
+            with sqlite3.connect(tmp_path / "crash.db") as db:
+                return bool(db.execute("SELECT COUNT(*) FROM trial_heartbeats h JOIN trials t ON "
+                                       "h.trial_id = t.trial_id WHERE t.state = 'RUNNING'").fetchone()[0])
+        except sqlite3.Error:  # not created yet
+            return False
+
+    deadline = time.time() + 120
+    while not beating() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    running = optuna.load_study(study_name="mlp", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.RUNNING,))
     proc.kill()
     proc.wait()
     assert running, "the worker never started a trial"

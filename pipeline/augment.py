@@ -256,12 +256,13 @@ class ImageDataset(Dataset):
 
     Args:
         images: ``(N, C, S, S)`` uint8 (C = 1 or 3), possibly a memory map: read one row at a time.
-        labels: ``(N,)`` int64, or ``None`` for unlabeled (test) images.
+        labels: ``(N,)`` int64, ``(N, C)`` float32 soft targets, or ``None`` for unlabeled (test)
+            images.
         transform: an albumentations pipeline from :func:`build_transform`, or ``None``.
         rows: the rows of ``images`` this dataset serves (default: all), so a fold of a set larger
             than RAM is never copied whole.
     Items are ``(x, y)`` with ``x`` a ``(C, S, S)`` float32 tensor in [0, 1] and ``y`` an int64
-    scalar (-1 when unlabeled).
+    scalar (-1 when unlabeled) or a ``(C,)`` float32 target.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
@@ -281,6 +282,8 @@ class ImageDataset(Dataset):
             img = self.transform(image=img)["image"]
         img = img.reshape(img.shape[0], img.shape[1], -1).transpose(2, 0, 1)
         x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32) / 255.0)
+        if self.labels is not None and self.labels.ndim == 2:  # soft targets (pseudo-labels)
+            return x, torch.from_numpy(np.ascontiguousarray(self.labels[i], dtype=np.float32))
         y = -1 if self.labels is None else int(self.labels[i])
         return x, torch.tensor(y, dtype=torch.int64)
 
@@ -290,10 +293,10 @@ class DeviceBatches:
     epoch is a ``randperm`` cut into slices, normalised to [0, 1] and augmented a batch at a time.
 
     Args:
-        images: ``(N, C, S, S)`` uint8; labels: ``(N,)`` int64.
+        images: ``(N, C, S, S)`` uint8; labels: ``(N,)`` int64 or ``(N, C)`` float32 soft targets.
         batch_size: images per batch (the last incomplete batch is dropped, like the loader's).
         aug_cfg: the ``aug`` config group; seed: seeds the device generator (order + augmentation).
-    Iterating yields ``(x (B, C, S, S) float32, y (B,) int64)`` on ``device``.
+    Iterating yields ``(x (B, C, S, S) float32, y (B,) int64 or (B, C) float32)`` on ``device``.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,

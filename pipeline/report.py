@@ -17,7 +17,8 @@ are written as PNGs beside it. It shows:
 * the correlation between the models' OOF errors (ensemble diversity) and the blend weights /
   meta-learner coefficients;
 * the predicted class distribution on the test set next to the train label distribution, and
-  random test images with their predicted labels.
+  random test images with their predicted labels;
+* each pseudo-label round's test rows added per fold and its OOF gain over its base model.
 """
 
 from __future__ import annotations
@@ -55,9 +56,26 @@ def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
                          "log_loss": m["log_loss"],
                          "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
                          "tta": m.get("tta") if (m.get("tta") or {}).get("views", 1) > 1 else None,
-                         "ema": m.get("ema"),
+                         "ema": m.get("ema"), "n_pseudo": m.get("n_pseudo", 0),
                          "history": m.get("history", [])})
     return rows
+
+
+def _pseudo_rows(ws: Workspace, names: list[str], rows: list[dict], record: dict) -> list[list]:
+    """One row per pseudo-label round among the blend's members: rows added, OOF vs its base."""
+    from pipeline import pseudo
+    from pipeline.metrics import score
+
+    out = []
+    for name in names:
+        base = pseudo.base_model(ws.cfg, BlendMember.parse(name).model)
+        if base is None:
+            continue
+        added = np.mean([r["n_pseudo"] for r in rows if r["model"] == name])
+        acc = record["model_scores"][name]["accuracy"]
+        base_acc = score(ws.comp.y_train, ws.predictions(base).oof).accuracy
+        out.append([name, base, f"{added:,.0f}", f"{acc:.5f}", f"{base_acc:.5f}", f"{acc - base_acc:+.5f}"])
+    return out
 
 
 def _save(fig, path: Path) -> Path:
@@ -279,6 +297,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         value_rows.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain("tta"), gain("ema"),
                            f"{es[name]:.3f}" if es else ""])
 
+    pseudo_rows = _pseudo_rows(ws, names, rows, blend)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kfold-stack report</title>",
         f"<style>{_CSS}</style></head><body>",
@@ -296,6 +315,12 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         f"mean fold OOF accuracy with minus without the test-time views; EMA: with the averaged "
         f"minus the raw weights (both without TTA). Ensemble selection: its weight.</p>",
         _table(["model", "marginal value", "TTA gain", "EMA gain", "ensemble selection weight"], value_rows),
+        *(["<h2>Pseudo-labels</h2>",
+            "<p>Each pseudo-label round (<code>pseudo.models</code>): the test rows added to each fold's "
+            "training rows (mean over its folds), its OOF accuracy, and the gain over its base model "
+            "(the same settings without pseudo rows).</p>",
+            _table(["round", "base", "test rows added per fold", "OOF accuracy", "base OOF accuracy",
+                    "gain"], pseudo_rows)] if pseudo_rows else []),
         "<h2>Per fold</h2>",
         _table(["model", "fold", "seed", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
         "<h2>Learning curves</h2>",

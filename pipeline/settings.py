@@ -8,7 +8,8 @@ one line naming the key and what was expected (:class:`~pipeline.errors.ConfigEr
 merged over the global groups, exactly as training uses them.
 
 The choices that carry state through the pipeline are enums: :class:`Precision`,
-:class:`AugBackend`, :class:`LockMode`, :class:`Pruner`, :class:`BlendMethod`.
+:class:`AugBackend`, :class:`LockMode`, :class:`Pruner`, :class:`BlendMethod`,
+:class:`PseudoLabels`.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ class BlendMethod(str, Enum):
     power = "power"
     rank = "rank"
     ensemble_selection = "ensemble_selection"
+
+
+class PseudoLabels(str, Enum):
+    """``pseudo.labels``: what a pseudo row is trained towards."""
+
+    hard = "hard"  # the combined prediction's top class (cross-entropy on a class index)
+    soft = "soft"  # the combined probabilities themselves (cross-entropy on a distribution)
 
 
 def _f(default: Any, **limits: Any) -> Any:
@@ -183,6 +191,17 @@ class BlendSettings:
 
 
 @dataclass
+class PseudoSettings:
+    """``pseudo``: a second training round with confident test rows (:mod:`pipeline.pseudo`)."""
+
+    models: list = field(default_factory=list)  # models that get a round; each adds <name>_pl
+    source: Optional[list] = None                # models labelling the rows; null = the ensemble's first round
+    blend: BlendMethod = BlendMethod.mean        # how the sources' fold-f test probabilities are combined
+    threshold: float = _f(0.995, gt=0, le=1)     # a test row is used when its top probability is >= this
+    labels: PseudoLabels = PseudoLabels.hard
+
+
+@dataclass
 class TuneSettings:
     n_trials: int = _f(20, ge=1)
     timeout: Optional[float] = _f(None, gt=0)
@@ -209,7 +228,7 @@ class PredictSettings:
 GROUPS: dict[str, type] = {
     "train": TrainSettings, "aug": AugSettings, "tta": TTASettings, "runtime": RuntimeSettings,
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
-    "predict": PredictSettings,
+    "predict": PredictSettings, "pseudo": PseudoSettings,
 }
 MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space")
 BUILD_OFFLINE = ("auto", "true", "false")

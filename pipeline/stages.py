@@ -1,7 +1,7 @@
 """Stage dispatch: ``cfg.stage`` -> a plain function taking the composed config.
 
-:func:`run_stage` checks the whole config once (:func:`pipeline.settings.validate`) before any
-work, applies ``tuned=true``, and builds one :class:`~pipeline.workspace.Workspace` (the
+:func:`run_stage` adds the pseudo-label rounds (:func:`pipeline.pseudo.expand`), checks the whole
+config once (:func:`pipeline.settings.validate`) before any work, applies ``tuned=true``, and builds one :class:`~pipeline.workspace.Workspace` (the
 competition and folds, loaded once) that every stage of ``stage=all`` shares.
 """
 
@@ -48,6 +48,9 @@ def run_stage(cfg: DictConfig) -> Any:
         stage = Stage(str(cfg.stage))
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
+    from pipeline import pseudo
+
+    pseudo.expand(cfg)  # models.<name>_pl for each pseudo-label round
     validate(cfg)
     if stage is not Stage.tune:  # a study searches around the config as written
         apply_tuned(cfg)

@@ -39,6 +39,7 @@ class Workspace:
     _configs: dict = field(default_factory=dict, repr=False)
     _verified: dict = field(default_factory=dict, repr=False)
     _predictions: dict = field(default_factory=dict, repr=False)
+    _pseudo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: DictConfig) -> "Workspace":
@@ -46,8 +47,10 @@ class Workspace:
 
         Raises DataError / ConfigError / ArtifactError as :func:`pipeline.data.load` and
         :func:`pipeline.folds.ensure_folds` do."""
+        from pipeline import pseudo
         from pipeline.metrics import check_metric
 
+        pseudo.expand(cfg)  # idempotent; run_stage has done it already
         comp = data.load(cfg)
         check_metric(cfg.data.metric, comp.num_classes)
         folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
@@ -67,10 +70,15 @@ class Workspace:
         return self.paths.fold_dir(key.model, key.fold, key.seed)
 
     def member_config(self, key: MemberKey) -> DictConfig:
-        """The member's cache key (:func:`pipeline.train.members.member_config`), computed once."""
+        """The member's cache key (:func:`pipeline.train.members.member_config`), computed once;
+        a pseudo-label round's includes its source (ArtifactError while a source member is not
+        cached)."""
         if key not in self._configs:
+            from pipeline import pseudo
+
+            part = pseudo.cache_part(self, key.fold) if pseudo.base_model(self.cfg, key.model) else None
             self._configs[key] = members.member_config(self.cfg, key, self.comp.fingerprint,
-                                                       self.folds_digest)
+                                                       self.folds_digest, part)
         return self._configs[key]
 
     def verify(self, key: MemberKey) -> Verification:
@@ -80,8 +88,13 @@ class Workspace:
         return self._verified[key]
 
     def _drop_predictions(self, model: str) -> None:
+        from pipeline import pseudo
+
         for label in [k for k in self._predictions if BlendMember.parse(k).model == model]:
             del self._predictions[label]
+        for key in [k for k in self._configs if pseudo.base_model(self.cfg, k.model)]:
+            del self._configs[key]  # a round's cache key holds its source members' manifests
+        self._pseudo.clear()
 
     def record(self, key: MemberKey, verification: Verification) -> None:
         """What a writer (or another process) established about a member in this run."""
@@ -100,3 +113,11 @@ class Workspace:
         if member.label not in self._predictions:
             self._predictions[member.label] = members.load_predictions(self, member)
         return self._predictions[member.label]
+
+    def pseudo_rows(self, fold: int):
+        """Fold ``fold``'s pseudo rows (:func:`pipeline.pseudo.pseudo_rows`), computed once per run."""
+        from pipeline import pseudo
+
+        if fold not in self._pseudo:
+            self._pseudo[fold] = pseudo.pseudo_rows(self, fold)
+        return self._pseudo[fold]

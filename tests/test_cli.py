@@ -26,7 +26,7 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in ("profile", "aug", "train", "blend",
-                                                             "runtime", "data", "folds", "paths")
+                                                             "runtime", "data", "folds", "paths", "pseudo")
                                            for o in _options(g)])
 def test_every_config_option_instantiates(tmp_path, group, option):
     """Each option of each group passes the schema, and what it configures is built for real:
@@ -98,6 +98,8 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=train", "+models.mlp.train.lr=-1"], "models.mlp.train.lr=-1.0: expected > 0"),
     (["stage=blend", "blend.models=[lenet]"], "blend.models: unknown model 'lenet'"),
     (["stage=train", "train.precision=fp16"], "train.precision=fp16: Invalid value 'fp16'"),
+    (["stage=train", "pseudo.models=[lenet]"], "pseudo.models: unknown model 'lenet'"),
+    (["stage=train", "pseudo.models=[mlp]", "model=mlp_pl"], "pseudo-labels of fold 0 need cnn_deotte fold 0"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, args, message):
     args = [a.format(tmp=tmp_path) for a in args]

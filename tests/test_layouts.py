@@ -224,14 +224,14 @@ def test_a_fold_of_a_memory_mapped_set_is_read_row_by_row(tmp_path, digits):
     """aug.backend=albumentations serves a fold's rows from the memory-mapped cache itself (no
     copy of the set), so a competition larger than RAM trains; the batches are the real rows."""
     from pipeline.settings import AugSettings
-    from pipeline.train.batches import make_batches
+    from pipeline.train.batches import TrainingSet, make_batches
 
     d = _write(tmp_path, digits, "files")
     data.load_competition(d, tmp_path / "cache")
     comp = data.load_competition(d, tmp_path / "cache")  # from the cache: memory maps
     assert isinstance(comp.x_train, np.memmap)
     rows = np.arange(0, 400, 2)
-    batches = make_batches(comp.x_train, comp.y_train, rows, 50, torch.device("cpu"),
+    batches = make_batches(TrainingSet(comp.x_train, comp.y_train, rows), 50, torch.device("cpu"),
                            AugSettings(backend="albumentations"), seed=0)
     assert batches.dataset.images is comp.x_train and len(batches.dataset) == 200
     xb, yb = next(iter(batches))

@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model
 from pipeline.settings import (AugSettings, Precision, RuntimeSettings, TrainSettings,
                                TTASettings, aug_settings, runtime_settings, train_settings, tta_settings)
-from pipeline.train.batches import make_batches, set_epoch
+from pipeline.train.batches import make_batches, set_epoch, training_set
 from pipeline.train.members import MemberKey
 from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
 from pipeline.train.runtime import (cpu_has_native_bf16, device_name, num_workers, seed_everything,
@@ -58,7 +58,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     """One optimizer step on a batch; bf16 autocast per :func:`use_bf16`, the loss in fp32.
 
     Args:
-        x: ``(B, C, S, S)`` float32 on the model's device; y: ``(B,)`` int64.
+        x: ``(B, C, S, S)`` float32 on the model's device; y: ``(B,)`` int64 class indices, or
+            ``(B, C)`` float32 target probabilities (soft pseudo-labels).
     Returns:
         ``(loss, logits)``: the scalar loss tensor and ``(B, classes)`` logits (not synchronised).
     """
@@ -206,7 +207,7 @@ class _Loop:
         return self.ema.module if self.ema is not None else self.net
 
 
-def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray) -> _Loop:
+def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> _Loop:
     device = select_device(spec.runtime.device)
     seed_everything(spec.seed)
     if spec.runtime.deterministic:
@@ -215,11 +216,12 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray) -> _Loop:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t = spec.train
-    batches = make_batches(comp.x_train, comp.y_train, tr_idx, t.batch_size, device,
-                           spec.aug, spec.seed, num_workers(spec.runtime.num_workers, device))
+    data = training_set(comp, tr_idx, pseudo)
+    batches = make_batches(data, t.batch_size, device, spec.aug, spec.seed,
+                           num_workers(spec.runtime.num_workers, device))
     if len(batches) == 0:
         raise ConfigError(f"{spec.key}: train.batch_size={t.batch_size} is larger than the "
-                          f"{len(tr_idx)} training rows of the fold")
+                          f"{len(data.rows)} training rows of the fold")
     model = place_model(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side,
                                      **spec.kwargs), device, spec.runtime.channels_last)
     net = torch.compile(model) if spec.runtime.compile else model
@@ -274,7 +276,7 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
         if loop.ema is not None:
             loop.ema.update(loop.model, step=(epoch - 1) * steps + step + 1)
         loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        correct += (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum()
         seen += len(y)
         if not bar.disable and (step % 25 == 0 or step == steps - 1):
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
@@ -300,11 +302,11 @@ def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarr
 
 
 def seconds_per_epoch(spec: FitSpec, comp: Competition, folds: np.ndarray, steps: int = 5,
-                      warmup: int = 2) -> float:
+                      warmup: int = 2, pseudo=None) -> float:
     """Seconds one training epoch of ``spec`` takes here: ``steps`` real training steps (after
     ``warmup``) of its model, batches and augmentation on its device, times the steps per epoch
-    (validation excluded). Trains a throw-away copy; nothing is written."""
-    loop = _setup(spec, comp, np.flatnonzero(folds != spec.key.fold))
+    (validation excluded; ``pseudo`` rows counted). Trains a throw-away copy; nothing is written."""
+    loop = _setup(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
     loop.model.train()
     it = iter(loop.batches)
     n = min(len(loop.batches), warmup + steps)
@@ -325,7 +327,7 @@ def seconds_per_epoch(spec: FitSpec, comp: Competition, folds: np.ndarray, steps
 
 def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
                on_epoch: EpochCallback | None = None, predict_test: bool = True,
-               resume_path: Path | None = None) -> FitResult:
+               resume_path: Path | None = None, pseudo=None) -> FitResult:
     """Train ``spec.key.model`` on every fold but ``spec.key.fold``; predict that fold (and the test set).
 
     ``on_epoch(epoch, record)`` is called after each epoch with its history record
@@ -338,13 +340,16 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     augmentation are reseeded per epoch (:func:`set_epoch`), so on CPU with
     ``runtime.deterministic=true`` a resumed run gives the uninterrupted run's probabilities.
 
+    With ``pseudo`` (:class:`pipeline.pseudo.PseudoRows` of this fold) its test rows train with
+    their pseudo-labels beside the training rows; the validated fold is never among them.
+
     Raises:
         PipelineError: the loss became NaN/inf (the resume checkpoint is removed).
         ConfigError: the batch size exceeds the fold's training rows.
     """
     t0 = time.perf_counter()
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
-    loop = _setup(spec, comp, tr_idx)
+    loop = _setup(spec, comp, tr_idx, pseudo)
     if resume_path is not None and resume_path.exists():
         _resume_from(loop, spec, resume_path)
     y_val = comp.y_train[va_idx]
@@ -375,6 +380,7 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         "log_loss": float(log_loss(y_val, val, labels=np.arange(comp.num_classes))),
         "epochs": spec.train.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
         "device": device_name(loop.device), "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
+        "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0,
         "history": loop.history, "resumed_after_epoch": loop.start - 1 if loop.start > 1 else None,
         "tta": {"views": len(views), "accuracy_without": float((plain.argmax(1) == y_val).mean()),
                 "log_loss_without": float(log_loss(y_val, plain, labels=np.arange(comp.num_classes)))},

@@ -141,15 +141,18 @@ def model_settings(cfg: DictConfig, name: str) -> DictConfig:
     })
 
 
-def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_digest: str) -> DictConfig:
+def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_digest: str,
+                  pseudo: dict | None = None) -> DictConfig:
     """The settings that determine one member's results: its cache key, saved as ``config.yaml``.
 
     Model settings (:func:`model_settings`), the architecture's digest (so an edited model makes
     its members stale), the fold and seed index, the folds (k, seed, digest of the assignment),
-    the data fingerprint and the training seed (:func:`training_seed`).
+    the data fingerprint, the training seed (:func:`training_seed`) and, for a pseudo-label
+    round, its source (:func:`pipeline.pseudo.cache_part`).
     """
     ms = model_settings(cfg, key.model)
-    return OmegaConf.create({
+    extra = {"pseudo": pseudo} if pseudo is not None else {}
+    return OmegaConf.create({**extra,
         "model": key.model, "arch": ms.arch, "arch_digest": architecture_digest(ms.arch),
         "kwargs": ms.kwargs, "train": ms.train, "aug": ms.aug, "tta": ms.tta, "fold": key.fold,
         "seed_index": key.seed,

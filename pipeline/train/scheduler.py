@@ -21,6 +21,7 @@ import torch
 from filelock import FileLock, Timeout
 from omegaconf import open_dict
 
+from pipeline import pseudo
 from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
 from pipeline.settings import LockMode, runtime_settings, train_settings
@@ -53,12 +54,17 @@ class MemberOutcome:
     metrics: dict | None = None
 
 
+def _pseudo(ws: Workspace, key: MemberKey):
+    """The member's pseudo rows when it is a pseudo-label round, else None."""
+    return ws.pseudo_rows(key.fold) if pseudo.base_model(ws.cfg, key.model) else None
+
+
 def train_member(ws: Workspace, key: MemberKey) -> dict:
     """Train one member (resuming its checkpoint if any), write its files, record it verified
     in ``ws`` and return its metrics. Raises PipelineError (NaN loss: nothing is cached)."""
     out = ws.member_dir(key)
     spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
-    res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME)
+    res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME, pseudo=_pseudo(ws, key))
     meta = members.checkpoint_metadata(spec.arch, spec.kwargs, ws.comp.num_classes,
                                        int(ws.comp.x_train.shape[1]), ws.comp.side)
     ws.record(key, members.write_member(out, ws.member_config(key), res.model, meta, res.row_ids,
@@ -170,7 +176,7 @@ def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device) -> Estim
         for key in keys:
             if key.model not in per_epoch:
                 spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
-                per_epoch[key.model] = seconds_per_epoch(spec, ws.comp, ws.folds)
+                per_epoch[key.model] = seconds_per_epoch(spec, ws.comp, ws.folds, pseudo=_pseudo(ws, key))
     finally:
         torch.set_num_threads(threads)
     seconds = {k: per_epoch[k.model] * train_settings(ws.cfg, k.model).epochs for k in keys}

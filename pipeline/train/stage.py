@@ -3,19 +3,24 @@
     python run.py stage=train fold=all                 # every ensemble model, every fold
     python run.py stage=train model=cnn_deotte fold=2  # one member
     python run.py stage=train force=true               # retrain even when cached
+
+Pseudo-label rounds (``pseudo.models``, :mod:`pipeline.pseudo`) train after the first-round
+members, whose test predictions label their extra rows.
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from pipeline import pseudo
 from pipeline.settings import selected_folds, selected_models
 from pipeline.train.scheduler import MemberOutcome, schedule
 from pipeline.workspace import Workspace
 
 
 def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
-    """Train the members of ``model`` (or the ensemble) x its seeds x ``fold`` (or all folds).
+    """Train the members of ``model`` (or the ensemble) x its seeds x ``fold`` (or all folds),
+    first-round members first, then pseudo-label rounds.
 
     Returns one :class:`~pipeline.train.scheduler.MemberOutcome` per member (trained, retrained
     and why, cached, or skipped because another process holds its lock). Raises ConfigError /
@@ -24,4 +29,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
     """
     ws = ws or Workspace.load(cfg)
     keys = [k for name in selected_models(cfg) for k in ws.keys(name, selected_folds(cfg))]
-    return schedule(ws, keys)
+    first = [k for k in keys if pseudo.base_model(cfg, k.model) is None]
+    rounds = [k for k in keys if k not in first]  # their pseudo-labels need the first round cached
+    done = {o.key: o for part in (first, rounds) if part for o in schedule(ws, part)}
+    return [done[k] for k in keys]

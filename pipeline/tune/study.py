@@ -296,8 +296,14 @@ def _write_trials_csv(cfg: DictConfig, name: str, study: optuna.Study) -> None:
 
 
 def run(cfg: DictConfig, ws: Workspace | None = None) -> dict[str, dict]:
-    """Stage ``tune``: one study per selected model (``model=NAME``, or every ensemble model)."""
-    names = selected_models(cfg)
+    """Stage ``tune``: one study per selected model (``model=NAME``, or every first-round model of
+    the ensemble; pseudo-label rounds use their base model's values)."""
+    from pipeline import pseudo
+
+    names = [n for n in selected_models(cfg) if pseudo.base_model(cfg, n) is None]
+    if not names:
+        raise ConfigError(f"stage=tune: {cfg.model} is a pseudo-label round; tune its base model "
+                          f"(tuned=true applies the base's values to the round too)")
     for name in names:  # every search space is checked before any trial runs
         parse_space(cfg, name)
     ws = ws or Workspace.load(cfg)

@@ -8,6 +8,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline import pseudo
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
 from pipeline.settings import selected_models
@@ -29,7 +30,7 @@ def apply_tuned(cfg: DictConfig) -> DictConfig:
     names = selected_models(cfg)
     applied = []
     for name in names:
-        path = paths.tuned(name)
+        path = paths.tuned(pseudo.base_model(cfg, name) or name)  # a round takes its base's values
         if not path.exists():
             if cfg.model not in (None, "all"):
                 raise ConfigError(f"tuned=true: no {path} for {name} (run: python run.py "

@@ -62,8 +62,15 @@ def base_model(cfg: DictConfig, name: str) -> str | None:
 def expand(cfg: DictConfig) -> None:
     """Add each round of ``pseudo.models`` to the config: ``models.<base>_pl`` = the base's
     settings merged with any ``models.<base>_pl`` given, and to ``ensemble`` after its base.
-    Idempotent. Raises ConfigError for an unknown base or a round of a round."""
+    Settings of a round whose base is not listed (a profile's, with ``pseudo.models=[]``) are
+    dropped. Idempotent. Raises ConfigError for an unknown base or a round of a round."""
     s = settings(cfg)
+    listed = set(map(str, s.models))
+    for name in [str(n) for n in cfg.models]:
+        node = cfg.models[name]
+        if name.endswith(SUFFIX) and name[:-len(SUFFIX)] not in listed and "arch" not in node:
+            with open_dict(cfg):
+                del cfg.models[name]
     for base in map(str, s.models):
         if base not in cfg.models:
             raise ConfigError(f"pseudo.models: unknown model '{base}'; known models: "
@@ -138,7 +145,7 @@ def cache_part(ws: Workspace, fold: int) -> dict:
             manifests[f"{key.model}/{key.seed}/{key.fold}"] = manifest_sha256(ws.member_dir(key))
     digest = hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest()[:16]
     part = {"source": source_models(ws.cfg), "blend": method.value, "threshold": float(s.threshold),
-            "labels": PseudoLabels(s.labels).value, "source_digest": digest}
+            "max_rows": s.max_rows, "labels": PseudoLabels(s.labels).value, "source_digest": digest}
     if method is not BlendMethod.mean:
         from pipeline.settings import BlendSettings
 
@@ -176,15 +183,20 @@ def combined(ws: Workspace, fold: int) -> np.ndarray:
 
 def pseudo_rows(ws: Workspace, fold: int) -> PseudoRows:
     """Fold ``fold``'s pseudo rows: the test rows whose :func:`combined` top probability is
-    ``>= pseudo.threshold``, with hard or soft targets (``pseudo.labels``).
+    ``>= pseudo.threshold`` (at most ``pseudo.max_rows`` of them, drawn at random with a seed of
+    ``seed`` and the fold), with hard or soft targets (``pseudo.labels``).
     Raises ArtifactError when a source member is not cached."""
     s = settings(ws.cfg)
     probs = combined(ws, fold)
     conf = probs.max(1)
-    rows = np.flatnonzero(conf >= s.threshold).astype(np.int64)
+    above = np.flatnonzero(conf >= s.threshold).astype(np.int64)
+    rows = above
+    if s.max_rows is not None and len(above) > s.max_rows:
+        rng = np.random.default_rng([int(ws.cfg.seed), fold])
+        rows = np.sort(rng.choice(above, size=s.max_rows, replace=False))
     targets = (probs[rows].argmax(1).astype(np.int64) if PseudoLabels(s.labels) is PseudoLabels.hard
                else (probs[rows] / probs[rows].sum(1, keepdims=True)).astype(np.float32))
-    log.info("pseudo: fold %d: %d of %d test rows at >= %.4f (%s labels from %s, %s)", fold, len(rows),
-             len(probs), s.threshold, PseudoLabels(s.labels).value, ", ".join(source_models(ws.cfg)),
+    log.info("pseudo: fold %d: %d of %d test rows (%d at >= %.4f; %s labels from %s, %s)", fold, len(rows),
+             len(probs), len(above), s.threshold, PseudoLabels(s.labels).value, ", ".join(source_models(ws.cfg)),
              BlendMethod(s.blend).value)
     return PseudoRows(fold, rows, targets, conf[rows].astype(np.float32), cache_part(ws, fold))

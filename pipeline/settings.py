@@ -198,6 +198,7 @@ class PseudoSettings:
     source: Optional[list] = None                # models labelling the rows; null = the ensemble's first round
     blend: BlendMethod = BlendMethod.mean        # how the sources' fold-f test probabilities are combined
     threshold: float = _f(0.995, gt=0, le=1)     # a test row is used when its top probability is >= this
+    max_rows: Optional[int] = _f(None, ge=1)     # at most this many per fold, drawn at random (seeded)
     labels: PseudoLabels = PseudoLabels.hard
 
 

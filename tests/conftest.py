@@ -29,6 +29,9 @@ TINY = [
     "models.cnn_keras.kwargs.width=0.25",
     "+models.resnet_timm.kwargs.channels=[8,16,32,64]",
     "+models.resnet_timm.kwargs.layers=[1,1,1,1]",
+    "models.cnn_deotte.seeds=1",  # the competition profile's seeds and pseudo-label round: off
+    "pseudo.models=[]",
+    "pseudo.blend=mean",
 ]
 
 

@@ -121,6 +121,7 @@ def test_every_source_part_is_in_the_rounds_cache_key(copied):
     key = MemberKey("cnn_deotte_pl", 0)
     assert _workspace(copied(*base)).verify(key).ok
     for change, part in [("pseudo.threshold=0.7", "pseudo"), ("pseudo.labels=soft", "pseudo"),
+                         ("pseudo.max_rows=3", "pseudo"),
                          ("pseudo.blend=weighted", "pseudo"), ("pseudo.source=[cnn_deotte]", "pseudo"),
                          ("+models.cnn_deotte_pl.train.epochs=2", "train")]:
         v = _workspace(copied(*base, change) if "epochs" not in change
@@ -186,3 +187,15 @@ def test_tuned_values_of_the_base_apply_to_its_round(copied, tmp_path):
     _workspace(cfg)  # expands the rounds
     apply_tuned(cfg)
     assert cfg.models.cnn_deotte_pl.train.lr == cfg.models.cnn_deotte.train.lr == 0.0123
+
+
+def test_max_rows_draws_a_seeded_subset_of_the_confident_rows(copied):
+    ws = _workspace(copied(*PL))
+    every = ws.pseudo_rows(1)
+    picks = [_workspace(copied(*PL, "pseudo.max_rows=5")).pseudo_rows(1) for _ in range(2)]
+    assert len(every.rows) > 5 and len(picks[0].rows) == 5
+    assert np.isin(picks[0].rows, every.rows).all()
+    np.testing.assert_array_equal(picks[0].rows, picks[1].rows)  # the same draw every time
+    at = np.searchsorted(every.rows, picks[0].rows)
+    np.testing.assert_array_equal(picks[0].targets, every.targets[at])
+    assert len(every.rows) >= 10 and not np.array_equal(picks[0].rows, every.rows[:5])  # drawn, not the first

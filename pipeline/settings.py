@@ -94,6 +94,7 @@ class TrainSettings:
     """``train`` (and ``models.<name>.train`` merged over it): what is learned."""
 
     epochs: int = _f(30, ge=1)                # passes over the k-1 training folds
+    min_steps: int = _f(600, ge=0)            # fewer optimizer steps than this raise the epochs (small sets)
     batch_size: int = _f(128, ge=1)           # images per optimizer step
     lr: float = _f(3e-3, gt=0)                # peak one-cycle learning rate (AdamW)
     weight_decay: float = _f(1e-4, ge=0)      # AdamW decoupled weight decay

@@ -22,6 +22,7 @@ TINY = [
     "runtime.fold_jobs=1",   # in-process, so tests see the output (fold_jobs has its own tests)
     "runtime.estimate=false",  # no timed probe before training (it has its own test)
     "train.epochs=2",
+    "train.min_steps=0",  # the fixture's 6 steps per epoch would otherwise raise the epochs
     "train.batch_size=32",
     "models.cnn_deotte.train.epochs=2",
     "models.resnet_timm.train.epochs=2",

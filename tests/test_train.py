@@ -203,3 +203,25 @@ def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
     est = estimate(ws, ws.keys("mlp"), 1, torch.device("cpu"))
     assert all(0 < s < 600 for s in est.member_seconds.values())
     assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 60)
+
+
+def test_min_steps_raises_the_epochs_of_a_small_competition(tiny_cfg):
+    """200 training rows at batch 32 make 6 steps per epoch: train.min_steps=30 trains 5 epochs
+    instead of 2 (one-cycle schedule over all of them), and the estimate counts them."""
+    from pipeline.settings import train_settings
+    from pipeline.train.scheduler import estimate
+
+    t = train_settings(tiny_cfg(), "mlp")
+    assert engine.planned_epochs(t, 6) == 2  # min_steps=0 in the tests' config
+    cfg = tiny_cfg("model=mlp", "fold=0", "train.min_steps=30")
+    assert engine.planned_epochs(train_settings(cfg, "mlp"), 6) == 5
+    assert engine.planned_epochs(train_settings(cfg, "mlp"), 100) == 2  # enough steps: unchanged
+    m = train.run(cfg)[0].metrics
+    assert m["epochs"] == 5 and [h["epoch"] for h in m["history"]] == [1, 2, 3, 4, 5]
+    peak = train_settings(cfg, "mlp").lr  # the one-cycle schedule spans the 5 epochs:
+    assert m["history"][1]["lr"] > 0.5 * peak and m["history"][-1]["lr"] < 0.01 * peak
+    ws = Workspace.load(tiny_cfg("model=mlp", "train.min_steps=30"))
+    short = Workspace.load(tiny_cfg("model=mlp"))
+    ratio = (estimate(ws, ws.keys("mlp"), 1, torch.device("cpu")).member_seconds[MemberKey("mlp", 1)]
+             / estimate(short, short.keys("mlp"), 1, torch.device("cpu")).member_seconds[MemberKey("mlp", 1)])
+    assert 1.5 < ratio < 4.5  # 5 vs 2 epochs, timed separately on a shared machine

@@ -196,6 +196,7 @@ class _Loop:
     sched: torch.optim.lr_scheduler.LRScheduler
     batches: object
     device: torch.device
+    epochs: int  # planned_epochs
     ema: nn.Module | None = None  # timm ModelEmaV3 of the weights (train.ema > 0)
     history: list = field(default_factory=list)
     start: int = 1
@@ -205,6 +206,13 @@ class _Loop:
     def predictor(self) -> nn.Module:
         """What the member predicts with: the EMA weights when there are any, else the model."""
         return self.ema.module if self.ema is not None else self.net
+
+
+def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
+    """The epochs a member trains: ``train.epochs``, raised so that the run makes at least
+    ``train.min_steps`` optimizer steps of ``steps_per_epoch`` each (a competition of a thousand
+    images gives a few steps per epoch, too few for a CNN to learn in a digits-sized epoch count)."""
+    return max(train.epochs, math.ceil(train.min_steps / max(1, steps_per_epoch)))
 
 
 def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> _Loop:
@@ -226,14 +234,15 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) ->
                                      **spec.kwargs), device, spec.runtime.channels_last)
     net = torch.compile(model) if spec.runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * len(batches),
+    epochs = planned_epochs(t, len(batches))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=epochs * len(batches),
                                                 pct_start=t.warmup_frac)
     ema = None
     if t.ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=t.ema, use_warmup=True)  # decay ramps up over the first steps
-    return _Loop(model, net, opt, sched, batches, device, ema)
+    return _Loop(model, net, opt, sched, batches, device, epochs, ema)
 
 
 def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
@@ -249,7 +258,7 @@ def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
     loop.seconds_before = float(state["seconds"])
     set_rng_state(state["rng"])
     loop.start = int(state["epoch"]) + 1
-    log.info("train: %s: resuming after epoch %d/%d (%s)", spec.key, state["epoch"], spec.train.epochs, path)
+    log.info("train: %s: resuming after epoch %d/%d (%s)", spec.key, state["epoch"], loop.epochs, path)
 
 
 def _save_state(loop: _Loop, spec: FitSpec, path: Path, epoch: int, seconds: float) -> None:
@@ -266,7 +275,7 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.int64)
     seen, steps = 0, len(loop.batches)
-    bar = tqdm(loop.batches, desc=f"{spec.key} epoch {epoch}/{spec.train.epochs}", leave=False,
+    bar = tqdm(loop.batches, desc=f"{spec.key} epoch {epoch}/{loop.epochs}", leave=False,
                disable=None if spec.runtime.progress else True, mininterval=1.0, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
@@ -301,11 +310,12 @@ def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarr
             "val_acc": float((val.argmax(1) == y_val).mean()), "lr": lr, "seconds": seconds}
 
 
-def seconds_per_epoch(spec: FitSpec, comp: Competition, folds: np.ndarray, steps: int = 5,
-                      warmup: int = 2, pseudo=None) -> float:
-    """Seconds one training epoch of ``spec`` takes here: ``steps`` real training steps (after
-    ``warmup``) of its model, batches and augmentation on its device, times the steps per epoch
-    (validation excluded; ``pseudo`` rows counted). Trains a throw-away copy; nothing is written."""
+def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, steps: int = 5,
+                       warmup: int = 2, pseudo=None) -> float:
+    """Seconds the training of ``spec`` takes here: ``steps`` real training steps (after
+    ``warmup``) of its model, batches and augmentation on its device, times the steps of its
+    :func:`planned_epochs` (validation excluded; ``pseudo`` rows counted). Trains a throw-away
+    copy; nothing is written."""
     loop = _setup(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
     loop.model.train()
     it = iter(loop.batches)
@@ -322,7 +332,7 @@ def seconds_per_epoch(spec: FitSpec, comp: Competition, folds: np.ndarray, steps
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
     timed = max(1, n - min(warmup, n - 1))
-    return (time.perf_counter() - t0) / timed * len(loop.batches)
+    return (time.perf_counter() - t0) / timed * len(loop.batches) * loop.epochs
 
 
 def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
@@ -354,7 +364,7 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         _resume_from(loop, spec, resume_path)
     y_val = comp.y_train[va_idx]
     val = None
-    for epoch in range(loop.start, spec.train.epochs + 1):
+    for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
         train_loss, train_acc = _train_epoch(loop, spec, epoch)
         if not math.isfinite(train_loss):
@@ -378,7 +388,7 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed,
         "accuracy": float((val.argmax(1) == y_val).mean()),
         "log_loss": float(log_loss(y_val, val, labels=np.arange(comp.num_classes))),
-        "epochs": spec.train.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
+        "epochs": loop.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
         "device": device_name(loop.device), "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
         "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0,
         "history": loop.history, "resumed_after_epoch": loop.start - 1 if loop.start > 1 else None,

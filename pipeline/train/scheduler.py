@@ -24,9 +24,9 @@ from omegaconf import open_dict
 from pipeline import pseudo
 from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
-from pipeline.settings import LockMode, runtime_settings, train_settings
+from pipeline.settings import LockMode, runtime_settings
 from pipeline.train import members
-from pipeline.train.engine import FitSpec, fit_member, seconds_per_epoch
+from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
 from pipeline.train.members import MemberKey, MemberStatus
 from pipeline.train.runtime import (configure_threads, core_share, device_name, fold_jobs, num_workers,
                                     select_device)
@@ -166,20 +166,20 @@ class Estimate:
 
 
 def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device) -> Estimate:
-    """Time a few training steps of each pending model (:func:`seconds_per_epoch`, with the
-    threads each side-by-side job will have) and extrapolate to every pending member's epochs."""
+    """Time a few training steps of each pending model (:func:`seconds_per_member`, with the
+    threads each side-by-side job will have) and extrapolate to every pending member's steps."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and n_jobs > 1:
         torch.set_num_threads(core_share(n_jobs))
-    per_epoch: dict[str, float] = {}
+    per_member: dict[str, float] = {}
     try:
         for key in keys:
-            if key.model not in per_epoch:
+            if key.model not in per_member:
                 spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
-                per_epoch[key.model] = seconds_per_epoch(spec, ws.comp, ws.folds, pseudo=_pseudo(ws, key))
+                per_member[key.model] = seconds_per_member(spec, ws.comp, ws.folds, pseudo=_pseudo(ws, key))
     finally:
         torch.set_num_threads(threads)
-    seconds = {k: per_epoch[k.model] * train_settings(ws.cfg, k.model).epochs for k in keys}
+    seconds = {k: per_member[k.model] for k in keys}
     return Estimate(seconds, n_jobs)
 
 

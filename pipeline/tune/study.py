@@ -35,9 +35,9 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
 from pipeline.metrics import Score, score
-from pipeline.settings import Metric, Pruner, selected_models
+from pipeline.settings import Metric, Pruner, selected_models, train_settings
 from pipeline.train import members
-from pipeline.train.engine import FitSpec, fit_member
+from pipeline.train.engine import FitSpec, fit_member, planned_epochs
 from pipeline.train.members import MemberKey
 from pipeline.train.runtime import configure_threads, select_device
 from pipeline.tune.space import baseline_params, nested, parse_space, suggest, with_params
@@ -84,8 +84,9 @@ class Objective:
         params = {path: suggest(trial, path, dist) for path, dist in self.space.items()}
         trial.set_user_attr("worker", self.worker)
         cfg = with_params(self.cfg, self.name, params)
-        epochs = int(members.model_settings(cfg, self.name).train.epochs)
         comp = self.ws.comp
+        t = train_settings(cfg, self.name)  # pruning steps: fold i's epochs come after i x epochs
+        epochs = planned_epochs(t, int((self.ws.folds != self.fold_list[0]).sum()) // t.batch_size)
         t0 = time.perf_counter()
         probs, labels = [], []
         for i, fold in enumerate(self.fold_list):

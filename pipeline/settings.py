@@ -391,10 +391,16 @@ def blend_models(cfg: DictConfig) -> list[str]:
 def validate(cfg: DictConfig) -> None:
     """Check the whole composed config once, before any work (see the module docstring).
 
+    The pseudo-label rounds are added first (:func:`pipeline.pseudo.expand`), so they are
+    checked like any model.
+
     Raises:
         ConfigError: the first bad setting, as one line naming the key and what was expected.
     """
+    from pipeline import pseudo
     from pipeline.models import list_models
+
+    pseudo.expand(cfg)
 
     for group, schema in GROUPS.items():
         checked(schema, cfg[group], group)

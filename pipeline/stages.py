@@ -1,8 +1,9 @@
 """Stage dispatch: ``cfg.stage`` -> a plain function taking the composed config.
 
-:func:`run_stage` adds the pseudo-label rounds (:func:`pipeline.pseudo.expand`), checks the whole
-config once (:func:`pipeline.settings.validate`) before any work, applies ``tuned=true``, and builds one :class:`~pipeline.workspace.Workspace` (the
-competition and folds, loaded once) that every stage of ``stage=all`` shares.
+:func:`run_stage` checks the whole config once (:func:`pipeline.settings.validate`, which adds
+the pseudo-label rounds first) before any work, applies ``tuned=true``, and builds one
+:class:`~pipeline.workspace.Workspace` (the competition and folds, loaded once) that every stage
+of ``stage=all`` shares.
 """
 
 from __future__ import annotations
@@ -48,10 +49,7 @@ def run_stage(cfg: DictConfig) -> Any:
         stage = Stage(str(cfg.stage))
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
-    from pipeline import pseudo
-
-    pseudo.expand(cfg)  # models.<name>_pl for each pseudo-label round
-    validate(cfg)
+    validate(cfg)  # adds models.<name>_pl for each pseudo-label round first
     if stage is not Stage.tune:  # a study searches around the config as written
         apply_tuned(cfg)
         validate(cfg)  # the tuned values too

@@ -41,10 +41,7 @@ def test_every_config_option_instantiates(tmp_path, group, option):
     from pipeline.settings import aug_settings, blend_methods, runtime_settings, validate
     from pipeline.train.runtime import select_device
 
-    from pipeline import pseudo
-
     cfg = compose_cfg(tmp_path, [f"{group}={option}"])
-    pseudo.expand(cfg)  # as run_stage does
     validate(cfg)
     assert set(cfg.ensemble) <= set(cfg.models) and cfg.stage in STAGES
     digits = data.load_competition(DIGITS).x_train[:4]
@@ -64,20 +61,17 @@ def test_every_config_option_instantiates(tmp_path, group, option):
 
 def test_profiles_blend_several_members(tmp_path):
     """Each profile trains several members per fold (models x seeds) and the quick one less."""
-    from pipeline import pseudo
     from pipeline.settings import seed_count, validate
 
     quick = compose_cfg(tmp_path, ["profile=quick"])
     full = compose_cfg(tmp_path, [])
     for cfg in (quick, full):
-        pseudo.expand(cfg)
-        validate(cfg)
+        validate(cfg)  # adds the pseudo-label rounds
         assert sum(seed_count(cfg, n) for n in cfg.ensemble) >= 3
     assert seed_count(quick, "cnn_deotte") == 2 and quick.sized_for == "cpu" and full.sized_for == "gpu"
     assert "cnn_deotte_pl" in full.ensemble and seed_count(full, "cnn_deotte_pl") == 1
     assert full.models.cnn_deotte_pl.train.epochs == full.models.cnn_deotte.train.epochs
     off = compose_cfg(tmp_path, ["pseudo.models=[]"])  # the profile's round settings are dropped
-    pseudo.expand(off)
     validate(off)
     assert "cnn_deotte_pl" not in off.models and "cnn_deotte_pl" not in off.ensemble
     assert quick.models.cnn_deotte.train.epochs < full.models.cnn_deotte.train.epochs

@@ -199,3 +199,18 @@ def test_max_rows_draws_a_seeded_subset_of_the_confident_rows(copied):
     at = np.searchsorted(every.rows, picks[0].rows)
     np.testing.assert_array_equal(picks[0].targets, every.targets[at])
     assert len(every.rows) >= 10 and not np.array_equal(picks[0].rows, every.rows[:5])  # drawn, not the first
+
+
+def test_the_estimate_counts_the_round_before_its_rows_exist(copied, caplog):
+    """With the first round still to train, the announced members and minutes include the
+    round (scaled as if every test row were added); the round then announces its own."""
+    import logging
+
+    from pipeline import train
+
+    cfg = copied(*PL, "force=true", "runtime.estimate=true", "model=all")
+    with caplog.at_level(logging.INFO):
+        train.run(cfg)
+    lines = [r.message for r in caplog.records if "member(s) to train" in r.message]
+    assert lines[0].startswith("train: 6 member(s) to train (2 of them in a pseudo-label round")
+    assert lines[1].startswith("train: 2 member(s) to train, about")

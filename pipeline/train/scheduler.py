@@ -159,34 +159,48 @@ class Estimate:
 
     member_seconds: dict[MemberKey, float]
     n_jobs: int
+    later: int = 0  # of them, pseudo-label round members estimated before their rows exist
 
     def minutes_left(self, done: set[MemberKey], actual_over_estimated: float = 1.0) -> float:
         left = sum(s for k, s in self.member_seconds.items() if k not in done)
         return left * actual_over_estimated / self.n_jobs / 60
 
 
-def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device) -> Estimate:
+def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device,
+             later: list[MemberKey] = ()) -> Estimate:
     """Time a few training steps of each pending model (:func:`seconds_per_member`, with the
-    threads each side-by-side job will have) and extrapolate to every pending member's steps."""
+    threads each side-by-side job will have) and extrapolate to every pending member's steps.
+
+    ``later``: pseudo-label round members to train after ``keys``; their pseudo rows do not exist
+    yet, so each is estimated as its model without them, scaled by (training rows + every test
+    row) / training rows: at most what it will take."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and n_jobs > 1:
         torch.set_num_threads(core_share(n_jobs))
     per_member: dict[str, float] = {}
     try:
-        for key in keys:
+        for key in [*keys, *later]:
             if key.model not in per_member:
-                spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
-                per_member[key.model] = seconds_per_member(spec, ws.comp, ws.folds, pseudo=_pseudo(ws, key))
+                base = pseudo.base_model(ws.cfg, key.model) if key in later else None
+                cache_key = ws.member_config(MemberKey(base, key.fold, key.seed) if base else key)
+                spec = FitSpec.from_config(ws.cfg, key, cache_key)
+                per_member[key.model] = seconds_per_member(spec, ws.comp, ws.folds,
+                                                           pseudo=None if base else _pseudo(ws, key))
     finally:
         torch.set_num_threads(threads)
     seconds = {k: per_member[k.model] for k in keys}
-    return Estimate(seconds, n_jobs)
+    for k in later:
+        rows = int((ws.folds != k.fold).sum())
+        seconds[k] = per_member[k.model] * (rows + len(ws.comp.x_test)) / rows
+    return Estimate(seconds, n_jobs, len(later))
 
 
 def _announce(ws: Workspace, est: Estimate, device) -> None:
     minutes = est.minutes_left(set())
-    log.info("train: %d member(s) to train, about %.1f min on %s (%d side by side; estimated from "
-             "5 timed steps of each model)", len(est.member_seconds), minutes, device_name(device), est.n_jobs)
+    log.info("train: %d member(s) to train%s, about %.1f min on %s (%d side by side; estimated from "
+             "5 timed steps of each model)", len(est.member_seconds),
+             f" ({est.later} of them in a pseudo-label round, counted with every test row)" if est.later else "",
+             minutes, device_name(device), est.n_jobs)
     if device.type == "cpu" and str(ws.cfg.get("sized_for", "")) == "gpu":
         log.warning("train: this profile is sized for a GPU, and this machine has none: about %.0f min "
                     "here; for a CPU run use profile=quick", minutes)
@@ -223,8 +237,9 @@ def _worker(ws: Workspace, key: MemberKey, slot: int, n_jobs: int, handlers: lis
         return key, e
 
 
-def schedule(ws: Workspace, keys: list[MemberKey]) -> list[MemberOutcome]:
+def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) -> list[MemberOutcome]:
     """Train every member of ``keys`` that is not cached, ``runtime.fold_jobs`` side by side.
+    ``later`` (the pseudo-label round members that will follow) only counts in the estimate.
 
     Returns one :class:`MemberOutcome` per key, in order. A user error in a worker is raised
     (as the project's one-line error) once the other members have finished and kept their files.
@@ -245,7 +260,7 @@ def schedule(ws: Workspace, keys: list[MemberKey]) -> list[MemberOutcome]:
              f", {n_jobs} side by side (runtime.fold_jobs={rt.fold_jobs})" if n_jobs > 1 else "")
     if not pending:
         return [done[k] for k in keys]
-    est = estimate(ws, pending, n_jobs, device) if rt.estimate else None
+    est = estimate(ws, pending, n_jobs, device, list(later)) if rt.estimate else None
     if est is not None:
         _announce(ws, est, device)
     finished: dict[MemberKey, float] = {}

@@ -31,5 +31,6 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
     keys = [k for name in selected_models(cfg) for k in ws.keys(name, selected_folds(cfg))]
     first = [k for k in keys if pseudo.base_model(cfg, k.model) is None]
     rounds = [k for k in keys if k not in first]  # their pseudo-labels need the first round cached
-    done = {o.key: o for part in (first, rounds) if part for o in schedule(ws, part)}
+    done = {o.key: o for o in schedule(ws, first, later=rounds)} if first else {}
+    done.update({o.key: o for o in schedule(ws, rounds)} if rounds else {})
     return [done[k] for k in keys]

@@ -73,7 +73,7 @@ def test_pseudo_rows_are_test_rows_labelled_by_their_folds_members_only(copied):
         counts.append(len(expect))
         tr, va = np.flatnonzero(ws.folds != f), np.flatnonzero(ws.folds == f)
         data = training_set(comp, tr, rows)
-        assert data.n_pseudo == len(expect) and len(data.rows) == len(tr) + len(expect)
+        assert len(data.rows) == len(tr) + len(expect)
         assert not np.isin(data.rows, va).any()  # no validated row, by index...
         np.testing.assert_array_equal(data.rows[len(tr):], n + expect)  # ...the rest are test rows
         np.testing.assert_array_equal(data.images[data.rows[len(tr):]], comp.x_test[expect])

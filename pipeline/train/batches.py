@@ -59,7 +59,6 @@ class TrainingSet:
     images: np.ndarray | StackedImages
     labels: np.ndarray
     rows: np.ndarray
-    n_pseudo: int = 0  # rows that are pseudo-labelled test rows
 
 
 def training_set(comp: Competition, train_rows: np.ndarray, pseudo: PseudoRows | None = None) -> TrainingSet:
@@ -76,7 +75,7 @@ def training_set(comp: Competition, train_rows: np.ndarray, pseudo: PseudoRows |
         labels[np.arange(n), comp.y_train] = 1.0
     labels[n + pseudo.rows] = pseudo.targets
     return TrainingSet(StackedImages(comp.x_train, comp.x_test), labels,
-                       np.concatenate([train_rows, n + pseudo.rows]).astype(np.int64), len(pseudo.rows))
+                       np.concatenate([train_rows, n + pseudo.rows]).astype(np.int64))
 
 
 def _worker_init(worker_id: int) -> None:

@@ -101,16 +101,28 @@ def core_share(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
+def side_by_side(pending: int, n_jobs: int) -> list[int]:
+    """How many members share the machine while each of ``pending`` members (in dispatch order)
+    trains, ``n_jobs`` at a time: ``n_jobs`` for every full round and the remainder for the last,
+    so the odd last member of 5 on 2 jobs gets every core instead of half of them (members of
+    equal length; a tail member that overlaps a longer one oversubscribes the cores for the
+    overlap). ``[share(i) for i in range(pending)]``, each in ``1..n_jobs``."""
+    tail = pending % n_jobs
+    return [n_jobs if i < pending - tail else tail for i in range(pending)]
+
+
 def configure_threads(setting, device: torch.device, parallel: int | None = None) -> int:
     """Set torch's intra-op threads: ``setting`` when given, else (CPU training with ``parallel``
     jobs side by side; default: the parallel Hydra multirun's job count) :func:`core_share`, so
-    the jobs split the cores instead of oversubscribing them. Returns the thread count in effect."""
+    the jobs split the cores instead of oversubscribing them. A side-by-side worker passes its
+    ``parallel`` even when it trains alone (1: every core), since the joblib worker pool caps its
+    processes' threads. Returns the thread count in effect."""
     if setting:
         torch.set_num_threads(int(setting))
-    else:
-        parallel = launcher_job()[1] if parallel is None else parallel
-        if parallel > 1 and device.type == "cpu":
-            torch.set_num_threads(core_share(parallel))
+    elif device.type == "cpu":
+        jobs = launcher_job()[1] if parallel is None else parallel
+        if jobs > 1 or parallel is not None:
+            torch.set_num_threads(core_share(jobs))
     return torch.get_num_threads()
 
 

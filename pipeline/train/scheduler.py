@@ -29,7 +29,7 @@ from pipeline.train import members
 from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
 from pipeline.train.members import MemberKey, MemberStatus
 from pipeline.train.runtime import (configure_threads, core_share, device_name, fold_jobs, num_workers,
-                                    select_device)
+                                    select_device, side_by_side)
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def _worker(ws: Workspace, key: MemberKey, slot: int, n_jobs: int, handlers: lis
             level: int) -> tuple[MemberKey, MemberOutcome | PipelineError]:
     """One side-by-side member (in a joblib worker process): its device (GPU ``slot % count`` on
     a multi-GPU machine), ``cores // n_jobs`` torch threads on the CPU (DataLoader workers on
-    CUDA), no progress bar, the parent's log handlers; exits when the parent dies. Returns the
+    CUDA; ``n_jobs``: the members training at once, :func:`side_by_side`), no progress bar, the parent's log handlers; exits when the parent dies. Returns the
     outcome, or the user error that stopped it (so the other members can finish first)."""
     exit_with_parent()
     install_log_handlers(handlers, level)
@@ -280,9 +280,9 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) 
     from joblib.externals.loky import get_reusable_executor
 
     handlers, level = log_handlers(), logging.getLogger().level
-    errors = []
+    errors, shares = [], side_by_side(len(pending), n_jobs)
     for key, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
-            delayed(_worker)(ws, key, i % n_jobs, n_jobs, handlers, level) for i, key in enumerate(pending)):
+            delayed(_worker)(ws, key, i % n_jobs, shares[i], handlers, level) for i, key in enumerate(pending)):
         ws.forget(key)  # what the worker wrote, as this process's workspace sees it
         if isinstance(r, PipelineError):
             errors.append(r)

@@ -127,11 +127,35 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _immediate_transactions(engine) -> None:
+    """Make every SQLite transaction of ``engine`` start with ``BEGIN IMMEDIATE`` (SQLAlchemy's
+    documented pysqlite recipe, "Serializable isolation / Savepoints / Transactional DDL").
+
+    Python's sqlite3 opens no transaction before a SELECT, so Optuna's check-then-set when a
+    worker takes a waiting (enqueued) trial is not atomic across processes: two workers starting
+    together both ran the baseline trial, and the second failed with "Cannot tell a COMPLETE
+    trial" (Optuna issues #4002, #4621). Taking the write lock first makes it atomic; the busy
+    timeout queues the other workers. Pooled connections are dropped so that every connection
+    gets the setting."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite: emit no BEGIN of its own
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
 def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     """The study storage (``tune.storage``, an SQLAlchemy URL) with heartbeats and retries.
 
-    For SQLite the parent directory is created and a 60 s busy timeout lets concurrent workers
-    queue for the database lock. Raises ConfigError for a URL SQLAlchemy cannot open.
+    For SQLite the parent directory is created, a 60 s busy timeout lets concurrent workers
+    queue for the database lock, and every transaction takes that lock first
+    (:func:`_immediate_transactions`). Raises ConfigError for a URL SQLAlchemy cannot open.
     """
     url = str(cfg.tune.storage)
     kwargs: dict = {}
@@ -154,8 +178,11 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=hb, grace_period=2 * hb,
-                                                  **kwargs)
+                storage = optuna.storages.RDBStorage(url, heartbeat_interval=hb, grace_period=2 * hb,
+                                                     **kwargs)
+            if url.startswith("sqlite"):
+                _immediate_transactions(storage.engine)
+            return storage
         except Exception as e:  # SQLAlchemy: ArgumentError / OperationalError / IntegrityError ...
             transient = type(e).__name__ in ("IntegrityError", "OperationalError")
             if transient and attempt < 4:

@@ -153,14 +153,16 @@ def test_fold_jobs_resolution(monkeypatch):
 
 
 def test_last_odd_member_gets_every_core(monkeypatch):
-    """The members of the last, incomplete round of side-by-side jobs share the machine among
-    themselves only: the 5th member on 2 jobs trains on both cores, not on half of them."""
-    assert runtime.side_by_side(5, 2) == [2, 2, 2, 2, 1]
-    assert runtime.side_by_side(4, 2) == [2, 2, 2, 2]
-    assert runtime.side_by_side(7, 3) == [3, 3, 3, 3, 3, 3, 1]
-    assert runtime.side_by_side(8, 3) == [3, 3, 3, 3, 3, 3, 2, 2]
+    """The members of the last, incomplete round of side-by-side jobs of one model share the
+    machine among themselves only: the 5th member on 2 jobs trains on both cores, not on half of
+    them. Members of several models (unequal lengths) keep their share."""
+    assert runtime.side_by_side(["cnn"] * 5, 2) == [2, 2, 2, 2, 1]
+    assert runtime.side_by_side(["cnn"] * 4, 2) == [2, 2, 2, 2]
+    assert runtime.side_by_side(["cnn"] * 7, 3) == [3, 3, 3, 3, 3, 3, 1]
+    assert runtime.side_by_side(["cnn"] * 8, 3) == [3, 3, 3, 3, 3, 3, 2, 2]
+    assert runtime.side_by_side(["cnn"] * 10 + ["mlp"] * 5, 2) == [2] * 15
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
-    assert [runtime.core_share(n) for n in runtime.side_by_side(5, 2)] == [1, 1, 1, 1, 2]
+    assert [runtime.core_share(n) for n in runtime.side_by_side(["cnn_pl"] * 5, 2)] == [1, 1, 1, 1, 2]
 
 
 def test_side_by_side_jobs_spread_over_gpus(monkeypatch):

@@ -280,7 +280,7 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) 
     from joblib.externals.loky import get_reusable_executor
 
     handlers, level = log_handlers(), logging.getLogger().level
-    errors, shares = [], side_by_side(len(pending), n_jobs)
+    errors, shares = [], side_by_side([k.model for k in pending], n_jobs)
     for key, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
             delayed(_worker)(ws, key, i % n_jobs, shares[i], handlers, level) for i, key in enumerate(pending)):
         ws.forget(key)  # what the worker wrote, as this process's workspace sees it

@@ -217,20 +217,21 @@ def _progress(est: Estimate, done: dict[MemberKey, float]) -> None:
                  est.minutes_left(set(done), ratio))
 
 
-def _worker(ws: Workspace, key: MemberKey, slot: int, n_jobs: int, handlers: list,
+def _worker(ws: Workspace, key: MemberKey, slot: int, sharing: int, handlers: list,
             level: int) -> tuple[MemberKey, MemberOutcome | PipelineError]:
     """One side-by-side member (in a joblib worker process): its device (GPU ``slot % count`` on
-    a multi-GPU machine), ``cores // n_jobs`` torch threads on the CPU (DataLoader workers on
-    CUDA; ``n_jobs``: the members training at once, :func:`side_by_side`), no progress bar, the parent's log handlers; exits when the parent dies. Returns the
-    outcome, or the user error that stopped it (so the other members can finish first)."""
+    a multi-GPU machine), ``cores // sharing`` torch threads on the CPU (DataLoader workers on
+    CUDA; ``sharing``: the members training at once, :func:`side_by_side`), no progress bar, the
+    parent's log handlers; exits when the parent dies. Returns the outcome, or the user error
+    that stopped it (so the other members can finish first)."""
     exit_with_parent()
     install_log_handlers(handlers, level)
     device = select_device(str(ws.cfg.runtime.device), slot=slot)
     with open_dict(ws.cfg):
         ws.cfg.runtime.device = str(device)
         ws.cfg.runtime.progress = False  # several processes' bars would garble one terminal
-        ws.cfg.runtime.num_workers = num_workers(ws.cfg.runtime.num_workers, device, n_jobs)
-    configure_threads(ws.cfg.runtime.threads, device, n_jobs)
+        ws.cfg.runtime.num_workers = num_workers(ws.cfg.runtime.num_workers, device, sharing)
+    configure_threads(ws.cfg.runtime.threads, device, sharing)
     try:
         return key, train_locked(ws, key)
     except PipelineError as e:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
     """One row per member (blend member labels: a model, or ``model@seed``) from its
-    ``metrics.json``: fold, seed, accuracy, log loss, epochs, minutes, device, TTA/EMA gains."""
+    ``metrics.json``: fold, seed, accuracy, log loss, epochs, minutes, device, TTA/EMA/SWA gains."""
     rows = []
     for name in names:
         e = BlendMember.parse(name)
@@ -56,7 +56,7 @@ def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
                          "log_loss": m["log_loss"],
                          "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
                          "tta": m.get("tta") if (m.get("tta") or {}).get("views", 1) > 1 else None,
-                         "ema": m.get("ema"), "n_pseudo": m.get("n_pseudo", 0),
+                         "ema": m.get("ema"), "swa": m.get("swa"), "n_pseudo": m.get("n_pseudo", 0),
                          "history": m.get("history", [])})
     return rows
 
@@ -287,14 +287,15 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
             return r["tta"]["accuracy_without"] if r.get("tta") else r["accuracy"]
 
         def gain(part: str) -> str:
-            """Mean fold gain: TTA = with - without views; EMA = averaged - raw weights (no TTA)."""
+            """Mean fold gain: TTA = with - without views; EMA/SWA = averaged - raw weights (no TTA)."""
             pairs = [(r["accuracy"] if part == "tta" else without_tta(r), r[part]["accuracy_without"])
                      for r in folds_m if r.get(part)]
             if not pairs:
                 return "off"
             return f"{np.mean([a - b for a, b in pairs]):+.5f}"
 
-        value_rows.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain("tta"), gain("ema"),
+        value_rows.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain("tta"),
+                           gain("swa") if any(r.get("swa") for r in folds_m) else gain("ema"),
                            f"{es[name]:.3f}" if es else ""])
 
     pseudo_rows = _pseudo_rows(ws, names, rows, blend)
@@ -312,9 +313,9 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         "<h2>What each member adds</h2>",
         f"<p>Marginal value: the submitted blend's OOF accuracy minus that of the same blend "
         f"({html.escape(best)}) fitted and cross-validated without the member. TTA: the members' "
-        f"mean fold OOF accuracy with minus without the test-time views; EMA: with the averaged "
+        f"mean fold OOF accuracy with minus without the test-time views; EMA / SWA: with the averaged "
         f"minus the raw weights (both without TTA). Ensemble selection: its weight.</p>",
-        _table(["model", "marginal value", "TTA gain", "EMA gain", "ensemble selection weight"], value_rows),
+        _table(["model", "marginal value", "TTA gain", "EMA / SWA gain", "ensemble selection weight"], value_rows),
         *(["<h2>Pseudo-labels</h2>",
             "<p>Each pseudo-label round (<code>pseudo.models</code>): the test rows added to each fold's "
             "training rows (mean over its folds), its OOF accuracy, and the gain over its base model "

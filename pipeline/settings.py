@@ -102,6 +102,8 @@ class TrainSettings:
     label_smoothing: float = _f(0.0, ge=0, lt=1)
     precision: Precision = Precision.auto
     ema: float = _f(0.0, ge=0, lt=1)          # EMA decay of the weights (timm ModelEmaV3, warm-up); 0 = off
+    swa: float = _f(0.0, ge=0, lt=1)          # SWA: fraction of the final epochs whose weights are averaged; 0 = off
+    swa_lr_scale: float = _f(0.05, gt=0, le=1)  # SWA-phase learning rate as a fraction of lr (held constant)
 
 
 @dataclass
@@ -300,8 +302,13 @@ def model_group(cfg: DictConfig, name: str, group: str) -> DictConfig:
 
 
 def train_settings(cfg: DictConfig, name: str) -> TrainSettings:
-    """The checked training settings of model ``name`` (global ``train`` + its overrides)."""
-    return checked(TrainSettings, model_group(cfg, name, "train"), f"models.{name}.train")
+    """The checked training settings of model ``name`` (global ``train`` + its overrides).
+    Raises ConfigError for a bad value, or for ``ema`` and ``swa`` both on (one weight average)."""
+    t = checked(TrainSettings, model_group(cfg, name, "train"), f"models.{name}.train")
+    if t.ema and t.swa:
+        raise ConfigError(f"models.{name}.train: ema={t.ema} and swa={t.swa}: expected at most one "
+                          f"weight average (set the other to 0)")
+    return t
 
 
 def aug_settings(cfg: DictConfig, name: str) -> AugSettings:

@@ -1,5 +1,5 @@
-"""Members that earn their keep: test-time augmentation, weight averaging (EMA), their cache keys
-and an exact resume with EMA, on the real fixture."""
+"""Members that earn their keep: test-time augmentation, weight averaging (EMA, SWA), their cache
+keys and an exact resume with each weight average, on the real fixture."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
 
 
 @pytest.mark.parametrize("override, changed", [("tta.shifts=1", "tta"), ("train.ema=0.9", "train"),
+                                               ("train.swa=0.5", "train"), ("train.swa_lr_scale=0.1", "train"),
                                                ("tta.hflip=true", "tta")])
 def test_new_cache_key_parts_make_members_stale(tiny_cfg, override, changed):
     train.run(tiny_cfg("model=mlp", "fold=0"))
@@ -95,6 +96,48 @@ def test_resume_with_ema_is_exact(tiny_cfg, tmp_path):
     np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
     # the member predicts with the averaged weights, not the raw ones
     assert res.metrics["ema"]["log_loss_without"] != pytest.approx(res.metrics["log_loss"], rel=1e-9, abs=0)
+
+
+def test_resume_with_swa_is_exact(tiny_cfg, tmp_path):
+    """SWA over the last 2 of 4 epochs (cnn_deotte: BatchNorm statistics averaged too): the
+    one-cycle schedule ends at swa_lr_scale * lr and holds it, SWA averages every step of those
+    epochs, and a fit interrupted inside the averaging phase resumes to the uninterrupted OOF."""
+    common = ["model=cnn_deotte", "fold=0", "models.cnn_deotte.train.epochs=4",
+              "train.lr=0.004", "train.swa=0.5", "train.swa_lr_scale=0.1", "runtime.deterministic=true",
+              "train.precision=fp32"]
+    ref = fit(tiny_cfg(*common), "cnn_deotte", 0, predict_test=False)
+    swa = ref.metrics["swa"]
+    assert swa["epochs"] == 2 and swa["steps"] > 0 and 0 < swa["accuracy_without"] <= 1
+    lrs = [h["lr"] for h in ref.metrics["history"]]
+    assert lrs[1:] == pytest.approx([0.0004] * 3) and lrs[0] > 0.0004  # decayed to 0.1 * lr, then held
+    resume = tmp_path / "resume.pt"
+
+    def stop_after_3(epoch, record):
+        if epoch == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(tiny_cfg(*common), "cnn_deotte", 0, predict_test=False, resume_path=resume, on_epoch=stop_after_3)
+    state = torch.load(resume, weights_only=True)
+    assert 2 * int(state["swa"]["n_averaged"]) == swa["steps"]  # one of two epochs averaged so far
+    res = fit(tiny_cfg(*common), "cnn_deotte", 0, predict_test=False, resume_path=resume)
+    assert res.metrics["resumed_after_epoch"] == 3
+    np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
+    # the member predicts with the averaged weights (and their BatchNorm statistics), not the raw ones
+    assert swa["log_loss_without"] != pytest.approx(ref.metrics["log_loss"], rel=1e-9, abs=0)
+    running_var = res.model.state_dict()["1.running_var"]  # the first BatchNorm's; 1 at init
+    assert not torch.allclose(running_var, torch.ones_like(running_var))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.ema=0.9", "train.swa=0.5"], "models.mlp.train: ema=0.9 and swa=0.5: expected at most one weight average"),
+    (["train.epochs=2", "train.swa=0.6"], "train.swa=0.6: averages 2 of the 2 epochs; expected at least one epoch"),
+])
+def test_swa_settings_are_checked(tiny_cfg, overrides, message):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        fit(tiny_cfg("model=mlp", "fold=0", *overrides), "mlp", 0, predict_test=False)
 
 
 def test_seeds_are_members_cached_blended_and_predicted(tiny_cfg):

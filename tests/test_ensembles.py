@@ -131,7 +131,7 @@ def test_resume_with_swa_is_exact(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.ema=0.9", "train.swa=0.5"], "models.mlp.train: ema=0.9 and swa=0.5: expected at most one weight average"),
-    (["train.epochs=2", "train.swa=0.6"], "train.swa=0.6: averages 2 of the 2 epochs; expected at least one epoch"),
+    (["train.epochs=2", "train.swa=0.6"], "models.mlp.train.swa=0.6: averages 2 of the 2 epochs; expected at least one epoch"),
 ])
 def test_swa_settings_are_checked(tiny_cfg, overrides, message):
     from pipeline.errors import ConfigError

@@ -228,7 +228,7 @@ def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
     return max(train.epochs, math.ceil(train.min_steps / max(1, steps_per_epoch)))
 
 
-def swa_epochs(train: TrainSettings, epochs: int) -> int:
+def swa_epochs(train: TrainSettings, epochs: int, where: str = "train") -> int:
     """The final epochs whose weights SWA averages: ``ceil(train.swa * epochs)``, 0 when off.
 
     Raises:
@@ -238,7 +238,7 @@ def swa_epochs(train: TrainSettings, epochs: int) -> int:
         return 0
     n = math.ceil(train.swa * epochs)
     if n >= epochs:
-        raise ConfigError(f"train.swa={train.swa}: averages {n} of the {epochs} epochs; expected at "
+        raise ConfigError(f"{where}.swa={train.swa}: averages {n} of the {epochs} epochs; expected at "
                           f"least one epoch before averaging starts (lower swa or raise train.epochs)")
     return n
 
@@ -263,7 +263,7 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) ->
     net = torch.compile(model) if spec.runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     epochs = planned_epochs(t, len(batches))
-    averaging = swa_epochs(t, epochs)
+    averaging = swa_epochs(t, epochs, f"models.{spec.key.model}.train")
     cycle = (epochs - averaging) * len(batches)
     # with SWA the one-cycle schedule ends at swa_lr_scale * lr (its start is lr / div_factor 25)
     end = {"final_div_factor": 1.0 / (25.0 * t.swa_lr_scale)} if averaging else {}

@@ -74,6 +74,22 @@ class _Stop(Exception):
     pass
 
 
+def _interrupt_and_resume(cfg, model: str, after_epoch: int, resume):
+    """Fold 0 of ``model`` stopped after ``after_epoch``, then resumed from its checkpoint:
+    ``(the checkpoint's state at the stop, the resumed FitResult)``."""
+
+    def stop(epoch, record):
+        if epoch == after_epoch:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(cfg, model, 0, predict_test=False, resume_path=resume, on_epoch=stop)
+    state = torch.load(resume, weights_only=True)
+    res = fit(cfg, model, 0, predict_test=False, resume_path=resume)
+    assert res.metrics["resumed_after_epoch"] == after_epoch
+    return state, res
+
+
 def test_resume_with_ema_is_exact(tiny_cfg, tmp_path):
     """EMA on: a fit interrupted after epoch 2 of 4 and resumed from its checkpoint ends with the
     uninterrupted fit's OOF probabilities (CPU, deterministic), and the EMA's raw-weights
@@ -82,17 +98,8 @@ def test_resume_with_ema_is_exact(tiny_cfg, tmp_path):
               "train.precision=fp32"]
     ref = fit(tiny_cfg(*common), "mlp", 0, predict_test=False)
     assert ref.metrics["ema"]["decay"] == 0.9 and 0 < ref.metrics["ema"]["accuracy_without"] <= 1
-    resume = tmp_path / "resume.pt"
-
-    def stop_after_2(epoch, record):
-        if epoch == 2:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        fit(tiny_cfg(*common), "mlp", 0, predict_test=False, resume_path=resume, on_epoch=stop_after_2)
-    assert "ema" in torch.load(resume, weights_only=True)  # the EMA weights are in the checkpoint
-    res = fit(tiny_cfg(*common), "mlp", 0, predict_test=False, resume_path=resume)
-    assert res.metrics["resumed_after_epoch"] == 2
+    state, res = _interrupt_and_resume(tiny_cfg(*common), "mlp", 2, tmp_path / "resume.pt")
+    assert "ema" in state  # the EMA weights are in the checkpoint
     np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
     # the member predicts with the averaged weights, not the raw ones
     assert res.metrics["ema"]["log_loss_without"] != pytest.approx(res.metrics["log_loss"], rel=1e-9, abs=0)
@@ -110,18 +117,8 @@ def test_resume_with_swa_is_exact(tiny_cfg, tmp_path):
     assert swa["epochs"] == 2 and swa["steps"] > 0 and 0 < swa["accuracy_without"] <= 1
     lrs = [h["lr"] for h in ref.metrics["history"]]
     assert lrs[1:] == pytest.approx([0.0004] * 3) and lrs[0] > 0.0004  # decayed to 0.1 * lr, then held
-    resume = tmp_path / "resume.pt"
-
-    def stop_after_3(epoch, record):
-        if epoch == 3:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        fit(tiny_cfg(*common), "cnn_deotte", 0, predict_test=False, resume_path=resume, on_epoch=stop_after_3)
-    state = torch.load(resume, weights_only=True)
+    state, res = _interrupt_and_resume(tiny_cfg(*common), "cnn_deotte", 3, tmp_path / "resume.pt")
     assert 2 * int(state["swa"]["n_averaged"]) == swa["steps"]  # one of two epochs averaged so far
-    res = fit(tiny_cfg(*common), "cnn_deotte", 0, predict_test=False, resume_path=resume)
-    assert res.metrics["resumed_after_epoch"] == 3
     np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
     # the member predicts with the averaged weights (and their BatchNorm statistics), not the raw ones
     assert swa["log_loss_without"] != pytest.approx(ref.metrics["log_loss"], rel=1e-9, abs=0)

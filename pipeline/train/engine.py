@@ -3,7 +3,7 @@
 The fit loop trains a member on every fold but its own with AdamW and a one-cycle LR schedule
 (Smith & Topin 2017, ``OneCycleLR``), validates on its fold after each epoch and keeps the
 final-epoch weights (no early stopping on the OOF fold, so the OOF score stays honest), or an
-average of the weights: an EMA (``train.ema``) or SWA (``train.swa``). With a
+average of the weights, EMA or SWA (:mod:`pipeline.train.averaging`). With a
 resume path it checkpoints every epoch (:mod:`pipeline.train.resume`) and continues from there.
 """
 
@@ -30,6 +30,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model
 from pipeline.settings import (AugSettings, Precision, RuntimeSettings, TrainSettings,
                                TTASettings, aug_settings, runtime_settings, train_settings, tta_settings)
+from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train.batches import make_batches, set_epoch, training_set
 from pipeline.train.members import MemberKey
 from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
@@ -198,27 +199,16 @@ class _Loop:
     batches: object
     device: torch.device
     epochs: int  # planned_epochs
-    ema: nn.Module | None = None  # timm ModelEmaV3 of the weights (train.ema > 0)
-    swa: nn.Module | None = None  # torch AveragedModel of the weights (train.swa > 0)
-    swa_after: int = 0  # the optimizer steps before SWA averages (one-cycle steps); their total without SWA
+    cycle: int  # the one-cycle schedule's optimizer steps (all of them without SWA)
+    average: WeightAverage | None = None  # EMA or SWA of the weights
     history: list = field(default_factory=list)
     start: int = 1
     seconds_before: float = 0.0  # training time before a resume
 
     @property
     def predictor(self) -> nn.Module:
-        """What the member predicts with: the EMA weights, or the SWA weights once they average a
-        step, else the model."""
-        if self.ema is not None:
-            return self.ema.module
-        if self.swa is not None and int(self.swa.n_averaged) > 0:
-            return self.swa.module
-        return self.net
-
-    @property
-    def averaged(self) -> nn.Module | None:
-        """The weight average (EMA or SWA) as its own model, or None."""
-        return self.ema if self.ema is not None else self.swa
+        """What the member predicts with: the averaged weights once there are any, else the model."""
+        return self.average.module if self.average is not None and self.average.ready else self.net
 
 
 def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
@@ -226,21 +216,6 @@ def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
     ``train.min_steps`` optimizer steps of ``steps_per_epoch`` each (a competition of a thousand
     images gives a few steps per epoch, too few for a CNN to learn in a digits-sized epoch count)."""
     return max(train.epochs, math.ceil(train.min_steps / max(1, steps_per_epoch)))
-
-
-def swa_epochs(train: TrainSettings, epochs: int, where: str = "train") -> int:
-    """The final epochs whose weights SWA averages: ``ceil(train.swa * epochs)``, 0 when off.
-
-    Raises:
-        ConfigError: that leaves no epoch before averaging starts (e.g. one epoch in all).
-    """
-    if not train.swa:
-        return 0
-    n = math.ceil(train.swa * epochs)
-    if n >= epochs:
-        raise ConfigError(f"{where}.swa={train.swa}: averages {n} of the {epochs} epochs; expected at "
-                          f"least one epoch before averaging starts (lower swa or raise train.epochs)")
-    return n
 
 
 def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> _Loop:
@@ -263,22 +238,10 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) ->
     net = torch.compile(model) if spec.runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     epochs = planned_epochs(t, len(batches))
-    averaging = swa_epochs(t, epochs, f"models.{spec.key.model}.train")
-    cycle = (epochs - averaging) * len(batches)
-    # with SWA the one-cycle schedule ends at swa_lr_scale * lr (its start is lr / div_factor 25)
-    end = {"final_div_factor": 1.0 / (25.0 * t.swa_lr_scale)} if averaging else {}
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=cycle,
-                                                pct_start=t.warmup_frac, div_factor=25.0, **end)
-    ema = swa = None
-    if t.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=t.ema, use_warmup=True)  # decay ramps up over the first steps
-    if averaging:
-        from torch.optim.swa_utils import AveragedModel
-
-        swa = AveragedModel(model, use_buffers=True)  # BatchNorm statistics averaged with the weights
-    return _Loop(model, net, opt, sched, batches, device, epochs, ema, swa, cycle)
+    averaged = swa_epochs(t, epochs, f"models.{spec.key.model}.train")
+    cycle = (epochs - averaged) * len(batches)
+    sched = one_cycle(opt, t, cycle, for_swa=averaged > 0)
+    return _Loop(model, net, opt, sched, batches, device, epochs, cycle, WeightAverage.create(model, t, cycle))
 
 
 def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
@@ -288,8 +251,8 @@ def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
     loop.model.load_state_dict(state["model"])
     loop.opt.load_state_dict(state["optimizer"])
     loop.sched.load_state_dict(state["scheduler"])
-    if loop.averaged is not None:
-        loop.averaged.load_state_dict(state["ema" if loop.ema is not None else "swa"])
+    if loop.average is not None:
+        loop.average.average.load_state_dict(state[loop.average.kind.value])
     loop.history = state["history"]
     loop.seconds_before = float(state["seconds"])
     set_rng_state(state["rng"])
@@ -301,8 +264,8 @@ def _save_state(loop: _Loop, spec: FitSpec, path: Path, epoch: int, seconds: flo
     save_resume(path, {"cache_key": spec.cache_key, "epoch": epoch, "model": loop.model.state_dict(),
                        "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
                        "history": loop.history, "seconds": seconds, "rng": rng_state(),
-                       **({"ema": loop.ema.state_dict()} if loop.ema is not None else {}),
-                       **({"swa": loop.swa.state_dict()} if loop.swa is not None else {})})
+                       **({loop.average.kind.value: loop.average.average.state_dict()}
+                          if loop.average is not None else {})})
 
 
 def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
@@ -319,12 +282,10 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
         loss, logits = train_step(loop.net, loop.opt, x, y, spec.train.label_smoothing,
                                   spec.runtime.channels_last, spec.train.precision)
         done = (epoch - 1) * steps + step + 1  # optimizer steps so far
-        if loop.swa is None or done < loop.swa_after:
-            loop.sched.step()  # with SWA, the cycle's last learning rate (swa_lr_scale * lr) is then held
-        elif done > loop.swa_after:
-            loop.swa.update_parameters(loop.model)  # SWA: the uniform mean of these steps' weights
-        if loop.ema is not None:
-            loop.ema.update(loop.model, step=done)
+        if done < loop.cycle:
+            loop.sched.step()  # after the cycle its last learning rate is held (SWA)
+        if loop.average is not None:
+            loop.average.update(loop.model, done)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum()
         seen += len(y)
@@ -385,8 +346,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds``); it may raise
     to stop training (the tune stage prunes trials this way).
 
-    With ``resume_path``, the end-of-epoch state (model, optimizer, LR scheduler, epoch, history,
-    seconds so far, python/numpy/torch RNG states) is written there after every epoch, and
+    With ``resume_path``, the end-of-epoch state (model, optimizer, LR scheduler, weight average,
+    epoch, history, seconds so far, python/numpy/torch RNG states) is written there after every epoch, and
     training continues from it when it was written for the same cache key. Data order and
     augmentation are reseeded per epoch (:func:`set_epoch`), so on CPU with
     ``runtime.deterministic=true`` a resumed run gives the uninterrupted run's probabilities.
@@ -423,7 +384,7 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
             on_epoch(epoch, record)
     views = _predict(loop, spec, comp.x_train[va_idx], tta=True)  # the final OOF, with TTA
     plain, val = views[0], average_views(views)
-    raw = _predict(loop, spec, comp.x_train[va_idx], model=loop.net) if loop.averaged is not None else None
+    raw = _predict(loop, spec, comp.x_train[va_idx], model=loop.net) if loop.average is not None else None
     test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None
     metrics = {
         "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed,
@@ -437,11 +398,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
                 "log_loss_without": float(log_loss(y_val, plain, labels=np.arange(comp.num_classes)))},
     }
     if raw is not None:  # the EMA's or SWA's gain: the same member's raw weights, without TTA
-        part = {"decay": spec.train.ema} if loop.ema is not None else {
-            "fraction": spec.train.swa, "epochs": swa_epochs(spec.train, loop.epochs),
-            "steps": int(loop.swa.n_averaged), "lr_scale": spec.train.swa_lr_scale}
-        metrics["ema" if loop.ema is not None else "swa"] = {
-            **part, "accuracy_without": float((raw.argmax(1) == y_val).mean()),
+        metrics[loop.average.kind.value] = {
+            **loop.average.describe(spec.train, loop.epochs), "accuracy_without": float((raw.argmax(1) == y_val).mean()),
             "log_loss_without": float(log_loss(y_val, raw, labels=np.arange(comp.num_classes)))}
-    weights = loop.averaged.module if loop.averaged is not None else loop.model  # not the compile wrapper
+    weights = loop.average.module if loop.average is not None else loop.model  # not the compile wrapper
     return FitResult(weights, val, va_idx.astype(np.int64), test, metrics)

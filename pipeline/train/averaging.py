@@ -1,0 +1,112 @@
+"""The learning-rate schedule of a member's training and the average of its weights.
+
+A member trains with AdamW on a one-cycle schedule (Smith & Topin 2017, ``OneCycleLR``) and may
+predict with an average of its weights instead of the last ones: an exponential moving average
+(``train.ema``; timm's ``ModelEmaV3`` with warm-up) or stochastic weight averaging (``train.swa``;
+Izmailov et al. 2018, ``torch.optim.swa_utils.AveragedModel``). For SWA the one-cycle schedule is
+compressed into the epochs before the averaged ones and ends at ``train.swa_lr_scale * lr``, which
+is then held while the weights of every step are averaged uniformly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn as nn
+
+from pipeline.errors import ConfigError
+from pipeline.settings import TrainSettings
+
+DIV_FACTOR = 25.0  # OneCycleLR's: the schedule starts at lr / 25
+
+
+class AverageKind(str, Enum):
+    """Which average of the weights a member predicts with; also its key in ``metrics.json``
+    and in the resume checkpoint."""
+
+    ema = "ema"
+    swa = "swa"
+
+
+def swa_epochs(train: TrainSettings, epochs: int, where: str = "train") -> int:
+    """The final epochs whose weights SWA averages: ``ceil(train.swa * epochs)``, 0 when off.
+
+    Raises:
+        ConfigError: that leaves no epoch before averaging starts (e.g. one epoch in all),
+            naming ``<where>.swa``.
+    """
+    if not train.swa:
+        return 0
+    n = math.ceil(train.swa * epochs)
+    if n >= epochs:
+        raise ConfigError(f"{where}.swa={train.swa}: averages {n} of the {epochs} epochs; expected at "
+                          f"least one epoch before averaging starts (lower swa or raise train.epochs)")
+    return n
+
+
+def one_cycle(opt: torch.optim.Optimizer, train: TrainSettings, cycle_steps: int,
+              for_swa: bool) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The one-cycle schedule over ``cycle_steps`` optimizer steps, peaking at ``train.lr`` after
+    ``train.warmup_frac`` of them; it ends at ``lr / 25 / 1e4`` (OneCycleLR's default), or at
+    ``train.swa_lr_scale * lr`` when ``for_swa`` (the SWA learning rate, held afterwards)."""
+    end = {"final_div_factor": 1.0 / (DIV_FACTOR * train.swa_lr_scale)} if for_swa else {}
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=cycle_steps,
+                                               pct_start=train.warmup_frac, div_factor=DIV_FACTOR, **end)
+
+
+@dataclass
+class WeightAverage:
+    """The average of a member's weights during its training.
+
+    Attributes:
+        kind: EMA or SWA.
+        average: timm ``ModelEmaV3`` or torch ``AveragedModel``; ``.module`` is the averaged net.
+        after: SWA averages the weights after each optimizer step past this many (the one-cycle
+            steps); 0 for the EMA, which follows every step.
+    """
+
+    kind: AverageKind
+    average: nn.Module
+    after: int = 0
+
+    @classmethod
+    def create(cls, model: nn.Module, train: TrainSettings, cycle_steps: int) -> WeightAverage | None:
+        """The average ``train`` asks for (``ema`` or ``swa``, not both: the settings check that),
+        of ``model`` (not a ``torch.compile`` wrapper), or None."""
+        if train.ema:
+            from timm.utils import ModelEmaV3
+
+            return cls(AverageKind.ema, ModelEmaV3(model, decay=train.ema, use_warmup=True))
+        if train.swa:
+            from torch.optim.swa_utils import AveragedModel
+
+            # BatchNorm statistics are averaged with the weights (no extra pass to recompute them)
+            return cls(AverageKind.swa, AveragedModel(model, use_buffers=True), cycle_steps)
+        return None
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged network."""
+        return self.average.module
+
+    @property
+    def ready(self) -> bool:
+        """Whether the average holds any weights yet (SWA: once a step has been averaged)."""
+        return self.kind is AverageKind.ema or int(self.average.n_averaged) > 0
+
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in ``model``'s weights after optimizer step ``step`` (1-based, over all epochs)."""
+        if self.kind is AverageKind.ema:
+            self.average.update(model, step=step)  # the decay ramps up over the first steps
+        elif step > self.after:
+            self.average.update_parameters(model)
+
+    def describe(self, train: TrainSettings, epochs: int) -> dict:
+        """Its settings for ``metrics.json`` (beside the raw weights' scores)."""
+        if self.kind is AverageKind.ema:
+            return {"decay": train.ema}
+        return {"fraction": train.swa, "epochs": swa_epochs(train, epochs), "steps": int(self.average.n_averaged),
+                "lr_scale": train.swa_lr_scale}

@@ -108,5 +108,5 @@ class WeightAverage:
         """Its settings for ``metrics.json`` (beside the raw weights' scores)."""
         if self.kind is AverageKind.ema:
             return {"decay": train.ema}
-        return {"fraction": train.swa, "epochs": swa_epochs(train, epochs), "steps": int(self.average.n_averaged),
-                "lr_scale": train.swa_lr_scale}
+        return {"fraction": train.swa, "epochs": swa_epochs(train, epochs),
+                "steps": int(self.average.n_averaged), "lr_scale": train.swa_lr_scale}

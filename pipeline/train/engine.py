@@ -241,7 +241,8 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) ->
     averaged = swa_epochs(t, epochs, f"models.{spec.key.model}.train")
     cycle = (epochs - averaged) * len(batches)
     sched = one_cycle(opt, t, cycle, for_swa=averaged > 0)
-    return _Loop(model, net, opt, sched, batches, device, epochs, cycle, WeightAverage.create(model, t, cycle))
+    average = WeightAverage.create(model, t, cycle)
+    return _Loop(model, net, opt, sched, batches, device, epochs, cycle, average)
 
 
 def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
@@ -347,8 +348,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     to stop training (the tune stage prunes trials this way).
 
     With ``resume_path``, the end-of-epoch state (model, optimizer, LR scheduler, weight average,
-    epoch, history, seconds so far, python/numpy/torch RNG states) is written there after every epoch, and
-    training continues from it when it was written for the same cache key. Data order and
+    epoch, history, seconds so far, python/numpy/torch RNG states) is written there after every
+    epoch, and training continues from it when it was written for the same cache key. Data order and
     augmentation are reseeded per epoch (:func:`set_epoch`), so on CPU with
     ``runtime.deterministic=true`` a resumed run gives the uninterrupted run's probabilities.
 
@@ -399,7 +400,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     }
     if raw is not None:  # the EMA's or SWA's gain: the same member's raw weights, without TTA
         metrics[loop.average.kind.value] = {
-            **loop.average.describe(spec.train, loop.epochs), "accuracy_without": float((raw.argmax(1) == y_val).mean()),
+            **loop.average.describe(spec.train, loop.epochs),
+            "accuracy_without": float((raw.argmax(1) == y_val).mean()),
             "log_loss_without": float(log_loss(y_val, raw, labels=np.arange(comp.num_classes)))}
     weights = loop.average.module if loop.average is not None else loop.model  # not the compile wrapper
     return FitResult(weights, val, va_idx.astype(np.int64), test, metrics)

@@ -93,10 +93,12 @@ def plot_curves(name: str, rows: list[dict], path: Path) -> Path:
         epochs = np.arange(1, n + 1)
         for ax, key in zip(axes, ("loss", "acc")):
             for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
-                v = np.array([[h[e][f"{split}_{key}"] for e in range(n)] for h in hist])
-                ax.plot(epochs, v.mean(0), color=color, marker="o", ms=3,
+                # validation only after the validated epochs (runtime.val_every): NaN elsewhere
+                v = np.array([[h[e].get(f"{split}_{key}", np.nan) for e in range(n)] for h in hist])
+                at = ~np.isnan(v).any(0)
+                ax.plot(epochs[at], v[:, at].mean(0), color=color, marker="o", ms=3,
                         label=f"{'validation' if split == 'val' else 'train'} (mean of {len(hist)} folds)")
-                ax.fill_between(epochs, v.min(0), v.max(0), color=color, alpha=0.2)
+                ax.fill_between(epochs[at], v[:, at].min(0), v[:, at].max(0), color=color, alpha=0.2)
             ax.set_xlabel("epoch")
             ax.set_ylabel("loss" if key == "loss" else "accuracy")
             ax.grid(alpha=0.3)

@@ -151,6 +151,7 @@ class RuntimeSettings:
     compile: bool = False          # torch.compile the model
     deterministic: bool = False    # torch deterministic algorithms (exact resume on CPU)
     estimate: bool = True          # time a few steps per model first and log the minutes to go
+    val_every: int = _f(1, ge=1)   # validate on the fold every N epochs and after the last (history)
 
 
 @dataclass

@@ -205,6 +205,29 @@ def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
     assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 60)
 
 
+def test_val_every_validates_fewer_epochs_and_changes_no_prediction(tiny_cfg):
+    """runtime.val_every=2 over 5 epochs validates after epochs 2, 4 and 5 (the last) only; the
+    weights, OOF and test probabilities and the cache key are those of validating every epoch."""
+    base = ("model=mlp", "fold=0", "train.epochs=5", "runtime.deterministic=true")
+    every = fit(tiny_cfg(*base), "mlp", 0)
+    sparse = fit(tiny_cfg(*base, "runtime.val_every=2"), "mlp", 0)
+    assert [h["epoch"] for h in sparse.metrics["history"] if "val_acc" in h] == [2, 4, 5]
+    assert all("val_acc" in h and "val_loss" in h for h in every.metrics["history"])
+    np.testing.assert_array_equal(sparse.oof, every.oof)
+    np.testing.assert_array_equal(sparse.test, every.test)
+    # the last epoch's validation is the final OOF (no TTA here): its accuracy is the fold's
+    assert sparse.metrics["history"][-1]["val_acc"] == pytest.approx(sparse.metrics["accuracy"])
+    assert [h["val_acc"] for h in sparse.metrics["history"] if "val_acc" in h] == \
+        [every.metrics["history"][e]["val_acc"] for e in (1, 3, 4)]
+    from pipeline.report import plot_curves  # validation drawn at the validated epochs only
+    png = plot_curves("mlp", [{"model": "mlp", "history": sparse.metrics["history"]}],
+                      Paths.from_cfg(tiny_cfg(*base)).root / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ws = Workspace.load(tiny_cfg(*base, "runtime.val_every=2"))
+    assert ws.member_config(MemberKey("mlp", 0)) == Workspace.load(tiny_cfg(*base)).member_config(
+        MemberKey("mlp", 0))
+
+
 def test_min_steps_raises_the_epochs_of_a_small_competition(tiny_cfg):
     """200 training rows at batch 32 make 6 steps per epoch: train.min_steps=30 trains 5 epochs
     instead of 2 (one-cycle schedule over all of them), and the estimate counts them."""

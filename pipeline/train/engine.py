@@ -1,10 +1,11 @@
 """Training numerics: one step, prediction, batches, and the fit loop of one member.
 
 The fit loop trains a member on every fold but its own with AdamW and a one-cycle LR schedule
-(Smith & Topin 2017, ``OneCycleLR``), validates on its fold after each epoch and keeps the
-final-epoch weights (no early stopping on the OOF fold, so the OOF score stays honest), or an
-average of the weights, EMA or SWA (:mod:`pipeline.train.averaging`). With a
-resume path it checkpoints every epoch (:mod:`pipeline.train.resume`) and continues from there.
+(Smith & Topin 2017, ``OneCycleLR``), validates on its fold after every ``runtime.val_every``-th
+epoch and after the last, and keeps the final-epoch weights (no early stopping on the OOF fold, so
+the OOF score stays honest), or an average of the weights, EMA or SWA
+(:mod:`pipeline.train.averaging`). With a resume path it checkpoints every epoch
+(:mod:`pipeline.train.resume`) and continues from there.
 """
 
 from __future__ import annotations
@@ -305,12 +306,15 @@ def _predict(loop: _Loop, spec: FitSpec, images: np.ndarray, tta: bool = False,
     return predict_probs(model, images, loop.device, spec.runtime, spec.train.precision)
 
 
-def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarray,
+def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarray | None,
                   y_val: np.ndarray, lr: float, seconds: float) -> dict:
-    logp = np.log(np.clip(val.astype(np.float64), 1e-12, 1))
-    return {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-            "val_loss": float(-logp[np.arange(len(y_val)), y_val].mean()),
-            "val_acc": float((val.argmax(1) == y_val).mean()), "lr": lr, "seconds": seconds}
+    """One epoch's history record; ``val_loss`` / ``val_acc`` only when the fold was validated."""
+    record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr, "seconds": seconds}
+    if val is not None:
+        logp = np.log(np.clip(val.astype(np.float64), 1e-12, 1))
+        record |= {"val_loss": float(-logp[np.arange(len(y_val)), y_val].mean()),
+                   "val_acc": float((val.argmax(1) == y_val).mean())}
+    return record
 
 
 def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, steps: int = 5,
@@ -344,8 +348,9 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     """Train ``spec.key.model`` on every fold but ``spec.key.fold``; predict that fold (and the test set).
 
     ``on_epoch(epoch, record)`` is called after each epoch with its history record
-    (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``lr``, ``seconds``); it may raise
-    to stop training (the tune stage prunes trials this way).
+    (``train_loss``, ``train_acc``, ``lr``, ``seconds``, and ``val_loss``, ``val_acc`` after the
+    epochs validated on the fold: every ``runtime.val_every``-th and the last); it may raise to
+    stop training (the tune stage prunes trials this way).
 
     With ``resume_path``, the end-of-epoch state (model, optimizer, LR scheduler, weight average,
     epoch, history, seconds so far, python/numpy/torch RNG states) is written there after every
@@ -366,7 +371,7 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     if resume_path is not None and resume_path.exists():
         _resume_from(loop, spec, resume_path)
     y_val = comp.y_train[va_idx]
-    val = None
+    views = None  # the final OOF, with TTA: its identity view is the last epoch's validation
     for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
         train_loss, train_acc = _train_epoch(loop, spec, epoch)
@@ -375,7 +380,12 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
                 resume_path.unlink(missing_ok=True)
             raise PipelineError(f"{spec.key}: training loss became {train_loss} in epoch {epoch}; "
                                 f"nothing was cached (try a lower train.lr)")
-        val = _predict(loop, spec, comp.x_train[va_idx])
+        val = None
+        if epoch == loop.epochs:
+            views = _predict(loop, spec, comp.x_train[va_idx], tta=True)
+            val = views[0]
+        elif epoch % spec.runtime.val_every == 0:
+            val = _predict(loop, spec, comp.x_train[va_idx])
         record = _epoch_record(epoch, train_loss, train_acc, val, y_val,
                                float(loop.sched.get_last_lr()[0]), time.perf_counter() - te)
         loop.history.append(record)
@@ -383,7 +393,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
             _save_state(loop, spec, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch, record)
-    views = _predict(loop, spec, comp.x_train[va_idx], tta=True)  # the final OOF, with TTA
+    if views is None:  # resumed from a checkpoint written after the last epoch
+        views = _predict(loop, spec, comp.x_train[va_idx], tta=True)
     plain, val = views[0], average_views(views)
     raw = _predict(loop, spec, comp.x_train[va_idx], model=loop.net) if loop.average is not None else None
     test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None

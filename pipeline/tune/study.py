@@ -91,6 +91,8 @@ class Objective:
         probs, labels = [], []
         for i, fold in enumerate(self.fold_list):
             def report(epoch: int, record: dict, _base=i * epochs) -> None:
+                if "val_acc" not in record:  # not a validated epoch (runtime.val_every)
+                    return
                 trial.report(record["val_acc"], _base + epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"epoch {epoch} of fold {fold}: val acc "

@@ -21,13 +21,15 @@ Two published recipes for handwritten digits, each off when its strength is 0:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:  # pragma: no cover - albumentations and OpenCV load only for that backend
+    import albumentations as A
 
 _PARAMS = ("rotate", "scale", "shift", "elastic_alpha", "elastic_sigma", "p_affine", "p_elastic",
            "hflip", "vflip", "brightness", "contrast", "saturation", "p_color")
@@ -54,6 +56,9 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
         an ``A.Compose`` taking ``image=(S, S) or (S, S, 3) uint8``, or ``None`` when every
         strength is 0.
     """
+    import albumentations as A
+    import cv2
+
     parts: list[A.BasicTransform] = []
     if rotate or scale or shift:
         parts.append(A.Affine(rotate=(-rotate, rotate), scale=(1 - scale, 1 + scale),

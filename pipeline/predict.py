@@ -117,7 +117,7 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     images' shape is not the one the members were trained on.
     """
     from pipeline.train.engine import place_model, predict_probs
-    from pipeline.train.runtime import select_device
+    from pipeline.train.runtime import configure_numerics, resolve_precision, select_device, use_device
 
     paths = Paths.from_cfg(cfg)
     saved = store.load(paths)
@@ -125,6 +125,7 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     members.check_shape(images, r["in_chans"], r["img_size"])
     runtime = runtime_settings(cfg)
     device = select_device(runtime.device)
+    use_device(device)
     per_member = []
     for label in saved.members:
         model_name = members.BlendMember.parse(label).model
@@ -135,8 +136,10 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
             model, _ = members.load_model(d)
             model = place_model(model, device, runtime.channels_last)
             trained = members.read_config(d)  # the member's own precision and test-time views
+            precision = resolve_precision(trained.train.precision, device)  # 'auto' in older keys
+            configure_numerics(device, precision, runtime.deterministic)  # as when it was trained
             seed_probs.setdefault(e["seed"], []).append(
-                predict_probs(model, images, device, runtime, trained.train.precision, trained.get("tta")))
+                predict_probs(model, images, device, runtime, precision, trained.get("tta")))
         per_member.append(members.average_probs([members.average_probs(p) for p in seed_probs.values()]))
     probs = saved.blender().predict_proba(np.stack(per_member, 1))
     return probs.astype(np.float32), saved

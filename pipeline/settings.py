@@ -27,11 +27,15 @@ from pipeline.errors import ConfigError
 
 
 class Precision(str, Enum):
-    """``train.precision``: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU."""
+    """``train.precision``: the autocast dtype of training and prediction. ``auto`` is resolved
+    per device before a member's cache key is made (:func:`pipeline.train.runtime.resolve_precision`):
+    bf16 on CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 (with a gradient
+    scaler) on capability 7.x, fp32 elsewhere."""
 
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class AugBackend(str, Enum):

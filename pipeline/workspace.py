@@ -18,7 +18,7 @@ from pipeline import data
 from pipeline.folds import ensure_folds, folds_digest
 from pipeline.paths import Paths
 from pipeline.train import members
-from pipeline.settings import seed_count
+from pipeline.settings import Precision, runtime_settings, seed_count, train_settings
 from pipeline.train.members import BlendMember, MemberKey, MemberPredictions, Verification
 
 
@@ -77,9 +77,19 @@ class Workspace:
             from pipeline import pseudo
 
             part = pseudo.cache_part(self, key.fold) if pseudo.base_model(self.cfg, key.model) else None
-            self._configs[key] = members.member_config(self.cfg, key, self.comp.fingerprint,
-                                                       self.folds_digest, part)
+            self._configs[key] = members.member_config(
+                self.cfg, key, self.comp.fingerprint, self.folds_digest,
+                self.precision(train_settings(self.cfg, key.model).precision), part)
         return self._configs[key]
+
+    def precision(self, setting: Precision) -> Precision:
+        """``train.precision`` resolved for this run's training device
+        (:func:`pipeline.train.runtime.resolve_precision`: ``auto`` is bf16, fp16 or fp32 by the
+        GPU's compute capability or the CPU's bf16 support). Raises ConfigError for an unknown
+        ``runtime.device`` or CUDA asked for where there is none."""
+        from pipeline.train.runtime import resolve_precision, select_device
+
+        return resolve_precision(setting, select_device(runtime_settings(self.cfg).device))
 
     def verify(self, key: MemberKey) -> Verification:
         """The member's verification against its cache key, hashed at most once per run."""

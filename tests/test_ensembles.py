@@ -50,14 +50,15 @@ def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
     rt = runtime_settings(cfg)
     model = engine.place_model(model, torch.device("cpu"), rt.channels_last)
     rows, oof = members.read_oof(d)
-    again = engine.predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), rt, "auto", tta)
+    p = members.read_config(d).train.precision  # resolved when it trained
+    again = engine.predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), rt, p, tta)
     np.testing.assert_array_equal(again, oof)
-    test = engine.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, "auto", tta)
+    test = engine.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, p, tta)
     np.testing.assert_array_equal(test, members.read_test(d))
     m = members.read_metrics(d)
     assert m["tta"]["views"] == 7 and 0 < m["tta"]["accuracy_without"] <= 1
     # the views really differ: one shifted row is predicted differently from the plain row
-    views = engine.predict_view_probs(model, ws.comp.x_test[:8], torch.device("cpu"), rt, "auto", tta)
+    views = engine.predict_view_probs(model, ws.comp.x_test[:8], torch.device("cpu"), rt, p, tta)
     assert views.shape == (7, 8, 10) and not np.allclose(views[0], views[1])
 
 

@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model
 from pipeline.paths import FOLD_FILES, Paths
 from pipeline.settings import validate
-from pipeline.train import engine, members
+from pipeline.train import engine, members, runtime
 from pipeline.train.members import MemberKey, MemberStatus
 from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
@@ -55,8 +55,8 @@ def test_checkpoint_is_safetensors_and_rebuilds_the_model(trained_cfg):
     assert (d / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors: a JSON header, no pickle
     model, meta = members.load_model(d)
     assert meta["arch"] == "cnn_deotte" and meta["img_size"] == 28 and meta["in_chans"] == 1
-    probs = engine.softmax(engine.predict_logits(model, ws.comp.x_test, torch.device("cpu"),
-                                                 channels_last=True)[0])
+    probs = engine.softmax(engine.predict_logits(model, ws.comp.x_test, torch.device("cpu"), channels_last=True,
+                                                 precision=members.read_config(d).train.precision)[0])
     np.testing.assert_allclose(probs, members.read_test(d), atol=1e-5)
 
 
@@ -92,7 +92,8 @@ def test_cache_key_holds_seed_architecture_and_folds(tiny_cfg):
     key = ws.member_config(MemberKey("cnn_deotte", 1))
     assert key.seed == members.training_seed(42, MemberKey("cnn_deotte", 1))
     assert key.arch_digest == __import__("pipeline.models", fromlist=["x"]).architecture_digest("cnn_deotte")
-    assert key.folds.digest == ws.folds_digest and key.train.precision == "auto"
+    assert key.folds.digest == ws.folds_digest  # train.precision=auto, resolved for the CPU:
+    assert key.train.precision == runtime.resolve_precision("auto", torch.device("cpu")).value != "auto"
     assert "compile" not in key.train and "deterministic" not in key.train  # how to run: runtime.*
 
 
@@ -150,20 +151,73 @@ def test_cuda_member_bf16_channels_last(tiny_cfg, compile_):
     assert res.metrics["accuracy"] > 0.15
 
 
-def test_precision_setting(monkeypatch):
-    """train.precision: auto is bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs;
-    bf16 / fp32 force it; else an error."""
-    from pipeline.train import runtime
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+def test_precision_auto_resolves_per_device(monkeypatch):
+    """train.precision=auto: bf16 at compute capability >= 8.0 (A100, L4, H100), fp16 on 7.x
+    (V100, T4), fp32 below (P100); on the CPU bf16 only with native bf16. An explicit value is
+    kept; an unknown one is one line."""
+    cpu = torch.device("cpu")
     native = "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
     assert runtime.cpu_has_native_bf16() == native
     for has in (False, True):
-        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda h=has: h)
-        assert [engine.use_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [has, False, True]
-    assert [engine.use_bf16(p, cuda) for p in ("auto", "fp32", "bf16")] == [True, False, True]
-    with pytest.raises(ConfigError, match="train.precision=fp16: expected one of auto, fp32, bf16"):
-        engine.use_bf16("fp16", cpu)
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda h=has: h)
+        assert [runtime.resolve_precision(p, cpu).value for p in ("auto", "fp32", "bf16", "fp16")] == \
+            ["bf16" if has else "fp32", "fp32", "bf16", "fp16"]
+    gpus = {"P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "L4": (8, 9), "H200": (9, 0)}
+    resolved = {}
+    for name, cc in gpus.items():
+        monkeypatch.setattr(runtime.torch.cuda, "get_device_capability", lambda d=None, cc=cc: cc)
+        resolved[name] = runtime.resolve_precision("auto", torch.device("cuda")).value
+        assert runtime.resolve_precision("fp32", torch.device("cuda")).value == "fp32"
+    assert resolved == {"P100": "fp32", "V100": "fp16", "T4": "fp16", "A100": "bf16", "L4": "bf16",
+                        "H200": "bf16"}
+    assert runtime.grad_scaler(cpu, runtime.Precision.fp16) is not None
+    assert runtime.grad_scaler(cpu, runtime.Precision.bf16) is None
+    with pytest.raises(ConfigError, match="train.precision=fp8: expected one of auto, fp32, bf16, fp16"):
+        runtime.resolve_precision("fp8", cpu)
+
+
+def test_resolved_precision_is_the_cache_key_and_metrics(tiny_cfg, monkeypatch):
+    """On a (pretended) T4 the cache key says fp16, not auto; on an H200 bf16: one key, one
+    numerics. The precision a member trained in is in its metrics.json."""
+    from pipeline.train import runtime as rt
+
+    monkeypatch.setattr(rt.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rt.torch.cuda, "device_count", lambda: 1)
+    keys = {}
+    for cc in ((7, 5), (9, 0)):
+        monkeypatch.setattr(rt.torch.cuda, "get_device_capability", lambda d=None, cc=cc: cc)
+        ws = Workspace.load(tiny_cfg("runtime.device=cuda"))
+        keys[cc] = ws.member_config(MemberKey("mlp", 0))
+    assert keys[(7, 5)].train.precision == "fp16" and keys[(9, 0)].train.precision == "bf16"
+    monkeypatch.undo()
+    m = train.run(tiny_cfg("model=mlp", "fold=0", "train.precision=fp16"))[0].metrics
+    assert m["precision"] == "fp16" and m["device"].startswith("cpu")
+
+
+def test_fp16_trains_with_a_grad_scaler_and_resumes_it(tiny_cfg):
+    """fp16 (what auto picks on a T4 or V100) runs the CPU's fp16 autocast with a GradScaler: the
+    logits are fp16, the loss fp32, the scaler's state is in the resume checkpoint, and the
+    member learns as fp32 does."""
+    torch.manual_seed(0)
+    model = create_model("cnn_keras", 10, width=0.25)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    digits = Workspace.load(tiny_cfg()).comp
+    x, y = torch.from_numpy(digits.x_train[:8]).float() / 255, torch.from_numpy(digits.y_train[:8])
+    scaler = runtime.grad_scaler(torch.device("cpu"), runtime.Precision.fp16)
+    loss, logits = engine.train_step(model, opt, x, y, precision=runtime.Precision.fp16, scaler=scaler)
+    assert logits.dtype == torch.float16 and loss.dtype == torch.float32
+    assert scaler.get_scale() in (2.0 ** 16, 2.0 ** 15)  # the first step may find inf and back off
+    cfg = tiny_cfg("model=mlp", "fold=0", "train.precision=fp16", "train.epochs=6", "aug=none")
+    d = Paths.from_cfg(cfg).fold_dir("mlp", 0)
+    d.mkdir(parents=True)
+    states = []
+
+    def keep(epoch, record):
+        states.append(torch.load(d / "resume.pt", weights_only=True))
+
+    res = fit(cfg, "mlp", 0, predict_test=False, resume_path=d / "resume.pt", on_epoch=keep)
+    assert "grad_scaler" in states[0] and states[0]["grad_scaler"]["scale"] > 0
+    assert res.metrics["precision"] == "fp16" and res.metrics["accuracy"] > 0.6
 
 
 def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):

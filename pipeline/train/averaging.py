@@ -57,6 +57,29 @@ def one_cycle(opt: torch.optim.Optimizer, train: TrainSettings, cycle_steps: int
                                                pct_start=train.warmup_frac, div_factor=DIV_FACTOR, **end)
 
 
+@torch.no_grad()
+def swa_update(average: nn.Module, model: nn.Module, n_before: int) -> None:
+    """Fold ``model``'s parameters and buffers into SWA's running mean ``average``
+    (``AveragedModel(model, use_buffers=True)``), which holds the mean of ``n_before`` snapshots:
+    the first snapshot is copied; floating tensors then move ``1 / (n_before + 1)`` of the way
+    (one multi-tensor ``lerp`` per device and dtype); integer buffers (BatchNorm's
+    ``num_batches_tracked``) are copied, not averaged.
+
+    Replaces ``AveragedModel.update_parameters``, whose default multi-tensor path on CUDA fails on
+    the int64 buffers at the second update ("Integer division with addcdiv is no longer
+    supported") and which reads its step count back to the host twice per call. ``n_before``
+    is known on the host (optimizer steps past the one-cycle phase), so no step syncs.
+    """
+    pairs = list(zip([*average.module.parameters(), *average.module.buffers()],
+                     [*model.parameters(), *model.buffers()], strict=True))
+    floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+    for a, m in pairs if n_before == 0 else [(a, m) for a, m in pairs if not a.is_floating_point()]:
+        a.copy_(m)
+    if n_before > 0 and floats:
+        torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 / (n_before + 1))
+    average.n_averaged += 1
+
+
 @dataclass
 class WeightAverage:
     """The average of a member's weights during its training.
@@ -102,7 +125,7 @@ class WeightAverage:
         if self.kind is AverageKind.ema:
             self.average.update(model, step=step)  # the decay ramps up over the first steps
         elif step > self.after:
-            self.average.update_parameters(model)
+            swa_update(self.average, model, step - self.after - 1)
 
     def describe(self, train: TrainSettings, epochs: int) -> dict:
         """Its settings for ``metrics.json`` (beside the raw weights' scores)."""

@@ -35,30 +35,18 @@ from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train.batches import make_batches, set_epoch, training_set
 from pipeline.train.members import MemberKey
 from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
-from pipeline.train.runtime import (cpu_has_native_bf16, device_name, num_workers, seed_everything,
-                                    select_device)
+from pipeline.train.runtime import (autocast, configure_numerics, device_name, grad_scaler, num_workers,
+                                    resolve_precision, seed_everything, select_device, use_device)
 
 log = logging.getLogger(__name__)
 
 
-def use_bf16(precision: Precision | str, device: torch.device) -> bool:
-    """Whether ``train.precision`` means bf16 autocast on ``device``: ``auto`` = on CUDA, and on
-    a CPU with native bf16 (:func:`~pipeline.train.runtime.cpu_has_native_bf16`: AVX512-BF16 or
-    AMX, where it is 1.5-2.6x faster with no OOF loss measured), fp32 on other CPUs; ``bf16`` =
-    everywhere; ``fp32`` = never. Results are reproducible per precision.
-    Raises ConfigError for another value."""
-    try:
-        p = Precision(precision)
-    except ValueError:
-        raise ConfigError(f"train.precision={precision}: expected one of "
-                          f"{', '.join(x.value for x in Precision)}") from None
-    return p is Precision.bf16 or (p is Precision.auto and (device.type == "cuda" or cpu_has_native_bf16()))
-
-
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                label_smoothing: float = 0.0, channels_last: bool = False,
-               precision: Precision | str = Precision.auto):
-    """One optimizer step on a batch; bf16 autocast per :func:`use_bf16`, the loss in fp32.
+               precision: Precision = Precision.fp32, scaler: torch.amp.GradScaler | None = None):
+    """One optimizer step on a batch: autocast in the resolved ``precision``
+    (:func:`~pipeline.train.runtime.resolve_precision`), the loss in fp32; with ``scaler`` (fp16)
+    the loss is scaled before the backward pass and the step skipped on inf/NaN gradients.
 
     Args:
         x: ``(B, C, S, S)`` float32 on the model's device; y: ``(B,)`` int64 class indices, or
@@ -68,20 +56,25 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     """
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, x.device)):
+    with autocast(x.device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return loss, logits
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
                    batch_size: int = 2048, channels_last: bool = False,
-                   precision: Precision | str = Precision.auto, views=None) -> np.ndarray:
-    """Logits for uint8 images (bf16 autocast per :func:`use_bf16`), one set per test-time view.
+                   precision: Precision = Precision.fp32, views=None) -> np.ndarray:
+    """Logits for uint8 images, autocast in the resolved ``precision``, one set per test-time view.
 
     Args:
         images: ``(N, C, S, S)`` uint8.
@@ -92,7 +85,6 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
     model.eval()
     views = views or augment.TTAViews()
     out = []
-    bf16 = use_bf16(precision, device)
     for i in range(0, len(images), batch_size):
         # a copy: the images may be a read-only memory map (side-by-side workers get them so)
         x = torch.from_numpy(images[i:i + batch_size].copy()).to(device, non_blocking=True).float().div_(255)
@@ -100,7 +92,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
         for v in views(x):
             if channels_last:
                 v = v.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, precision):
                 per_view.append(model(v).float().cpu())
         out.append(torch.stack(per_view))
     return torch.cat(out, dim=1).numpy()
@@ -119,7 +111,7 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
 
 
 def predict_view_probs(model: nn.Module, images: np.ndarray, device: torch.device,
-                       runtime: RuntimeSettings, precision: Precision | str, tta=None) -> np.ndarray:
+                       runtime: RuntimeSettings, precision: Precision, tta=None) -> np.ndarray:
     """``(V, N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images, one per
     test-time view of ``tta`` (:func:`pipeline.augment.tta_views`; the identity view first)."""
     return softmax(predict_logits(model, images, device, runtime.eval_batch_size, runtime.channels_last,
@@ -132,7 +124,7 @@ def average_views(view_probs: np.ndarray) -> np.ndarray:
 
 
 def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device,
-                  runtime: RuntimeSettings, precision: Precision | str, tta=None) -> np.ndarray:
+                  runtime: RuntimeSettings, precision: Precision, tta=None) -> np.ndarray:
     """``(N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images, averaged over the
     test-time views of ``tta``: the one way a member's OOF, test and ``stage=predict``
     probabilities are computed."""
@@ -159,13 +151,18 @@ class FitSpec:
     runtime: RuntimeSettings
     seed: int
     cache_key: str
+    precision: Precision = Precision.fp32  # resolved for the training device (never auto)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, key: MemberKey, member_cfg: DictConfig) -> "FitSpec":
-        """The spec of ``key`` under ``cfg``, whose cache key is ``member_cfg``."""
+        """The spec of ``key`` under ``cfg``, whose cache key is ``member_cfg`` (which holds the
+        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`)."""
+        runtime = runtime_settings(cfg)
+        precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
         return cls(key, str(member_cfg.arch), OmegaConf.to_container(member_cfg.kwargs),
                    train_settings(cfg, key.model), aug_settings(cfg, key.model),
-                   tta_settings(cfg, key.model), runtime_settings(cfg), int(member_cfg.seed), OmegaConf.to_yaml(member_cfg))
+                   tta_settings(cfg, key.model), runtime, int(member_cfg.seed), OmegaConf.to_yaml(member_cfg),
+                   precision)
 
 
 @dataclass
@@ -202,6 +199,7 @@ class _Loop:
     epochs: int  # planned_epochs
     cycle: int  # the one-cycle schedule's optimizer steps (all of them without SWA)
     average: WeightAverage | None = None  # EMA or SWA of the weights
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler
     history: list = field(default_factory=list)
     start: int = 1
     seconds_before: float = 0.0  # training time before a resume
@@ -221,12 +219,11 @@ def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
 
 def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> _Loop:
     device = select_device(spec.runtime.device)
+    use_device(device)
     seed_everything(spec.seed)
-    if spec.runtime.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure_numerics(device, spec.precision, spec.runtime.deterministic)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t = spec.train
     data = training_set(comp, tr_idx, pseudo)
     batches = make_batches(data, t.batch_size, device, spec.aug, spec.seed,
@@ -243,31 +240,43 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) ->
     cycle = (epochs - averaged) * len(batches)
     sched = one_cycle(opt, t, cycle, for_swa=averaged > 0)
     average = WeightAverage.create(model, t, cycle)
-    return _Loop(model, net, opt, sched, batches, device, epochs, cycle, average)
+    return _Loop(model, net, opt, sched, batches, device, epochs, cycle, average,
+                 grad_scaler(device, spec.precision))
 
 
-def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> None:
+def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> bool:
+    """Continue ``loop`` from the checkpoint at ``path`` when it was written for this cache key.
+    Returns False when the checkpoint did not fit after all (a state of another shape or kind):
+    one warning line, and the caller starts over from a fresh loop."""
     state = load_resume(path, spec.cache_key, str(spec.key))
     if state is None:
-        return
-    loop.model.load_state_dict(state["model"])
-    loop.opt.load_state_dict(state["optimizer"])
-    loop.sched.load_state_dict(state["scheduler"])
-    if loop.average is not None:
-        loop.average.average.load_state_dict(state[loop.average.kind.value])
-    loop.history = state["history"]
-    loop.seconds_before = float(state["seconds"])
-    set_rng_state(state["rng"])
-    loop.start = int(state["epoch"]) + 1
+        return True
+    try:
+        loop.model.load_state_dict(state["model"])
+        loop.opt.load_state_dict(state["optimizer"])
+        loop.sched.load_state_dict(state["scheduler"])
+        if loop.average is not None:
+            loop.average.average.load_state_dict(state[loop.average.kind.value])
+        if loop.scaler is not None and "grad_scaler" in state:
+            loop.scaler.load_state_dict(state["grad_scaler"])
+        set_rng_state(state["rng"], loop.device, str(spec.key))
+        loop.history, loop.seconds_before = state["history"], float(state["seconds"])
+        loop.start = int(state["epoch"]) + 1
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        log.warning("train: %s: ignoring %s, which does not fit this member (%s: %s); starting over",
+                    spec.key, path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
     log.info("train: %s: resuming after epoch %d/%d (%s)", spec.key, state["epoch"], loop.epochs, path)
+    return True
 
 
 def _save_state(loop: _Loop, spec: FitSpec, path: Path, epoch: int, seconds: float) -> None:
     save_resume(path, {"cache_key": spec.cache_key, "epoch": epoch, "model": loop.model.state_dict(),
                        "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
-                       "history": loop.history, "seconds": seconds, "rng": rng_state(),
+                       "history": loop.history, "seconds": seconds, "rng": rng_state(loop.device),
                        **({loop.average.kind.value: loop.average.average.state_dict()}
-                          if loop.average is not None else {})})
+                          if loop.average is not None else {}),
+                       **({"grad_scaler": loop.scaler.state_dict()} if loop.scaler is not None else {})})
 
 
 def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
@@ -282,7 +291,7 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
     for step, (x, y) in enumerate(bar):
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         loss, logits = train_step(loop.net, loop.opt, x, y, spec.train.label_smoothing,
-                                  spec.runtime.channels_last, spec.train.precision)
+                                  spec.runtime.channels_last, spec.precision, loop.scaler)
         done = (epoch - 1) * steps + step + 1  # optimizer steps so far
         if done < loop.cycle:
             loop.sched.step()  # after the cycle its last learning rate is held (SWA)
@@ -302,8 +311,8 @@ def _predict(loop: _Loop, spec: FitSpec, images: np.ndarray, tta: bool = False,
     (per-epoch validation), or ``(V, N, C)`` per test-time view with it."""
     model = loop.predictor if model is None else model
     if tta:
-        return predict_view_probs(model, images, loop.device, spec.runtime, spec.train.precision, spec.tta)
-    return predict_probs(model, images, loop.device, spec.runtime, spec.train.precision)
+        return predict_view_probs(model, images, loop.device, spec.runtime, spec.precision, spec.tta)
+    return predict_probs(model, images, loop.device, spec.runtime, spec.precision)
 
 
 def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarray | None,
@@ -318,11 +327,12 @@ def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarr
 
 
 def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, steps: int = 5,
-                       warmup: int = 2, pseudo=None) -> float:
+                       warmup: int = 2, pseudo=None, after_warmup: Callable[[], None] | None = None) -> float:
     """Seconds the training of ``spec`` takes here: ``steps`` real training steps (after
     ``warmup``) of its model, batches and augmentation on its device, times the steps of its
     :func:`planned_epochs` (validation excluded; ``pseudo`` rows counted). Trains a throw-away
-    copy; nothing is written."""
+    copy; nothing is written. ``after_warmup()`` runs between the warm-up and the timed steps
+    (side-by-side probes wait there for each other, so that their timed steps overlap)."""
     loop = _setup(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
     loop.model.train()
     it = iter(loop.batches)
@@ -332,10 +342,12 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
         if i == min(warmup, n - 1):
             if loop.device.type == "cuda":
                 torch.cuda.synchronize(loop.device)
+            if after_warmup is not None:
+                after_warmup()
             t0 = time.perf_counter()
         x, y = next(it)
         train_step(loop.net, loop.opt, x.to(loop.device), y.to(loop.device), spec.train.label_smoothing,
-                   spec.runtime.channels_last, spec.train.precision)
+                   spec.runtime.channels_last, spec.precision, loop.scaler)
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
     timed = max(1, n - min(warmup, n - 1))
@@ -368,8 +380,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     t0 = time.perf_counter()
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
     loop = _setup(spec, comp, tr_idx, pseudo)
-    if resume_path is not None and resume_path.exists():
-        _resume_from(loop, spec, resume_path)
+    if resume_path is not None and resume_path.exists() and not _resume_from(loop, spec, resume_path):
+        loop = _setup(spec, comp, tr_idx, pseudo)
     y_val = comp.y_train[va_idx]
     views = None  # the final OOF, with TTA: its identity view is the last epoch's validation
     for epoch in range(loop.start, loop.epochs + 1):
@@ -403,7 +415,10 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         "accuracy": float((val.argmax(1) == y_val).mean()),
         "log_loss": float(log_loss(y_val, val, labels=np.arange(comp.num_classes))),
         "epochs": loop.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
-        "device": device_name(loop.device), "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
+        "device": device_name(loop.device), "precision": spec.precision.value,
+        **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(loop.device) / 2**20, 1)}
+           if loop.device.type == "cuda" else {}),
+        "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
         "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0,
         "history": loop.history, "resumed_after_epoch": loop.start - 1 if loop.start > 1 else None,
         "tta": {"views": len(views), "accuracy_without": float((plain.argmax(1) == y_val).mean()),

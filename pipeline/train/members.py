@@ -32,7 +32,7 @@ from pipeline.errors import ArtifactError
 from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, write_with
 from pipeline.models import architecture_digest
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, FOLD_FILES, MANIFEST, METRICS, OOF, TEST
-from pipeline.settings import aug_settings, train_settings, tta_settings
+from pipeline.settings import Precision, aug_settings, train_settings, tta_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -142,15 +142,18 @@ def model_settings(cfg: DictConfig, name: str) -> DictConfig:
 
 
 def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_digest: str,
-                  pseudo: dict | None = None) -> DictConfig:
+                  precision: Precision, pseudo: dict | None = None) -> DictConfig:
     """The settings that determine one member's results: its cache key, saved as ``config.yaml``.
 
-    Model settings (:func:`model_settings`), the architecture's digest (so an edited model makes
-    its members stale), the fold and seed index, the folds (k, seed, digest of the assignment),
-    the data fingerprint, the training seed (:func:`training_seed`) and, for a pseudo-label
-    round, its source (:func:`pipeline.pseudo.cache_part`).
+    Model settings (:func:`model_settings`) with ``train.precision`` as resolved for the training
+    device (``precision``: bf16, fp16 or fp32, never ``auto``, so one key means one numerics), the
+    architecture's digest (so an edited model makes its members stale), the fold and seed index,
+    the folds (k, seed, digest of the assignment), the data fingerprint, the training seed
+    (:func:`training_seed`) and, for a pseudo-label round, its source
+    (:func:`pipeline.pseudo.cache_part`).
     """
     ms = model_settings(cfg, key.model)
+    ms.train.precision = Precision(precision).value
     extra = {"pseudo": pseudo} if pseudo is not None else {}
     return OmegaConf.create({**extra,
         "model": key.model, "arch": ms.arch, "arch_digest": architecture_digest(ms.arch),
@@ -322,6 +325,14 @@ def average_probs(probs: list[np.ndarray]) -> np.ndarray:
     return acc.astype(np.float32)
 
 
+def _recorded_precision(out_dir: Path) -> str | None:
+    """The precision a member's ``config.yaml`` records, or None when it cannot be read."""
+    try:
+        return str(read_config(out_dir).train.precision)
+    except Exception:  # unreadable: the caller reports the member's own problem
+        return None
+
+
 def _seed_predictions(ws: "Workspace", model: str, seed: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """One seed's OOF ``(N, C)`` and fold-averaged test ``(M, C)`` probabilities of ``model``,
     with ``[{seed, fold, sha256}]`` of the members read; checks the OOF contract."""
@@ -337,6 +348,9 @@ def _seed_predictions(ws: "Workspace", model: str, seed: int) -> tuple[np.ndarra
             hint = ""
             if v.status is MemberStatus.STALE and not ws.cfg.get("tuned") and ws.paths.tuned(model).exists():
                 hint = "; trained with tuned=true? then blend with tuned=true too"
+            elif v.status is MemberStatus.STALE and (p := _recorded_precision(d)) and \
+                    p != ws.member_config(key).train.precision:
+                hint = f"; trained in {p} on another device? then add train.precision={p}"
             what = v.reason if v.status is MemberStatus.MISSING else f"{v.status.value}: {v.reason}"
             raise ArtifactError(f"{key}: {what} in {d} (run: python run.py stage=train "
                                 f"model={key.model} fold={key.fold}){hint}")

@@ -20,28 +20,39 @@ from pipeline.io import write_with
 log = logging.getLogger(__name__)
 
 
-def rng_state() -> dict:
-    """python, numpy, torch (CPU and every CUDA device) RNG states as tensors and lists."""
+def rng_state(device: torch.device) -> dict:
+    """python, numpy and torch CPU RNG states and, for a member training on CUDA, the RNG state
+    of its own GPU only (no other GPU is touched, and none on a CPU member), as tensors and lists.
+    ``device`` records where it was taken: ``"cuda"`` or ``"cpu"``."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": {"version": version, "internal": list(internal), "gauss": gauss},
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+             "torch": torch.get_rng_state(), "device": device.type}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` saved."""
+def set_rng_state(state: dict, device: torch.device, what: str = "member") -> None:
+    """Restore what :func:`rng_state` saved; the CUDA state goes to ``device`` (the member's own
+    GPU, whatever index it had when saved). A state saved on the other kind of device (a GPU
+    checkpoint resumed on the CPU, or the reverse) restores the CPU-side generators and says in
+    one log line that the draws (dropout masks) continue from other generators; nothing raises."""
     p, n = state["python"], state["numpy"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved_on = state.get("device", "cuda" if "cuda" in state else "cpu")
+    cuda = state.get("cuda")
+    if device.type == "cuda" and isinstance(cuda, torch.Tensor) and saved_on == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+    elif saved_on != device.type:
+        log.info("train: %s: resuming on %s from a checkpoint written on %s; its random draws "
+                 "(dropout) continue from other generators than an uninterrupted run's", what,
+                 device.type, saved_on)
 
 
 def save_resume(path: Path, state: dict) -> None:

@@ -9,13 +9,16 @@ moves on. Results do not depend on which process trained a member (its seed come
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
@@ -28,8 +31,8 @@ from pipeline.settings import LockMode, runtime_settings
 from pipeline.train import members
 from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
 from pipeline.train.members import MemberKey, MemberStatus
-from pipeline.train.runtime import (configure_threads, core_share, device_name, fold_jobs, num_workers,
-                                    select_device, side_by_side)
+from pipeline.train.runtime import (configure_threads, device_name, fold_jobs, num_workers, select_device,
+                                    side_by_side, use_device)
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -154,44 +157,108 @@ def install_log_handlers(handlers: list[tuple[str, str, str | None, int]], level
 
 @dataclass
 class Estimate:
-    """What ``stage=train`` expects to spend: seconds per member (from timed steps) and the
-    number of members trained side by side."""
+    """What ``stage=train`` expects to spend: seconds per member (from steps timed where the
+    members train, with as many probes side by side as members will train side by side) and
+    that number of side-by-side members."""
 
     member_seconds: dict[MemberKey, float]
     n_jobs: int
     later: int = 0  # of them, pseudo-label round members estimated before their rows exist
 
     def minutes_left(self, done: set[MemberKey], actual_over_estimated: float = 1.0) -> float:
+        """Minutes until every member not in ``done`` has trained: their seconds (each measured
+        under ``n_jobs``-way sharing) over ``n_jobs``, times the finished members' ratio of real
+        to estimated seconds."""
         left = sum(s for k, s in self.member_seconds.items() if k not in done)
         return left * actual_over_estimated / self.n_jobs / 60
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One model's timed steps: a member of it, its fit spec and its pseudo rows (or None)."""
+
+    key: MemberKey
+    spec: FitSpec
+    pseudo: object = None
+
+
+def _probes(ws: Workspace, keys: list[MemberKey], later: list[MemberKey]) -> list[Probe]:
+    """One probe per pending model; a pseudo-label round's (``later``) is its model without the
+    pseudo rows, which do not exist yet."""
+    out: dict[str, Probe] = {}
+    for key in [*keys, *later]:
+        if key.model not in out:
+            base = pseudo.base_model(ws.cfg, key.model) if key in later else None
+            cache_key = ws.member_config(MemberKey(base, key.fold, key.seed) if base else key)
+            out[key.model] = Probe(key, FitSpec.from_config(ws.cfg, key, cache_key),
+                                   None if base else _pseudo(ws, key))
+    return list(out.values())
+
+
+def time_probes(ws: Workspace, probes: list[Probe], after_warmup=None) -> dict[str, float]:
+    """Seconds per member of each probe's model, timed in this process
+    (:func:`~pipeline.train.engine.seconds_per_member`)."""
+    return {p.key.model: seconds_per_member(p.spec, ws.comp, ws.folds, pseudo=p.pseudo,
+                                            after_warmup=after_warmup) for p in probes}
+
+
+def _wait_for_each_other(folder: str, slot: int, n: int, timeout_s: float = 120.0):
+    """A barrier between side-by-side probe processes through files in ``folder``: each marks
+    itself ready, then waits (at most ``timeout_s``) until ``n`` are, so their timed steps
+    overlap as the members' training will."""
+    count = [0]
+
+    def wait() -> None:
+        count[0] += 1
+        Path(folder, f"{count[0]}-{slot}").touch()
+        deadline = time.monotonic() + timeout_s
+        while len(list(Path(folder).glob(f"{count[0]}-*"))) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return wait
+
+
+def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, handlers: list,
+                    level: int, folder: str) -> tuple[int, dict[str, float]]:
+    """In a side-by-side worker: time every probe on the worker's device and threads, in step
+    with the other ``n_jobs - 1`` workers. Returns ``(pid, seconds per member of each model)``."""
+    device = _enter_worker(ws, slot, n_jobs, handlers, level)
+    probes = [Probe(p.key, dataclasses.replace(p.spec, runtime=runtime_settings(ws.cfg)), p.pseudo)
+              for p in probes]
+    log.debug("train: timing %d model(s) on %s", len(probes), device)
+    return os.getpid(), time_probes(ws, probes, _wait_for_each_other(folder, slot, n_jobs))
+
+
 def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device,
              later: list[MemberKey] = ()) -> Estimate:
-    """Time a few training steps of each pending model (:func:`seconds_per_member`, with the
-    threads each side-by-side job will have) and extrapolate to every pending member's steps.
+    """Time a few training steps of each pending model where the members will train, and
+    extrapolate to every pending member's steps.
+
+    With ``n_jobs`` side-by-side members the steps are timed in ``n_jobs`` worker processes at
+    once (the pool that then trains the members; this process opens no GPU context and compiles
+    nothing), each with the device and threads its members will have, so the figure is measured
+    under that concurrency; the slowest worker's figure is kept. With one job they are timed
+    here, where the members train.
 
     ``later``: pseudo-label round members to train after ``keys``; their pseudo rows do not exist
     yet, so each is estimated as its model without them, scaled by (training rows + every test
     row) / training rows: at most what it will take."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and n_jobs > 1:
-        torch.set_num_threads(core_share(n_jobs))
-    per_member: dict[str, float] = {}
-    try:
-        for key in [*keys, *later]:
-            if key.model not in per_member:
-                base = pseudo.base_model(ws.cfg, key.model) if key in later else None
-                cache_key = ws.member_config(MemberKey(base, key.fold, key.seed) if base else key)
-                spec = FitSpec.from_config(ws.cfg, key, cache_key)
-                per_member[key.model] = seconds_per_member(spec, ws.comp, ws.folds,
-                                                           pseudo=None if base else _pseudo(ws, key))
-    finally:
-        torch.set_num_threads(threads)
-    seconds = {k: per_member[k.model] for k in keys}
+    probes = _probes(ws, keys, list(later))
+    if n_jobs == 1:
+        per_model = time_probes(ws, probes)
+    else:
+        from joblib import Parallel, delayed
+
+        handlers, level = log_handlers(), logging.getLogger().level
+        with tempfile.TemporaryDirectory(prefix="kfold-estimate-") as folder:
+            timed = Parallel(n_jobs=n_jobs, backend="loky")(
+                delayed(_time_in_worker)(ws, probes, slot, n_jobs, handlers, level, folder)
+                for slot in range(n_jobs))
+        per_model = {p.key.model: max(t[p.key.model] for _, t in timed) for p in probes}
+    seconds = {k: per_model[k.model] for k in keys}
     for k in later:
         rows = int((ws.folds != k.fold).sum())
-        seconds[k] = per_member[k.model] * (rows + len(ws.comp.x_test)) / rows
+        seconds[k] = per_model[k.model] * (rows + len(ws.comp.x_test)) / rows
     return Estimate(seconds, n_jobs, len(later))
 
 
@@ -217,21 +284,29 @@ def _progress(est: Estimate, done: dict[MemberKey, float]) -> None:
                  est.minutes_left(set(done), ratio))
 
 
-def _worker(ws: Workspace, key: MemberKey, slot: int, sharing: int, handlers: list,
-            level: int) -> tuple[MemberKey, MemberOutcome | PipelineError]:
-    """One side-by-side member (in a joblib worker process): its device (GPU ``slot % count`` on
-    a multi-GPU machine), ``cores // sharing`` torch threads on the CPU (DataLoader workers on
-    CUDA; ``sharing``: the members training at once, :func:`side_by_side`), no progress bar, the
-    parent's log handlers; exits when the parent dies. Returns the outcome, or the user error
-    that stopped it (so the other members can finish first)."""
+def _enter_worker(ws: Workspace, slot: int, sharing: int, handlers: list, level: int) -> torch.device:
+    """Set up a side-by-side worker process for training or timing: the parent's log handlers,
+    exit when the parent dies, its device (GPU ``slot % count`` on a multi-GPU machine, made
+    current before any CUDA work), ``cores // sharing`` torch threads on the CPU (DataLoader
+    workers on CUDA), no progress bar. Returns the device."""
     exit_with_parent()
     install_log_handlers(handlers, level)
     device = select_device(str(ws.cfg.runtime.device), slot=slot)
+    use_device(device)
     with open_dict(ws.cfg):
         ws.cfg.runtime.device = str(device)
         ws.cfg.runtime.progress = False  # several processes' bars would garble one terminal
         ws.cfg.runtime.num_workers = num_workers(ws.cfg.runtime.num_workers, device, sharing)
     configure_threads(ws.cfg.runtime.threads, device, sharing)
+    return device
+
+
+def _worker(ws: Workspace, key: MemberKey, slot: int, sharing: int, handlers: list,
+            level: int) -> tuple[MemberKey, MemberOutcome | PipelineError]:
+    """One side-by-side member (in a joblib worker process, :func:`_enter_worker`; ``sharing``:
+    the members training at once, :func:`side_by_side`). Returns the outcome, or the user error
+    that stopped it (so the other members can finish first)."""
+    _enter_worker(ws, slot, sharing, handlers, level)
     try:
         return key, train_locked(ws, key)
     except PipelineError as e:
@@ -261,6 +336,9 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) 
              f", {n_jobs} side by side (runtime.fold_jobs={rt.fold_jobs})" if n_jobs > 1 else "")
     if not pending:
         return [done[k] for k in keys]
+    if n_jobs == 1:
+        use_device(device)
+        configure_threads(rt.threads, device)
     est = estimate(ws, pending, n_jobs, device, list(later)) if rt.estimate else None
     if est is not None:
         _announce(ws, est, device)
@@ -273,7 +351,6 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) 
             _progress(est, finished)
 
     if n_jobs == 1:
-        configure_threads(rt.threads, device)
         for key in pending:
             finish(train_locked(ws, key))
         return [done[k] for k in keys]

@@ -99,7 +99,8 @@ class Objective:
                                              f"{record['val_acc']:.4f}")
 
             key = MemberKey(self.name, fold)
-            member_cfg = members.member_config(cfg, key, comp.fingerprint, self.ws.folds_digest)
+            member_cfg = members.member_config(cfg, key, comp.fingerprint, self.ws.folds_digest,
+                                               self.ws.precision(t.precision))
             res = fit_member(FitSpec.from_config(cfg, key, member_cfg), comp, self.ws.folds,
                              on_epoch=report, predict_test=False)
             probs.append(res.oof)

@@ -128,17 +128,6 @@ def test_device_batches_cover_each_row_once(digits):
     assert not torch.equal(first, torch.from_numpy(labels))  # reshuffled every epoch
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_batches_on_cuda(digits):
-    x, y = digits
-    cfg = AugSettings(**AFFINE, **ELASTIC)
-    batches = augment.DeviceBatches(x, y, 64, torch.device("cuda"), cfg, seed=0)
-    xb, yb = next(iter(batches))
-    assert xb.is_cuda and yb.is_cuda and xb.shape == (64, 1, 28, 28)
-    assert batches.x.dtype == torch.uint8  # resident as uint8, normalised per batch
-
-
 def test_flips_and_colour_jitter_on_both_backends(digits):
     """Flips mirror real digits exactly (p=1); colour jitter at strength 0 is the identity and
     otherwise changes brightness within its range; the albumentations path does the same."""

@@ -102,7 +102,7 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=folds", "folds.k=1"], "folds.k=1: expected >= 2"),
     (["stage=train", "+models.mlp.train.lr=-1"], "models.mlp.train.lr=-1.0: expected > 0"),
     (["stage=blend", "blend.models=[lenet]"], "blend.models: unknown model 'lenet'"),
-    (["stage=train", "train.precision=fp16"], "train.precision=fp16: Invalid value 'fp16'"),
+    (["stage=train", "train.precision=fp8"], "train.precision=fp8: Invalid value 'fp8'"),
     (["stage=train", "pseudo.models=[lenet]"], "pseudo.models: unknown model 'lenet'"),
     (["stage=train", "pseudo.models=[mlp]", "model=mlp_pl"], "pseudo-labels of fold 0 need cnn_deotte fold 0"),
 ])

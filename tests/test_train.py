@@ -138,19 +138,6 @@ def test_nan_loss_stops_the_member_and_caches_nothing(tiny_cfg):
     assert not d.exists() or not any(d.iterdir())  # no artifact, no resume checkpoint
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile_", [False, True])
-def test_cuda_member_bf16_channels_last(tiny_cfg, compile_):
-    """The CUDA path end to end on the fixture: bf16 autocast, channels_last, batched torch
-    augmentation on the GPU, optional torch.compile; probabilities stay valid."""
-    cfg = tiny_cfg("runtime.device=cuda", "aug.backend=torch", f"runtime.compile={str(compile_).lower()}")
-    res = fit(cfg, "cnn_deotte", 0)
-    assert res.metrics["device"].startswith("cuda")
-    assert np.allclose(res.oof.sum(1), 1, atol=1e-4) and np.allclose(res.test.sum(1), 1, atol=1e-4)
-    assert res.metrics["accuracy"] > 0.15
-
-
 def test_precision_auto_resolves_per_device(monkeypatch):
     """train.precision=auto: bf16 at compute capability >= 8.0 (A100, L4, H100), fp16 on 7.x
     (V100, T4), fp32 below (P100); on the CPU bf16 only with native bf16. An explicit value is

@@ -187,7 +187,7 @@ EpochCallback = Callable[[int, dict], None]
 
 
 @dataclass
-class _Loop:
+class TrainingLoop:
     """The live state of one member's training."""
 
     model: nn.Module
@@ -217,7 +217,12 @@ def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
     return max(train.epochs, math.ceil(train.min_steps / max(1, steps_per_epoch)))
 
 
-def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> _Loop:
+def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> TrainingLoop:
+    """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
+    device made current and its numerics set (:func:`~pipeline.train.runtime.configure_numerics`),
+    seeded, the model placed (and compiled with ``runtime.compile``), AdamW, the one-cycle
+    schedule, the weight average and fp16's gradient scaler. Raises ConfigError when the batch
+    size exceeds the rows."""
     device = select_device(spec.runtime.device)
     use_device(device)
     seed_everything(spec.seed)
@@ -240,11 +245,11 @@ def _setup(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) ->
     cycle = (epochs - averaged) * len(batches)
     sched = one_cycle(opt, t, cycle, for_swa=averaged > 0)
     average = WeightAverage.create(model, t, cycle)
-    return _Loop(model, net, opt, sched, batches, device, epochs, cycle, average,
+    return TrainingLoop(model, net, opt, sched, batches, device, epochs, cycle, average,
                  grad_scaler(device, spec.precision))
 
 
-def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> bool:
+def _resume_from(loop: TrainingLoop, spec: FitSpec, path: Path) -> bool:
     """Continue ``loop`` from the checkpoint at ``path`` when it was written for this cache key.
     Returns False when the checkpoint did not fit after all (a state of another shape or kind):
     one warning line, and the caller starts over from a fresh loop."""
@@ -270,7 +275,7 @@ def _resume_from(loop: _Loop, spec: FitSpec, path: Path) -> bool:
     return True
 
 
-def _save_state(loop: _Loop, spec: FitSpec, path: Path, epoch: int, seconds: float) -> None:
+def _save_state(loop: TrainingLoop, spec: FitSpec, path: Path, epoch: int, seconds: float) -> None:
     save_resume(path, {"cache_key": spec.cache_key, "epoch": epoch, "model": loop.model.state_dict(),
                        "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
                        "history": loop.history, "seconds": seconds, "rng": rng_state(loop.device),
@@ -279,8 +284,11 @@ def _save_state(loop: _Loop, spec: FitSpec, path: Path, epoch: int, seconds: flo
                        **({"grad_scaler": loop.scaler.state_dict()} if loop.scaler is not None else {})})
 
 
-def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
-    """One pass over the batches; returns ``(mean train loss, train accuracy)``."""
+def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, float]:
+    """One pass over the batches of epoch ``epoch`` (1-based; reseeded from it): the epoch
+    function of ``stage=train``. Reads the loss and accuracy back from the device once, at the
+    end (and every 25 steps when a progress bar shows). Returns ``(mean train loss, train
+    accuracy)``."""
     loop.model.train()
     set_epoch(loop.batches, spec.seed, epoch)
     loss_sum = torch.zeros((), device=loop.device)
@@ -305,7 +313,7 @@ def _train_epoch(loop: _Loop, spec: FitSpec, epoch: int) -> tuple[float, float]:
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-def _predict(loop: _Loop, spec: FitSpec, images: np.ndarray, tta: bool = False,
+def _predict(loop: TrainingLoop, spec: FitSpec, images: np.ndarray, tta: bool = False,
              model: nn.Module | None = None) -> np.ndarray:
     """Probabilities of the member's predictor (EMA/SWA weights if any; or ``model``) without TTA
     (per-epoch validation), or ``(V, N, C)`` per test-time view with it."""
@@ -333,7 +341,7 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
     :func:`planned_epochs` (validation excluded; ``pseudo`` rows counted). Trains a throw-away
     copy; nothing is written. ``after_warmup()`` runs between the warm-up and the timed steps
     (side-by-side probes wait there for each other, so that their timed steps overlap)."""
-    loop = _setup(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
+    loop = setup_loop(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
     loop.model.train()
     it = iter(loop.batches)
     n = min(len(loop.batches), warmup + steps)
@@ -379,14 +387,14 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     """
     t0 = time.perf_counter()
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
-    loop = _setup(spec, comp, tr_idx, pseudo)
+    loop = setup_loop(spec, comp, tr_idx, pseudo)
     if resume_path is not None and resume_path.exists() and not _resume_from(loop, spec, resume_path):
-        loop = _setup(spec, comp, tr_idx, pseudo)
+        loop = setup_loop(spec, comp, tr_idx, pseudo)
     y_val = comp.y_train[va_idx]
     views = None  # the final OOF, with TTA: its identity view is the last epoch's validation
     for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
-        train_loss, train_acc = _train_epoch(loop, spec, epoch)
+        train_loss, train_acc = train_epoch(loop, spec, epoch)
         if not math.isfinite(train_loss):
             if resume_path is not None:
                 resume_path.unlink(missing_ok=True)

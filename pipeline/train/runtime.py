@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -152,6 +155,23 @@ def num_workers(setting, device: torch.device, parallel: int = 1) -> int:
     return int(setting)
 
 
+def barrier(folder: str | Path, slot: int, n: int, timeout_s: float = 120.0) -> Callable[[], None]:
+    """A barrier between ``n`` side-by-side processes through files in ``folder`` (no shared
+    memory, so it works across joblib/loky workers): each call marks process ``slot`` ready for
+    the next round, then waits until all ``n`` are, or ``timeout_s`` seconds have passed (a
+    process that died does not hang the others). Returns the function to call at each round."""
+    rounds = [0]
+
+    def wait() -> None:
+        rounds[0] += 1
+        Path(folder, f"{rounds[0]}-{slot}").touch()
+        deadline = time.monotonic() + timeout_s
+        while len(list(Path(folder).glob(f"{rounds[0]}-*"))) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return wait
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -238,7 +258,7 @@ def configure_numerics(device: torch.device, precision: Precision, deterministic
 
 
 def device_name(device: torch.device) -> str:
-    """``cuda (<GPU name>)`` or ``cpu (<cores> cores, <threads> threads)``, for metrics and logs."""
+    """``cuda[:N] (<GPU name>)`` or ``cpu (<cores> cores, <threads> threads)``, for metrics and logs."""
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
+        return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

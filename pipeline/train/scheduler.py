@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
@@ -31,8 +30,8 @@ from pipeline.settings import LockMode, runtime_settings
 from pipeline.train import members
 from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
 from pipeline.train.members import MemberKey, MemberStatus
-from pipeline.train.runtime import (configure_threads, device_name, fold_jobs, num_workers, select_device,
-                                    side_by_side, use_device)
+from pipeline.train.runtime import (barrier, configure_threads, device_name, fold_jobs, num_workers,
+                                    select_device, side_by_side, use_device)
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -202,22 +201,6 @@ def time_probes(ws: Workspace, probes: list[Probe], after_warmup=None) -> dict[s
                                             after_warmup=after_warmup) for p in probes}
 
 
-def _wait_for_each_other(folder: str, slot: int, n: int, timeout_s: float = 120.0):
-    """A barrier between side-by-side probe processes through files in ``folder``: each marks
-    itself ready, then waits (at most ``timeout_s``) until ``n`` are, so their timed steps
-    overlap as the members' training will."""
-    count = [0]
-
-    def wait() -> None:
-        count[0] += 1
-        Path(folder, f"{count[0]}-{slot}").touch()
-        deadline = time.monotonic() + timeout_s
-        while len(list(Path(folder).glob(f"{count[0]}-*"))) < n and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    return wait
-
-
 def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, handlers: list,
                     level: int, folder: str) -> tuple[int, dict[str, float]]:
     """In a side-by-side worker: time every probe on the worker's device and threads, in step
@@ -226,7 +209,7 @@ def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, 
     probes = [Probe(p.key, dataclasses.replace(p.spec, runtime=runtime_settings(ws.cfg)), p.pseudo)
               for p in probes]
     log.debug("train: timing %d model(s) on %s", len(probes), device)
-    return os.getpid(), time_probes(ws, probes, _wait_for_each_other(folder, slot, n_jobs))
+    return os.getpid(), time_probes(ws, probes, barrier(folder, slot, n_jobs))
 
 
 def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device,

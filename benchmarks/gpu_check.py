@@ -119,7 +119,7 @@ def member_spec(ws, model: str, **changes):
     """The fit spec of ``model``'s fold-0 member under ``ws``; ``changes`` replace
     ``train`` / ``runtime`` fields (``batch_size``, ``compile``, ``epochs`` ...)."""
     from pipeline.train.engine import FitSpec
-    from pipeline.train.members import MemberKey
+    from pipeline.members import MemberKey
 
     key = MemberKey(model, 0)
     spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
@@ -191,7 +191,7 @@ def step_environment(args, work: Path) -> dict:
 
     import torch
 
-    from pipeline.train.runtime import resolve_precision, select_device
+    from pipeline.device import resolve_precision, select_device
 
     device = select_device(args.device)
     out = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
@@ -240,7 +240,7 @@ def step_averaging_resume(args, work: Path) -> dict:
     import numpy as np
 
     from pipeline.train.engine import FitSpec, fit_member
-    from pipeline.train.members import MemberKey
+    from pipeline.members import MemberKey
     from pipeline.workspace import Workspace
 
     class Stop(Exception):
@@ -286,7 +286,8 @@ def step_sync_audit(args, work: Path) -> dict:
 
     ws, source = competition(args, work)
     batch = args.batches[0]
-    comp = tiled_competition(ws.comp, 32 * batch)  # 32 steps
+    steps = 8 if args.device == "cpu" else 32
+    comp = tiled_competition(ws.comp, steps * batch)
     results = {"data": source}
     for name, changes in (("plain", {}), ("ema", {"ema": 0.9}), ("swa", {"swa": 0.5})):
         spec = member_spec(ws, "cnn_deotte", epochs=2, min_steps=0, batch_size=batch, **changes)
@@ -351,7 +352,8 @@ def _side_by_side_worker(args_dict: dict, work: str, slot: int, n: int, folder: 
     import torch
 
     from pipeline.train.engine import setup_loop, train_epoch
-    from pipeline.train.runtime import barrier, configure_threads, select_device, use_device
+    from pipeline.device import select_device, use_device
+    from pipeline.train.runtime import barrier, configure_threads
 
     args = argparse.Namespace(**args_dict)
     device = select_device(args.device, slot=slot)
@@ -450,7 +452,7 @@ def step_end_to_end(args, work: Path) -> dict:
         stop.set()
         if poller is not None:
             poller.join(timeout=5)
-    from pipeline.train.members import read_metrics
+    from pipeline.members import read_metrics
 
     metrics = {}
     for d in sorted((work / "artifacts").glob("*/fold*")):
@@ -519,7 +521,7 @@ def main() -> int:
     p.add_argument("--device", default=None, help="cuda (default when there is one), cuda:N, or cpu (dry run)")
     p.add_argument("--data", default=str(REPO / "data" / "digit-recognizer"), help="a built competition folder")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    p.add_argument("--budget-s", type=float, default=None, help="whole-run limit in seconds (CUDA 480, CPU 180)")
+    p.add_argument("--budget-s", type=float, default=None, help="whole-run limit in seconds (CUDA 480, CPU 300)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--compile-batches", nargs="*", type=int, default=None)
@@ -540,8 +542,8 @@ def main() -> int:
     cpu = args.device == "cpu"
     defaults = {"models": ["cnn_deotte", "cnn_keras", "resnet_timm"], "batches": [32] if cpu else [128, 512, 2048],
                 "compile_batches": [] if cpu else [512], "rows": 512 if cpu else 32768,
-                "side_jobs": [1, 2] if cpu else [1, 2, 4], "side_seconds": 2.0 if cpu else 12.0,
-                "budget_s": 180.0 if cpu else 480.0}
+                "side_jobs": [1, 2] if cpu else [1, 2, 4], "side_seconds": 1.0 if cpu else 12.0,
+                "budget_s": 300.0 if cpu else 480.0}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader
 from pipeline import augment, data
 from pipeline.models import create_model, list_models
 from pipeline.train.engine import train_step
-from pipeline.train.runtime import core_share, select_device
+from pipeline.device import select_device
+from pipeline.train.runtime import core_share
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
 

@@ -101,15 +101,3 @@ def ensure_folds(cfg: DictConfig, labels: np.ndarray, data: str) -> np.ndarray:
     write_folds(path, labels, folds)
     log.info("folds: wrote %s (%d stratified folds, seed %d)", path, k, seed)
     return folds
-
-
-def run(cfg: DictConfig, ws=None) -> np.ndarray:
-    """Stage ``folds``: make sure the folds file exists and matches the data (loaded once, in
-    the run's :class:`~pipeline.workspace.Workspace`); returns the ``(N,)`` assignment."""
-    from pipeline.workspace import Workspace
-
-    ws = ws or Workspace.load(cfg)
-    sizes = np.bincount(ws.folds)
-    log.info("folds: %d folds of %d..%d rows (%s)", len(sizes), sizes.min(), sizes.max(),
-             ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed), ws.comp.fingerprint))
-    return ws.folds

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-# Names of the files one member (model, fold) writes under artifacts/<model>/fold<k>/.
+# Names of the files one member (model, fold, seed) writes under its member directory.
 CHECKPOINT = "model.safetensors"  # weights; architecture and sizes in its metadata (no pickle)
 OOF = "oof.npz"  # row_ids (n_val,) int64, probs (n_val, C) float32
 TEST = "test.npy"  # (n_test, C) float32 probabilities
@@ -29,7 +29,7 @@ CONFIG = "config.yaml"  # the resolved fold config: the cache key
 MANIFEST = "manifest.json"  # sha256 and size of every other file; written last = a complete fold
 RESUME = "resume.pt"  # end-of-epoch training state (tensors + plain data; loaded weights_only)
 DATA_FILES = (CHECKPOINT, OOF, TEST, METRICS, CONFIG)  # what the manifest covers
-FOLD_FILES = DATA_FILES + (MANIFEST,)
+MEMBER_FILES = DATA_FILES + (MANIFEST,)
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,21 @@ class Paths:
         root never share folds)."""
         return self.folds_dir / f"folds_k{k}_seed{seed}_{data[:8]}.csv"
 
-    def fold_dir(self, model: str, fold: int, seed: int = 0) -> Path:
+    def member_dir(self, model: str, fold: int, seed: int = 0) -> Path:
         """``artifacts/<model>/fold<fold>/`` (seed 0) or ``artifacts/<model>/seed<s>/fold<fold>/``:
-        one member's :data:`FOLD_FILES`."""
+        one member's :data:`MEMBER_FILES`."""
         base = self.artifacts_dir / model
         return (base if seed == 0 else base / f"seed{seed}") / f"fold{fold}"
 
-    def fold_lock(self, model: str, fold: int, seed: int = 0) -> Path:
+    def member_lock(self, model: str, fold: int, seed: int = 0) -> Path:
         """``<member dir>.lock``: held while a process trains that member."""
-        d = self.fold_dir(model, fold, seed)
+        d = self.member_dir(model, fold, seed)
         return d.with_name(f"{d.name}.lock")
+
+    def pseudo_rows(self, model: str, fold: int) -> Path:
+        """``artifacts/pseudo/<model>/fold<fold>.npz``: the test rows pseudo-label round ``model``
+        adds to fold ``fold`` (written by :func:`pipeline.pseudo.write_rows`)."""
+        return self.artifacts_dir / "pseudo" / model / f"fold{fold}.npz"
 
     def tuned(self, model: str) -> Path:
         """``artifacts/tuned/<model>.yaml``: a study's best parameters (``tuned=true`` applies them)."""

@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_with
 from pipeline.paths import Paths
 from pipeline.settings import runtime_settings
-from pipeline.train import members
+from pipeline import members
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,12 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     images' shape is not the one the members were trained on.
     """
     from pipeline.train.engine import place_model, predict_probs
-    from pipeline.train.runtime import configure_numerics, resolve_precision, select_device, use_device
+    from pipeline.device import configure_numerics, resolve_precision, select_device, use_device
 
     paths = Paths.from_cfg(cfg)
     saved = store.load(paths)
-    r = saved.record
-    members.check_shape(images, r["in_chans"], r["img_size"])
+    r = saved.typed
+    members.check_shape(images, r.in_chans, r.img_size)
     runtime = runtime_settings(cfg)
     device = select_device(runtime.device)
     use_device(device)
@@ -130,17 +130,17 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     for label in saved.members:
         model_name = members.BlendMember.parse(label).model
         seed_probs: dict[int, list[np.ndarray]] = {}
-        for e in r["manifests"][label]:  # seed by seed, fold by fold, as the blend read them
-            d = paths.fold_dir(model_name, e["fold"], e["seed"])
-            members.check_recorded(d, e["sha256"], str(members.MemberKey(model_name, e["fold"], e["seed"])))
+        for e in r.manifests[label]:  # seed by seed, fold by fold, as the blend read them
+            d = paths.member_dir(model_name, e.fold, e.seed)
+            members.check_recorded(d, e.sha256, str(members.MemberKey(model_name, e.fold, e.seed)))
             model, _ = members.load_model(d)
             model = place_model(model, device, runtime.channels_last)
             trained = members.read_config(d)  # the member's own precision and test-time views
             precision = resolve_precision(trained.train.precision, device)  # 'auto' in older keys
             configure_numerics(device, precision, runtime.deterministic)  # as when it was trained
-            seed_probs.setdefault(e["seed"], []).append(
+            seed_probs.setdefault(e.seed, []).append(
                 predict_probs(model, images, device, runtime, precision, trained.get("tta")))
-        per_member.append(members.average_probs([members.average_probs(p) for p in seed_probs.values()]))
+        per_member.append(members.fold_then_seed_average(seed_probs))
     probs = saved.blender().predict_proba(np.stack(per_member, 1))
     return probs.astype(np.float32), saved
 

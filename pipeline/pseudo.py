@@ -22,85 +22,20 @@ round member's cache key (:func:`cache_part`): retraining a source member makes 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf, open_dict
-
-from pipeline.errors import ArtifactError, ConfigError
-from pipeline.settings import BlendMethod, PseudoLabels, PseudoSettings, checked
+from pipeline.errors import ArtifactError
+from pipeline.io import save_npz
+from pipeline.settings import BlendMethod, PseudoLabels, pseudo_settings, pseudo_sources, round_base
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.workspace import Workspace
 
-SUFFIX = "_pl"
 log = logging.getLogger(__name__)
-
-
-def settings(cfg: DictConfig) -> PseudoSettings:
-    """The checked ``pseudo`` group (defaults when the config has none)."""
-    return checked(PseudoSettings, cfg.get("pseudo"), "pseudo")
-
-
-def round_name(base: str) -> str:
-    """The model name of ``base``'s pseudo-label round: ``<base>_pl``."""
-    return base + SUFFIX
-
-
-def base_model(cfg: DictConfig, name: str) -> str | None:
-    """The first-round model that ``name`` is the pseudo-label round of, or None."""
-    for base in settings(cfg).models:
-        if name == round_name(str(base)):
-            return str(base)
-    return None
-
-
-def expand(cfg: DictConfig) -> None:
-    """Add each round of ``pseudo.models`` to the config: ``models.<base>_pl`` = the base's
-    settings merged with any ``models.<base>_pl`` given, and to ``ensemble`` after its base.
-    Settings of a round whose base is not listed (a profile's, with ``pseudo.models=[]``) are
-    dropped. Idempotent. Raises ConfigError for an unknown base or a round of a round."""
-    s = settings(cfg)
-    listed = set(map(str, s.models))
-    for name in [str(n) for n in cfg.models]:
-        node = cfg.models[name]
-        if name.endswith(SUFFIX) and name[:-len(SUFFIX)] not in listed and "arch" not in node:
-            with open_dict(cfg):
-                del cfg.models[name]
-    for base in map(str, s.models):
-        if base not in cfg.models:
-            raise ConfigError(f"pseudo.models: unknown model '{base}'; known models: "
-                              f"{', '.join(sorted(cfg.models))}")
-        if base.endswith(SUFFIX) and base[:-len(SUFFIX)] in map(str, s.models):
-            raise ConfigError(f"pseudo.models: {base} is itself a pseudo-label round; list its base")
-        name = round_name(base)
-        own = cfg.models.get(name)
-        with open_dict(cfg):
-            cfg.models[name] = OmegaConf.merge(cfg.models[base], own or {})
-            ens = list(cfg.ensemble)
-            if base in ens and name not in ens:
-                ens.insert(ens.index(base) + 1, name)
-                cfg.ensemble = ens
-
-
-def source_models(cfg: DictConfig) -> list[str]:
-    """``pseudo.source``, or the ensemble's first-round models. Raises ConfigError for an
-    unknown model or a pseudo-label round among them."""
-    s = settings(cfg)
-    names = [str(n) for n in s.source] if s.source else [n for n in map(str, cfg.ensemble)
-                                                         if base_model(cfg, n) is None]
-    for n in names:
-        if n not in cfg.models:
-            raise ConfigError(f"pseudo.source: unknown model '{n}'; known models: {', '.join(sorted(cfg.models))}")
-        if base_model(cfg, n) is not None:
-            raise ConfigError(f"pseudo.source: {n} is a pseudo-label round; the source must be first-round models")
-    if not names:
-        raise ConfigError("pseudo.source: no first-round model to take the pseudo-labels from")
-    return names
 
 
 @dataclass
@@ -111,14 +46,12 @@ class PseudoRows:
         rows: ``(n,)`` int64 indices into the test images, ascending.
         targets: ``(n,)`` int64 class indices (hard labels) or ``(n, C)`` float32 probabilities (soft).
         confidence: ``(n,)`` float32 top combined probability of each row.
-        source: the :func:`cache_part` these rows were derived from.
     """
 
     fold: int
     rows: np.ndarray
     targets: np.ndarray
     confidence: np.ndarray
-    source: dict
 
 
 def _check_source(ws: Workspace, key, fold: int) -> None:
@@ -128,34 +61,9 @@ def _check_source(ws: Workspace, key, fold: int) -> None:
                             f"(run: python run.py stage=train model={key.model} fold={key.fold})")
 
 
-def cache_part(ws: Workspace, fold: int) -> dict:
-    """What fold ``fold``'s pseudo rows depend on, for a round member's cache key: the source
-    models, a digest of the manifests of the source members used (fold ``fold``'s for ``mean``,
-    every fold's for a fitted method), the method (with the ``blend`` settings when fitted), the
-    threshold and the label kind. Raises ArtifactError when a source member is not cached."""
-    from pipeline.train.members import manifest_sha256, plain
-
-    s = settings(ws.cfg)
-    method = BlendMethod(s.blend)
-    folds = [fold] if method is BlendMethod.mean else list(range(int(ws.cfg.folds.k)))
-    manifests = {}
-    for name in source_models(ws.cfg):
-        for key in ws.keys(name, folds):
-            _check_source(ws, key, fold)
-            manifests[f"{key.model}/{key.seed}/{key.fold}"] = manifest_sha256(ws.member_dir(key))
-    digest = hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest()[:16]
-    part = {"source": source_models(ws.cfg), "blend": method.value, "threshold": float(s.threshold),
-            "max_rows": s.max_rows, "labels": PseudoLabels(s.labels).value, "source_digest": digest}
-    if method is not BlendMethod.mean:
-        from pipeline.settings import BlendSettings
-
-        part["blend_settings"] = plain(checked(BlendSettings, ws.cfg.blend, "blend"))
-    return part
-
-
 def _fold_test(ws: Workspace, name: str, fold: int) -> np.ndarray:
     """``(M, C)`` float32: model ``name``'s fold-``fold`` test probabilities, seeds averaged."""
-    from pipeline.train.members import average_probs, read_test
+    from pipeline.members import average_probs, read_test
 
     probs = []
     for key in ws.keys(name, [fold]):
@@ -168,10 +76,10 @@ def combined(ws: Workspace, fold: int) -> np.ndarray:
     """``(M, C)`` float32: the source members' combined test probabilities for fold ``fold``,
     computed from members trained without fold ``fold``'s rows only (see the module docstring)."""
     from pipeline.blend.blenders import make_blender
-    from pipeline.train.members import BlendMember
+    from pipeline.members import BlendMember
 
-    s = settings(ws.cfg)
-    names = source_models(ws.cfg)
+    s = pseudo_settings(ws.cfg)
+    names = pseudo_sources(ws.cfg)
     x_test = np.stack([_fold_test(ws, n, fold) for n in names], 1)
     if BlendMethod(s.blend) is BlendMethod.mean:
         return x_test.astype(np.float64).mean(1).astype(np.float32)
@@ -186,7 +94,7 @@ def pseudo_rows(ws: Workspace, fold: int) -> PseudoRows:
     ``>= pseudo.threshold`` (at most ``pseudo.max_rows`` of them, drawn at random with a seed of
     ``seed`` and the fold), with hard or soft targets (``pseudo.labels``).
     Raises ArtifactError when a source member is not cached."""
-    s = settings(ws.cfg)
+    s = pseudo_settings(ws.cfg)
     probs = combined(ws, fold)
     conf = probs.max(1)
     above = np.flatnonzero(conf >= s.threshold).astype(np.int64)
@@ -197,6 +105,35 @@ def pseudo_rows(ws: Workspace, fold: int) -> PseudoRows:
     targets = (probs[rows].argmax(1).astype(np.int64) if PseudoLabels(s.labels) is PseudoLabels.hard
                else (probs[rows] / probs[rows].sum(1, keepdims=True)).astype(np.float32))
     log.info("pseudo: fold %d: %d of %d test rows (%d at >= %.4f; %s labels from %s, %s)", fold, len(rows),
-             len(probs), len(above), s.threshold, PseudoLabels(s.labels).value, ", ".join(source_models(ws.cfg)),
+             len(probs), len(above), s.threshold, PseudoLabels(s.labels).value, ", ".join(pseudo_sources(ws.cfg)),
              BlendMethod(s.blend).value)
-    return PseudoRows(fold, rows, targets, conf[rows].astype(np.float32), cache_part(ws, fold))
+    return PseudoRows(fold, rows, targets, conf[rows].astype(np.float32))
+
+
+def write_rows(ws: Workspace, model: str, fold: int) -> Path:
+    """Compute fold ``fold``'s pseudo rows for round ``model`` (:func:`pseudo_rows`) and write
+    them, atomically, to ``artifacts/pseudo/<model>/fold<k>.npz`` (``rows (n,) int64``,
+    ``targets``, ``confidence (n,) float32``): the stage output a round member trains on, whose
+    sha256 is part of its cache key (:meth:`pipeline.workspace.Workspace.member_config`).
+    Raises ArtifactError when a source member is not cached."""
+    p = pseudo_rows(ws, fold)
+    path = ws.paths.pseudo_rows(model, fold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_npz(path, rows=p.rows, targets=p.targets, confidence=p.confidence)
+
+
+def read_rows(path: Path, fold: int) -> PseudoRows:
+    """The pseudo rows :func:`write_rows` wrote (read without pickle). Raises ArtifactError when
+    the file is missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return PseudoRows(fold, z["rows"], z["targets"], z["confidence"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{path}: pseudo rows missing or unreadable ({type(e).__name__}); "
+                            f"run: python run.py stage=train") from None
+
+
+def prepare_rounds(ws: Workspace, keys) -> None:
+    """Write the pseudo rows of every (round, fold) among the member keys ``keys``."""
+    for model, fold in sorted({(k.model, k.fold) for k in keys if round_base(ws.cfg, k.model)}):
+        write_rows(ws, model, fold)

@@ -3,7 +3,7 @@
     python run.py stage=report         # -> artifacts/report/index.html (+ the PNGs beside it)
 
 Reads the saved blend (:mod:`pipeline.blend.store`), its members' ``metrics.json`` and OOF
-probabilities through :mod:`pipeline.train.members` (checked exactly as ``stage=blend`` checks
+probabilities through :mod:`pipeline.members` (checked exactly as ``stage=blend`` checks
 them); trains nothing. The page
 embeds its images (base64), so it opens offline and can be mailed as one file; the same images
 are written as PNGs beside it. It shows:
@@ -37,8 +37,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.blend import store  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
-from pipeline.settings import BlendMethod  # noqa: E402
-from pipeline.train.members import BlendMember, read_metrics  # noqa: E402
+from pipeline.settings import BlendMethod, round_base  # noqa: E402
+from pipeline.members import BlendMember, read_metrics  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,11 @@ def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
 
 def _pseudo_rows(ws: Workspace, names: list[str], rows: list[dict], record: dict) -> list[list]:
     """One row per pseudo-label round among the blend's members: rows added, OOF vs its base."""
-    from pipeline import pseudo
     from pipeline.metrics import score
 
     out = []
     for name in names:
-        base = pseudo.base_model(ws.cfg, BlendMember.parse(name).model)
+        base = round_base(ws.cfg, BlendMember.parse(name).model)
         if base is None:
             continue
         added = np.mean([r["n_pseudo"] for r in rows if r["model"] == name])

@@ -1,7 +1,7 @@
 """The config schema: typed settings with ranges, checked once when a run starts.
 
-Every group of ``pipeline/conf`` has a dataclass here. :func:`validate` merges the composed
-config into them (OmegaConf structured configs: types are converted, unknown keys refused) and
+Every group of ``pipeline/conf`` has a dataclass here. :func:`pipeline.config.prepare` merges the
+composed config into them (OmegaConf structured configs: types are converted, unknown keys refused) and
 then checks each field's range, so a bad override such as ``models.mlp.train.lr=-1`` stops with
 one line naming the key and what was expected (:class:`~pipeline.errors.ConfigError`, exit code
 2) before any data is read or any model trained. Per-model ``train``/``aug`` overrides are checked
@@ -22,13 +22,35 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.data.competition import Layout, Resize, SubmissionKind
 from pipeline.errors import ConfigError
+
+
+class Layout(str, Enum):
+    """How a competition's files are laid out (``data.format``; ``auto`` detects it)."""
+
+    pixels = "pixels"    # train.csv = label,pixel0.. ; test.csv ; sample_submission.csv
+    files = "files"      # train.csv = id,label ; train/<id>[.ext] ; test/<id>[.ext] ; sample_submission.csv
+    folders = "folders"  # train/<class name>/*.ext ; test/*.ext ; sample_submission.csv (file name first)
+
+
+class Resize(str, Enum):
+    """``data.resize``: how an image of another aspect becomes a square of side S."""
+
+    stretch = "stretch"  # resize both sides to S (the aspect changes)
+    pad = "pad"          # fit the longer side to S, pad the rest with black (the aspect is kept)
+    crop = "crop"        # fit the shorter side to S, crop the centre (the aspect is kept)
+
+
+class SubmissionKind(str, Enum):
+    """What the leaderboard file holds (``data.submission``; ``auto`` reads sample_submission.csv)."""
+
+    label = "label"                  # id, the predicted class (its original name)
+    probabilities = "probabilities"  # id, one column per class in sample_submission.csv's order
 
 
 class Precision(str, Enum):
     """``train.precision``: the autocast dtype of training and prediction. ``auto`` is resolved
-    per device before a member's cache key is made (:func:`pipeline.train.runtime.resolve_precision`):
+    per device before a member's cache key is made (:func:`pipeline.device.resolve_precision`):
     bf16 on CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 (with a gradient
     scaler) on capability 7.x, fp32 elsewhere."""
 
@@ -400,37 +422,39 @@ def blend_models(cfg: DictConfig) -> list[str]:
     return names
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the whole composed config once, before any work (see the module docstring).
+PSEUDO_SUFFIX = "_pl"  # a pseudo-label round of model <base> is the model <base>_pl
 
-    The pseudo-label rounds are added first (:func:`pipeline.pseudo.expand`), so they are
-    checked like any model.
 
-    Raises:
-        ConfigError: the first bad setting, as one line naming the key and what was expected.
-    """
-    from pipeline import pseudo
-    from pipeline.models import list_models
+def pseudo_settings(cfg: DictConfig) -> PseudoSettings:
+    """The checked ``pseudo`` group (defaults when the config has none)."""
+    return checked(PseudoSettings, cfg.get("pseudo"), "pseudo")
 
-    pseudo.expand(cfg)
 
-    for group, schema in GROUPS.items():
-        checked(schema, cfg[group], group)
-    for name, node in cfg.models.items():
-        extra = sorted(set(node) - set(MODEL_KEYS))
-        if extra:
-            raise ConfigError(f"models.{name}.{extra[0]}: unknown key (expected {', '.join(MODEL_KEYS)})")
-        if node.get("arch") not in list_models():
-            raise ConfigError(f"models.{name}.arch={node.get('arch')}: unknown architecture; "
-                              f"known: {', '.join(list_models())}")
-        train_settings(cfg, name)
-        aug_settings(cfg, name)
-        tta_settings(cfg, name)
-        seed_count(cfg, name)
-    if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
-        raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
+def round_name(base: str) -> str:
+    """The model name of ``base``'s pseudo-label round: ``<base>_pl``."""
+    return base + PSEUDO_SUFFIX
 
-    selected_models(cfg)
-    selected_folds(cfg)
-    blend_methods(cfg)
-    blend_models(cfg)
+
+def round_base(cfg: DictConfig, name: str) -> str | None:
+    """The first-round model that model ``name`` is the pseudo-label round of, or None."""
+    for base in pseudo_settings(cfg).models:
+        if name == round_name(str(base)):
+            return str(base)
+    return None
+
+
+def pseudo_sources(cfg: DictConfig) -> list[str]:
+    """``pseudo.source``, or the ensemble's first-round models: the models whose test
+    predictions label a round's rows. Raises ConfigError for an unknown model or a pseudo-label
+    round among them."""
+    s = pseudo_settings(cfg)
+    names = [str(n) for n in s.source] if s.source else [n for n in map(str, cfg.ensemble)
+                                                         if round_base(cfg, n) is None]
+    for n in names:
+        if n not in cfg.models:
+            raise ConfigError(f"pseudo.source: unknown model '{n}'; known models: {', '.join(sorted(cfg.models))}")
+        if round_base(cfg, n) is not None:
+            raise ConfigError(f"pseudo.source: {n} is a pseudo-label round; the source must be first-round models")
+    if not names:
+        raise ConfigError("pseudo.source: no first-round model to take the pseudo-labels from")
+    return names

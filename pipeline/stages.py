@@ -1,24 +1,28 @@
-"""Stage dispatch: ``cfg.stage`` -> a plain function taking the composed config.
+"""Stage dispatch: ``cfg.stage`` -> a plain function of the prepared config and the workspace.
 
-:func:`run_stage` checks the whole config once (:func:`pipeline.settings.validate`, which adds
-the pseudo-label rounds first) before any work, applies ``tuned=true``, and builds one
+:func:`run_stage` prepares the config once (:func:`pipeline.config.prepare`: pseudo-label rounds
+added, ``tuned=true`` applied, every setting checked before any work), builds one
 :class:`~pipeline.workspace.Workspace` (the competition and folds, loaded once) that every stage
-of ``stage=all`` shares.
+of ``stage=all`` shares, and calls each stage's function from :data:`STAGE_FUNCTIONS`.
 """
 
 from __future__ import annotations
 
-import importlib
+import logging
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 from omegaconf import DictConfig
 
+from pipeline.config import prepare
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Stage(str, Enum):
-    """``stage=``: each value is a module of ``pipeline`` with ``run(cfg, ws)``, or ``all``."""
+    """``stage=``: one function of :data:`STAGE_FUNCTIONS` each, or ``all``."""
 
     data = "data"
     folds = "folds"
@@ -34,34 +38,80 @@ STAGES = tuple(s.value for s in Stage)
 ALL = (Stage.data, Stage.folds, Stage.train, Stage.blend, Stage.report)  # what stage=all runs
 
 
-def _run(stage: Stage, cfg: DictConfig, ws) -> Any:
-    return importlib.import_module(f"pipeline.{stage.value}").run(cfg, ws)
+def _data(cfg: DictConfig, ws) -> Any:
+    """Stage ``data``: build (if needed), validate and cache the competition; log a summary."""
+    from pipeline import data
+
+    comp = ws.comp if ws is not None else data.load(cfg)
+    log.info(data.summary(comp, str(cfg.data.dir)))
+    return comp
+
+
+def _folds(cfg: DictConfig, ws) -> np.ndarray:
+    """Stage ``folds``: the fold assignment, written once (the workspace loads or makes it);
+    logs the fold sizes and the file. Returns the ``(N,)`` int64 assignment."""
+    sizes = np.bincount(ws.folds)
+    log.info("folds: %d folds of %d..%d rows (%s)", len(sizes), sizes.min(), sizes.max(),
+             ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed), ws.comp.fingerprint))
+    return ws.folds
+
+
+def _train(cfg: DictConfig, ws) -> Any:
+    from pipeline.train.stage import run
+
+    return run(cfg, ws)
+
+
+def _tune(cfg: DictConfig, ws) -> Any:
+    from pipeline.tune.study import run  # imports Optuna: only this stage needs it
+
+    return run(cfg, ws)
+
+
+def _blend(cfg: DictConfig, ws) -> Any:
+    from pipeline.blend.stage import run
+
+    return run(cfg, ws)
+
+
+def _report(cfg: DictConfig, ws) -> Any:
+    from pipeline.report import run  # imports matplotlib: only this stage needs it
+
+    return run(cfg, ws)
+
+
+def _predict(cfg: DictConfig, ws) -> Any:
+    from pipeline.predict import run
+
+    return run(cfg, ws)
+
+
+# Every stage's function: (prepared config, workspace or None) -> its result.
+STAGE_FUNCTIONS: dict[Stage, Callable[[DictConfig, Any], Any]] = {
+    Stage.data: _data, Stage.folds: _folds, Stage.train: _train, Stage.tune: _tune,
+    Stage.blend: _blend, Stage.report: _report, Stage.predict: _predict,
+}
+NO_WORKSPACE = (Stage.data, Stage.predict)  # data: nothing beyond the data; predict: your images
 
 
 def run_stage(cfg: DictConfig) -> Any:
     """Run ``cfg.stage``: ``all`` runs data, folds, train, blend and report on one workspace and
     returns the blend's outcome. Raises ConfigError naming the known stages for an unknown one,
     or for any bad setting (before any work)."""
-    from pipeline.settings import validate
-    from pipeline.tune.tuned import apply_tuned
+    from pipeline.workspace import Workspace
 
     try:
         stage = Stage(str(cfg.stage))
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
-    validate(cfg)  # adds models.<name>_pl for each pseudo-label round first
-    if stage is not Stage.tune:  # a study searches around the config as written
-        apply_tuned(cfg)
-        validate(cfg)  # the tuned values too
-    if stage in (Stage.data, Stage.predict):  # data: nothing beyond the data; predict: your images
-        return _run(stage, cfg, None)
-    from pipeline.workspace import Workspace
-
+    cfg = prepare(cfg, apply_tuned=stage is not Stage.tune)  # a study searches around the config as written
+    if stage in NO_WORKSPACE:
+        return STAGE_FUNCTIONS[stage](cfg, None)
     ws = Workspace.load(cfg)
     if stage is not Stage.all:
-        return _run(stage, cfg, ws)
+        return STAGE_FUNCTIONS[stage](cfg, ws)
     result = None
     for s in ALL:
-        out = _run(s, cfg, ws)
+        out = STAGE_FUNCTIONS[s](cfg, ws)
         result = out if s is Stage.blend else result
     return result

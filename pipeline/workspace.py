@@ -1,9 +1,12 @@
 """The run's shared state: the competition and folds loaded once, member keys computed once.
 
 ``stage=all`` builds one :class:`Workspace` and hands it to every stage and every side-by-side
-fold worker; a single stage builds its own. Each member's cache key is computed once per run and
+worker; a single stage builds its own. Each member's cache key is computed once per run and
 verified (sha256 of its files) at most once per run: a member written in this run is recorded as
-verified by its writer.
+verified by its writer. A blend member's predictions are read once per run.
+
+It works on a prepared config (:func:`pipeline.config.prepare`: the pseudo-label rounds are
+models there) and reads it only.
 """
 
 from __future__ import annotations
@@ -14,20 +17,24 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import data
+from pipeline import data, members
+from pipeline.device import resolve_precision, select_device
+from pipeline.errors import ArtifactError
 from pipeline.folds import ensure_folds, folds_digest
+from pipeline.io import sha256_file
+from pipeline.members import BlendMember, MemberKey, MemberPredictions, MemberStatus, Verification
+from pipeline.metrics import check_metric
 from pipeline.paths import Paths
-from pipeline.train import members
-from pipeline.settings import Precision, runtime_settings, seed_count, train_settings
-from pipeline.train.members import BlendMember, MemberKey, MemberPredictions, Verification
+from pipeline.settings import (BlendMethod, Precision, PseudoLabels, pseudo_settings, pseudo_sources,
+                               round_base, runtime_settings, seed_count, train_settings)
 
 
 @dataclass
 class Workspace:
-    """The composed config, its paths, the loaded competition and the fold assignment.
+    """The prepared config, its paths, the loaded competition and the fold assignment.
 
     Attributes:
-        comp: the competition (``x_train (N, 1, S, S) uint8``, ``y_train (N,) int64``, ...).
+        comp: the competition (``x_train (N, C, S, S) uint8``, ``y_train (N,) int64``, ...).
         folds: ``(N,)`` int64 fold of each training row; ``folds_digest``: its short sha256.
     """
 
@@ -36,10 +43,9 @@ class Workspace:
     comp: data.Competition
     folds: np.ndarray
     folds_digest: str
-    _configs: dict = field(default_factory=dict, repr=False)
-    _verified: dict = field(default_factory=dict, repr=False)
-    _predictions: dict = field(default_factory=dict, repr=False)
-    _pseudo: dict = field(default_factory=dict, repr=False)
+    _configs: dict[MemberKey, DictConfig] = field(default_factory=dict, repr=False)
+    _verified: dict[MemberKey, Verification] = field(default_factory=dict, repr=False)
+    _predictions: dict[BlendMember, MemberPredictions] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: DictConfig) -> "Workspace":
@@ -47,10 +53,6 @@ class Workspace:
 
         Raises DataError / ConfigError / ArtifactError as :func:`pipeline.data.load` and
         :func:`pipeline.folds.ensure_folds` do."""
-        from pipeline import pseudo
-        from pipeline.metrics import check_metric
-
-        pseudo.expand(cfg)  # idempotent; run_stage has done it already
         comp = data.load(cfg)
         check_metric(cfg.data.metric, comp.num_classes)
         folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
@@ -67,28 +69,43 @@ class Workspace:
         return [MemberKey(name, f, s) for s in (self.seeds(name) if seed is None else [seed]) for f in fl]
 
     def member_dir(self, key: MemberKey) -> Path:
-        return self.paths.fold_dir(key.model, key.fold, key.seed)
+        """The member's directory (:meth:`pipeline.paths.Paths.member_dir`)."""
+        return self.paths.member_dir(key.model, key.fold, key.seed)
 
     def member_config(self, key: MemberKey) -> DictConfig:
-        """The member's cache key (:func:`pipeline.train.members.member_config`), computed once;
-        a pseudo-label round's includes its source (ArtifactError while a source member is not
-        cached)."""
+        """The member's cache key (:func:`pipeline.members.member_config`), with ``train.precision``
+        resolved for this run's device; computed once. A pseudo-label round's includes its rows
+        file's sha256 (:meth:`pseudo_part`), read each time (the round's rows are rewritten when
+        their source members change)."""
+        if round_base(self.cfg, key.model) is not None:
+            return self._member_config(key, self.pseudo_part(key))
         if key not in self._configs:
-            from pipeline import pseudo
-
-            part = pseudo.cache_part(self, key.fold) if pseudo.base_model(self.cfg, key.model) else None
-            self._configs[key] = members.member_config(
-                self.cfg, key, self.comp.fingerprint, self.folds_digest,
-                self.precision(train_settings(self.cfg, key.model).precision), part)
+            self._configs[key] = self._member_config(key, None)
         return self._configs[key]
+
+    def _member_config(self, key: MemberKey, part: dict | None) -> DictConfig:
+        return members.member_config(self.cfg, key, self.comp.fingerprint, self.folds_digest,
+                                     self.precision(train_settings(self.cfg, key.model).precision), part)
+
+    def pseudo_part(self, key: MemberKey) -> dict:
+        """A pseudo-label round member's cache-key part: its source models, combining method,
+        threshold, row cap and label kind, and the sha256 of the rows file it trains on
+        (``artifacts/pseudo/<model>/fold<k>.npz``, :func:`pipeline.pseudo.write_rows`).
+        Raises ArtifactError while that file has not been written."""
+        path = self.paths.pseudo_rows(key.model, key.fold)
+        if not path.exists():
+            raise ArtifactError(f"{key}: its pseudo rows {path} are not written yet (run: python run.py "
+                                f"stage=train model={key.model})")
+        s = pseudo_settings(self.cfg)
+        return {"source": pseudo_sources(self.cfg), "blend": BlendMethod(s.blend).value,
+                "threshold": float(s.threshold), "max_rows": s.max_rows, "labels": PseudoLabels(s.labels).value,
+                "rows_sha256": sha256_file(path)}
 
     def precision(self, setting: Precision) -> Precision:
         """``train.precision`` resolved for this run's training device
-        (:func:`pipeline.train.runtime.resolve_precision`: ``auto`` is bf16, fp16 or fp32 by the
+        (:func:`pipeline.device.resolve_precision`: ``auto`` is bf16, fp16 or fp32 by the
         GPU's compute capability or the CPU's bf16 support). Raises ConfigError for an unknown
         ``runtime.device`` or CUDA asked for where there is none."""
-        from pipeline.train.runtime import resolve_precision, select_device
-
         return resolve_precision(setting, select_device(runtime_settings(self.cfg).device))
 
     def verify(self, key: MemberKey) -> Verification:
@@ -96,15 +113,6 @@ class Workspace:
         if key not in self._verified:
             self._verified[key] = members.verify(self.member_dir(key), self.member_config(key))
         return self._verified[key]
-
-    def _drop_predictions(self, model: str) -> None:
-        from pipeline import pseudo
-
-        for label in [k for k in self._predictions if BlendMember.parse(k).model == model]:
-            del self._predictions[label]
-        for key in [k for k in self._configs if pseudo.base_model(self.cfg, k.model)]:
-            del self._configs[key]  # a round's cache key holds its source members' manifests
-        self._pseudo.clear()
 
     def record(self, key: MemberKey, verification: Verification) -> None:
         """What a writer (or another process) established about a member in this run."""
@@ -116,18 +124,48 @@ class Workspace:
         self._verified.pop(key, None)
         self._drop_predictions(key.model)
 
+    def _drop_predictions(self, model: str) -> None:
+        for member in [m for m in self._predictions if m.model == model]:
+            del self._predictions[member]
+
+    def require(self, key: MemberKey) -> Path:
+        """The member's directory once it is verified complete and current.
+
+        Raises:
+            ArtifactError: missing, stale or corrupt, naming the member, the reason, the command
+                that fixes it and a likely cause (tuned values, another device's precision).
+        """
+        d, v = self.member_dir(key), self.verify(key)
+        if v.ok:
+            return d
+        hint = ""
+        if v.status is MemberStatus.STALE and not self.cfg.get("tuned") and self.paths.tuned(key.model).exists():
+            hint = "; trained with tuned=true? then blend with tuned=true too"
+        elif v.status is MemberStatus.STALE and (p := members.recorded_precision(d)) and \
+                p != self.member_config(key).train.precision:
+            hint = f"; trained in {p} on another device? then add train.precision={p}"
+        what = v.reason if v.status is MemberStatus.MISSING else f"{v.status.value}: {v.reason}"
+        raise ArtifactError(f"{key}: {what} in {d} (run: python run.py stage=train "
+                            f"model={key.model} fold={key.fold}){hint}")
+
     def predictions(self, member: BlendMember | str) -> MemberPredictions:
-        """A blend member's (a model's, or ``model@seed``) OOF and averaged test probabilities,
-        read once per run."""
+        """A blend member's (a model's, or ``model@seed``) OOF ``(N, C)`` and test ``(M, C)``
+        float32 probabilities, every seed's checked against the OOF contract, seeds averaged;
+        read once per run.
+
+        Raises:
+            ArtifactError: a member is missing, stale or corrupt (:meth:`require`), or its files
+                break the OOF contract (:func:`pipeline.members.read_seed_predictions`).
+        """
         member = BlendMember.parse(member) if isinstance(member, str) else member
-        if member.label not in self._predictions:
-            self._predictions[member.label] = members.load_predictions(self, member)
-        return self._predictions[member.label]
-
-    def pseudo_rows(self, fold: int):
-        """Fold ``fold``'s pseudo rows (:func:`pipeline.pseudo.pseudo_rows`), computed once per run."""
-        from pipeline import pseudo
-
-        if fold not in self._pseudo:
-            self._pseudo[fold] = pseudo.pseudo_rows(self, fold)
-        return self._pseudo[fold]
+        if member not in self._predictions:
+            parts = {}
+            for s in self.seeds(member.model) if member.seed is None else [member.seed]:
+                dirs = [(k, self.require(k)) for k in self.keys(member.model, seed=s)]
+                parts[s] = members.read_seed_predictions(dirs, self.folds, len(self.comp.x_test),
+                                                         self.comp.num_classes)
+            self._predictions[member] = MemberPredictions(
+                member.label, members.average_probs([p[0] for p in parts.values()]),
+                members.fold_then_seed_average({s: p[1] for s, p in parts.items()}),
+                [e for p in parts.values() for e in p[2]])
+        return self._predictions[member]

@@ -37,12 +37,18 @@ TINY = [
 
 
 def compose_cfg(root: Path, overrides: list[str] = (), data_dir: Path | None = None):
-    """The real config (``pipeline/conf``) with every output under ``root``."""
+    """The real config (``pipeline/conf``) with every output under ``root``, its pseudo-label
+    rounds added as models (what :func:`pipeline.config.prepare` does first; the rest of
+    ``prepare``, checking and ``tuned=true``, is left to the tests that test it)."""
+    from pipeline.config import expand_pseudo_rounds
+
     ov = [f"paths.root={root}"]
     if data_dir is not None:
         ov.append(f"data.dir={data_dir}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=ov + list(overrides))
+        cfg = compose(config_name="config", overrides=ov + list(overrides))
+    expand_pseudo_rounds(cfg)
+    return cfg
 
 
 @pytest.fixture
@@ -101,7 +107,7 @@ def trained(outcomes) -> dict:
 def fit(cfg, name: str, fold: int, **kwargs):
     """One member's fit loop on ``cfg`` (no files written): :func:`pipeline.train.engine.fit_member`."""
     from pipeline.train.engine import FitSpec, fit_member
-    from pipeline.train.members import MemberKey
+    from pipeline.members import MemberKey
     from pipeline.workspace import Workspace
 
     ws = Workspace.load(cfg)

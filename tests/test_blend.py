@@ -23,7 +23,8 @@ from pipeline.blend.blenders import (BLENDERS, EnsembleSelectionBlender, Geometr
                                      make_blender, stack_features)
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import Paths
-from pipeline.settings import BlendMethod, validate
+from pipeline.config import validate
+from pipeline.settings import BlendMethod
 from pipeline.workspace import Workspace
 
 
@@ -127,7 +128,7 @@ def test_unknown_blend_model_is_a_config_error(trained_cfg):
 
 def test_missing_member_is_named_and_nothing_is_written(trained_cfg, tmp_path):
     cfg = trained_cfg()
-    d = Paths.from_cfg(cfg).fold_dir("mlp", 1)
+    d = Paths.from_cfg(cfg).member_dir("mlp", 1)
     backup = tmp_path / "backup"
     shutil.copytree(d, backup)
     (d / "oof.npz").unlink()

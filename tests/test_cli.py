@@ -38,8 +38,9 @@ def test_every_config_option_instantiates(tmp_path, group, option):
     from pipeline import augment, data
     from pipeline.blend.blenders import make_blender
     from pipeline.models import create_model
-    from pipeline.settings import aug_settings, blend_methods, runtime_settings, validate
-    from pipeline.train.runtime import select_device
+    from pipeline.config import validate
+    from pipeline.settings import aug_settings, blend_methods, runtime_settings
+    from pipeline.device import select_device
 
     cfg = compose_cfg(tmp_path, [f"{group}={option}"])
     validate(cfg)
@@ -61,7 +62,8 @@ def test_every_config_option_instantiates(tmp_path, group, option):
 
 def test_profiles_blend_several_members(tmp_path):
     """Each profile trains several members per fold (models x seeds) and the quick one less."""
-    from pipeline.settings import seed_count, validate
+    from pipeline.config import validate
+    from pipeline.settings import seed_count
 
     quick = compose_cfg(tmp_path, ["profile=quick"])
     full = compose_cfg(tmp_path, [])

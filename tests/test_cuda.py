@@ -15,7 +15,7 @@ import torch
 from conftest import fit
 from pipeline import blend, predict, train
 from pipeline.settings import AugSettings
-from pipeline.train import members, runtime
+from pipeline import device, members
 from pipeline.workspace import Workspace
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -40,7 +40,7 @@ def test_cuda_member_in_its_resolved_precision(tiny_cfg, compile_):
     channels_last, batched augmentation on the GPU, optional torch.compile."""
     cfg = tiny_cfg("runtime.device=cuda", "aug.backend=torch", f"runtime.compile={str(compile_).lower()}")
     res = fit(cfg, "cnn_deotte", 0)
-    expected = runtime.resolve_precision("auto", torch.device("cuda")).value
+    expected = device.resolve_precision("auto", torch.device("cuda")).value
     assert res.metrics["device"].startswith("cuda") and res.metrics["precision"] == expected
     assert res.metrics["peak_gpu_memory_mb"] > 0
     assert np.allclose(res.oof.sum(1), 1, atol=1e-4) and np.allclose(res.test.sum(1), 1, atol=1e-4)

@@ -190,7 +190,7 @@ def test_sample_submission_must_match_test_rows(digits_dir):
 def test_missing_data_dir_is_a_config_error(tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"data.dir={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="nowhere does not exist"):
-        data.run(cfg)
+        data.load(cfg)
 
 
 # --------------------------------------------------------------------------- property-based

@@ -10,8 +10,9 @@ import torch
 from conftest import DIGITS, fit
 from pipeline import augment, data, train
 from pipeline.settings import runtime_settings
-from pipeline.train import engine, members
-from pipeline.train.members import MemberKey, MemberStatus
+from pipeline import members
+from pipeline.train import engine
+from pipeline.members import MemberKey, MemberStatus
 from pipeline.workspace import Workspace
 
 

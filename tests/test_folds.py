@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import data, folds
+from pipeline.workspace import Workspace
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import Paths
 
@@ -22,17 +23,17 @@ def test_stratified_disjoint_and_covering(digits_dir):
 
 def test_written_once_and_reused(tiny_cfg):
     cfg = tiny_cfg()
-    first = folds.run(cfg)
+    first = Workspace.load(cfg).folds
     path = Paths.from_cfg(cfg).folds_file(2, 42, data.load(cfg).fingerprint)
     assert path.read_text().splitlines()[0] == "row_id,label,fold"
     stamp = path.stat().st_mtime_ns
-    np.testing.assert_array_equal(folds.run(cfg), first)
+    np.testing.assert_array_equal(Workspace.load(cfg).folds, first)
     assert path.stat().st_mtime_ns == stamp
 
 
 def test_mismatching_folds_file_is_an_error(tiny_cfg):
     cfg = tiny_cfg()
-    folds.run(cfg)
+    Workspace.load(cfg).folds
     path = Paths.from_cfg(cfg).folds_file(2, 42, data.load(cfg).fingerprint)
     lines = path.read_text().splitlines()
     row, label, fold = lines[4].split(",")
@@ -40,11 +41,11 @@ def test_mismatching_folds_file_is_an_error(tiny_cfg):
     path.write_text("\n".join(lines) + "\n")
     before = path.read_text()
     with pytest.raises(ArtifactError, match=r"row_id 3: label .* made for other data"):
-        folds.run(cfg)
+        Workspace.load(cfg).folds
     assert path.read_text() == before  # not rewritten
     path.write_text("\n".join(lines[:100]) + "\n")
     with pytest.raises(ArtifactError, match="99 rows, but train.csv has 400"):
-        folds.run(cfg)
+        Workspace.load(cfg).folds
 
 
 def test_k_below_two_is_rejected():

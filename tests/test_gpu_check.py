@@ -25,7 +25,7 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     assert list(steps) == ["environment", "pytest_gpu", "averaging_resume", "sync_audit", "throughput",
                            "side_by_side", "end_to_end"]
     assert {n: s["status"] for n, s in steps.items()} == dict.fromkeys(steps, "passed"), proc.stdout
-    assert proc.returncode == 0 and report["seconds"] < 180
+    assert proc.returncode == 0 and report["seconds"] < 300
     assert set(report["blocked_imports"]) >= {"albumentations", "cv2", "optuna", "matplotlib"}
     assert steps["environment"]["results"]["precision_auto"] in ("fp32", "bf16")
     resumed = steps["averaging_resume"]["results"]

@@ -18,10 +18,10 @@ import torch.nn as nn
 from packaging.requirements import Requirement
 
 from conftest import REPO, fit
-from pipeline import predict, train
+from pipeline import device, predict, train
 from pipeline.paths import Paths
-from pipeline.train import averaging, resume, runtime, scheduler
-from pipeline.train.members import MemberKey
+from pipeline.train import averaging, resume, scheduler
+from pipeline.members import MemberKey
 from pipeline.workspace import Workspace
 
 
@@ -89,18 +89,19 @@ def test_every_side_by_side_worker_and_launcher_job_gets_its_own_gpu(tiny_cfg, m
     """runtime.device=cuda (or auto) on a 2-GPU machine: side-by-side worker ``slot`` and Hydra
     launcher job ``n`` train on GPU ``slot % 2`` / ``n % 2`` and make it current
     (torch.cuda.set_device) before any CUDA work; cuda:N is kept as given."""
-    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device.torch.cuda, "device_count", lambda: 2)
     current = []
-    monkeypatch.setattr(runtime.torch.cuda, "set_device", lambda d: current.append(str(d)))
+    monkeypatch.setattr(device.torch.cuda, "set_device", lambda d: current.append(str(d)))
     for name in ("cuda", "auto"):
-        assert [str(runtime.select_device(name, slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    assert str(runtime.select_device("cuda:1", slot=0)) == "cuda:1"
-    monkeypatch.setattr(runtime, "launcher_job", lambda: (3, 4))
-    assert str(runtime.select_device("cuda")) == "cuda:1"
+        assert [str(device.select_device(name, slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert str(device.select_device("cuda:1", slot=0)) == "cuda:1"
+    monkeypatch.setattr(device, "launcher_job", lambda: (3, 4))
+    assert str(device.select_device("cuda")) == "cuda:1"
     ws = Workspace.load(tiny_cfg("runtime.device=cuda", "runtime.num_workers=0"))
-    device = scheduler._enter_worker(ws, 3, 4, [], logging.INFO)
-    assert str(device) == "cuda:1" and current == ["cuda:1"] and ws.cfg.runtime.device == "cuda:1"
+    dev = scheduler._enter_worker(ws, 3, 4, [], logging.INFO)
+    assert dev.device == "cuda:1" and current == ["cuda:1"] and not dev.progress
+    assert ws.cfg.runtime.device == "cuda"  # the run's config is read, not written
 
 
 def test_rng_state_touches_only_the_members_own_device(monkeypatch):
@@ -133,7 +134,7 @@ def test_a_checkpoint_from_another_device_resumes_or_is_ignored_in_one_line(tiny
     not fit the member (another architecture's weights) is ignored with one line and the member
     trains from the start. Neither is a traceback."""
     cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=3", "aug=none", "runtime.deterministic=true")
-    path = Paths.from_cfg(cfg).fold_dir("mlp", 0) / "resume.pt"
+    path = Paths.from_cfg(cfg).member_dir("mlp", 0) / "resume.pt"
     path.parent.mkdir(parents=True)
 
     class Stop(Exception):
@@ -208,10 +209,10 @@ def _check_numerics(trained_cfg, tmp_path):
     from PIL import Image
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    cuda, P = torch.device("cuda"), runtime.Precision
-    runtime.configure_numerics(cuda, P.fp32, deterministic=False)
+    cuda, P = torch.device("cuda"), device.Precision
+    device.configure_numerics(cuda, P.fp32, deterministic=False)
     assert cudnn.benchmark and not cudnn.allow_tf32 and not matmul.allow_tf32
-    runtime.configure_numerics(cuda, P.bf16, deterministic=True)
+    device.configure_numerics(cuda, P.bf16, deterministic=True)
     assert not cudnn.benchmark and cudnn.allow_tf32 and matmul.allow_tf32
     from pipeline import blend
 

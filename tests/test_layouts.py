@@ -185,6 +185,24 @@ def test_bad_layouts_are_one_line_naming_the_file(tmp_path, digits, layout, edit
         data.load_competition(d, tmp_path / "cache")
 
 
+def test_a_decompression_bomb_header_is_one_line_and_exit_2(tmp_path, digits):
+    """An image whose header claims more pixels than Pillow's decompression-bomb limit stops the
+    header scan (which sizes the images) with one line naming the file, exit 2, nothing cached."""
+    from test_cli import run_cli
+
+    def bomb(d):  # 16384 x 11000 1-bit pixels: 180 M, over twice Pillow's 89 M limit, 24 kB as PNG
+        Image.new("1", (16384, 11000)).save(d / "train" / "tr00005.png")
+
+    d = _broken(tmp_path, digits, "files", bomb)
+    with pytest.raises(DataError, match=r"train/tr00005.png: its header claims 180,224,000 pixels, more than "
+                                        r"Pillow's decompression-bomb limit \(178,956,970\): expected a real image"):
+        data.load_competition(d, tmp_path / "cache")
+    res = run_cli("stage=data", f"paths.root={tmp_path}", f"data.dir={d}", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "tr00005.png: its header claims 180,224,000 pixels" in res.stderr and "Traceback" not in res.stderr
+    assert not any((tmp_path / "data" / "cache").glob("**/*.npy"))
+
+
 def test_bad_layout_exits_2_with_one_line(tmp_path, digits):
     from test_cli import run_cli
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from conftest import TRAINED, compose_cfg, trained
 
+from pipeline import pseudo
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import MANIFEST, METRICS
-from pipeline.train.members import MemberKey, MemberStatus, read_test
+from pipeline.members import MemberKey, MemberStatus, read_test
 
 PL = ["pseudo.models=[cnn_deotte]", "pseudo.threshold=0.6"]  # tiny members: few rows reach 0.995
 
@@ -47,12 +48,21 @@ def test_a_round_is_a_model_after_its_base_with_its_own_overrides(copied):
     assert cfg.models.cnn_deotte_pl.arch == cfg.models.cnn_deotte.arch
     assert cfg.models.cnn_deotte_pl.kwargs == cfg.models.cnn_deotte.kwargs
     assert cfg.models.cnn_deotte_pl.train.epochs == 1 and cfg.models.cnn_deotte.train.epochs == 6
-    from pipeline import pseudo
 
-    pseudo.expand(cfg)  # idempotent
+    from pipeline.config import expand_pseudo_rounds
+    from pipeline.io import sha256_file
+    from pipeline.settings import pseudo_sources
+
+    expand_pseudo_rounds(cfg)  # idempotent
     assert list(cfg.ensemble) == ["cnn_deotte", "cnn_deotte_pl", "mlp"]
-    assert pseudo.source_models(cfg) == ["cnn_deotte", "mlp"]  # the first round, not the round itself
-    assert ws.member_config(MemberKey("cnn_deotte_pl", 0)).pseudo.source == ["cnn_deotte", "mlp"]
+    assert pseudo_sources(cfg) == ["cnn_deotte", "mlp"]  # the first round, not the round itself
+    with pytest.raises(ArtifactError, match="pseudo rows .* are not written yet"):
+        ws.member_config(MemberKey("cnn_deotte_pl", 0))
+    path = pseudo.write_rows(ws, "cnn_deotte_pl", 0)  # the stage output the round trains on
+    assert path == ws.paths.pseudo_rows("cnn_deotte_pl", 0) and path.name == "fold0.npz"
+    key = ws.member_config(MemberKey("cnn_deotte_pl", 0))
+    assert key.pseudo.source == ["cnn_deotte", "mlp"] and key.pseudo.rows_sha256 == sha256_file(path)
+    np.testing.assert_array_equal(pseudo.read_rows(path, 0).rows, pseudo.pseudo_rows(ws, 0).rows)
     assert "pseudo" not in ws.member_config(MemberKey("cnn_deotte", 0))
 
 
@@ -65,7 +75,7 @@ def test_pseudo_rows_are_test_rows_labelled_by_their_folds_members_only(copied):
     comp, n = ws.comp, len(ws.comp.x_train)
     counts = []
     for f in (0, 1):
-        rows = ws.pseudo_rows(f)
+        rows = pseudo.pseudo_rows(ws, f)
         mean = np.mean([read_test(ws.member_dir(MemberKey(m, f))) for m in ("cnn_deotte", "mlp")], 0)
         expect = np.flatnonzero(mean.max(1) >= 0.6)
         np.testing.assert_array_equal(rows.rows, expect)
@@ -87,7 +97,7 @@ def test_soft_labels_are_the_combined_probabilities(copied):
     from pipeline.train.batches import training_set
 
     ws = _workspace(copied(*PL, "pseudo.labels=soft"))
-    rows = ws.pseudo_rows(1)
+    rows = pseudo.pseudo_rows(ws, 1)
     assert rows.targets.shape == (len(rows.rows), 10) and rows.targets.dtype == np.float32
     np.testing.assert_allclose(rows.targets.sum(1), 1, atol=1e-5)
     data = training_set(ws.comp, np.flatnonzero(ws.folds != 1), rows)
@@ -97,19 +107,22 @@ def test_soft_labels_are_the_combined_probabilities(copied):
 
 
 def _retouch(member_dir):
-    """Change a member's files as a retraining would (new metrics, consistent manifest)."""
+    """Change a member's test predictions as a retraining would (every test row now confidently
+    class 3; a consistent manifest)."""
     from pipeline.io import sha256_file
+    from pipeline.paths import TEST
 
-    (member_dir / METRICS).write_text(json.dumps({**json.loads((member_dir / METRICS).read_text()), "x": 1}))
+    test = np.load(member_dir / TEST)
+    np.save(member_dir / TEST, np.eye(test.shape[1], dtype=np.float32)[np.full(len(test), 3)])
     manifest = json.loads((member_dir / MANIFEST).read_text())
-    manifest["files"][METRICS] = {"sha256": sha256_file(member_dir / METRICS),
-                                  "bytes": (member_dir / METRICS).stat().st_size}
+    manifest["files"][TEST] = {"sha256": sha256_file(member_dir / TEST), "bytes": (member_dir / TEST).stat().st_size}
     (member_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_every_source_part_is_in_the_rounds_cache_key(copied):
-    """Each pseudo setting, and a retrained source member of the round's own fold, make the
-    round's member stale; with pseudo.blend=mean another fold's source does not."""
+    """Each pseudo setting, and rows re-derived from a retrained source member of the round's
+    own fold (the rows file's sha256), make the round's member stale; with pseudo.blend=mean
+    another fold's source does not."""
     from pipeline import train
 
     outcomes = train.run(copied(*PL, "+models.cnn_deotte_pl.train.epochs=1"))
@@ -130,7 +143,9 @@ def test_every_source_part_is_in_the_rounds_cache_key(copied):
     ws = _workspace(copied(*base))
     _retouch(ws.member_dir(MemberKey("mlp", 1)))  # another fold's source member retrained
     ws = _workspace(copied(*base))
-    assert ws.verify(key).ok and not ws.verify(MemberKey("cnn_deotte_pl", 1)).ok
+    pseudo.prepare_rounds(ws, ws.keys("cnn_deotte_pl"))  # what stage=train does before a round
+    v = ws.verify(MemberKey("cnn_deotte_pl", 1))
+    assert ws.verify(key).ok and v.status is MemberStatus.STALE and v.reason == "config changed (pseudo)"
 
 
 def test_a_round_trains_blends_and_predicts_exactly(copied, tmp_path):
@@ -150,7 +165,7 @@ def test_a_round_trains_blends_and_predicts_exactly(copied, tmp_path):
     np.testing.assert_array_equal(probs, saved.probabilities(saved.best, "test"))
     page = report.run(cfg).read_text()
     assert "Pseudo-labels" in page and "cnn_deotte_pl" in page
-    n = int(np.mean([ws.pseudo_rows(f).rows.size for f in (0, 1)]))
+    n = int(np.mean([pseudo.pseudo_rows(ws, f).rows.size for f in (0, 1)]))
     assert f"{n:,}" in page
 
 
@@ -170,12 +185,13 @@ def test_a_round_without_its_source_says_what_to_train(tmp_path, tiny_cfg):
     ("pseudo.labels=fuzzy", "pseudo.labels"),
 ])
 def test_bad_pseudo_settings_are_one_line_errors(tiny_cfg, override, message):
-    from pipeline import pseudo
+    from pipeline.config import validate
+    from pipeline.settings import pseudo_sources
 
-    cfg = tiny_cfg("pseudo.models=[cnn_deotte]", override)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        pseudo.expand(cfg)
-        pseudo.source_models(cfg)
+        cfg = tiny_cfg("pseudo.models=[cnn_deotte]", override)  # the rounds are added as it is made
+        validate(cfg)
+        pseudo_sources(cfg)
 
 
 def test_tuned_values_of_the_base_apply_to_its_round(copied, tmp_path):
@@ -191,8 +207,8 @@ def test_tuned_values_of_the_base_apply_to_its_round(copied, tmp_path):
 
 def test_max_rows_draws_a_seeded_subset_of_the_confident_rows(copied):
     ws = _workspace(copied(*PL))
-    every = ws.pseudo_rows(1)
-    picks = [_workspace(copied(*PL, "pseudo.max_rows=5")).pseudo_rows(1) for _ in range(2)]
+    every = pseudo.pseudo_rows(ws, 1)
+    picks = [pseudo.pseudo_rows(_workspace(copied(*PL, "pseudo.max_rows=5")), 1) for _ in range(2)]
     assert len(every.rows) > 5 and len(picks[0].rows) == 5
     assert np.isin(picks[0].rows, every.rows).all()
     np.testing.assert_array_equal(picks[0].rows, picks[1].rows)  # the same draw every time

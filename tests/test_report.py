@@ -44,7 +44,7 @@ def test_report_page_figures_and_numbers(blended_cfg):
     # the tables hold the artifacts' numbers
     for name in ("cnn_deotte", "mlp"):
         for f in (0, 1):
-            m = json.loads((paths.fold_dir(name, f) / "metrics.json").read_text())
+            m = json.loads((paths.member_dir(name, f) / "metrics.json").read_text())
             assert f"<td class=\"l\">{name}</td><td class=\"\">{f}</td><td class=\"\">0</td><td class=\"\">{m['accuracy']:.5f}</td>" in text
     b = json.loads((paths.blend_dir / "blend.json").read_text())
     for method, info in b["methods"].items():
@@ -165,3 +165,42 @@ def test_predict_bad_inputs(blended_cfg, tmp_path):
         predict.run(blended_cfg(f"input={tmp_path / 'nope.png'}"))
     with pytest.raises(ConfigError, match="needs input="):
         predict.run(blended_cfg())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["manifests"].pop("mlp"), r"members \['cnn_deotte', 'mlp'\] and manifests \['cnn_deotte'\] "
+                                          r"disagree \(no manifests for mlp\)"),
+    (lambda r: r.update(best="median"), r"unreadable entry \(ValueError: 'median' is not a valid BlendMethod\)"),
+    (lambda r: r.pop("img_size"), r"'img_size' is missing"),
+    (lambda r: r["methods"].pop(r["best"]), r"the submitted method '\w+' has no entry with its params "
+                                            r"under 'methods'"),
+])
+def test_a_blend_record_that_disagrees_with_itself_is_one_line(blended_cfg, tmp_path, edit, message):
+    """A hand-edited blend.json: stage=predict stops with one line naming the file and what is
+    wrong (exit 2), not a KeyError traceback; so does one copied in half."""
+    import json
+
+    from conftest import TRAINED
+    from test_cli import run_cli
+
+    cfg = blended_cfg()
+    path = Paths.from_cfg(cfg).blend_dir / "blend.json"
+    original = path.read_text()
+    img = tmp_path / "digit.png"
+    Image.fromarray(Workspace.load(cfg).comp.x_test[0, 0]).save(img)
+    try:
+        record = json.loads(original)
+        edit(record)
+        path.write_text(json.dumps(record))
+        with pytest.raises(ArtifactError, match=f"{path}: {message}; run: python run.py stage=blend"):
+            predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+        if "img_size" in message:  # the CLI too, and a file copied in half
+            res = run_cli("stage=predict", f"input={img}", f"paths.root={cfg.paths.root}",
+                          f"data.dir={cfg.data.dir}", *TRAINED, cwd=tmp_path)
+            assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+                f"error: {path}: 'img_size' is missing; run: python run.py stage=blend"]
+            path.write_text(original[:len(original) // 2])
+            with pytest.raises(ArtifactError, match=f"{path}: unreadable \\(JSONDecodeError: "):
+                predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+    finally:
+        path.write_text(original)

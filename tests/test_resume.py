@@ -15,8 +15,8 @@ import torch
 from conftest import REPO, TINY, fit, trained
 from pipeline import blend, train
 from pipeline.errors import ArtifactError
-from pipeline.paths import FOLD_FILES, MANIFEST, OOF, RESUME, TEST, Paths
-from pipeline.train.members import MemberKey, MemberStatus
+from pipeline.paths import MEMBER_FILES, MANIFEST, OOF, RESUME, TEST, Paths
+from pipeline.members import MemberKey, MemberStatus
 from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
 
@@ -69,12 +69,12 @@ def test_kill_9_mid_fold_then_resume_matches_uninterrupted(tmp_path, digits_dir,
 
     ref_paths, paths = Paths.from_cfg(ref_cfg), Paths.from_cfg(cfg)
     for f in (0, 1):
-        with np.load(ref_paths.fold_dir("cnn_deotte", f) / OOF) as a, \
-                np.load(paths.fold_dir("cnn_deotte", f) / OOF) as b:
+        with np.load(ref_paths.member_dir("cnn_deotte", f) / OOF) as a, \
+                np.load(paths.member_dir("cnn_deotte", f) / OOF) as b:
             assert np.array_equal(a["row_ids"], b["row_ids"])
             np.testing.assert_allclose(b["probs"], a["probs"], atol=1e-6, rtol=0)
-        np.testing.assert_allclose(np.load(paths.fold_dir("cnn_deotte", f) / TEST),
-                                   np.load(ref_paths.fold_dir("cnn_deotte", f) / TEST), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.load(paths.member_dir("cnn_deotte", f) / TEST),
+                                   np.load(ref_paths.member_dir("cnn_deotte", f) / TEST), atol=1e-6, rtol=0)
     assert (paths.submissions_dir / "submission.csv").read_bytes() == \
         (ref_paths.submissions_dir / "submission.csv").read_bytes()
 
@@ -87,9 +87,9 @@ def _train_mlp(tiny_cfg, *extra):
 
 def test_manifest_lists_every_file_with_its_checksum(tiny_cfg):
     cfg, paths = _train_mlp(tiny_cfg)
-    d = paths.fold_dir("mlp", 0)
+    d = paths.member_dir("mlp", 0)
     manifest = json.loads((d / MANIFEST).read_text())["files"]
-    assert set(manifest) == set(FOLD_FILES) - {MANIFEST}
+    assert set(manifest) == set(MEMBER_FILES) - {MANIFEST}
     assert manifest[OOF]["bytes"] == (d / OOF).stat().st_size and len(manifest[OOF]["sha256"]) == 64
     assert not (d / RESUME).exists()
 
@@ -102,7 +102,7 @@ def test_manifest_lists_every_file_with_its_checksum(tiny_cfg):
 ])
 def test_corrupted_member_is_refused_by_blend_and_retrained(tiny_cfg, damage, reason):
     cfg, paths = _train_mlp(tiny_cfg)
-    d = paths.fold_dir("mlp", 1)
+    d = paths.member_dir("mlp", 1)
     damage(d)
     with pytest.raises(ArtifactError, match=f"mlp fold 1: .*{reason}"):
         blend.run(cfg)
@@ -133,7 +133,7 @@ def test_edited_folds_file_makes_every_fold_stale(tiny_cfg):
 
 def test_resume_checkpoint_of_other_settings_is_ignored(tiny_cfg, caplog):
     cfg = tiny_cfg("model=mlp", "fold=0")
-    resume = Paths.from_cfg(cfg).fold_dir("mlp", 0) / RESUME
+    resume = Paths.from_cfg(cfg).member_dir("mlp", 0) / RESUME
     fit(cfg, "mlp", 0, resume_path=resume, predict_test=False)
     state = torch.load(resume, weights_only=True)  # tensors and plain data only
     assert state["epoch"] == 2 and state["seconds"] > 0
@@ -173,15 +173,15 @@ def test_hostile_pickles_in_artifacts_never_run(tiny_cfg, tmp_path, caplog):
     cfg, paths = _train_mlp(tiny_cfg)
     blend.run(cfg)
     marker = tmp_path / "pwned"
-    resume = paths.fold_dir("mlp", 0) / RESUME
+    resume = paths.member_dir("mlp", 0) / RESUME
     torch.save({"cache_key": "x", "payload": _Payload(marker)}, resume)
     res = fit(cfg, "mlp", 0, resume_path=resume, predict_test=False)
     assert res.metrics["resumed_after_epoch"] is None and "ignoring unreadable" in caplog.text
-    ckpt = paths.fold_dir("mlp", 1) / "model.safetensors"
+    ckpt = paths.member_dir("mlp", 1) / "model.safetensors"
     ckpt.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(ArtifactError, match=r"mlp fold 1: .*model.safetensors does not match its checksum"):
         predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
-    from pipeline.train.members import load_model
+    from pipeline.members import load_model
     with pytest.raises(ArtifactError, match="cannot load the checkpoint"):
         load_model(ckpt.parent)
     state = paths.blend_dir / "mean_state.npz"

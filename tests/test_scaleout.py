@@ -14,10 +14,10 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, REPO, TINY, trained
-from pipeline import blend, train
-from pipeline.paths import FOLD_FILES, Paths
+from pipeline import blend, device, train
+from pipeline.paths import MEMBER_FILES, Paths
 from pipeline.train import runtime
-from pipeline.train.members import MemberKey
+from pipeline.members import MemberKey
 from pipeline.train.scheduler import Outcome, train_member
 from pipeline.workspace import Workspace
 
@@ -53,8 +53,8 @@ def test_joblib_multirun_trains_both_folds_then_blend_sees_them(tmp_path, digits
     paths = Paths.from_cfg(tiny_cfg())
     threads = max(1, (os.cpu_count() or 1) // 2)
     for f in (0, 1):
-        d = paths.fold_dir("mlp", f)
-        assert all((d / n).exists() for n in FOLD_FILES), f
+        d = paths.member_dir("mlp", f)
+        assert all((d / n).exists() for n in MEMBER_FILES), f
         assert f"{threads} threads" in (d / "metrics.json").read_text()  # the jobs split the cores
     assert "#0 :" in r.stdout + r.stderr and "#1 :" in r.stdout + r.stderr  # two launcher jobs
     out = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean"))
@@ -75,7 +75,7 @@ def test_submitit_local_multirun_then_blend(tmp_path, digits_dir, tiny_cfg):
     assert r.returncode == 0, r.stderr[-2000:]
     paths = Paths.from_cfg(tiny_cfg())
     for f in (0, 1):
-        assert all((paths.fold_dir("mlp", f) / n).exists() for n in FOLD_FILES), f
+        assert all((paths.member_dir("mlp", f) / n).exists() for n in MEMBER_FILES), f
     assert list(tmp_path.glob("logs/multirun/*/.submitit/*"))  # submitit ran the jobs
     out = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean", "train.epochs=6", "aug=none"))
     assert set(out.members) == {"mlp"} and out.blends[out.best].score.accuracy > 0.5
@@ -84,12 +84,12 @@ def test_submitit_local_multirun_then_blend(tmp_path, digits_dir, tiny_cfg):
 def test_locked_member_is_skipped_with_lock_skip(tiny_cfg):
     cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=1", "runtime.lock=skip")
     paths = Paths.from_cfg(cfg)
-    lock_path = paths.fold_lock("mlp", 0)
+    lock_path = paths.member_lock("mlp", 0)
     lock_path.parent.mkdir(parents=True)
     with FileLock(lock_path):  # "another process" is training mlp fold 0
         [out] = train.run(cfg)
     assert out.outcome is Outcome.SKIPPED_LOCKED and "another process" in out.reason
-    assert not (paths.fold_dir("mlp", 0) / "config.yaml").exists()
+    assert not (paths.member_dir("mlp", 0) / "config.yaml").exists()
 
 
 def test_second_trainer_waits_then_finds_the_member_cached(tiny_cfg, caplog):
@@ -97,7 +97,7 @@ def test_second_trainer_waits_then_finds_the_member_cached(tiny_cfg, caplog):
     written the member it skips it instead of training it again."""
     cfg = tiny_cfg("model=mlp", "fold=0", "train.epochs=1")
     paths = Paths.from_cfg(cfg)
-    lock_path = paths.fold_lock("mlp", 0)
+    lock_path = paths.member_lock("mlp", 0)
     lock_path.parent.mkdir(parents=True)
     first = FileLock(lock_path)
     first.acquire()
@@ -109,24 +109,24 @@ def test_second_trainer_waits_then_finds_the_member_cached(tiny_cfg, caplog):
         time.sleep(0.1)
     assert "waiting" in caplog.text and second.is_alive()  # blocked on the lock
     train_member(Workspace.load(cfg), MemberKey("mlp", 0))  # the first trainer's work
-    mtime = (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns
+    mtime = (paths.member_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns
     first.release()
     second.join(timeout=60)
     [out] = result["trained"]
     assert out.outcome is Outcome.CACHED
-    assert (paths.fold_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns == mtime  # not rewritten
+    assert (paths.member_dir("mlp", 0) / "oof.npz").stat().st_mtime_ns == mtime  # not rewritten
 
 
 def test_bad_lock_mode_is_a_config_error(tiny_cfg):
     from pipeline.errors import ConfigError
-    from pipeline.settings import validate
+    from pipeline.config import validate
 
     with pytest.raises(ConfigError, match="runtime.lock=maybe"):
         validate(tiny_cfg("runtime.lock=maybe"))
 
 
 def test_launcher_job_outside_a_multirun():
-    assert runtime.launcher_job() == (None, 1)
+    assert device.launcher_job() == (None, 1)
 
 
 def test_fold_jobs_resolution(monkeypatch):
@@ -134,16 +134,16 @@ def test_fold_jobs_resolution(monkeypatch):
     inside a parallel multirun; an explicit count is capped by the pending folds; nonsense is a ConfigError."""
     from pipeline.errors import ConfigError
 
-    cpu, cuda = runtime.torch.device("cpu"), runtime.torch.device("cuda")
+    cpu, cuda = device.torch.device("cpu"), device.torch.device("cuda")
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     assert runtime.fold_jobs("auto", cpu, 10) == runtime.FOLD_JOBS_CPU == 2
     assert runtime.fold_jobs("auto", cpu, 1) == 1
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 1)
     assert runtime.fold_jobs("auto", cpu, 10) == 1
     assert runtime.fold_jobs(3, cpu, 2) == 2 and runtime.fold_jobs("4", cpu, 10) == 4
-    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(device.torch.cuda, "device_count", lambda: 2)
     assert runtime.fold_jobs("auto", cuda, 100) == 2 * runtime.FOLD_JOBS_PER_GPU
-    assert runtime.fold_jobs("auto", runtime.torch.device("cuda:1"), 100) == runtime.FOLD_JOBS_PER_GPU
+    assert runtime.fold_jobs("auto", device.torch.device("cuda:1"), 100) == runtime.FOLD_JOBS_PER_GPU
     assert runtime.fold_jobs("auto", cuda, 3) == 3
     monkeypatch.setattr(runtime, "launcher_job", lambda: (0, 2))  # a joblib multirun already
     assert runtime.fold_jobs("auto", cuda, 100) == 1
@@ -166,11 +166,11 @@ def test_last_odd_member_gets_every_core(monkeypatch):
 
 
 def test_side_by_side_jobs_spread_over_gpus(monkeypatch):
-    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
-    assert [str(runtime.select_device("auto", slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 1)
-    assert str(runtime.select_device("auto", slot=3)) == "cuda"
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device.torch.cuda, "device_count", lambda: 2)
+    assert [str(device.select_device("auto", slot=s)) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(device.torch.cuda, "device_count", lambda: 1)
+    assert str(device.select_device("auto", slot=3)) == "cuda"
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_d
                                     f"paths.artifacts_dir={tmp_path / 'serial'}")
     assert set(trained(train.run(ser))) == {("mlp", 0), ("mlp", 1)}
     for f in (0, 1):
-        a, b = Paths.from_cfg(par).fold_dir("mlp", f), Paths.from_cfg(ser).fold_dir("mlp", f)
+        a, b = Paths.from_cfg(par).member_dir("mlp", f), Paths.from_cfg(ser).member_dir("mlp", f)
         np.testing.assert_allclose(np.load(a / "oof.npz")["probs"], np.load(b / "oof.npz")["probs"], atol=1e-6)
         np.testing.assert_allclose(np.load(a / "test.npy"), np.load(b / "test.npy"), atol=1e-6)
     assert {o.outcome for o in train.run(par)} == {Outcome.CACHED}  # nothing is started
@@ -235,4 +235,4 @@ def test_user_error_in_a_side_by_side_fold_is_the_projects_error(tiny_cfg):
     with pytest.raises(PipelineError, match=r"mlp fold \d: training loss became nan"):
         train.run(cfg)
     paths = Paths.from_cfg(cfg)
-    assert not any((paths.fold_dir("mlp", f) / n).exists() for f in (0, 1) for n in FOLD_FILES)
+    assert not any((paths.member_dir("mlp", f) / n).exists() for f in (0, 1) for n in MEMBER_FILES)

@@ -12,10 +12,11 @@ from conftest import fit
 from pipeline import train
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import create_model
-from pipeline.paths import FOLD_FILES, Paths
-from pipeline.settings import validate
-from pipeline.train import engine, members, runtime
-from pipeline.train.members import MemberKey, MemberStatus
+from pipeline.paths import MEMBER_FILES, Paths
+from pipeline.config import validate
+from pipeline import device, members
+from pipeline.train import engine, runtime
+from pipeline.members import MemberKey, MemberStatus
 from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
 
@@ -26,7 +27,7 @@ def test_every_train_row_predicted_exactly_once(trained_cfg):
         hits = np.zeros(len(ws.comp.y_train), dtype=int)
         for key in ws.keys(name):
             d = ws.member_dir(key)
-            assert all((d / n).exists() for n in FOLD_FILES)
+            assert all((d / n).exists() for n in MEMBER_FILES)
             rows, probs = members.read_oof(d)
             np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(ws.folds == key.fold))
             assert probs.dtype == np.float32 and probs.shape == (len(rows), 10)
@@ -45,7 +46,7 @@ def test_models_learn_something_real(trained_cfg):
     """Six epochs on 200 real digits: far above the 10% of chance (the data is not noise)."""
     paths = Paths.from_cfg(trained_cfg())
     for name, floor in (("mlp", 0.6), ("cnn_deotte", 0.2)):  # a narrow BN net is slower to start
-        acc = np.mean([members.read_metrics(paths.fold_dir(name, f))["accuracy"] for f in range(2)])
+        acc = np.mean([members.read_metrics(paths.member_dir(name, f))["accuracy"] for f in range(2)])
         assert acc > floor, name
 
 
@@ -62,7 +63,7 @@ def test_checkpoint_is_safetensors_and_rebuilds_the_model(trained_cfg):
 
 def test_cached_members_are_skipped_and_force_retrains(trained_cfg):
     cfg = trained_cfg("model=mlp", "fold=1")
-    target = Paths.from_cfg(cfg).fold_dir("mlp", 1) / "test.npy"
+    target = Paths.from_cfg(cfg).member_dir("mlp", 1) / "test.npy"
     stamp = target.stat().st_mtime_ns
     [out] = train.run(cfg)
     assert out.outcome is Outcome.CACHED and out.metrics is None
@@ -93,7 +94,7 @@ def test_cache_key_holds_seed_architecture_and_folds(tiny_cfg):
     assert key.seed == members.training_seed(42, MemberKey("cnn_deotte", 1))
     assert key.arch_digest == __import__("pipeline.models", fromlist=["x"]).architecture_digest("cnn_deotte")
     assert key.folds.digest == ws.folds_digest  # train.precision=auto, resolved for the CPU:
-    assert key.train.precision == runtime.resolve_precision("auto", torch.device("cpu")).value != "auto"
+    assert key.train.precision == device.resolve_precision("auto", torch.device("cpu")).value != "auto"
     assert "compile" not in key.train and "deterministic" not in key.train  # how to run: runtime.*
 
 
@@ -134,7 +135,7 @@ def test_nan_loss_stops_the_member_and_caches_nothing(tiny_cfg):
     cfg = tiny_cfg("model=mlp", "fold=0", "train.lr=1e30")
     with pytest.raises(PipelineError, match="mlp fold 0: training loss became nan"):
         train.run(cfg)
-    d = Paths.from_cfg(cfg).fold_dir("mlp", 0)
+    d = Paths.from_cfg(cfg).member_dir("mlp", 0)
     assert not d.exists() or not any(d.iterdir())  # no artifact, no resume checkpoint
 
 
@@ -144,23 +145,23 @@ def test_precision_auto_resolves_per_device(monkeypatch):
     kept; an unknown one is one line."""
     cpu = torch.device("cpu")
     native = "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
-    assert runtime.cpu_has_native_bf16() == native
+    assert device.cpu_has_native_bf16() == native
     for has in (False, True):
-        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda h=has: h)
-        assert [runtime.resolve_precision(p, cpu).value for p in ("auto", "fp32", "bf16", "fp16")] == \
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda h=has: h)
+        assert [device.resolve_precision(p, cpu).value for p in ("auto", "fp32", "bf16", "fp16")] == \
             ["bf16" if has else "fp32", "fp32", "bf16", "fp16"]
     gpus = {"P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "L4": (8, 9), "H200": (9, 0)}
     resolved = {}
     for name, cc in gpus.items():
-        monkeypatch.setattr(runtime.torch.cuda, "get_device_capability", lambda d=None, cc=cc: cc)
-        resolved[name] = runtime.resolve_precision("auto", torch.device("cuda")).value
-        assert runtime.resolve_precision("fp32", torch.device("cuda")).value == "fp32"
+        monkeypatch.setattr(device.torch.cuda, "get_device_capability", lambda d=None, cc=cc: cc)
+        resolved[name] = device.resolve_precision("auto", torch.device("cuda")).value
+        assert device.resolve_precision("fp32", torch.device("cuda")).value == "fp32"
     assert resolved == {"P100": "fp32", "V100": "fp16", "T4": "fp16", "A100": "bf16", "L4": "bf16",
                         "H200": "bf16"}
-    assert runtime.grad_scaler(cpu, runtime.Precision.fp16) is not None
-    assert runtime.grad_scaler(cpu, runtime.Precision.bf16) is None
+    assert device.grad_scaler(cpu, device.Precision.fp16) is not None
+    assert device.grad_scaler(cpu, device.Precision.bf16) is None
     with pytest.raises(ConfigError, match="train.precision=fp8: expected one of auto, fp32, bf16, fp16"):
-        runtime.resolve_precision("fp8", cpu)
+        device.resolve_precision("fp8", cpu)
 
 
 def test_resolved_precision_is_the_cache_key_and_metrics(tiny_cfg, monkeypatch):
@@ -190,12 +191,12 @@ def test_fp16_trains_with_a_grad_scaler_and_resumes_it(tiny_cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     digits = Workspace.load(tiny_cfg()).comp
     x, y = torch.from_numpy(digits.x_train[:8]).float() / 255, torch.from_numpy(digits.y_train[:8])
-    scaler = runtime.grad_scaler(torch.device("cpu"), runtime.Precision.fp16)
-    loss, logits = engine.train_step(model, opt, x, y, precision=runtime.Precision.fp16, scaler=scaler)
+    scaler = device.grad_scaler(torch.device("cpu"), device.Precision.fp16)
+    loss, logits = engine.train_step(model, opt, x, y, precision=device.Precision.fp16, scaler=scaler)
     assert logits.dtype == torch.float16 and loss.dtype == torch.float32
     assert scaler.get_scale() in (2.0 ** 16, 2.0 ** 15)  # the first step may find inf and back off
     cfg = tiny_cfg("model=mlp", "fold=0", "train.precision=fp16", "train.epochs=6", "aug=none")
-    d = Paths.from_cfg(cfg).fold_dir("mlp", 0)
+    d = Paths.from_cfg(cfg).member_dir("mlp", 0)
     d.mkdir(parents=True)
     states = []
 

@@ -19,7 +19,7 @@ from pipeline.tune import tuned as tune_tuned
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
 from pipeline.stages import run_stage
-from pipeline.train.members import model_settings
+from pipeline.members import model_settings
 
 # mlp on the fixture, 2-3 epochs per trial: about a second a trial on 2 cores
 TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
@@ -134,7 +134,7 @@ def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
     assert (fcfg.train.lr, fcfg.train.epochs, fcfg.kwargs.dropout) == (0.0123, 1, 0.2)
     # through the stage: the fold's cache key records the tuned values
     run_stage(tiny_cfg("model=mlp", "fold=0", "stage=train", "tuned=true"))
-    saved = OmegaConf.load(Paths.from_cfg(cfg).fold_dir("mlp", 0) / "config.yaml")
+    saved = OmegaConf.load(Paths.from_cfg(cfg).member_dir("mlp", 0) / "config.yaml")
     assert saved.train.lr == 0.0123 and saved.train.epochs == 1
     # without tuned=true nothing changes
     assert model_settings(tune_tuned.apply_tuned(tiny_cfg("model=mlp")), "mlp").train.lr != 0.0123

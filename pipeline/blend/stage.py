@@ -28,7 +28,7 @@ from pipeline.data import submission_csv
 from pipeline.io import save_text
 from pipeline.metrics import Score, score
 from pipeline.settings import BlendMethod, Metric, blend_methods, blend_models
-from pipeline.train.members import BlendMember, read_metrics
+from pipeline.members import BlendMember, read_metrics
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)

@@ -28,32 +28,110 @@ from pipeline.settings import BlendMethod
 RECORD = "blend.json"
 
 
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One member fold a blend was built from: its seed index, fold and ``manifest.json`` sha256."""
+
+    seed: int
+    fold: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BlendRecord:
+    """The typed part of ``blend.json`` that ``stage=predict`` and the report rely on, checked
+    against itself when read (:meth:`parse`). ``raw`` is the whole record (scores and weights)."""
+
+    members: tuple[str, ...]
+    best: BlendMethod
+    methods: dict[BlendMethod, dict]
+    manifests: dict[str, tuple[ManifestEntry, ...]]
+    num_classes: int
+    in_chans: int
+    img_size: int
+    data_fingerprint: str
+    folds_digest: str
+    raw: dict
+
+    @classmethod
+    def parse(cls, data: object, path: Path) -> "BlendRecord":
+        """The record of ``blend.json`` at ``path``.
+
+        Raises:
+            ArtifactError: one line naming ``path`` and what is wrong: not an object, a missing or
+                mistyped key, a member listed without its manifests (or a manifest of a member not
+                listed), an unknown method, or a submitted method without its entry.
+        """
+        def bad(what: str) -> ArtifactError:
+            return ArtifactError(f"{path}: {what}; run: python run.py stage=blend")
+
+        if not isinstance(data, dict):
+            raise bad("expected a JSON object")
+        kinds = {"members": list, "best": str, "methods": dict, "manifests": dict, "num_classes": int,
+                 "in_chans": int, "img_size": int, "data_fingerprint": str, "folds_digest": str}
+        for key, kind in kinds.items():
+            if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+                raise bad(f"'{key}' is {'missing' if key not in data else 'not a ' + kind.__name__}")
+        members = tuple(map(str, data["members"]))
+        if not members or set(members) != set(data["manifests"]):
+            extra = sorted(set(data["manifests"]) - set(members))
+            lost = sorted(set(members) - set(data["manifests"]))
+            raise bad(f"members {list(members)} and manifests {sorted(data['manifests'])} disagree"
+                      f"{' (no manifests for ' + ', '.join(lost) + ')' if lost else ''}"
+                      f"{' (manifests of unlisted ' + ', '.join(extra) + ')' if extra else ''}")
+        try:
+            methods = {BlendMethod(m): info for m, info in data["methods"].items()}
+            best = BlendMethod(data["best"])
+            manifests = {n: tuple(ManifestEntry(int(e["seed"]), int(e["fold"]), str(e["sha256"])) for e in entries)
+                         for n, entries in data["manifests"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise bad(f"unreadable entry ({type(e).__name__}: {e})") from None
+        if best not in methods or not isinstance(methods[best], dict) or "params" not in methods[best]:
+            raise bad(f"the submitted method '{best.value}' has no entry with its params under 'methods'")
+        if any(not entries for entries in manifests.values()):
+            raise bad("a member lists no member folds under 'manifests'")
+        return cls(members, best, methods, manifests, data["num_classes"], data["in_chans"], data["img_size"],
+                   data["data_fingerprint"], data["folds_digest"], data)
+
+
 @dataclass
 class SavedBlend:
-    """A saved blend: its ``record`` (``blend.json``) and its folder."""
+    """A saved blend: its checked ``blend.json`` (:class:`BlendRecord`) and its folder."""
 
-    record: dict
+    typed: BlendRecord
     folder: Path
 
     @property
+    def record(self) -> dict:
+        """The whole ``blend.json`` (already checked as :attr:`typed`)."""
+        return self.typed.raw
+
+    @property
     def members(self) -> list[str]:
-        return list(self.record["members"])
+        return list(self.typed.members)
 
     @property
     def best(self) -> BlendMethod:
-        return BlendMethod(self.record["best"])
+        return self.typed.best
 
     def blender(self, method: BlendMethod | None = None):
-        """The fitted blender of ``method`` (default: the submitted one), rebuilt from plain arrays."""
+        """The fitted blender of ``method`` (default: the submitted one), rebuilt from plain arrays.
+        Raises ArtifactError when its state is missing or does not fit."""
         method = method or self.best
-        info = self.record["methods"][method.value]
+        if method not in self.typed.methods:
+            raise ArtifactError(f"{self.folder / RECORD}: no method '{method.value}'; run: python run.py stage=blend")
+        info = self.typed.methods[method]
         path = self.folder / f"{method.value}_state.npz"
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{path}: unreadable blender state ({e}); run: python run.py stage=blend") from None
-        return BLENDERS[method].from_state(info["params"], arrays, int(self.record["num_classes"]))
+        try:
+            return BLENDERS[method].from_state(info["params"], arrays, self.typed.num_classes)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: does not fit {RECORD}'s '{method.value}' ({type(e).__name__}: {e}); "
+                                f"run: python run.py stage=blend") from None
 
     def probabilities(self, method: BlendMethod, split: str) -> np.ndarray:
         """``(N, C)`` OOF (``split="oof"``) or ``(M, C)`` test probabilities of ``method``."""
@@ -70,6 +148,7 @@ def save(paths: Paths, record: dict, outputs: dict[BlendMethod, tuple[np.ndarray
             save_npy(tmp / f"{method.value}_oof.npy", oof.astype(np.float32))
             save_npy(tmp / f"{method.value}_test.npy", test.astype(np.float32))
             save_npz(tmp / f"{method.value}_state.npz", **state)
+        typed = BlendRecord.parse(record, final / RECORD)  # never write a record that would not read
         save_json(tmp / RECORD, record)
         old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.old")
         if final.exists():
@@ -78,7 +157,7 @@ def save(paths: Paths, record: dict, outputs: dict[BlendMethod, tuple[np.ndarray
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return SavedBlend(record, final)
+    return SavedBlend(typed, final)
 
 
 def load(paths: Paths) -> SavedBlend:
@@ -87,14 +166,16 @@ def load(paths: Paths) -> SavedBlend:
     if not path.exists():
         raise ArtifactError(f"{path}: no blend yet (run: python run.py stage=blend)")
     try:
-        return SavedBlend(json.loads(path.read_text()), paths.blend_dir)
+        data = json.loads(path.read_text())
     except ValueError as e:
-        raise ArtifactError(f"{path}: unreadable ({e}); run: python run.py stage=blend") from None
+        raise ArtifactError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            f"run: python run.py stage=blend") from None
+    return SavedBlend(BlendRecord.parse(data, path), paths.blend_dir)
 
 
 def check_matches(saved: SavedBlend, fingerprint: str, folds_digest: str) -> None:
     """ArtifactError when the blend was made for other data or folds than the current ones."""
-    r = saved.record
-    if r["data_fingerprint"] != fingerprint or r["folds_digest"] != folds_digest:
+    r = saved.typed
+    if r.data_fingerprint != fingerprint or r.folds_digest != folds_digest:
         raise ArtifactError(f"{saved.folder / RECORD}: made for other data or folds "
                             f"(run: python run.py stage=blend)")

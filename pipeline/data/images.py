@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,12 +199,22 @@ def to_array(img: Image.Image, side: int, channels: int, resize: Resize | str = 
 
 
 def _headers(paths: list[Path]) -> list[tuple[int, int, str]]:
-    """``(width, height, mode)`` of each image without decoding its pixels."""
+    """``(width, height, mode)`` of each image without decoding its pixels.
+
+    Raises:
+        DataError: a file that is not an image, or whose header claims more pixels than Pillow's
+            decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, twice over), naming it.
+    """
     out = []
     for p in paths:
         try:
             with Image.open(p) as im:
                 out.append((im.size[0], im.size[1], im.mode))
+        except Image.DecompressionBombError as e:
+            claimed = re.search(r"\((\d+) pixels\)", str(e))
+            raise DataError(f"{p}: its header claims {int(claimed[1]) if claimed else 0:,} pixels, more than "
+                            f"Pillow's decompression-bomb limit ({2 * Image.MAX_IMAGE_PIXELS:,}): expected "
+                            f"a real image") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"{p}: cannot read it as an image ({type(e).__name__})") from None
     return out

@@ -1,6 +1,6 @@
 """Stage ``train`` and its parts, one concern a module:
 
-* :mod:`~pipeline.train.members`   - a member's key, cache key, integrity and files (the only reader/writer);
+* :mod:`~pipeline.members`   - a member's key, cache key, integrity and files (the only reader/writer);
 * :mod:`~pipeline.train.engine`    - numerics: train step, prediction, the fit loop;
 * :mod:`~pipeline.train.batches`   - a member's training batches (either backend), reseeded per epoch;
 * :mod:`~pipeline.train.resume`    - end-of-epoch resume state (no pickle);

@@ -33,10 +33,11 @@ from pipeline.settings import (AugSettings, Precision, RuntimeSettings, TrainSet
                                TTASettings, aug_settings, runtime_settings, train_settings, tta_settings)
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train.batches import make_batches, set_epoch, training_set
-from pipeline.train.members import MemberKey
+from pipeline.members import MemberKey
 from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
-from pipeline.train.runtime import (autocast, configure_numerics, device_name, grad_scaler, num_workers,
-                                    resolve_precision, seed_everything, select_device, use_device)
+from pipeline.device import (autocast, configure_numerics, device_name, grad_scaler, resolve_precision,
+                             select_device, use_device)
+from pipeline.train.runtime import num_workers, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
                label_smoothing: float = 0.0, channels_last: bool = False,
                precision: Precision = Precision.fp32, scaler: torch.amp.GradScaler | None = None):
     """One optimizer step on a batch: autocast in the resolved ``precision``
-    (:func:`~pipeline.train.runtime.resolve_precision`), the loss in fp32; with ``scaler`` (fp16)
+    (:func:`~pipeline.device.resolve_precision`), the loss in fp32; with ``scaler`` (fp16)
     the loss is scaled before the backward pass and the step skipped on inf/NaN gradients.
 
     Args:
@@ -154,10 +155,12 @@ class FitSpec:
     precision: Precision = Precision.fp32  # resolved for the training device (never auto)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, key: MemberKey, member_cfg: DictConfig) -> "FitSpec":
+    def from_config(cls, cfg: DictConfig, key: MemberKey, member_cfg: DictConfig,
+                    runtime: RuntimeSettings | None = None) -> "FitSpec":
         """The spec of ``key`` under ``cfg``, whose cache key is ``member_cfg`` (which holds the
-        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`)."""
-        runtime = runtime_settings(cfg)
+        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with
+        ``runtime`` (default: the config's)."""
+        runtime = runtime or runtime_settings(cfg)
         precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
         return cls(key, str(member_cfg.arch), OmegaConf.to_container(member_cfg.kwargs),
                    train_settings(cfg, key.model), aug_settings(cfg, key.model),
@@ -219,7 +222,7 @@ def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
 
 def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> TrainingLoop:
     """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
-    device made current and its numerics set (:func:`~pipeline.train.runtime.configure_numerics`),
+    device made current and its numerics set (:func:`~pipeline.device.configure_numerics`),
     seeded, the model placed (and compiled with ``runtime.compile``), AdamW, the one-cycle
     schedule, the weight average and fp16's gradient scaler. Raises ConfigError when the batch
     size exceeds the rows."""

@@ -21,17 +21,16 @@ from enum import Enum
 
 import torch
 from filelock import FileLock, Timeout
-from omegaconf import open_dict
 
 from pipeline import pseudo
 from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
-from pipeline.settings import LockMode, runtime_settings
-from pipeline.train import members
+from pipeline.settings import LockMode, RuntimeSettings, round_base, runtime_settings
+from pipeline import members
 from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
-from pipeline.train.members import MemberKey, MemberStatus
-from pipeline.train.runtime import (barrier, configure_threads, device_name, fold_jobs, num_workers,
-                                    select_device, side_by_side, use_device)
+from pipeline.members import MemberKey, MemberStatus
+from pipeline.device import device_name, select_device, use_device
+from pipeline.train.runtime import barrier, configure_threads, fold_jobs, num_workers, side_by_side
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -57,15 +56,19 @@ class MemberOutcome:
 
 
 def _pseudo(ws: Workspace, key: MemberKey):
-    """The member's pseudo rows when it is a pseudo-label round, else None."""
-    return ws.pseudo_rows(key.fold) if pseudo.base_model(ws.cfg, key.model) else None
+    """The member's pseudo rows (the file :func:`pipeline.pseudo.write_rows` wrote) when it is a
+    pseudo-label round, else None."""
+    if round_base(ws.cfg, key.model) is None:
+        return None
+    return pseudo.read_rows(ws.paths.pseudo_rows(key.model, key.fold), key.fold)
 
 
-def train_member(ws: Workspace, key: MemberKey) -> dict:
-    """Train one member (resuming its checkpoint if any), write its files, record it verified
-    in ``ws`` and return its metrics. Raises PipelineError (NaN loss: nothing is cached)."""
+def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None) -> dict:
+    """Train one member (resuming its checkpoint if any) with ``runtime`` (default: the run's),
+    write its files, record it verified in ``ws`` and return its metrics. Raises PipelineError
+    (NaN loss: nothing is cached)."""
     out = ws.member_dir(key)
-    spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
+    spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key), runtime)
     res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME, pseudo=_pseudo(ws, key))
     meta = members.checkpoint_metadata(spec.arch, spec.kwargs, ws.comp.num_classes,
                                        int(ws.comp.x_train.shape[1]), ws.comp.side)
@@ -78,10 +81,11 @@ def train_member(ws: Workspace, key: MemberKey) -> dict:
     return m
 
 
-def train_locked(ws: Workspace, key: MemberKey) -> MemberOutcome:
+def train_locked(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None) -> MemberOutcome:
     """Train one member under its file lock unless it is (or, after waiting for another
-    process, has become) cached; ``force=true`` retrains a cached one."""
-    lock_path = ws.paths.fold_lock(key.model, key.fold, key.seed)
+    process, has become) cached; ``force=true`` retrains a cached one. ``runtime``: a side-by-side
+    worker's own (device, progress bar, DataLoader workers); default the run's."""
+    lock_path = ws.paths.member_lock(key.model, key.fold, key.seed)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
     try:
@@ -104,7 +108,7 @@ def train_locked(ws: Workspace, key: MemberKey) -> MemberOutcome:
         else:
             outcome = Outcome.RETRAINED if v.ok else Outcome.TRAINED  # v.ok here: force=true
         reason = "force=true" if v.ok else v.reason
-        return MemberOutcome(key, outcome, reason, train_member(ws, key))
+        return MemberOutcome(key, outcome, reason, train_member(ws, key, runtime))
     finally:
         lock.release()
 
@@ -187,7 +191,7 @@ def _probes(ws: Workspace, keys: list[MemberKey], later: list[MemberKey]) -> lis
     out: dict[str, Probe] = {}
     for key in [*keys, *later]:
         if key.model not in out:
-            base = pseudo.base_model(ws.cfg, key.model) if key in later else None
+            base = round_base(ws.cfg, key.model) if key in later else None
             cache_key = ws.member_config(MemberKey(base, key.fold, key.seed) if base else key)
             out[key.model] = Probe(key, FitSpec.from_config(ws.cfg, key, cache_key),
                                    None if base else _pseudo(ws, key))
@@ -205,10 +209,9 @@ def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, 
                     level: int, folder: str) -> tuple[int, dict[str, float]]:
     """In a side-by-side worker: time every probe on the worker's device and threads, in step
     with the other ``n_jobs - 1`` workers. Returns ``(pid, seconds per member of each model)``."""
-    device = _enter_worker(ws, slot, n_jobs, handlers, level)
-    probes = [Probe(p.key, dataclasses.replace(p.spec, runtime=runtime_settings(ws.cfg)), p.pseudo)
-              for p in probes]
-    log.debug("train: timing %d model(s) on %s", len(probes), device)
+    runtime = _enter_worker(ws, slot, n_jobs, handlers, level)
+    probes = [Probe(p.key, dataclasses.replace(p.spec, runtime=runtime), p.pseudo) for p in probes]
+    log.debug("train: timing %d model(s) on %s", len(probes), runtime.device)
     return os.getpid(), time_probes(ws, probes, barrier(folder, slot, n_jobs))
 
 
@@ -267,21 +270,21 @@ def _progress(est: Estimate, done: dict[MemberKey, float]) -> None:
                  est.minutes_left(set(done), ratio))
 
 
-def _enter_worker(ws: Workspace, slot: int, sharing: int, handlers: list, level: int) -> torch.device:
+def _enter_worker(ws: Workspace, slot: int, sharing: int, handlers: list, level: int) -> RuntimeSettings:
     """Set up a side-by-side worker process for training or timing: the parent's log handlers,
     exit when the parent dies, its device (GPU ``slot % count`` on a multi-GPU machine, made
     current before any CUDA work), ``cores // sharing`` torch threads on the CPU (DataLoader
-    workers on CUDA), no progress bar. Returns the device."""
+    workers on CUDA), no progress bar. Returns the worker's runtime settings (the run's config
+    is not changed)."""
     exit_with_parent()
     install_log_handlers(handlers, level)
-    device = select_device(str(ws.cfg.runtime.device), slot=slot)
+    rt = runtime_settings(ws.cfg)
+    device = select_device(rt.device, slot=slot)
     use_device(device)
-    with open_dict(ws.cfg):
-        ws.cfg.runtime.device = str(device)
-        ws.cfg.runtime.progress = False  # several processes' bars would garble one terminal
-        ws.cfg.runtime.num_workers = num_workers(ws.cfg.runtime.num_workers, device, sharing)
-    configure_threads(ws.cfg.runtime.threads, device, sharing)
-    return device
+    configure_threads(rt.threads, device, sharing)
+    # several processes' progress bars would garble one terminal
+    return dataclasses.replace(rt, device=str(device), progress=False,
+                               num_workers=num_workers(rt.num_workers, device, sharing))
 
 
 def _worker(ws: Workspace, key: MemberKey, slot: int, sharing: int, handlers: list,
@@ -289,9 +292,9 @@ def _worker(ws: Workspace, key: MemberKey, slot: int, sharing: int, handlers: li
     """One side-by-side member (in a joblib worker process, :func:`_enter_worker`; ``sharing``:
     the members training at once, :func:`side_by_side`). Returns the outcome, or the user error
     that stopped it (so the other members can finish first)."""
-    _enter_worker(ws, slot, sharing, handlers, level)
+    runtime = _enter_worker(ws, slot, sharing, handlers, level)
     try:
-        return key, train_locked(ws, key)
+        return key, train_locked(ws, key, runtime)
     except PipelineError as e:
         return key, e
 

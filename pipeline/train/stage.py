@@ -13,7 +13,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from pipeline import pseudo
-from pipeline.settings import selected_folds, selected_models
+from pipeline.settings import round_base, selected_folds, selected_models
 from pipeline.train.scheduler import MemberOutcome, schedule
 from pipeline.workspace import Workspace
 
@@ -29,8 +29,10 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
     """
     ws = ws or Workspace.load(cfg)
     keys = [k for name in selected_models(cfg) for k in ws.keys(name, selected_folds(cfg))]
-    first = [k for k in keys if pseudo.base_model(cfg, k.model) is None]
+    first = [k for k in keys if round_base(cfg, k.model) is None]
     rounds = [k for k in keys if k not in first]  # their pseudo-labels need the first round cached
     done = {o.key: o for o in schedule(ws, first, later=rounds)} if first else {}
-    done.update({o.key: o for o in schedule(ws, rounds)} if rounds else {})
+    if rounds:
+        pseudo.prepare_rounds(ws, rounds)  # artifacts/pseudo/<round>/fold<k>.npz, in the rounds' keys
+        done.update({o.key: o for o in schedule(ws, rounds)})
     return [done[k] for k in keys]

@@ -13,7 +13,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.train.members import model_settings
+from pipeline.members import model_settings
 from pipeline.tune.tuned import SPACE_ROOTS
 
 SPACE_TYPES = ("float", "int", "categorical")
@@ -30,7 +30,7 @@ def parse_space(cfg: DictConfig, name: str) -> dict[str, optuna.distributions.Ba
     * ``{type: categorical, choices: [...]}`` -> ``CategoricalDistribution``.
 
     A path must start with ``kwargs``, ``train`` or ``aug`` and name a key the model's settings
-    have (:func:`pipeline.train.members.model_settings`: the global ``train``/``aug`` groups
+    have (:func:`pipeline.members.model_settings`: the global ``train``/``aug`` groups
     merged with the model's overrides).
 
     Raises:

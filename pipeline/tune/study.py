@@ -35,11 +35,12 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
 from pipeline.metrics import Score, score
-from pipeline.settings import Metric, Pruner, selected_models, train_settings
-from pipeline.train import members
+from pipeline.settings import Metric, Pruner, round_base, selected_models, train_settings
+from pipeline import members
 from pipeline.train.engine import FitSpec, fit_member, planned_epochs
-from pipeline.train.members import MemberKey
-from pipeline.train.runtime import configure_threads, select_device
+from pipeline.members import MemberKey
+from pipeline.device import select_device
+from pipeline.train.runtime import configure_threads
 from pipeline.tune.space import baseline_params, nested, parse_space, suggest, with_params
 from pipeline.workspace import Workspace
 
@@ -331,7 +332,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> dict[str, dict]:
     the ensemble; pseudo-label rounds use their base model's values)."""
     from pipeline import pseudo
 
-    names = [n for n in selected_models(cfg) if pseudo.base_model(cfg, n) is None]
+    names = [n for n in selected_models(cfg) if round_base(cfg, n) is None]
     if not names:
         raise ConfigError(f"stage=tune: {cfg.model} is a pseudo-label round; tune its base model "
                           f"(tuned=true applies the base's values to the round too)")

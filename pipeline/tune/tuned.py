@@ -8,10 +8,9 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import pseudo
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
-from pipeline.settings import selected_models
+from pipeline.settings import round_base, selected_models
 
 SPACE_ROOTS = ("kwargs", "train", "aug")  # the model keys a search space (and a tuned file) may set
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ def apply_tuned(cfg: DictConfig) -> DictConfig:
     names = selected_models(cfg)
     applied = []
     for name in names:
-        path = paths.tuned(pseudo.base_model(cfg, name) or name)  # a round takes its base's values
+        path = paths.tuned(round_base(cfg, name) or name)  # a round takes its base's values
         if not path.exists():
             if cfg.model not in (None, "all"):
                 raise ConfigError(f"tuned=true: no {path} for {name} (run: python run.py "

@@ -1,7 +1,7 @@
 """Ensemble members: the key of one (model, fold[, seed]), its cache key, its files.
 
 A *member* is one model trained on every fold but one. This module is the only reader and writer
-of a member's files under ``artifacts/<model>/fold<k>/`` (:data:`pipeline.paths.FOLD_FILES`):
+of a member's files under ``artifacts/<model>/fold<k>/`` (:data:`pipeline.paths.MEMBER_FILES`):
 
 * ``model.safetensors`` - the final weights; architecture, kwargs, classes, channels and side in
   its metadata (safetensors: tensors only, nothing is unpickled when it is read);
@@ -31,13 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import ArtifactError
 from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, write_with
 from pipeline.models import architecture_digest
-from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, FOLD_FILES, MANIFEST, METRICS, OOF, TEST
+from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, MEMBER_FILES, MANIFEST, METRICS, OOF, TEST
 from pipeline.settings import Precision, aug_settings, train_settings, tta_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
-
-    from pipeline.workspace import Workspace
 
 
 @dataclass(frozen=True, order=True)
@@ -149,8 +147,8 @@ def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_diges
     device (``precision``: bf16, fp16 or fp32, never ``auto``, so one key means one numerics), the
     architecture's digest (so an edited model makes its members stale), the fold and seed index,
     the folds (k, seed, digest of the assignment), the data fingerprint, the training seed
-    (:func:`training_seed`) and, for a pseudo-label round, its source
-    (:func:`pipeline.pseudo.cache_part`).
+    (:func:`training_seed`) and, for a pseudo-label round, its pseudo rows
+    (:meth:`pipeline.workspace.Workspace.member_config`).
     """
     ms = model_settings(cfg, key.model)
     ms.train.precision = Precision(precision).value
@@ -169,7 +167,7 @@ def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_diges
 
 def verify(out_dir: Path, expected: DictConfig) -> Verification:
     """Check one member's files against its manifest and the expected cache key."""
-    missing = [n for n in FOLD_FILES if not (out_dir / n).exists()]
+    missing = [n for n in MEMBER_FILES if not (out_dir / n).exists()]
     if missing:
         return Verification(MemberStatus.MISSING, f"missing {', '.join(missing)}")
     try:
@@ -325,7 +323,14 @@ def average_probs(probs: list[np.ndarray]) -> np.ndarray:
     return acc.astype(np.float32)
 
 
-def _recorded_precision(out_dir: Path) -> str | None:
+def fold_then_seed_average(per_seed: dict[int, list[np.ndarray]]) -> np.ndarray:
+    """A blend member's test probabilities: each seed's folds averaged, then the seeds
+    (:func:`average_probs`, in order): how ``stage=blend`` and ``stage=predict`` both compute them.
+    ``per_seed[s]`` holds seed ``s``'s ``(M, C)`` fold probabilities; returns ``(M, C)`` float32."""
+    return average_probs([average_probs(folds) for folds in per_seed.values()])
+
+
+def recorded_precision(out_dir: Path) -> str | None:
     """The precision a member's ``config.yaml`` records, or None when it cannot be read."""
     try:
         return str(read_config(out_dir).train.precision)
@@ -333,27 +338,25 @@ def _recorded_precision(out_dir: Path) -> str | None:
         return None
 
 
-def _seed_predictions(ws: "Workspace", model: str, seed: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """One seed's OOF ``(N, C)`` and fold-averaged test ``(M, C)`` probabilities of ``model``,
-    with ``[{seed, fold, sha256}]`` of the members read; checks the OOF contract."""
-    comp, folds = ws.comp, ws.folds
-    n, m, c = len(comp.y_train), len(comp.x_test), comp.num_classes
+def read_seed_predictions(dirs: list[tuple[MemberKey, Path]], folds: np.ndarray, n_test: int,
+                          num_classes: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One seed's OOF and fold-averaged test probabilities from its (verified) members' files.
+
+    Args:
+        dirs: ``(key, member directory)`` of every fold of one model and seed.
+        folds: ``(N,)`` int64 fold of each training row.
+    Returns:
+        ``(oof (N, C) float32, [test (n_test, C) float32 of each fold], [{seed, fold, sha256 of
+        manifest.json}])``.
+    Raises:
+        ArtifactError: a member's rows are not exactly its fold's, a shape is wrong, or an OOF row
+            is not predicted exactly once (the OOF contract).
+    """
+    n, c = len(folds), num_classes
     oof = np.full((n, c), np.nan, dtype=np.float32)
     hits = np.zeros(n, dtype=np.int64)
     tests, entries = [], []
-    for key in ws.keys(model, seed=seed):
-        d = ws.member_dir(key)
-        v = ws.verify(key)
-        if not v.ok:
-            hint = ""
-            if v.status is MemberStatus.STALE and not ws.cfg.get("tuned") and ws.paths.tuned(model).exists():
-                hint = "; trained with tuned=true? then blend with tuned=true too"
-            elif v.status is MemberStatus.STALE and (p := _recorded_precision(d)) and \
-                    p != ws.member_config(key).train.precision:
-                hint = f"; trained in {p} on another device? then add train.precision={p}"
-            what = v.reason if v.status is MemberStatus.MISSING else f"{v.status.value}: {v.reason}"
-            raise ArtifactError(f"{key}: {what} in {d} (run: python run.py stage=train "
-                                f"model={key.model} fold={key.fold}){hint}")
+    for key, d in dirs:
         rows, probs = read_oof(d)
         fold_rows = np.flatnonzero(folds == key.fold)
         if not np.array_equal(np.sort(rows), fold_rows) or probs.shape != (len(rows), c):
@@ -362,26 +365,12 @@ def _seed_predictions(ws: "Workspace", model: str, seed: int) -> tuple[np.ndarra
         oof[rows] = probs
         hits[rows] += 1
         t = read_test(d)
-        if t.shape != (m, c):
-            raise ArtifactError(f"{key}: {d / TEST} has shape {t.shape}, expected {(m, c)}")
+        if t.shape != (n_test, c):
+            raise ArtifactError(f"{key}: {d / TEST} has shape {t.shape}, expected {(n_test, c)}")
         tests.append(t)
         entries.append({"seed": key.seed, "fold": key.fold, "sha256": manifest_sha256(d)})
     if not (hits == 1).all():
-        raise ArtifactError(f"{model} seed {seed}: OOF rows predicted {hits.min()}..{hits.max()} times, "
-                            f"expected exactly once")
-    return oof, average_probs(tests), entries
-
-
-def load_predictions(ws: "Workspace", member: "BlendMember") -> MemberPredictions:
-    """Read the OOF and test arrays of a blend member (one model's seed, or all its seeds
-    averaged) and check the OOF contract of every seed.
-
-    Raises:
-        ArtifactError: a member is missing, stale or corrupt (naming it, the reason and the
-            command that fixes it), its row ids are not exactly its fold's rows, the shapes are
-            wrong, or an OOF row is not predicted exactly once.
-    """
-    seeds = ws.seeds(member.model) if member.seed is None else [member.seed]
-    parts = [_seed_predictions(ws, member.model, s) for s in seeds]
-    return MemberPredictions(member.label, average_probs([p[0] for p in parts]),
-                             average_probs([p[1] for p in parts]), [e for p in parts for e in p[2]])
+        key = dirs[0][0]
+        raise ArtifactError(f"{key.model} seed {key.seed}: OOF rows predicted {hits.min()}..{hits.max()} "
+                            f"times, expected exactly once")
+    return oof, tests, entries

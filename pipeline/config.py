@@ -1,0 +1,105 @@
+"""The run's config, prepared once at its entry: the one place the composed config is changed.
+
+:func:`prepare` takes the config Hydra composed and returns a checked, read-only copy:
+
+1. each pseudo-label round of ``pseudo.models`` added as a model (:func:`expand_pseudo_rounds`);
+2. with ``tuned=true``, a study's best values applied (:func:`pipeline.tune.tuned.apply_tuned`);
+3. every setting checked (:func:`validate`): a bad one stops the run with one line naming it,
+   before any data is read or any model trained.
+
+Everything below reads that copy and never writes it (OmegaConf refuses a write to it).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline.errors import ConfigError
+from pipeline.settings import (BUILD_OFFLINE, GROUPS, MODEL_KEYS, PSEUDO_SUFFIX, aug_settings, blend_methods,
+                               blend_models, checked, pseudo_settings, round_name, seed_count, selected_folds,
+                               selected_models, train_settings, tta_settings)
+
+
+def prepare(cfg: DictConfig, apply_tuned: bool = True) -> DictConfig:
+    """The run's config: a read-only copy of ``cfg`` with the pseudo-label rounds added, the tuned
+    values applied (``tuned=true``, unless ``apply_tuned=False``: a study searches around the
+    config as written) and every setting checked. ``cfg`` itself is not changed; preparing a
+    prepared config gives an equal one.
+
+    Raises:
+        ConfigError: the first bad setting, as one line naming the key and what was expected.
+    """
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    expand_pseudo_rounds(out)
+    validate(out)
+    if apply_tuned:
+        from pipeline.tune.tuned import apply_tuned as apply
+
+        apply(out)
+        validate(out)
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
+def expand_pseudo_rounds(cfg: DictConfig) -> None:
+    """Add each round of ``pseudo.models`` to the config: ``models.<base>_pl`` = the base's
+    settings merged with any ``models.<base>_pl`` given, and to ``ensemble`` after its base.
+    Settings of a round whose base is not listed (a profile's, with ``pseudo.models=[]``) are
+    dropped. Idempotent. Raises ConfigError for an unknown base or a round of a round."""
+    s = pseudo_settings(cfg)
+    listed = set(map(str, s.models))
+    for name in [str(n) for n in cfg.models]:
+        node = cfg.models[name]
+        if name.endswith(PSEUDO_SUFFIX) and name[:-len(PSEUDO_SUFFIX)] not in listed and "arch" not in node:
+            with open_dict(cfg):
+                del cfg.models[name]
+    for base in map(str, s.models):
+        if base not in cfg.models:
+            raise ConfigError(f"pseudo.models: unknown model '{base}'; known models: "
+                              f"{', '.join(sorted(cfg.models))}")
+        if base.endswith(PSEUDO_SUFFIX) and base[:-len(PSEUDO_SUFFIX)] in map(str, s.models):
+            raise ConfigError(f"pseudo.models: {base} is itself a pseudo-label round; list its base")
+        name = round_name(base)
+        own = cfg.models.get(name)
+        with open_dict(cfg):
+            cfg.models[name] = OmegaConf.merge(cfg.models[base], own or {})
+            ens = list(cfg.ensemble)
+            if base in ens and name not in ens:
+                ens.insert(ens.index(base) + 1, name)
+                cfg.ensemble = ens
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole composed config once, before any work (see the module docstring).
+
+    The pseudo-label rounds must have been added (:func:`prepare` does it first), so they are
+    checked like any model.
+
+    Raises:
+        ConfigError: the first bad setting, as one line naming the key and what was expected.
+    """
+    from pipeline.models import list_models
+
+    for group, schema in GROUPS.items():
+        checked(schema, cfg[group], group)
+    for name, node in cfg.models.items():
+        extra = sorted(set(node) - set(MODEL_KEYS))
+        if extra:
+            raise ConfigError(f"models.{name}.{extra[0]}: unknown key (expected {', '.join(MODEL_KEYS)})")
+        if node.get("arch") not in list_models():
+            raise ConfigError(f"models.{name}.arch={node.get('arch')}: unknown architecture; "
+                              f"known: {', '.join(list_models())}")
+        train_settings(cfg, name)
+        aug_settings(cfg, name)
+        tta_settings(cfg, name)
+        seed_count(cfg, name)
+    if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
+        raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
+
+    selected_models(cfg)
+    selected_folds(cfg)
+    blend_methods(cfg)
+    blend_models(cfg)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pipeline.errors import ArtifactError
 from pipeline.io import save_npz
-from pipeline.settings import BlendMethod, PseudoLabels, pseudo_settings, pseudo_sources, round_base
+from pipeline.settings import BlendMethod, PseudoLabels, blend_settings, pseudo_settings, pseudo_sources, round_base
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.workspace import Workspace
@@ -85,7 +85,7 @@ def combined(ws: Workspace, fold: int) -> np.ndarray:
         return x_test.astype(np.float64).mean(1).astype(np.float32)
     x = np.stack([ws.predictions(BlendMember(n)).oof for n in names], 1)
     other = ws.folds != fold
-    blender = make_blender(BlendMethod(s.blend), ws.cfg.blend).fit(x[other], ws.comp.y_train[other])
+    blender = make_blender(BlendMethod(s.blend), blend_settings(ws.cfg)).fit(x[other], ws.comp.y_train[other])
     return blender.predict_proba(x_test).astype(np.float32)
 
 

@@ -11,7 +11,7 @@ are written as PNGs beside it. It shows:
 * the CV table: model x fold accuracy, log loss, epochs, minutes, device; each blend's OOF
   accuracy and log loss, and which one became ``submission.csv``;
 * learning curves per model: train / validation loss and accuracy per epoch, mean and spread
-  (min..max) over folds;
+  (min..max) over its members (folds x seeds);
 * the confusion matrix of the submitted blend's OOF predictions (counts);
 * the most confident OOF mistakes, titled (predicted, true, probability);
 * the correlation between the models' OOF errors (ensemble diversity) and the blend weights /
@@ -84,8 +84,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curves(name: str, rows: list[dict], path: Path) -> Path:
-    """Train / validation loss and accuracy per epoch for one model: mean line, min..max band."""
-    hist = [r["history"] for r in rows if r["model"] == name and r["history"]]
+    """Train / validation loss and accuracy per epoch for one model: mean line, min..max band
+    over its members (folds x seeds)."""
+    own = [r for r in rows if r["model"] == name and r["history"]]
+    hist = [r["history"] for r in own]
+    folds, seeds = len({r["fold"] for r in own}), len({r["seed"] for r in own})
+    what = f"{len(hist)} members" + (f": {folds} folds x {seeds} seeds" if seeds > 1 else "")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     if hist:
         n = min(len(h) for h in hist)
@@ -96,14 +100,14 @@ def plot_curves(name: str, rows: list[dict], path: Path) -> Path:
                 v = np.array([[h[e].get(f"{split}_{key}", np.nan) for e in range(n)] for h in hist])
                 at = ~np.isnan(v).any(0)
                 ax.plot(epochs[at], v[:, at].mean(0), color=color, marker="o", ms=3,
-                        label=f"{'validation' if split == 'val' else 'train'} (mean of {len(hist)} folds)")
+                        label=f"{'validation' if split == 'val' else 'train'} (mean of {what})")
                 ax.fill_between(epochs[at], v[:, at].min(0), v[:, at].max(0), color=color, alpha=0.2)
             ax.set_xlabel("epoch")
             ax.set_ylabel("loss" if key == "loss" else "accuracy")
             ax.grid(alpha=0.3)
         axes[0].set_yscale("log")
         axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{name}: learning curves (band: min..max over folds)")
+    fig.suptitle(f"{name}: learning curves (band: min..max over its members)")
     return _save(fig, path)
 
 
@@ -216,6 +220,74 @@ def _table(header: list[str], rows: list[list], best_rows: set[int] = frozenset(
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _figures(ws: Workspace, saved: store.SavedBlend, names: list[str], rows: list[dict], seed: int) -> dict[str, Path]:
+    """The report's PNGs: learning curves per model, the submitted blend's OOF confusion matrix and
+    most confident mistakes, the members' diversity, the test class distribution and a seeded
+    sample of test images with their submitted labels."""
+    comp, out, best = ws.comp, ws.paths.report_dir, saved.best.value
+    y, cn = comp.y_train, comp.class_names
+    oof_best, test_best = saved.probabilities(saved.best, "oof"), saved.probabilities(saved.best, "test")
+    pngs = {f"curves_{name}": plot_curves(name, rows, out / f"curves_{name}.png") for name in names}
+    pred = oof_best.argmax(1)
+    pngs["confusion"] = plot_confusion(y, pred, cn, f"OOF confusion matrix: blend '{best}' "
+                                       f"(accuracy {(pred == y).mean():.5f})", out / "confusion.png")
+    wrong = np.flatnonzero(pred != y)
+    top = wrong[np.argsort(-oof_best[wrong, pred[wrong]])][:32]
+    pngs["mistakes"] = plot_image_grid(
+        comp.x_train[top], [f"pred {cn[pred[i]]} true {cn[y[i]]}\np={oof_best[i, pred[i]]:.3f}" for i in top],
+        f"the {len(top)} most confident OOF mistakes of blend '{best}' (of {len(wrong)})", out / "mistakes.png")
+    oofs = np.stack([ws.predictions(n).oof for n in names])
+    pngs["diversity"] = plot_diversity(names, oofs, y, saved.record, out / "diversity.png")
+    test_pred = test_best.argmax(1)
+    pngs["distribution"] = plot_distribution(y, test_pred, cn, out / "distribution.png")
+    sample = np.sort(np.random.default_rng(seed).choice(len(test_pred), size=min(32, len(test_pred)), replace=False))
+    pngs["test_samples"] = plot_image_grid(
+        comp.x_test[sample], [f"id {comp.test_ids[i]}: {cn[test_pred[i]]}" for i in sample],
+        "random test images with the submitted label", out / "test_samples.png")
+    return pngs
+
+
+def _score_rows(saved: store.SavedBlend, rows: list[dict], auc: bool) -> tuple[list[list], int]:
+    """The CV table: one row per model (its OOF scores and train minutes), one per blend method
+    (scores, member weights); and the index of the submitted blend's row."""
+    blend, names, best = saved.record, saved.members, saved.best.value
+
+    def scores(s: dict) -> list[str]:
+        return [f"{s['accuracy']:.5f}", f"{s['log_loss']:.4f}"] + ([f"{s['roc_auc']:.5f}"] if auc else [])
+
+    model_rows = [[f"model {n}", *scores(blend["model_scores"][n]),
+                   f"{sum(r['minutes'] for r in rows if r['model'] == n):.1f}", ""] for n in names]
+    blend_rows = [[f"blend {m}" + (" -> submission.csv" if m == best else ""), *scores(info), "",
+                   "member weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info["member_weights"]))]
+                  for m, info in blend["methods"].items()]
+    return model_rows + blend_rows, len(model_rows) + list(blend["methods"]).index(best)
+
+
+def _value_rows(saved: store.SavedBlend, rows: list[dict]) -> list[list]:
+    """What each member adds: marginal value (leave-one-out), TTA gain, EMA / SWA gain, ensemble
+    selection weight."""
+    blend, names, best = saved.record, saved.members, saved.best.value
+    best_acc = blend["methods"][best]["accuracy"]
+    es = dict(zip(names, blend["methods"].get("ensemble_selection", {}).get("member_weights", [])))
+
+    def without_tta(r: dict) -> float:  # the member's own weights, no test-time views
+        return r["tta"]["accuracy_without"] if r.get("tta") else r["accuracy"]
+
+    def gain(members_: list[dict], part: str) -> str:
+        """Mean fold gain: TTA = with - without views; EMA/SWA = averaged - raw weights (no TTA)."""
+        pairs = [(r["accuracy"] if part == "tta" else without_tta(r), r[part]["accuracy_without"])
+                 for r in members_ if r.get(part)]
+        return f"{np.mean([a - b for a, b in pairs]):+.5f}" if pairs else "off"
+
+    out = []
+    for name in names:
+        own, loo = [r for r in rows if r["model"] == name], blend.get("leave_one_out", {}).get(name)
+        out.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain(own, "tta"),
+                    gain(own, "swa") if any(r.get("swa") for r in own) else gain(own, "ema"),
+                    f"{es[name]:.3f}" if es else ""])
+    return out
+
+
 def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     """Stage ``report``: write ``artifacts/report/index.html`` and its PNGs; return the page.
 
@@ -224,90 +296,33 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
             is missing, stale or corrupt (the same checks as ``stage=blend``).
     """
     ws = ws or Workspace.load(cfg)
-    paths, comp = ws.paths, ws.comp
-    saved = store.load(paths)
-    store.check_matches(saved, comp.fingerprint, ws.folds_digest)
-    blend = saved.record
-    names, best, k = saved.members, saved.best.value, int(blend["k"])
-    oofs = np.stack([ws.predictions(n).oof for n in names])
-    y, c = comp.y_train, comp.num_classes
-    oof_best = saved.probabilities(saved.best, "oof")
-    test_best = saved.probabilities(saved.best, "test")
-    out = paths.report_dir
-    rows = fold_table(ws, names)
+    saved = store.load(ws.paths)
+    store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
+    rows = fold_table(ws, saved.members)
+    pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
+    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs))
+    log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), saved.best.value,
+             saved.record["methods"][saved.best.value]["accuracy"])
+    return page
 
-    pngs: dict[str, Path] = {}
-    for name in names:
-        pngs[f"curves_{name}"] = plot_curves(name, rows, out / f"curves_{name}.png")
-    pred = oof_best.argmax(1)
-    cn = comp.class_names
-    pngs["confusion"] = plot_confusion(y, pred, cn, f"OOF confusion matrix: blend '{best}' "
-                                       f"(accuracy {(pred == y).mean():.5f})", out / "confusion.png")
-    wrong = np.flatnonzero(pred != y)
-    conf = oof_best[wrong, pred[wrong]]
-    top = wrong[np.argsort(-conf)][:32]
-    pngs["mistakes"] = plot_image_grid(
-        comp.x_train[top], [f"pred {cn[pred[i]]} true {cn[y[i]]}\np={oof_best[i, pred[i]]:.3f}" for i in top],
-        f"the {len(top)} most confident OOF mistakes of blend '{best}' (of {len(wrong)})",
-        out / "mistakes.png")
-    pngs["diversity"] = plot_diversity(names, oofs, y, blend, out / "diversity.png")
-    test_pred = test_best.argmax(1)
-    pngs["distribution"] = plot_distribution(y, test_pred, cn, out / "distribution.png")
-    rng = np.random.default_rng(int(cfg.seed))
-    sample = np.sort(rng.choice(len(test_pred), size=min(32, len(test_pred)), replace=False))
-    pngs["test_samples"] = plot_image_grid(
-        comp.x_test[sample], [f"id {comp.test_ids[i]}: {cn[test_pred[i]]}" for i in sample],
-        "random test images with the submitted label", out / "test_samples.png")
 
+def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[str, Path]) -> str:
+    """The report's HTML: the CV table, what each member adds, pseudo-label rounds, per-member
+    scores and the figures."""
+    comp, blend, names, best = ws.comp, saved.record, saved.members, saved.best.value
+    auc = blend["model_scores"][names[0]].get("roc_auc") is not None
+    summary, best_row = _score_rows(saved, rows, auc)
     fold_rows = [[r["model"], r["fold"], r["seed"], f"{r['accuracy']:.5f}", f"{r['log_loss']:.4f}", r["epochs"],
                   f"{r['minutes']:.2f}", r["device"]] for r in rows]
-    auc = blend["model_scores"][names[0]].get("roc_auc") is not None
-
-    def scores(s: dict) -> list[str]:
-        return [f"{s['accuracy']:.5f}", f"{s['log_loss']:.4f}"] + ([f"{s['roc_auc']:.5f}"] if auc else [])
-
-    model_rows = []
-    for name in names:
-        minutes = sum(r["minutes"] for r in rows if r["model"] == name)
-        model_rows.append([f"model {name}", *scores(blend["model_scores"][name]), f"{minutes:.1f}", ""])
-    blend_rows = []
-    for method, info in blend["methods"].items():
-        extra = "member weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, info["member_weights"]))
-        blend_rows.append([f"blend {method}" + (" -> submission.csv" if method == best else ""),
-                           *scores(info), "", extra])
-    summary = model_rows + blend_rows
-    best_row = len(model_rows) + list(blend["methods"]).index(best)
-    best_acc = blend["methods"][best]["accuracy"]
-    es = dict(zip(names, blend["methods"].get("ensemble_selection", {}).get("member_weights", [])))
-    value_rows = []
-    for name in names:
-        folds_m = [r for r in rows if r["model"] == name]
-        loo = blend.get("leave_one_out", {}).get(name)
-
-        def without_tta(r: dict) -> float:  # the member's own weights, no test-time views
-            return r["tta"]["accuracy_without"] if r.get("tta") else r["accuracy"]
-
-        def gain(part: str) -> str:
-            """Mean fold gain: TTA = with - without views; EMA/SWA = averaged - raw weights (no TTA)."""
-            pairs = [(r["accuracy"] if part == "tta" else without_tta(r), r[part]["accuracy_without"])
-                     for r in folds_m if r.get(part)]
-            if not pairs:
-                return "off"
-            return f"{np.mean([a - b for a, b in pairs]):+.5f}"
-
-        value_rows.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain("tta"),
-                           gain("swa") if any(r.get("swa") for r in folds_m) else gain("ema"),
-                           f"{es[name]:.3f}" if es else ""])
-
     pseudo_rows = _pseudo_rows(ws, names, rows, blend)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kfold-stack report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>kfold-stack report</h1>",
-        f"<p>Data fingerprint <code>{html.escape(comp.fingerprint)}</code>, {len(y)} train / "
-        f"{len(comp.x_test)} test images ({comp.side}x{comp.side}x{comp.channels}), {c} classes, {k} "
-        f"folds; metric <b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the submission. "
-        f"Every number is out-of-fold (OOF): no test label is used anywhere.</p>",
+        f"<p>Data fingerprint <code>{html.escape(comp.fingerprint)}</code>, {len(comp.y_train)} train / "
+        f"{len(comp.x_test)} test images ({comp.side}x{comp.side}x{comp.channels}), {comp.num_classes} classes, "
+        f"{int(blend['k'])} folds; metric <b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the "
+        f"submission. Every number is out-of-fold (OOF): no test label is used anywhere.</p>",
         "<h2>CV scores</h2>",
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
                 "blend"], summary, {best_row}),
@@ -316,14 +331,15 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         f"({html.escape(best)}) fitted and cross-validated without the member. TTA: the members' "
         f"mean fold OOF accuracy with minus without the test-time views; EMA / SWA: with the averaged "
         f"minus the raw weights (both without TTA). Ensemble selection: its weight.</p>",
-        _table(["model", "marginal value", "TTA gain", "EMA / SWA gain", "ensemble selection weight"], value_rows),
+        _table(["model", "marginal value", "TTA gain", "EMA / SWA gain", "ensemble selection weight"],
+               _value_rows(saved, rows)),
         *(["<h2>Pseudo-labels</h2>",
             "<p>Each pseudo-label round (<code>pseudo.models</code>): the test rows added to each fold's "
             "training rows (mean over its folds), its OOF accuracy, and the gain over its base model "
             "(the same settings without pseudo rows).</p>",
             _table(["round", "base", "test rows added per fold", "OOF accuracy", "base OOF accuracy",
                     "gain"], pseudo_rows)] if pseudo_rows else []),
-        "<h2>Per fold</h2>",
+        "<h2>Per member</h2>",
         _table(["model", "fold", "seed", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
         "<h2>Learning curves</h2>",
         *[_img(pngs[f"curves_{n}"], f"learning curves of {n}") for n in names],
@@ -338,7 +354,4 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
         "x.naturalWidth>0}).length+'/'+i.length);});</script>",
         "</body></html>",
     ]
-    page = save_text(out / "index.html", "\n".join(parts))
-    log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), best,
-             blend["methods"][best]["accuracy"])
-    return page
+    return "\n".join(parts)

@@ -9,7 +9,7 @@ merged over the global groups, exactly as training uses them.
 
 The choices that carry state through the pipeline are enums: :class:`Precision`,
 :class:`AugBackend`, :class:`LockMode`, :class:`Pruner`, :class:`BlendMethod`,
-:class:`PseudoLabels`.
+:class:`BlendSeeds`, :class:`StackMeta`, :class:`StackFeatures`, :class:`PseudoLabels`.
 """
 
 from __future__ import annotations
@@ -100,6 +100,27 @@ class BlendMethod(str, Enum):
     power = "power"
     rank = "rank"
     ensemble_selection = "ensemble_selection"
+
+
+class BlendSeeds(str, Enum):
+    """``blend.seeds``: what a blend combines of a model trained under several seeds."""
+
+    average = "average"  # one blend member per model, its seeds averaged
+    members = "members"  # one blend member per (model, seed): model@seed
+
+
+class StackMeta(str, Enum):
+    """``blend.stack_meta``: the stacking meta-learner."""
+
+    logistic = "logistic"  # multinomial logistic regression on standardised features
+    hgb = "hgb"            # scikit-learn's HistGradientBoostingClassifier
+
+
+class StackFeatures(str, Enum):
+    """``blend.stack_features``: what the meta-learner sees of each member."""
+
+    logprob = "logprob"
+    prob = "prob"
 
 
 class PseudoLabels(str, Enum):
@@ -207,9 +228,9 @@ class DataSettings:
 class BlendSettings:
     method: Any = "all"
     models: Optional[list] = None
-    seeds: str = _f("average", choices=("average", "members"))
-    stack_meta: str = _f("logistic", choices=("logistic", "hgb"))
-    stack_features: str = _f("logprob", choices=("logprob", "prob"))
+    seeds: BlendSeeds = BlendSeeds.average
+    stack_meta: StackMeta = StackMeta.logistic
+    stack_features: StackFeatures = StackFeatures.logprob
     stack_entropy: bool = False
     stack_C: float = _f(1.0, gt=0)
     stack_max_iter: int = _f(1000, ge=10)
@@ -394,6 +415,11 @@ def selected_folds(cfg: DictConfig) -> list[int]:
     if not 0 <= f < k:
         raise ConfigError(f"fold={f}: expected 'all' or an integer 0..{k - 1} (folds.k={k})")
     return [f]
+
+
+def blend_settings(cfg: DictConfig) -> BlendSettings:
+    """The checked ``blend`` group."""
+    return checked(BlendSettings, cfg.blend, "blend")
 
 
 def blend_methods(cfg: DictConfig) -> list[BlendMethod]:

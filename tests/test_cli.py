@@ -39,7 +39,7 @@ def test_every_config_option_instantiates(tmp_path, group, option):
     from pipeline.blend.blenders import make_blender
     from pipeline.models import create_model
     from pipeline.config import validate
-    from pipeline.settings import aug_settings, blend_methods, runtime_settings
+    from pipeline.settings import aug_settings, blend_methods, blend_settings, runtime_settings
     from pipeline.device import select_device
 
     cfg = compose_cfg(tmp_path, [f"{group}={option}"])
@@ -56,7 +56,7 @@ def test_every_config_option_instantiates(tmp_path, group, option):
         transform = augment.transform_from_cfg(aug)
         assert transform is None or transform(image=digits[0, 0])["image"].shape == (28, 28)
     for method in blend_methods(cfg):
-        make_blender(method, cfg.blend)
+        make_blender(method, blend_settings(cfg))
     assert select_device(runtime_settings(cfg).device).type in ("cpu", "cuda")
 
 

@@ -262,7 +262,7 @@ def test_val_every_validates_fewer_epochs_and_changes_no_prediction(tiny_cfg):
     assert [h["val_acc"] for h in sparse.metrics["history"] if "val_acc" in h] == \
         [every.metrics["history"][e]["val_acc"] for e in (1, 3, 4)]
     from pipeline.report import plot_curves  # validation drawn at the validated epochs only
-    png = plot_curves("mlp", [{"model": "mlp", "history": sparse.metrics["history"]}],
+    png = plot_curves("mlp", [{"model": "mlp", "fold": 0, "seed": 0, "history": sparse.metrics["history"]}],
                       Paths.from_cfg(tiny_cfg(*base)).root / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ws = Workspace.load(tiny_cfg(*base, "runtime.val_every=2"))

@@ -33,16 +33,34 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import PredefinedSplit
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.settings import BlendMethod
-
 from pipeline.metrics import EPS
+from pipeline.settings import BlendMethod, BlendSettings, StackMeta
+
+BLENDERS: dict[BlendMethod, type["_Blender"]] = {}  # filled by @register, one entry per method
+
+
+def register(method: BlendMethod):
+    """Class decorator: the blender of ``method`` (:func:`make_blender` creates it by name)."""
+    def add(cls):
+        cls.method = method
+        BLENDERS[method] = cls
+        return cls
+
+    return add
 
 
 class _Blender(ClassifierMixin, BaseEstimator):
     """Shared: the class set (all C columns of ``X``) and the state round trip."""
 
+    method: BlendMethod
+
     def _set_classes(self, X: np.ndarray) -> None:
         self.classes_ = np.arange(X.shape[2])
+
+    @classmethod
+    def from_settings(cls, b: BlendSettings) -> "_Blender":
+        """An unfitted blender with its settings from the checked ``blend`` group (none by default)."""
+        return cls()
 
     def state(self) -> dict[str, np.ndarray]:
         """The fitted state as named arrays (saved with ``np.savez``, read without pickle)."""
@@ -64,6 +82,7 @@ class _Blender(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
 
+@register(BlendMethod.mean)
 class MeanBlender(_Blender):
     """The plain average of the members' probabilities."""
 
@@ -104,6 +123,7 @@ def fit_weights(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return sp_softmax(minimize(loss, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B").x)
 
 
+@register(BlendMethod.weighted)
 class WeightedBlender(_Blender):
     """A convex combination of the members' probabilities, weights fitted on OOF log loss."""
 
@@ -135,6 +155,7 @@ def stack_features(X: np.ndarray, kind: str = "logprob", entropy: bool = False) 
     return F
 
 
+@register(BlendMethod.stack)
 class StackBlender(_Blender):
     """A meta-learner on the members' predictions.
 
@@ -155,6 +176,11 @@ class StackBlender(_Blender):
         self.features = features
         self.entropy = entropy
 
+    @classmethod
+    def from_settings(cls, b: BlendSettings) -> "StackBlender":
+        return cls(C=float(b.stack_C), max_iter=int(b.stack_max_iter), meta=StackMeta(b.stack_meta).value,
+                   features=str(b.stack_features.value), entropy=bool(b.stack_entropy))
+
     def _features(self, X: np.ndarray) -> np.ndarray:
         return stack_features(X, self.features, self.entropy)
 
@@ -162,7 +188,7 @@ class StackBlender(_Blender):
         self._set_classes(X)
         F = self._features(X)
         self.n_members_ = X.shape[1]
-        if self.meta == "hgb":
+        if StackMeta(self.meta) is StackMeta.hgb:
             from sklearn.ensemble import HistGradientBoostingClassifier
 
             self.scaler_ = None
@@ -180,7 +206,7 @@ class StackBlender(_Blender):
         return out
 
     def state(self):
-        if self.meta == "hgb":
+        if StackMeta(self.meta) is StackMeta.hgb:
             import skops.io
 
             return {"skops": np.frombuffer(skops.io.dumps(self.meta_), dtype=np.uint8),
@@ -190,7 +216,7 @@ class StackBlender(_Blender):
                 "meta_classes": self.meta_.classes_, "n_members": np.array(self.n_members_)}
 
     def _load_state(self, arrays):
-        if self.meta == "hgb":
+        if StackMeta(self.meta) is StackMeta.hgb:
             import skops.io
 
             blob = arrays["skops"].tobytes()
@@ -214,7 +240,7 @@ class StackBlender(_Blender):
     def member_weights(self) -> np.ndarray:
         """Mean absolute coefficient of each member's features, normalised to sum to 1 (uniform
         for the gradient-boosted meta-learner, which has no coefficients)."""
-        if self.meta == "hgb":
+        if StackMeta(self.meta) is StackMeta.hgb:
             return np.full(self.n_members_, 1 / self.n_members_)
         M = self.n_members_
         coef = np.abs(self.meta_.coef_)
@@ -226,6 +252,7 @@ def _renormalise(p: np.ndarray) -> np.ndarray:
     return p / np.clip(p.sum(1, keepdims=True), EPS, None)
 
 
+@register(BlendMethod.geometric)
 class GeometricMeanBlender(MeanBlender):
     """The renormalised geometric mean of the members' probabilities (the mean of their
     log-probabilities): a member that is confidently against a class vetoes it more strongly."""
@@ -234,6 +261,7 @@ class GeometricMeanBlender(MeanBlender):
         return _renormalise(np.exp(np.log(np.clip(X, EPS, 1)).mean(1)))
 
 
+@register(BlendMethod.power)
 class PowerMeanBlender(MeanBlender):
     """The renormalised power mean ``(mean_m p_m^power)^(1/power)``; ``power`` > 1 favours the
     members' confident votes."""
@@ -241,10 +269,15 @@ class PowerMeanBlender(MeanBlender):
     def __init__(self, power: float = 2.0):
         self.power = power
 
+    @classmethod
+    def from_settings(cls, b: BlendSettings) -> "PowerMeanBlender":
+        return cls(power=float(b.power))
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return _renormalise(np.power(np.power(X, self.power).mean(1), 1 / self.power))
 
 
+@register(BlendMethod.rank)
 class RankMeanBlender(MeanBlender):
     """The mean over members of each class column's rank among the rows (scaled to 0..1),
     renormalised per row: calibration-free, the classic blend for ROC AUC. Ranks are taken over
@@ -289,6 +322,7 @@ def greedy_selection(X: np.ndarray, y: np.ndarray, size: int, init: int) -> np.n
     return best_counts
 
 
+@register(BlendMethod.ensemble_selection)
 class EnsembleSelectionBlender(_Blender):
     """Ensemble selection (Caruana et al. 2004): weights = pick counts / picks, from
     :func:`greedy_selection`; with ``bags`` > 1 each selection sees a random ``bag_fraction`` of
@@ -302,6 +336,10 @@ class EnsembleSelectionBlender(_Blender):
         self.bags = bags
         self.bag_fraction = bag_fraction
         self.seed = seed
+
+    @classmethod
+    def from_settings(cls, b: BlendSettings) -> "EnsembleSelectionBlender":
+        return cls(size=int(b.es_size), init=int(b.es_init), bags=int(b.es_bags), bag_fraction=float(b.es_bag_fraction))
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "EnsembleSelectionBlender":
         self._set_classes(X)
@@ -333,28 +371,14 @@ class EnsembleSelectionBlender(_Blender):
         return self.weights_
 
 
-BLENDERS: dict[BlendMethod, type[_Blender]] = {
-    BlendMethod.mean: MeanBlender, BlendMethod.weighted: WeightedBlender, BlendMethod.stack: StackBlender,
-    BlendMethod.geometric: GeometricMeanBlender, BlendMethod.power: PowerMeanBlender,
-    BlendMethod.rank: RankMeanBlender, BlendMethod.ensemble_selection: EnsembleSelectionBlender,
-}
+assert set(BLENDERS) == set(BlendMethod), "every blend method has one registered blender"
 
 
-def make_blender(method: BlendMethod, blend_cfg=None) -> _Blender:
-    """An unfitted blender for ``method`` with its settings from the ``blend`` group
-    (``stack_*``, ``power``, ``es_*``); defaults without one."""
-    b = blend_cfg
-    if b is None:
-        return BLENDERS[method]()
-    if method is BlendMethod.stack:
-        return StackBlender(C=float(b.stack_C), max_iter=int(b.stack_max_iter), meta=str(b.stack_meta),
-                            features=str(b.stack_features), entropy=bool(b.stack_entropy))
-    if method is BlendMethod.power:
-        return PowerMeanBlender(power=float(b.power))
-    if method is BlendMethod.ensemble_selection:
-        return EnsembleSelectionBlender(size=int(b.es_size), init=int(b.es_init), bags=int(b.es_bags),
-                                        bag_fraction=float(b.es_bag_fraction))
-    return BLENDERS[method]()
+def make_blender(method: BlendMethod, blend: BlendSettings | None = None) -> _Blender:
+    """An unfitted blender for ``method``, created from the registry with its settings from the
+    checked ``blend`` group (``stack_*``, ``power``, ``es_*``); defaults without one."""
+    cls = BLENDERS[BlendMethod(method)]
+    return cls() if blend is None else cls.from_settings(blend)
 
 
 def cross_val_oof(blender: _Blender, X: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:

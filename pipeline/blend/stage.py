@@ -27,7 +27,7 @@ from pipeline.blend.blenders import cross_val_oof, make_blender
 from pipeline.data import submission_csv
 from pipeline.io import save_text
 from pipeline.metrics import Score, score
-from pipeline.settings import BlendMethod, Metric, blend_methods, blend_models
+from pipeline.settings import BlendMethod, BlendSeeds, Metric, blend_methods, blend_models, blend_settings
 from pipeline.members import BlendMember, read_metrics
 from pipeline.workspace import Workspace
 
@@ -60,7 +60,7 @@ def fit_blend(method: BlendMethod, X: np.ndarray, X_test: np.ndarray, y: np.ndar
               folds: np.ndarray, cfg: DictConfig) -> BlendResult:
     """Blend with one method. ``X``: ``(N, M, C)`` OOF and ``X_test``: ``(M_test, M, C)`` test
     probabilities of the M members; ``folds``: ``(N,)``."""
-    blender = make_blender(method, cfg.blend)
+    blender = make_blender(method, blend_settings(cfg))
     oof = cross_val_oof(blender, X, y, folds)
     fitted = blender.fit(X, y)
     return BlendResult(method, fitted, oof, fitted.predict_proba(X_test), score(y, oof))
@@ -72,7 +72,7 @@ def leave_one_out(method: BlendMethod, X: np.ndarray, y: np.ndarray, folds: np.n
     cross-validated exactly like the blend itself (empty with a single member)."""
     if len(names) < 2:
         return {}
-    return {n: score(y, cross_val_oof(make_blender(method, cfg.blend), np.delete(X, i, axis=1), y, folds))
+    return {n: score(y, cross_val_oof(make_blender(method, blend_settings(cfg)), np.delete(X, i, axis=1), y, folds))
             for i, n in enumerate(names)}
 
 
@@ -128,8 +128,8 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
     """
     ws = ws or Workspace.load(cfg)
     methods = blend_methods(cfg)
-    entries = [BlendMember(n) if cfg.blend.seeds == "average" else BlendMember(n, s)
-               for n in blend_models(cfg) for s in ([None] if cfg.blend.seeds == "average" else ws.seeds(n))]
+    averaged = BlendSeeds(cfg.blend.seeds) is BlendSeeds.average
+    entries = [BlendMember(n, s) for n in blend_models(cfg) for s in ([None] if averaged else ws.seeds(n))]
     names = [e.label for e in entries]
     preds = [ws.predictions(e) for e in entries]
     y = ws.comp.y_train

@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from sklearn.metrics import log_loss
 from tqdm.auto import tqdm
 
 from pipeline import augment
 from pipeline.data import Competition
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.metrics import score
 from pipeline.models import create_model
 from pipeline.settings import (AugSettings, Precision, RuntimeSettings, TrainSettings,
                                TTASettings, aug_settings, runtime_settings, train_settings, tta_settings)
@@ -331,9 +331,8 @@ def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarr
     """One epoch's history record; ``val_loss`` / ``val_acc`` only when the fold was validated."""
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr, "seconds": seconds}
     if val is not None:
-        logp = np.log(np.clip(val.astype(np.float64), 1e-12, 1))
-        record |= {"val_loss": float(-logp[np.arange(len(y_val)), y_val].mean()),
-                   "val_acc": float((val.argmax(1) == y_val).mean())}
+        s = score(y_val, val)
+        record |= {"val_loss": s.log_loss, "val_acc": s.accuracy}
     return record
 
 
@@ -393,8 +392,22 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     loop = setup_loop(spec, comp, tr_idx, pseudo)
     if resume_path is not None and resume_path.exists() and not _resume_from(loop, spec, resume_path):
         loop = setup_loop(spec, comp, tr_idx, pseudo)
-    y_val = comp.y_train[va_idx]
-    views = None  # the final OOF, with TTA: its identity view is the last epoch's validation
+    views = _run_epochs(loop, spec, comp.x_train[va_idx], comp.y_train[va_idx], t0, on_epoch, resume_path)
+    test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None
+    metrics = _metrics(loop, spec, views, comp.x_train[va_idx], comp.y_train[va_idx], t0)
+    metrics |= {"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
+                "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0}
+    weights = loop.average.module if loop.average is not None else loop.model  # not the compile wrapper
+    return FitResult(weights, average_views(views), va_idx.astype(np.int64), test, metrics)
+
+
+def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.ndarray, t0: float,
+                on_epoch: EpochCallback | None, resume_path: Path | None) -> np.ndarray:
+    """The epochs left of ``loop``, each recorded (validated every ``runtime.val_every``-th and
+    the last) and checkpointed; returns the final ``(V, n_val, C)`` OOF probabilities per
+    test-time view (the last epoch's validation is their identity view). Raises PipelineError
+    when the loss becomes NaN/inf (the checkpoint is removed)."""
+    views = None
     for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
         train_loss, train_acc = train_epoch(loop, spec, epoch)
@@ -405,10 +418,10 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
                                 f"nothing was cached (try a lower train.lr)")
         val = None
         if epoch == loop.epochs:
-            views = _predict(loop, spec, comp.x_train[va_idx], tta=True)
+            views = _predict(loop, spec, x_val, tta=True)
             val = views[0]
         elif epoch % spec.runtime.val_every == 0:
-            val = _predict(loop, spec, comp.x_train[va_idx])
+            val = _predict(loop, spec, x_val)
         record = _epoch_record(epoch, train_loss, train_acc, val, y_val,
                                float(loop.sched.get_last_lr()[0]), time.perf_counter() - te)
         loop.history.append(record)
@@ -417,28 +430,27 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         if on_epoch is not None:
             on_epoch(epoch, record)
     if views is None:  # resumed from a checkpoint written after the last epoch
-        views = _predict(loop, spec, comp.x_train[va_idx], tta=True)
-    plain, val = views[0], average_views(views)
-    raw = _predict(loop, spec, comp.x_train[va_idx], model=loop.net) if loop.average is not None else None
-    test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None
+        views = _predict(loop, spec, x_val, tta=True)
+    return views
+
+
+def _metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+             t0: float) -> dict:
+    """The member's ``metrics.json`` (:func:`pipeline.metrics.score` of its OOF probabilities, with
+    and without TTA, and of its raw weights beside an EMA's or SWA's)."""
+    oof, plain = score(y_val, average_views(views)), score(y_val, views[0])
     metrics = {
         "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed,
-        "accuracy": float((val.argmax(1) == y_val).mean()),
-        "log_loss": float(log_loss(y_val, val, labels=np.arange(comp.num_classes))),
+        "accuracy": oof.accuracy, "log_loss": oof.log_loss,
         "epochs": loop.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
         "device": device_name(loop.device), "precision": spec.precision.value,
         **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(loop.device) / 2**20, 1)}
            if loop.device.type == "cuda" else {}),
-        "n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
-        "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0,
         "history": loop.history, "resumed_after_epoch": loop.start - 1 if loop.start > 1 else None,
-        "tta": {"views": len(views), "accuracy_without": float((plain.argmax(1) == y_val).mean()),
-                "log_loss_without": float(log_loss(y_val, plain, labels=np.arange(comp.num_classes)))},
+        "tta": {"views": len(views), "accuracy_without": plain.accuracy, "log_loss_without": plain.log_loss},
     }
-    if raw is not None:  # the EMA's or SWA's gain: the same member's raw weights, without TTA
-        metrics[loop.average.kind.value] = {
-            **loop.average.describe(spec.train, loop.epochs),
-            "accuracy_without": float((raw.argmax(1) == y_val).mean()),
-            "log_loss_without": float(log_loss(y_val, raw, labels=np.arange(comp.num_classes)))}
-    weights = loop.average.module if loop.average is not None else loop.model  # not the compile wrapper
-    return FitResult(weights, val, va_idx.astype(np.int64), test, metrics)
+    if loop.average is not None:  # the EMA's or SWA's gain: the same member's raw weights, without TTA
+        raw = score(y_val, _predict(loop, spec, x_val, model=loop.net))
+        metrics[loop.average.kind.value] = {**loop.average.describe(spec.train, loop.epochs),
+                                            "accuracy_without": raw.accuracy, "log_loss_without": raw.log_loss}
+    return metrics

@@ -122,7 +122,7 @@ def member_spec(ws, model: str, **changes):
     from pipeline.members import MemberKey
 
     key = MemberKey(model, 0)
-    spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key))
+    spec = FitSpec.create(ws.settings.models[model], ws.settings.runtime, key, ws.member_config(key))
     train = {k: v for k, v in changes.items() if hasattr(spec.train, k)}
     rt = {k: v for k, v in changes.items() if hasattr(spec.runtime, k)}
     return dataclasses.replace(spec, train=dataclasses.replace(spec.train, **train),
@@ -257,7 +257,7 @@ def step_averaging_resume(args, work: Path) -> dict:
                       "runtime.deterministic=true", "aug=none", *extra)
         ws = Workspace.load(cfg)
         key = MemberKey("cnn_deotte", 0)
-        spec = FitSpec.from_config(cfg, key, ws.member_config(key))
+        spec = FitSpec.create(ws.settings.models["cnn_deotte"], ws.settings.runtime, key, ws.member_config(key))
         ref = fit_member(spec, ws.comp, ws.folds, predict_test=False)
         path = work / name / "resume.pt"
         try:

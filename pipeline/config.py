@@ -17,16 +17,17 @@ import copy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.errors import ConfigError
-from pipeline.settings import (BUILD_OFFLINE, GROUPS, MODEL_KEYS, PSEUDO_SUFFIX, aug_settings, blend_methods,
-                               blend_models, checked, pseudo_settings, round_name, seed_count, selected_folds,
-                               selected_models, train_settings, tta_settings)
+from pipeline.runsettings import RunSettings, run_settings
+from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, blend_methods, blend_models,
+                               pseudo_settings, round_name, selected_folds, selected_models)
 
 
-def prepare(cfg: DictConfig, apply_tuned: bool = True) -> DictConfig:
-    """The run's config: a read-only copy of ``cfg`` with the pseudo-label rounds added, the tuned
-    values applied (``tuned=true``, unless ``apply_tuned=False``: a study searches around the
-    config as written) and every setting checked. ``cfg`` itself is not changed; preparing a
-    prepared config gives an equal one.
+def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunSettings]:
+    """The run's config and its typed settings: a read-only copy of ``cfg`` with the pseudo-label
+    rounds added, the tuned values applied (``tuned=true``, unless ``apply_tuned=False``: a study
+    searches around the config as written) and every setting checked, and the
+    :class:`~pipeline.runsettings.RunSettings` derived from it once. ``cfg`` itself is not changed;
+    preparing a prepared config gives an equal one.
 
     Raises:
         ConfigError: the first bad setting, as one line naming the key and what was expected.
@@ -34,14 +35,14 @@ def prepare(cfg: DictConfig, apply_tuned: bool = True) -> DictConfig:
     out = copy.deepcopy(cfg)
     OmegaConf.set_readonly(out, False)
     expand_pseudo_rounds(out)
-    validate(out)
-    if apply_tuned:
+    settings = validate(out)
+    if apply_tuned and out.get("tuned"):
         from pipeline.tune.tuned import apply_tuned as apply
 
         apply(out)
-        validate(out)
+        settings = validate(out)
     OmegaConf.set_readonly(out, True)
-    return out
+    return out, settings
 
 
 def expand_pseudo_rounds(cfg: DictConfig) -> None:
@@ -72,8 +73,9 @@ def expand_pseudo_rounds(cfg: DictConfig) -> None:
                 cfg.ensemble = ens
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the whole composed config once, before any work (see the module docstring).
+def validate(cfg: DictConfig) -> RunSettings:
+    """Check the whole composed config once, before any work (see the module docstring), and
+    return its typed settings (:func:`pipeline.runsettings.run_settings`).
 
     The pseudo-label rounds must have been added (:func:`prepare` does it first), so they are
     checked like any model.
@@ -83,8 +85,6 @@ def validate(cfg: DictConfig) -> None:
     """
     from pipeline.models import list_models
 
-    for group, schema in GROUPS.items():
-        checked(schema, cfg[group], group)
     for name, node in cfg.models.items():
         extra = sorted(set(node) - set(MODEL_KEYS))
         if extra:
@@ -92,10 +92,7 @@ def validate(cfg: DictConfig) -> None:
         if node.get("arch") not in list_models():
             raise ConfigError(f"models.{name}.arch={node.get('arch')}: unknown architecture; "
                               f"known: {', '.join(list_models())}")
-        train_settings(cfg, name)
-        aug_settings(cfg, name)
-        tta_settings(cfg, name)
-        seed_count(cfg, name)
+    settings = run_settings(cfg)
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
 
@@ -103,3 +100,4 @@ def validate(cfg: DictConfig) -> None:
     selected_folds(cfg)
     blend_methods(cfg)
     blend_models(cfg)
+    return settings

@@ -17,13 +17,12 @@ Arrays are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +31,8 @@ from pipeline.errors import ArtifactError
 from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, write_with
 from pipeline.models import architecture_digest
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, MEMBER_FILES, MANIFEST, METRICS, OOF, TEST
-from pipeline.settings import Precision, aug_settings, train_settings, tta_settings
+from pipeline.runsettings import RunSettings
+from pipeline.settings import Precision
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -45,10 +45,10 @@ class MemberKey:
 
     model: str
     fold: int
-    seed: int = 0
+    seed_index: int = 0
 
     def __str__(self) -> str:
-        return f"{self.model} fold {self.fold}" + (f" seed {self.seed}" if self.seed else "")
+        return f"{self.model} fold {self.fold}" + (f" seed {self.seed_index}" if self.seed_index else "")
 
 
 class MemberStatus(Enum):
@@ -78,11 +78,11 @@ class BlendMember:
     all its seeds averaged. Its label is ``model`` or ``model@seed``."""
 
     model: str
-    seed: int | None = None
+    seed_index: int | None = None
 
     @property
     def label(self) -> str:
-        return self.model if self.seed is None else f"{self.model}@{self.seed}"
+        return self.model if self.seed_index is None else f"{self.model}@{self.seed_index}"
 
     @classmethod
     def parse(cls, label: str) -> "BlendMember":
@@ -111,54 +111,31 @@ class MemberPredictions:
 def training_seed(base: int, key: MemberKey) -> int:
     """The seed a member trains with, a stable hash of ``(base seed, model, fold, seed index)``:
     every (model, fold) draws its own batch order, initialisation and augmentation."""
-    digest = hashlib.sha256(f"{base}/{key.model}/{key.fold}/{key.seed}".encode()).digest()
+    digest = hashlib.sha256(f"{base}/{key.model}/{key.fold}/{key.seed_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def plain(obj: Any) -> Any:
-    """A settings dataclass (or anything inside one) as plain YAML/JSON data (enums as values)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    return obj
-
-
-def model_settings(cfg: DictConfig, name: str) -> DictConfig:
-    """What is learned for model ``name``, independent of the fold: ``arch``, ``kwargs`` and the
-    checked ``train``/``aug``/``tta`` settings (global groups with the model's overrides merged)."""
-    m = cfg.models[name]
-    return OmegaConf.create({
-        "arch": str(m.arch), "kwargs": m.get("kwargs") or {},
-        "train": plain(train_settings(cfg, name)), "aug": plain(aug_settings(cfg, name)),
-        "tta": plain(tta_settings(cfg, name)),
-    })
-
-
-def member_config(cfg: DictConfig, key: MemberKey, fingerprint: str, folds_digest: str,
+def member_config(settings: RunSettings, key: MemberKey, fingerprint: str, folds_digest: str,
                   precision: Precision, pseudo: dict | None = None) -> DictConfig:
     """The settings that determine one member's results: its cache key, saved as ``config.yaml``.
 
-    Model settings (:func:`model_settings`) with ``train.precision`` as resolved for the training
+    The model's settings (:meth:`pipeline.runsettings.ModelSettings.learned`, from ``settings``)
+    with ``train.precision`` as resolved for the training
     device (``precision``: bf16, fp16 or fp32, never ``auto``, so one key means one numerics), the
     architecture's digest (so an edited model makes its members stale), the fold and seed index,
     the folds (k, seed, digest of the assignment), the data fingerprint, the training seed
     (:func:`training_seed`) and, for a pseudo-label round, its pseudo rows
     (:meth:`pipeline.workspace.Workspace.member_config`).
     """
-    ms = model_settings(cfg, key.model)
-    ms.train.precision = Precision(precision).value
+    ms = settings.models[key.model].learned()
+    ms["train"]["precision"] = Precision(precision).value
     extra = {"pseudo": pseudo} if pseudo is not None else {}
     return OmegaConf.create({**extra,
-        "model": key.model, "arch": ms.arch, "arch_digest": architecture_digest(ms.arch),
-        "kwargs": ms.kwargs, "train": ms.train, "aug": ms.aug, "tta": ms.tta, "fold": key.fold,
-        "seed_index": key.seed,
-        "folds": {"k": int(cfg.folds.k), "seed": int(cfg.folds.seed), "digest": folds_digest},
-        "data_fingerprint": fingerprint, "seed": training_seed(int(cfg.seed), key),
+        "model": key.model, "arch": ms["arch"], "arch_digest": architecture_digest(ms["arch"]),
+        "kwargs": ms["kwargs"], "train": ms["train"], "aug": ms["aug"], "tta": ms["tta"], "fold": key.fold,
+        "seed_index": key.seed_index,
+        "folds": {"k": settings.folds.k, "seed": settings.folds.seed, "digest": folds_digest},
+        "data_fingerprint": fingerprint, "seed": training_seed(settings.base_seed, key),
     })
 
 
@@ -368,9 +345,9 @@ def read_seed_predictions(dirs: list[tuple[MemberKey, Path]], folds: np.ndarray,
         if t.shape != (n_test, c):
             raise ArtifactError(f"{key}: {d / TEST} has shape {t.shape}, expected {(n_test, c)}")
         tests.append(t)
-        entries.append({"seed": key.seed, "fold": key.fold, "sha256": manifest_sha256(d)})
+        entries.append({"seed": key.seed_index, "fold": key.fold, "sha256": manifest_sha256(d)})
     if not (hits == 1).all():
         key = dirs[0][0]
-        raise ArtifactError(f"{key.model} seed {key.seed}: OOF rows predicted {hits.min()}..{hits.max()} "
+        raise ArtifactError(f"{key.model} seed {key.seed_index}: OOF rows predicted {hits.min()}..{hits.max()} "
                             f"times, expected exactly once")
     return oof, tests, entries

@@ -131,14 +131,14 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
         model_name = members.BlendMember.parse(label).model
         seed_probs: dict[int, list[np.ndarray]] = {}
         for e in r.manifests[label]:  # seed by seed, fold by fold, as the blend read them
-            d = paths.member_dir(model_name, e.fold, e.seed)
-            members.check_recorded(d, e.sha256, str(members.MemberKey(model_name, e.fold, e.seed)))
+            d = paths.member_dir(model_name, e.fold, e.seed_index)
+            members.check_recorded(d, e.sha256, str(members.MemberKey(model_name, e.fold, e.seed_index)))
             model, _ = members.load_model(d)
             model = place_model(model, device, runtime.channels_last)
             trained = members.read_config(d)  # the member's own precision and test-time views
             precision = resolve_precision(trained.train.precision, device)  # 'auto' in older keys
             configure_numerics(device, precision, runtime.deterministic)  # as when it was trained
-            seed_probs.setdefault(e.seed, []).append(
+            seed_probs.setdefault(e.seed_index, []).append(
                 predict_probs(model, images, device, runtime, precision, trained.get("tta")))
         per_member.append(members.fold_then_seed_average(seed_probs))
     probs = saved.blender().predict_proba(np.stack(per_member, 1))

@@ -50,9 +50,9 @@ def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         e = BlendMember.parse(name)
-        for key in ws.keys(e.model, seed=e.seed):
+        for key in ws.keys(e.model, seed_index=e.seed_index):
             m = read_metrics(ws.member_dir(key))
-            rows.append({"model": name, "fold": key.fold, "seed": key.seed, "accuracy": m["accuracy"],
+            rows.append({"model": name, "fold": key.fold, "seed": key.seed_index, "accuracy": m["accuracy"],
                          "log_loss": m["log_loss"],
                          "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
                          "tta": m.get("tta") if (m.get("tta") or {}).get("views", 1) > 1 else None,

@@ -104,10 +104,10 @@ def run_stage(cfg: DictConfig) -> Any:
         stage = Stage(str(cfg.stage))
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
-    cfg = prepare(cfg, apply_tuned=stage is not Stage.tune)  # a study searches around the config as written
+    cfg, settings = prepare(cfg, apply_tuned=stage is not Stage.tune)  # a study searches the config as written
     if stage in NO_WORKSPACE:
         return STAGE_FUNCTIONS[stage](cfg, None)
-    ws = Workspace.load(cfg)
+    ws = Workspace.load(cfg, settings)
     if stage is not Stage.all:
         return STAGE_FUNCTIONS[stage](cfg, ws)
     result = None

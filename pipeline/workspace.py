@@ -25,20 +25,23 @@ from pipeline.io import sha256_file
 from pipeline.members import BlendMember, MemberKey, MemberPredictions, MemberStatus, Verification
 from pipeline.metrics import check_metric
 from pipeline.paths import Paths
-from pipeline.settings import (BlendMethod, Precision, PseudoLabels, pseudo_settings, pseudo_sources,
-                               round_base, runtime_settings, seed_count, train_settings)
+from pipeline.runsettings import RunSettings, run_settings
+from pipeline.settings import BlendMethod, Precision, PseudoLabels, pseudo_sources
 
 
 @dataclass
 class Workspace:
-    """The prepared config, its paths, the loaded competition and the fold assignment.
+    """The prepared config and its typed settings, its paths, the loaded competition and the fold
+    assignment.
 
     Attributes:
+        settings: every checked group and model (:func:`pipeline.runsettings.run_settings`).
         comp: the competition (``x_train (N, C, S, S) uint8``, ``y_train (N,) int64``, ...).
         folds: ``(N,)`` int64 fold of each training row; ``folds_digest``: its short sha256.
     """
 
     cfg: DictConfig
+    settings: RunSettings
     paths: Paths
     comp: data.Competition
     folds: np.ndarray
@@ -48,44 +51,47 @@ class Workspace:
     _predictions: dict[BlendMember, MemberPredictions] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, cfg: DictConfig) -> "Workspace":
-        """Load (building the offline default if needed) the competition and its folds.
+    def load(cls, cfg: DictConfig, settings: RunSettings | None = None) -> "Workspace":
+        """Load (building the offline default if needed) the competition and its folds;
+        ``settings``: the run's (:func:`pipeline.config.prepare` derived them), else derived here.
 
         Raises DataError / ConfigError / ArtifactError as :func:`pipeline.data.load` and
         :func:`pipeline.folds.ensure_folds` do."""
+        settings = settings or run_settings(cfg)
         comp = data.load(cfg)
-        check_metric(cfg.data.metric, comp.num_classes)
+        check_metric(settings.data.metric, comp.num_classes)
         folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
-        return cls(cfg, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
+        return cls(cfg, settings, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
 
-    def seeds(self, name: str) -> list[int]:
+    def seed_indices(self, name: str) -> list[int]:
         """The seed indices of model ``name`` (``models.<name>.seeds`` or ``seeds``)."""
-        return list(range(seed_count(self.cfg, name)))
+        return list(range(self.settings.models[name].seed_count))
 
-    def keys(self, name: str, folds: list[int] | None = None, seed: int | None = None) -> list[MemberKey]:
-        """The members of model ``name``: one per seed (or only ``seed``) and fold (all
+    def keys(self, name: str, folds: list[int] | None = None, seed_index: int | None = None) -> list[MemberKey]:
+        """The members of model ``name``: one per seed index (or only ``seed_index``) and fold (all
         ``folds.k`` folds by default), seed by seed."""
-        fl = range(int(self.cfg.folds.k)) if folds is None else folds
-        return [MemberKey(name, f, s) for s in (self.seeds(name) if seed is None else [seed]) for f in fl]
+        fl = range(self.settings.folds.k) if folds is None else folds
+        seeds = self.seed_indices(name) if seed_index is None else [seed_index]
+        return [MemberKey(name, f, s) for s in seeds for f in fl]
 
     def member_dir(self, key: MemberKey) -> Path:
         """The member's directory (:meth:`pipeline.paths.Paths.member_dir`)."""
-        return self.paths.member_dir(key.model, key.fold, key.seed)
+        return self.paths.member_dir(key.model, key.fold, key.seed_index)
 
     def member_config(self, key: MemberKey) -> DictConfig:
         """The member's cache key (:func:`pipeline.members.member_config`), with ``train.precision``
         resolved for this run's device; computed once. A pseudo-label round's includes its rows
         file's sha256 (:meth:`pseudo_part`), read each time (the round's rows are rewritten when
         their source members change)."""
-        if round_base(self.cfg, key.model) is not None:
+        if self.settings.models[key.model].base is not None:
             return self._member_config(key, self.pseudo_part(key))
         if key not in self._configs:
             self._configs[key] = self._member_config(key, None)
         return self._configs[key]
 
     def _member_config(self, key: MemberKey, part: dict | None) -> DictConfig:
-        return members.member_config(self.cfg, key, self.comp.fingerprint, self.folds_digest,
-                                     self.precision(train_settings(self.cfg, key.model).precision), part)
+        return members.member_config(self.settings, key, self.comp.fingerprint, self.folds_digest,
+                                     self.precision(self.settings.models[key.model].train.precision), part)
 
     def pseudo_part(self, key: MemberKey) -> dict:
         """A pseudo-label round member's cache-key part: its source models, combining method,
@@ -96,7 +102,7 @@ class Workspace:
         if not path.exists():
             raise ArtifactError(f"{key}: its pseudo rows {path} are not written yet (run: python run.py "
                                 f"stage=train model={key.model})")
-        s = pseudo_settings(self.cfg)
+        s = self.settings.pseudo
         return {"source": pseudo_sources(self.cfg), "blend": BlendMethod(s.blend).value,
                 "threshold": float(s.threshold), "max_rows": s.max_rows, "labels": PseudoLabels(s.labels).value,
                 "rows_sha256": sha256_file(path)}
@@ -106,7 +112,7 @@ class Workspace:
         (:func:`pipeline.device.resolve_precision`: ``auto`` is bf16, fp16 or fp32 by the
         GPU's compute capability or the CPU's bf16 support). Raises ConfigError for an unknown
         ``runtime.device`` or CUDA asked for where there is none."""
-        return resolve_precision(setting, select_device(runtime_settings(self.cfg).device))
+        return resolve_precision(setting, select_device(self.settings.runtime.device))
 
     def verify(self, key: MemberKey) -> Verification:
         """The member's verification against its cache key, hashed at most once per run."""
@@ -160,8 +166,8 @@ class Workspace:
         member = BlendMember.parse(member) if isinstance(member, str) else member
         if member not in self._predictions:
             parts = {}
-            for s in self.seeds(member.model) if member.seed is None else [member.seed]:
-                dirs = [(k, self.require(k)) for k in self.keys(member.model, seed=s)]
+            for s in self.seed_indices(member.model) if member.seed_index is None else [member.seed_index]:
+                dirs = [(k, self.require(k)) for k in self.keys(member.model, seed_index=s)]
                 parts[s] = members.read_seed_predictions(dirs, self.folds, len(self.comp.x_test),
                                                          self.comp.num_classes)
             self._predictions[member] = MemberPredictions(

@@ -112,4 +112,5 @@ def fit(cfg, name: str, fold: int, **kwargs):
 
     ws = Workspace.load(cfg)
     key = MemberKey(name, fold)
-    return fit_member(FitSpec.from_config(cfg, key, ws.member_config(key)), ws.comp, ws.folds, **kwargs)
+    spec = FitSpec.create(ws.settings.models[name], ws.settings.runtime, key, ws.member_config(key))
+    return fit_member(spec, ws.comp, ws.folds, **kwargs)

@@ -151,7 +151,7 @@ def test_seeds_are_members_cached_blended_and_predicted(tiny_cfg):
     common = ["ensemble=[mlp]", "seeds=2", "train.epochs=3", "blend.method=[mean,weighted]"]
     cfg = tiny_cfg(*common)
     outcomes = train.run(cfg)
-    assert [(o.key.seed, o.key.fold) for o in outcomes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(o.key.seed_index, o.key.fold) for o in outcomes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     ws = Workspace.load(cfg)
     assert ws.member_dir(MemberKey("mlp", 1, 1)).parts[-3:] == ("mlp", "seed1", "fold1")
     s0, s1 = (members.read_oof(ws.member_dir(MemberKey("mlp", 0, s)))[1] for s in (0, 1))

@@ -13,7 +13,7 @@ from conftest import TRAINED, compose_cfg, trained
 
 from pipeline import pseudo
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.paths import MANIFEST, METRICS
+from pipeline.paths import MANIFEST
 from pipeline.members import MemberKey, MemberStatus, read_test
 
 PL = ["pseudo.models=[cnn_deotte]", "pseudo.threshold=0.6"]  # tiny members: few rows reach 0.995

@@ -15,7 +15,7 @@ from pipeline.models import create_model
 from pipeline.paths import MEMBER_FILES, Paths
 from pipeline.config import validate
 from pipeline import device, members
-from pipeline.train import engine, runtime
+from pipeline.train import engine
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace

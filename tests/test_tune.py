@@ -19,7 +19,7 @@ from pipeline.tune import tuned as tune_tuned
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
 from pipeline.stages import run_stage
-from pipeline.members import model_settings
+from pipeline.runsettings import model_settings
 
 # mlp on the fixture, 2-3 epochs per trial: about a second a trial on 2 cores
 TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
@@ -57,7 +57,7 @@ def test_params_apply_to_the_model_settings(tiny_cfg):
     cfg = tiny_cfg()
     params = {"train.lr": 0.01, "kwargs.dropout": 0.3, "aug.rotate": 4.0}
     fcfg = model_settings(tune_space.with_params(cfg, "mlp", params), "mlp")
-    assert (fcfg.train.lr, fcfg.kwargs.dropout, fcfg.aug.rotate) == (0.01, 0.3, 4.0)
+    assert (fcfg.train.lr, fcfg.kwargs["dropout"], fcfg.aug.rotate) == (0.01, 0.3, 4.0)
     assert model_settings(cfg, "mlp").train.lr != 0.01  # the original is untouched
     assert tune_space.nested(params) == {"train": {"lr": 0.01}, "kwargs": {"dropout": 0.3},
                                    "aug": {"rotate": 4.0}}
@@ -131,7 +131,7 @@ def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
     path.write_text("train: {lr: 0.0123, epochs: 1}\nkwargs: {dropout: 0.2}\n")
     applied = tune_tuned.apply_tuned(tiny_cfg("model=mlp", "tuned=true"))
     fcfg = model_settings(applied, "mlp")
-    assert (fcfg.train.lr, fcfg.train.epochs, fcfg.kwargs.dropout) == (0.0123, 1, 0.2)
+    assert (fcfg.train.lr, fcfg.train.epochs, fcfg.kwargs["dropout"]) == (0.0123, 1, 0.2)
     # through the stage: the fold's cache key records the tuned values
     run_stage(tiny_cfg("model=mlp", "fold=0", "stage=train", "tuned=true"))
     saved = OmegaConf.load(Paths.from_cfg(cfg).member_dir("mlp", 0) / "config.yaml")

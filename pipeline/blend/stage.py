@@ -105,7 +105,7 @@ def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
     lines = [f"{'':28s} {'OOF acc':>9s} {'log loss':>9s}{' OOF AUC' if auc else ''} {'train min':>9s}"]
     for name, s in outcome.members.items():
         e = BlendMember.parse(name)
-        minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(e.model, seed=e.seed)) / 60
+        minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(e.model, seed_index=e.seed_index)) / 60
         lines.append(row("model " + name, s, f"{minutes:.1f}"))
     for m, r in outcome.blends.items():
         lines.append(row("blend " + m.value, r.score))
@@ -129,7 +129,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
     ws = ws or Workspace.load(cfg)
     methods = blend_methods(cfg)
     averaged = BlendSeeds(cfg.blend.seeds) is BlendSeeds.average
-    entries = [BlendMember(n, s) for n in blend_models(cfg) for s in ([None] if averaged else ws.seeds(n))]
+    entries = [BlendMember(n, s) for n in blend_models(cfg) for s in ([None] if averaged else ws.seed_indices(n))]
     names = [e.label for e in entries]
     preds = [ws.predictions(e) for e in entries]
     y = ws.comp.y_train

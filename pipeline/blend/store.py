@@ -32,7 +32,7 @@ RECORD = "blend.json"
 class ManifestEntry:
     """One member fold a blend was built from: its seed index, fold and ``manifest.json`` sha256."""
 
-    seed: int
+    seed_index: int
     fold: int
     sha256: str
 

@@ -29,8 +29,8 @@ from pipeline.data import Competition
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.metrics import score
 from pipeline.models import create_model
-from pipeline.settings import (AugSettings, Precision, RuntimeSettings, TrainSettings,
-                               TTASettings, aug_settings, runtime_settings, train_settings, tta_settings)
+from pipeline.runsettings import ModelSettings
+from pipeline.settings import AugSettings, Precision, RuntimeSettings, TrainSettings, TTASettings
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train.batches import make_batches, set_epoch, training_set
 from pipeline.members import MemberKey
@@ -150,22 +150,19 @@ class FitSpec:
     aug: AugSettings
     tta: TTASettings
     runtime: RuntimeSettings
-    seed: int
+    training_seed: int  # the member's seed (pipeline.members.training_seed)
     cache_key: str
     precision: Precision = Precision.fp32  # resolved for the training device (never auto)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, key: MemberKey, member_cfg: DictConfig,
-                    runtime: RuntimeSettings | None = None) -> "FitSpec":
-        """The spec of ``key`` under ``cfg``, whose cache key is ``member_cfg`` (which holds the
-        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with
-        ``runtime`` (default: the config's)."""
-        runtime = runtime or runtime_settings(cfg)
+    def create(cls, model: ModelSettings, runtime: RuntimeSettings, key: MemberKey,
+               member_cfg: DictConfig) -> "FitSpec":
+        """The spec of member ``key`` of ``model`` (the run's typed settings,
+        :class:`pipeline.runsettings.ModelSettings`), whose cache key is ``member_cfg`` (it holds the
+        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with ``runtime``."""
         precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
-        return cls(key, str(member_cfg.arch), OmegaConf.to_container(member_cfg.kwargs),
-                   train_settings(cfg, key.model), aug_settings(cfg, key.model),
-                   tta_settings(cfg, key.model), runtime, int(member_cfg.seed), OmegaConf.to_yaml(member_cfg),
-                   precision)
+        return cls(key, model.arch, dict(model.kwargs), model.train, model.aug, model.tta, runtime,
+                   int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision)
 
 
 @dataclass
@@ -228,13 +225,13 @@ def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None
     size exceeds the rows."""
     device = select_device(spec.runtime.device)
     use_device(device)
-    seed_everything(spec.seed)
+    seed_everything(spec.training_seed)
     configure_numerics(device, spec.precision, spec.runtime.deterministic)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = spec.train
     data = training_set(comp, tr_idx, pseudo)
-    batches = make_batches(data, t.batch_size, device, spec.aug, spec.seed,
+    batches = make_batches(data, t.batch_size, device, spec.aug, spec.training_seed,
                            num_workers(spec.runtime.num_workers, device))
     if len(batches) == 0:
         raise ConfigError(f"{spec.key}: train.batch_size={t.batch_size} is larger than the "
@@ -293,7 +290,7 @@ def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, f
     end (and every 25 steps when a progress bar shows). Returns ``(mean train loss, train
     accuracy)``."""
     loop.model.train()
-    set_epoch(loop.batches, spec.seed, epoch)
+    set_epoch(loop.batches, spec.training_seed, epoch)
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.int64)
     seen, steps = 0, len(loop.batches)
@@ -440,7 +437,7 @@ def _metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.nda
     and without TTA, and of its raw weights beside an EMA's or SWA's)."""
     oof, plain = score(y_val, average_views(views)), score(y_val, views[0])
     metrics = {
-        "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed,
+        "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed_index,
         "accuracy": oof.accuracy, "log_loss": oof.log_loss,
         "epochs": loop.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
         "device": device_name(loop.device), "precision": spec.precision.value,

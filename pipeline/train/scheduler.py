@@ -19,13 +19,12 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-import torch
 from filelock import FileLock, Timeout
 
 from pipeline import pseudo
 from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
-from pipeline.settings import LockMode, RuntimeSettings, round_base, runtime_settings
+from pipeline.settings import LockMode, RuntimeSettings, round_base
 from pipeline import members
 from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
 from pipeline.members import MemberKey, MemberStatus
@@ -68,7 +67,7 @@ def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None 
     write its files, record it verified in ``ws`` and return its metrics. Raises PipelineError
     (NaN loss: nothing is cached)."""
     out = ws.member_dir(key)
-    spec = FitSpec.from_config(ws.cfg, key, ws.member_config(key), runtime)
+    spec = FitSpec.create(ws.settings.models[key.model], runtime or ws.settings.runtime, key, ws.member_config(key))
     res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME, pseudo=_pseudo(ws, key))
     meta = members.checkpoint_metadata(spec.arch, spec.kwargs, ws.comp.num_classes,
                                        int(ws.comp.x_train.shape[1]), ws.comp.side)
@@ -85,13 +84,13 @@ def train_locked(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None 
     """Train one member under its file lock unless it is (or, after waiting for another
     process, has become) cached; ``force=true`` retrains a cached one. ``runtime``: a side-by-side
     worker's own (device, progress bar, DataLoader workers); default the run's."""
-    lock_path = ws.paths.member_lock(key.model, key.fold, key.seed)
+    lock_path = ws.paths.member_lock(key.model, key.fold, key.seed_index)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        if runtime_settings(ws.cfg).lock is LockMode.skip:
+        if ws.settings.runtime.lock is LockMode.skip:
             log.info("train: %s: another process holds %s; skipped (runtime.lock=skip)", key, lock_path)
             return MemberOutcome(key, Outcome.SKIPPED_LOCKED, f"locked by another process ({lock_path})")
         log.info("train: %s: another process holds %s; waiting", key, lock_path)
@@ -192,8 +191,8 @@ def _probes(ws: Workspace, keys: list[MemberKey], later: list[MemberKey]) -> lis
     for key in [*keys, *later]:
         if key.model not in out:
             base = round_base(ws.cfg, key.model) if key in later else None
-            cache_key = ws.member_config(MemberKey(base, key.fold, key.seed) if base else key)
-            out[key.model] = Probe(key, FitSpec.from_config(ws.cfg, key, cache_key),
+            cache_key = ws.member_config(MemberKey(base, key.fold, key.seed_index) if base else key)
+            out[key.model] = Probe(key, FitSpec.create(ws.settings.models[key.model], ws.settings.runtime, key, cache_key),
                                    None if base else _pseudo(ws, key))
     return list(out.values())
 
@@ -278,7 +277,7 @@ def _enter_worker(ws: Workspace, slot: int, sharing: int, handlers: list, level:
     is not changed)."""
     exit_with_parent()
     install_log_handlers(handlers, level)
-    rt = runtime_settings(ws.cfg)
+    rt = ws.settings.runtime
     device = select_device(rt.device, slot=slot)
     use_device(device)
     configure_threads(rt.threads, device, sharing)
@@ -306,7 +305,7 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) 
     Returns one :class:`MemberOutcome` per key, in order. A user error in a worker is raised
     (as the project's one-line error) once the other members have finished and kept their files.
     """
-    rt = runtime_settings(ws.cfg)
+    rt = ws.settings.runtime
     device = select_device(rt.device)
     done: dict[MemberKey, MemberOutcome] = {}
     pending = []

@@ -13,7 +13,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.members import model_settings
+from pipeline.runsettings import model_settings
 from pipeline.tune.tuned import SPACE_ROOTS
 
 SPACE_TYPES = ("float", "int", "categorical")
@@ -43,7 +43,7 @@ def parse_space(cfg: DictConfig, name: str) -> dict[str, optuna.distributions.Ba
     if not raw:
         raise ConfigError(f"models.{name}.space is empty: declare the search space of {name} in "
                           f"pipeline/conf/models/{name}.yaml (see README, Tuning)")
-    target = model_settings(cfg, name)
+    target = OmegaConf.create(model_settings(cfg, name).learned())
     out: dict[str, optuna.distributions.BaseDistribution] = {}
 
     def walk(node, prefix: str) -> None:
@@ -111,7 +111,7 @@ def suggest(trial: optuna.Trial, path: str, dist) -> Any:
 def baseline_params(cfg: DictConfig, name: str, space: dict) -> dict[str, Any]:
     """The model's current values of the searched parameters that lie inside the space, so the
     study's first trial measures the config as written (the baseline a tuned result must beat)."""
-    fcfg = model_settings(cfg, name)
+    fcfg = OmegaConf.create(model_settings(cfg, name).learned())
     out = {}
     for path, dist in space.items():
         value = OmegaConf.select(fcfg, path)

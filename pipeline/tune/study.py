@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import random
 import socket
@@ -35,7 +36,8 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
 from pipeline.metrics import Score, score
-from pipeline.settings import Metric, Pruner, round_base, selected_models, train_settings
+from pipeline.runsettings import model_settings
+from pipeline.settings import Metric, Pruner, round_base, selected_models
 from pipeline import members
 from pipeline.train.engine import FitSpec, fit_member, planned_epochs
 from pipeline.members import MemberKey
@@ -86,7 +88,9 @@ class Objective:
         trial.set_user_attr("worker", self.worker)
         cfg = with_params(self.cfg, self.name, params)
         comp = self.ws.comp
-        t = train_settings(cfg, self.name)  # pruning steps: fold i's epochs come after i x epochs
+        model = model_settings(cfg, self.name)  # the trial's values, checked
+        settings = dataclasses.replace(self.ws.settings, models={**self.ws.settings.models, self.name: model})
+        t = model.train  # pruning steps: fold i's epochs come after i x epochs
         epochs = planned_epochs(t, int((self.ws.folds != self.fold_list[0]).sum()) // t.batch_size)
         t0 = time.perf_counter()
         probs, labels = [], []
@@ -100,9 +104,9 @@ class Objective:
                                              f"{record['val_acc']:.4f}")
 
             key = MemberKey(self.name, fold)
-            member_cfg = members.member_config(cfg, key, comp.fingerprint, self.ws.folds_digest,
+            member_cfg = members.member_config(settings, key, comp.fingerprint, self.ws.folds_digest,
                                                self.ws.precision(t.precision))
-            res = fit_member(FitSpec.from_config(cfg, key, member_cfg), comp, self.ws.folds,
+            res = fit_member(FitSpec.create(model, settings.runtime, key, member_cfg), comp, self.ws.folds,
                              on_epoch=report, predict_test=False)
             probs.append(res.oof)
             labels.append(comp.y_train[res.row_ids])
@@ -330,8 +334,6 @@ def _write_trials_csv(cfg: DictConfig, name: str, study: optuna.Study) -> None:
 def run(cfg: DictConfig, ws: Workspace | None = None) -> dict[str, dict]:
     """Stage ``tune``: one study per selected model (``model=NAME``, or every first-round model of
     the ensemble; pseudo-label rounds use their base model's values)."""
-    from pipeline import pseudo
-
     names = [n for n in selected_models(cfg) if round_base(cfg, n) is None]
     if not names:
         raise ConfigError(f"stage=tune: {cfg.model} is a pseudo-label round; tune its base model "

@@ -1,0 +1,107 @@
+"""The typed, frozen settings of a run, derived once from its prepared config.
+
+:func:`run_settings` checks every group and every model (the global ``train`` / ``aug`` / ``tta``
+groups with the model's overrides merged) and returns a :class:`RunSettings`; the workspace holds
+it, so a stage, a worker or the cache key reads a model's settings from there instead of deriving
+them from the config again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError
+from pipeline.settings import (GROUPS, AugSettings, BlendSettings, DataSettings, FoldsSettings, PredictSettings,
+                               PseudoSettings, RuntimeSettings, TrainSettings, TTASettings, TuneSettings,
+                               aug_settings, checked, round_base, seed_count, train_settings, tta_settings)
+
+
+def plain(obj: Any) -> Any:
+    """A settings dataclass (or anything inside one) as plain YAML/JSON data (enums as values)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What is learned for one model, whatever the fold: checked, merged over the global groups.
+
+    Attributes:
+        kwargs: the architecture's keyword arguments (plain data).
+        seed_count: seeds per fold (``models.<name>.seeds`` or ``seeds``).
+        base: the first-round model when this is a pseudo-label round, else None.
+    """
+
+    name: str
+    arch: str
+    kwargs: Mapping[str, Any]
+    train: TrainSettings
+    aug: AugSettings
+    tta: TTASettings
+    seed_count: int
+    base: str | None = None
+
+    def learned(self) -> dict:
+        """``arch``, ``kwargs``, ``train``, ``aug`` and ``tta`` as plain data: the model's part of
+        each member's cache key (and the values a tuning search space may set)."""
+        return {"arch": self.arch, "kwargs": plain(self.kwargs), "train": plain(self.train),
+                "aug": plain(self.aug), "tta": plain(self.tta)}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every checked group of a run and every model's settings.
+
+    Attributes:
+        base_seed: the run's ``seed``; each member's training seed hashes it with its key.
+    """
+
+    models: Mapping[str, ModelSettings]
+    runtime: RuntimeSettings
+    data: DataSettings
+    folds: FoldsSettings
+    blend: BlendSettings
+    pseudo: PseudoSettings
+    tune: TuneSettings
+    predict: PredictSettings
+    base_seed: int
+
+
+def model_settings(cfg: DictConfig, name: str) -> ModelSettings:
+    """The checked settings of model ``name``. Raises ConfigError for a bad value (naming
+    ``models.<name>.<group>.<key>``) or an unknown model."""
+    if name not in cfg.models:
+        raise ConfigError(f"unknown model '{name}'; known models: {', '.join(sorted(cfg.models))}")
+    node = cfg.models[name]
+    kw = node.get("kwargs")
+    kwargs = OmegaConf.to_container(kw, resolve=True) if isinstance(kw, DictConfig) else dict(kw or {})
+    return ModelSettings(name, str(node.get("arch")), kwargs, train_settings(cfg, name), aug_settings(cfg, name),
+                         tta_settings(cfg, name), seed_count(cfg, name), round_base(cfg, name))
+
+
+def run_settings(cfg: DictConfig) -> RunSettings:
+    """The typed settings of the prepared config ``cfg`` (:func:`pipeline.config.prepare`).
+
+    Raises:
+        ConfigError: the first bad setting, one line naming the key and what was expected.
+    """
+    groups = {g: checked(schema, cfg[g], g) for g, schema in GROUPS.items()}
+    models = {str(n): model_settings(cfg, str(n)) for n in cfg.models}
+    try:
+        base_seed = int(cfg.get("seed", 42))
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed={cfg.get('seed')}: expected an integer") from None
+    return RunSettings(models, groups["runtime"], groups["data"], groups["folds"], groups["blend"],
+                       groups["pseudo"], groups["tune"], groups["predict"], base_seed)

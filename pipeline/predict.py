@@ -116,7 +116,7 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     is no blend, a member's checkpoint is missing, unreadable or changed since the blend, or the
     images' shape is not the one the members were trained on.
     """
-    from pipeline.train.engine import place_model, predict_probs
+    from pipeline.train.inference import place_model, predict_probs
     from pipeline.device import configure_numerics, resolve_precision, select_device, use_device
 
     paths = Paths.from_cfg(cfg)

@@ -11,7 +11,7 @@ from conftest import DIGITS, fit
 from pipeline import augment, data, train
 from pipeline.settings import runtime_settings
 from pipeline import members
-from pipeline.train import engine
+from pipeline.train import inference
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.workspace import Workspace
 
@@ -49,17 +49,17 @@ def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
     tta = members.read_config(d).tta
     assert (tta.shifts, tta.rotations) == (1, 6.0)
     rt = runtime_settings(cfg)
-    model = engine.place_model(model, torch.device("cpu"), rt.channels_last)
+    model = inference.place_model(model, torch.device("cpu"), rt.channels_last)
     rows, oof = members.read_oof(d)
     p = members.read_config(d).train.precision  # resolved when it trained
-    again = engine.predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), rt, p, tta)
+    again = inference.predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), rt, p, tta)
     np.testing.assert_array_equal(again, oof)
-    test = engine.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, p, tta)
+    test = inference.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, p, tta)
     np.testing.assert_array_equal(test, members.read_test(d))
     m = members.read_metrics(d)
     assert m["tta"]["views"] == 7 and 0 < m["tta"]["accuracy_without"] <= 1
     # the views really differ: one shifted row is predicted differently from the plain row
-    views = engine.predict_view_probs(model, ws.comp.x_test[:8], torch.device("cpu"), rt, p, tta)
+    views = inference.predict_view_probs(model, ws.comp.x_test[:8], torch.device("cpu"), rt, p, tta)
     assert views.shape == (7, 8, 10) and not np.allclose(views[0], views[1])
 
 

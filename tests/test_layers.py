@@ -32,4 +32,4 @@ def test_the_tree_keeps_its_layers_and_a_back_edge_breaks_them(tmp_path):
 def test_the_settings_import_neither_torch_nor_a_feature():
     code = "import sys, pipeline.settings; print(sorted(m for m in sys.modules if m.startswith(('pipeline', 'torch'))))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['pipeline', 'pipeline.errors', 'pipeline.settings']"
+    assert out.stdout.strip() == "['pipeline', 'pipeline.choices', 'pipeline.errors', 'pipeline.settings']"

@@ -15,7 +15,7 @@ from pipeline.models import create_model
 from pipeline.paths import MEMBER_FILES, Paths
 from pipeline.config import validate
 from pipeline import device, members
-from pipeline.train import engine
+from pipeline.train import engine, inference
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
@@ -56,7 +56,7 @@ def test_checkpoint_is_safetensors_and_rebuilds_the_model(trained_cfg):
     assert (d / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors: a JSON header, no pickle
     model, meta = members.load_model(d)
     assert meta["arch"] == "cnn_deotte" and meta["img_size"] == 28 and meta["in_chans"] == 1
-    probs = engine.softmax(engine.predict_logits(model, ws.comp.x_test, torch.device("cpu"), channels_last=True,
+    probs = inference.softmax(inference.predict_logits(model, ws.comp.x_test, torch.device("cpu"), channels_last=True,
                                                  precision=members.read_config(d).train.precision)[0])
     np.testing.assert_allclose(probs, members.read_test(d), atol=1e-5)
 

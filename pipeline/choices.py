@@ -1,0 +1,112 @@
+"""The choices of the config schema (:mod:`pipeline.settings`) as enums: the values that carry
+state through the pipeline (precision, augmentation backend, blend methods, data layouts ...).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Layout(str, Enum):
+    """How a competition's files are laid out (``data.format``; ``auto`` detects it)."""
+
+    pixels = "pixels"    # train.csv = label,pixel0.. ; test.csv ; sample_submission.csv
+    files = "files"      # train.csv = id,label ; train/<id>[.ext] ; test/<id>[.ext] ; sample_submission.csv
+    folders = "folders"  # train/<class name>/*.ext ; test/*.ext ; sample_submission.csv (file name first)
+
+
+class Resize(str, Enum):
+    """``data.resize``: how an image of another aspect becomes a square of side S."""
+
+    stretch = "stretch"  # resize both sides to S (the aspect changes)
+    pad = "pad"          # fit the longer side to S, pad the rest with black (the aspect is kept)
+    crop = "crop"        # fit the shorter side to S, crop the centre (the aspect is kept)
+
+
+class SubmissionKind(str, Enum):
+    """What the leaderboard file holds (``data.submission``; ``auto`` reads sample_submission.csv)."""
+
+    label = "label"                  # id, the predicted class (its original name)
+    probabilities = "probabilities"  # id, one column per class in sample_submission.csv's order
+
+
+class Precision(str, Enum):
+    """``train.precision``: the autocast dtype of training and prediction. ``auto`` is resolved
+    per device before a member's cache key is made (:func:`pipeline.device.resolve_precision`):
+    bf16 on CUDA compute capability >= 8.0 and on CPUs with native bf16, fp16 (with a gradient
+    scaler) on capability 7.x, fp32 elsewhere."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class AugBackend(str, Enum):
+    """``aug.backend``: batched on the training device, or per sample (the reference)."""
+
+    torch = "torch"
+    albumentations = "albumentations"
+
+
+class LockMode(str, Enum):
+    """``runtime.lock``: what to do with a member another process is training."""
+
+    wait = "wait"
+    skip = "skip"
+
+
+class Pruner(str, Enum):
+    """``tune.pruner``."""
+
+    median = "median"
+    hyperband = "hyperband"
+    none = "none"
+
+
+class Metric(str, Enum):
+    """``data.metric``: what scores members, blends and trials, and picks the submitted blend."""
+
+    accuracy = "accuracy"
+    log_loss = "log_loss"
+    roc_auc = "roc_auc"  # binary competitions
+
+
+class BlendMethod(str, Enum):
+    """``blend.method``: the blenders of :mod:`pipeline.blend.blenders`."""
+
+    mean = "mean"
+    weighted = "weighted"
+    stack = "stack"
+    geometric = "geometric"
+    power = "power"
+    rank = "rank"
+    ensemble_selection = "ensemble_selection"
+
+
+class BlendSeeds(str, Enum):
+    """``blend.seeds``: what a blend combines of a model trained under several seeds."""
+
+    average = "average"  # one blend member per model, its seeds averaged
+    members = "members"  # one blend member per (model, seed): model@seed
+
+
+class StackMeta(str, Enum):
+    """``blend.stack_meta``: the stacking meta-learner."""
+
+    logistic = "logistic"  # multinomial logistic regression on standardised features
+    hgb = "hgb"            # scikit-learn's HistGradientBoostingClassifier
+
+
+class StackFeatures(str, Enum):
+    """``blend.stack_features``: what the meta-learner sees of each member."""
+
+    logprob = "logprob"
+    prob = "prob"
+
+
+class PseudoLabels(str, Enum):
+    """``pseudo.labels``: what a pseudo row is trained towards."""
+
+    hard = "hard"  # the combined prediction's top class (cross-entropy on a class index)
+    soft = "soft"  # the combined probabilities themselves (cross-entropy on a distribution)

@@ -1,0 +1,75 @@
+"""Prediction with a member's model: logits and probabilities of uint8 images, one set per
+test-time view (:func:`pipeline.augment.tta_views`), and the model's placement on its device. The
+one way a member's OOF, test and ``stage=predict`` probabilities are computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline import augment
+from pipeline.device import autocast
+from pipeline.settings import Precision, RuntimeSettings
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
+                   batch_size: int = 2048, channels_last: bool = False,
+                   precision: Precision = Precision.fp32, views=None) -> np.ndarray:
+    """Logits for uint8 images, autocast in the resolved ``precision``, one set per test-time view.
+
+    Args:
+        images: ``(N, C, S, S)`` uint8.
+        views: :class:`pipeline.augment.TTAViews` (default: the image itself only).
+    Returns:
+        ``(V, N, classes)`` float32 logits, V = ``len(views)`` (1 without TTA).
+    """
+    model.eval()
+    views = views or augment.TTAViews()
+    out = []
+    for i in range(0, len(images), batch_size):
+        # a copy: the images may be a read-only memory map (side-by-side workers get them so)
+        x = torch.from_numpy(images[i:i + batch_size].copy()).to(device, non_blocking=True).float().div_(255)
+        per_view = []
+        for v in views(x):
+            if channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                per_view.append(model(v).float().cpu())
+        out.append(torch.stack(per_view))
+    return torch.cat(out, dim=1).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of ``(..., C)`` logits as float32 probabilities (in float64)."""
+    return torch.softmax(torch.from_numpy(logits).double(), dim=-1).float().numpy()
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """The model on ``device``, in channels_last memory format when asked: the same placement
+    for training and for ``stage=predict``, so both compute bit-identical probabilities."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def predict_view_probs(model: nn.Module, images: np.ndarray, device: torch.device,
+                       runtime: RuntimeSettings, precision: Precision, tta=None) -> np.ndarray:
+    """``(V, N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images, one per
+    test-time view of ``tta`` (:func:`pipeline.augment.tta_views`; the identity view first)."""
+    return softmax(predict_logits(model, images, device, runtime.eval_batch_size, runtime.channels_last,
+                                  precision, augment.tta_views(tta)))
+
+
+def average_views(view_probs: np.ndarray) -> np.ndarray:
+    """``(V, N, C)`` -> ``(N, C)`` float32: the mean over test-time views (in float64)."""
+    return view_probs.astype(np.float64).mean(0).astype(np.float32)
+
+
+def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device,
+                  runtime: RuntimeSettings, precision: Precision, tta=None) -> np.ndarray:
+    """``(N, classes)`` float32 probabilities of ``(N, C, S, S)`` uint8 images, averaged over the
+    test-time views of ``tta``: the one way a member's OOF, test and ``stage=predict``
+    probabilities are computed."""
+    return average_views(predict_view_probs(model, images, device, runtime, precision, tta))

@@ -458,8 +458,8 @@ def step_end_to_end(args, work: Path) -> dict:
     for d in sorted((work / "artifacts").glob("*/fold*")):
         if (d / "metrics.json").exists():
             m = read_metrics(d)
-            metrics[f"{d.parent.name}/{d.name}"] = {k: m.get(k) for k in ("device", "precision", "accuracy",
-                                                                         "seconds", "peak_gpu_memory_mb")}
+            metrics[f"{d.parent.name}/{d.name}"] = {k: m.raw.get(k) for k in ("device", "precision", "accuracy",
+                                                                             "seconds", "peak_gpu_memory_mb")}
     want = args.device.split(":")[0]
     wrong = {k: m["device"] for k, m in metrics.items() if not str(m["device"]).startswith(want)}
     if len(metrics) != 4 or wrong:

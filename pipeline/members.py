@@ -257,9 +257,52 @@ def check_shape(images: np.ndarray, in_chans: int, img_size: int) -> None:
                             f"{(in_chans, img_size, img_size)}")
 
 
-def read_metrics(out_dir: Path) -> dict:
-    """The member's ``metrics.json``."""
-    return json.loads((out_dir / METRICS).read_text())
+@dataclass(frozen=True)
+class MemberMetrics:
+    """A member's ``metrics.json``, read in one place (:func:`read_metrics`) and checked.
+
+    Attributes:
+        accuracy, log_loss: its fold's OOF scores (with TTA when it has views).
+        seconds: training time; device / precision: where and how it trained.
+        history: one record per epoch (``train_loss``, ``train_acc``, ``lr``, ``seconds`` and,
+            on validated epochs, ``val_loss`` / ``val_acc``).
+        tta, ema, swa: ``{views | settings..., accuracy_without, log_loss_without}`` or None.
+        raw: the whole file.
+    """
+
+    model: str
+    fold: int
+    seed_index: int
+    accuracy: float
+    log_loss: float
+    epochs: int
+    seconds: float
+    device: str
+    precision: str | None
+    history: list
+    tta: dict | None
+    ema: dict | None
+    swa: dict | None
+    n_pseudo: int
+    raw: dict
+
+
+def read_metrics(out_dir: Path) -> MemberMetrics:
+    """The member's ``metrics.json`` as a :class:`MemberMetrics`.
+
+    Raises:
+        ArtifactError: the file is missing, not JSON, or lacks a field (one line naming it).
+    """
+    path = out_dir / METRICS
+    try:
+        m = json.loads(path.read_text())
+        return MemberMetrics(str(m["model"]), int(m["fold"]), int(m.get("seed_index", 0)), float(m["accuracy"]),
+                             float(m["log_loss"]), int(m["epochs"]), float(m["seconds"]), str(m["device"]),
+                             m.get("precision"), list(m.get("history") or []), m.get("tta"), m.get("ema"),
+                             m.get("swa"), int(m.get("n_pseudo", 0)), m)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: unreadable member metrics ({type(e).__name__}: {e}); run: python run.py "
+                            f"stage=train force=true") from None
 
 
 def load_model(out_dir: Path) -> tuple["nn.Module", dict]:

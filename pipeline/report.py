@@ -52,12 +52,10 @@ def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
         e = BlendMember.parse(name)
         for key in ws.keys(e.model, seed_index=e.seed_index):
             m = read_metrics(ws.member_dir(key))
-            rows.append({"model": name, "fold": key.fold, "seed": key.seed_index, "accuracy": m["accuracy"],
-                         "log_loss": m["log_loss"],
-                         "epochs": m["epochs"], "minutes": m["seconds"] / 60, "device": m["device"],
-                         "tta": m.get("tta") if (m.get("tta") or {}).get("views", 1) > 1 else None,
-                         "ema": m.get("ema"), "swa": m.get("swa"), "n_pseudo": m.get("n_pseudo", 0),
-                         "history": m.get("history", [])})
+            rows.append({"model": name, "fold": key.fold, "seed": key.seed_index, "accuracy": m.accuracy,
+                         "log_loss": m.log_loss, "epochs": m.epochs, "minutes": m.seconds / 60, "device": m.device,
+                         "tta": m.tta if (m.tta or {}).get("views", 1) > 1 else None,
+                         "ema": m.ema, "swa": m.swa, "n_pseudo": m.n_pseudo, "history": m.history})
     return rows
 
 

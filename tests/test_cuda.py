@@ -73,5 +73,5 @@ def test_side_by_side_members_spread_over_the_gpus(tiny_cfg):
     cfg = tiny_cfg("runtime.device=cuda", "runtime.fold_jobs=2", "model=mlp")
     train.run(cfg)
     ws = Workspace.load(cfg)
-    used = {members.read_metrics(ws.member_dir(k))["device"].split(" ")[0] for k in ws.keys("mlp")}
+    used = {members.read_metrics(ws.member_dir(k)).device.split(" ")[0] for k in ws.keys("mlp")}
     assert used == {"cuda:0", "cuda:1"}

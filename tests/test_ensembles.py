@@ -56,7 +56,7 @@ def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
     np.testing.assert_array_equal(again, oof)
     test = inference.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, p, tta)
     np.testing.assert_array_equal(test, members.read_test(d))
-    m = members.read_metrics(d)
+    m = members.read_metrics(d).raw
     assert m["tta"]["views"] == 7 and 0 < m["tta"]["accuracy_without"] <= 1
     # the views really differ: one shifted row is predicted differently from the plain row
     views = inference.predict_view_probs(model, ws.comp.x_test[:8], torch.device("cpu"), rt, p, tta)

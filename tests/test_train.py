@@ -35,7 +35,7 @@ def test_every_train_row_predicted_exactly_once(trained_cfg):
             test = members.read_test(d)
             assert test.shape == (119, 10) and np.isfinite(test).all()
             hits[rows] += 1
-            m = members.read_metrics(d)
+            m = members.read_metrics(d).raw
             assert m["epochs"] == 6 and m["device"].startswith("cpu") and m["seconds"] > 0
             assert m["accuracy"] == pytest.approx((probs.argmax(1) == ws.comp.y_train[rows]).mean())
             assert len(m["history"]) == 6 and {"train_loss", "val_acc"} <= set(m["history"][0])
@@ -46,7 +46,7 @@ def test_models_learn_something_real(trained_cfg):
     """Six epochs on 200 real digits: far above the 10% of chance (the data is not noise)."""
     paths = Paths.from_cfg(trained_cfg())
     for name, floor in (("mlp", 0.6), ("cnn_deotte", 0.2)):  # a narrow BN net is slower to start
-        acc = np.mean([members.read_metrics(paths.member_dir(name, f))["accuracy"] for f in range(2)])
+        acc = np.mean([members.read_metrics(paths.member_dir(name, f)).accuracy for f in range(2)])
         assert acc > floor, name
 
 

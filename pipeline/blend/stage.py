@@ -105,7 +105,7 @@ def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
     lines = [f"{'':28s} {'OOF acc':>9s} {'log loss':>9s}{' OOF AUC' if auc else ''} {'train min':>9s}"]
     for name, s in outcome.members.items():
         e = BlendMember.parse(name)
-        minutes = sum(read_metrics(ws.member_dir(k))["seconds"] for k in ws.keys(e.model, seed_index=e.seed_index)) / 60
+        minutes = sum(read_metrics(ws.member_dir(k)).seconds for k in ws.keys(e.model, seed_index=e.seed_index)) / 60
         lines.append(row("model " + name, s, f"{minutes:.1f}"))
     for m, r in outcome.blends.items():
         lines.append(row("blend " + m.value, r.score))

@@ -74,7 +74,7 @@ class Verification:
 
 @dataclass(frozen=True)
 class BlendMember:
-    """What a blend combines: the members of ``model`` of one seed index, or (``seed=None``) of
+    """What a blend combines: the members of ``model`` of one seed index, or (``seed_index=None``) of
     all its seeds averaged. Its label is ``model`` or ``model@seed``."""
 
     model: str

@@ -16,8 +16,11 @@ validated row's label reaches its own fold through the test set. With ``pseudo.b
 default) fold f's labels depend on fold f's source members alone; another method is fitted on the
 OOF rows of the other folds only (as ``stage=blend`` cross-validates a blender).
 
-The source (its members' manifests, the method, the threshold, the label kind) is part of every
-round member's cache key (:func:`cache_part`): retraining a source member makes the round stale.
+Before a round trains, ``stage=train`` writes each fold's rows to
+``artifacts/pseudo/<round>/fold<k>.npz`` (:func:`write_rows`, a stage output); the file's sha256,
+with the sources, method, threshold and label kind, is part of every round member's cache key
+(:meth:`pipeline.workspace.Workspace.pseudo_part`): rows re-derived from a retrained source make
+the round stale.
 """
 
 from __future__ import annotations

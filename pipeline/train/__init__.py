@@ -1,14 +1,17 @@
 """Stage ``train`` and its parts, one concern a module:
 
-* :mod:`~pipeline.members`   - a member's key, cache key, integrity and files (the only reader/writer);
-* :mod:`~pipeline.train.engine`    - numerics: train step, prediction, the fit loop;
+* :mod:`~pipeline.train.engine`    - numerics: train step, the epoch, the fit loop;
+* :mod:`~pipeline.train.inference` - a member's probabilities (test-time views), the model's placement;
+* :mod:`~pipeline.train.averaging` - the one-cycle schedule and the weight average (EMA, SWA);
 * :mod:`~pipeline.train.batches`   - a member's training batches (either backend), reseeded per epoch;
 * :mod:`~pipeline.train.resume`    - end-of-epoch resume state (no pickle);
-* :mod:`~pipeline.train.runtime`   - device, threads and side-by-side job policy;
+* :mod:`~pipeline.train.runtime`   - threads, side-by-side job policy, a barrier between processes;
 * :mod:`~pipeline.train.scheduler` - pending members, file locks, worker processes, watchdog;
 * :mod:`~pipeline.train.stage`     - ``stage=train`` glue.
 
-Importing this package imports none of them: a blender that reads members does not pull in the trainer.
+The member store is :mod:`pipeline.members` and the device facts :mod:`pipeline.device`.
+Importing this package imports none of its modules: a blender that reads members does not pull in
+the trainer.
 """
 
 

@@ -21,7 +21,11 @@ hides nothing else; every step's output goes to ``<out>/gpu_check.log``. In orde
    (Python issuing the step) against GPU ms per step (CUDA events), peak GPU memory;
 6. ``side_by_side``: 1, 2 and 4 processes each training cnn_deotte (batch 128) at once from a
    common start: images/s in all, what ``runtime.fold_jobs`` gains;
-7. ``end_to_end``: ``run.py`` on the committed fixture (k=2, 2 epochs, the estimate on): folds,
+7. ``fused``: fused groups of M = 1, 5, 10, 15 ``cnn_deotte`` members (``runtime.fuse``,
+   :mod:`pipeline.train.fused`; each member its own fold's rows and seed) at batch 128, one epoch
+   of the real group loop timed after a warm-up epoch: images/s of all members together (against
+   step 6's separate processes), peak GPU memory;
+8. ``end_to_end``: ``run.py`` on the committed fixture (k=2, 2 epochs, the estimate on): folds,
    train (``runtime.fold_jobs=auto``), blend, and predict on a PNG; each member's
    ``metrics.json`` must name the device, and each process's peak GPU memory is read from
    ``nvidia-smi`` while it trains.
@@ -57,10 +61,10 @@ sys.path.insert(0, str(REPO))
 FIXTURE = REPO / "tests" / "fixtures" / "digits"
 CONF_DIR = REPO / "pipeline" / "conf"
 
-STEPS = ("environment", "pytest_gpu", "averaging_resume", "sync_audit", "throughput", "side_by_side",
+STEPS = ("environment", "pytest_gpu", "averaging_resume", "sync_audit", "throughput", "side_by_side", "fused",
          "end_to_end")
 TIME_BOX_S = {"environment": 60, "pytest_gpu": 150, "averaging_resume": 120, "sync_audit": 90,
-              "throughput": 300, "side_by_side": 120, "end_to_end": 240}
+              "throughput": 300, "side_by_side": 120, "fused": 150, "end_to_end": 240}
 BLOCKED = ("albumentations", "cv2", "optuna", "matplotlib", "skops")  # not on a bare GPU machine
 # the dry run checks the code paths, not the figures: narrow models on a 2-core CPU
 DRY_RUN_MODELS = ["models.cnn_deotte.kwargs.width=0.25", "models.cnn_keras.kwargs.width=0.25",
@@ -115,13 +119,13 @@ def tiled_competition(comp, rows: int):
     return dataclasses.replace(comp, x_train=x, y_train=y)
 
 
-def member_spec(ws, model: str, **changes):
-    """The fit spec of ``model``'s fold-0 member under ``ws``; ``changes`` replace
+def member_spec(ws, model: str, key=None, **changes):
+    """The fit spec of ``model``'s fold-0 member (or of ``key``) under ``ws``; ``changes`` replace
     ``train`` / ``runtime`` fields (``batch_size``, ``compile``, ``epochs`` ...)."""
     from pipeline.train.engine import FitSpec
     from pipeline.members import MemberKey
 
-    key = MemberKey(model, 0)
+    key = key or MemberKey(model, 0)
     spec = FitSpec.create(ws.settings.models[model], ws.settings.runtime, key, ws.member_config(key))
     train = {k: v for k, v in changes.items() if hasattr(spec.train, k)}
     rt = {k: v for k, v in changes.items() if hasattr(spec.runtime, k)}
@@ -479,6 +483,40 @@ def step_end_to_end(args, work: Path) -> dict:
 # --------------------------------------------------------------------------- orchestration
 
 
+def step_fused(args, work: Path) -> dict:
+    import numpy as np
+    import torch
+
+    from pipeline.members import MemberKey
+    from pipeline.train import fused
+
+    ws, source = competition(args, work)
+    comp = tiled_competition(ws.comp, args.rows)
+    k = 5
+    folds = np.arange(len(comp.x_train)) % k
+    results = {"data": source, "rows": args.rows, "batch": args.side_batch, "groups": []}
+    for m in args.fused:
+        keys = [MemberKey("cnn_deotte", i % k, i // k) for i in range(m)]
+        specs = [member_spec(ws, "cnn_deotte", key, epochs=3, min_steps=0, batch_size=args.side_batch) for key in keys]
+        t0 = time.perf_counter()
+        g = fused.setup_group(specs, comp, folds)
+        fused.group_epoch(g, 1)  # warm-up: cuDNN autotuning of the grouped convolutions
+        sync(g.loop.device)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fused.group_epoch(g, 2)
+        sync(g.loop.device)
+        wall = time.perf_counter() - t0
+        row = {"members": m, "precision": specs[0].precision.value, "steps": len(g.batches[0]),
+               "images_per_s": round(m * len(g.batches[0]) * args.side_batch / wall), "warmup_s": round(warm, 1)}
+        if g.loop.device.type == "cuda":
+            row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(g.loop.device) / 2**20, 1)
+        results["groups"].append(row)
+        print(json.dumps(row), flush=True)
+        del g
+    return results
+
+
 def run_step(args) -> int:
     """Run one step in this process; write ``<out>/steps/<name>.json``."""
     out = Path(args.out)
@@ -521,7 +559,7 @@ def main() -> int:
     p.add_argument("--device", default=None, help="cuda (default when there is one), cuda:N, or cpu (dry run)")
     p.add_argument("--data", default=str(REPO / "data" / "digit-recognizer"), help="a built competition folder")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    p.add_argument("--budget-s", type=float, default=None, help="whole-run limit in seconds (CUDA 480, CPU 300)")
+    p.add_argument("--budget-s", type=float, default=None, help="whole-run limit in seconds (CUDA 540, CPU 330)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--compile-batches", nargs="*", type=int, default=None)
@@ -529,6 +567,7 @@ def main() -> int:
     p.add_argument("--side-jobs", nargs="+", type=int, default=None)
     p.add_argument("--side-seconds", type=float, default=None)
     p.add_argument("--side-batch", type=int, default=128)
+    p.add_argument("--fused", nargs="+", type=int, default=None, help="fused group sizes (step fused)")
     p.add_argument("--allow-all-imports", action="store_true")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -543,7 +582,7 @@ def main() -> int:
     defaults = {"models": ["cnn_deotte", "cnn_keras", "resnet_timm"], "batches": [32] if cpu else [128, 512, 2048],
                 "compile_batches": [] if cpu else [512], "rows": 512 if cpu else 32768,
                 "side_jobs": [1, 2] if cpu else [1, 2, 4], "side_seconds": 1.0 if cpu else 12.0,
-                "budget_s": 300.0 if cpu else 480.0}
+                "fused": [1, 3] if cpu else [1, 5, 10, 15], "budget_s": 330.0 if cpu else 540.0}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

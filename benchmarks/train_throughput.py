@@ -4,7 +4,7 @@
     ``num_workers`` = CPU cores, fp32, default memory format (today's typical Kaggle notebook);
 (b) the pipeline's own path: ``DeviceBatches`` (device-resident uint8, ``randperm`` slices,
     batched ``BatchAugment``) and ``train_step`` (channels_last; bf16 autocast per
-    ``train.precision``: on CUDA by default, on CPU with ``--override train.precision=bf16``).
+    ``train.precision``, resolved per device as ``stage=train`` resolves it).
 
 Both use the same model, batch size, optimizer and augmentation settings (the config's ``aug``
 group, elastic included) on the real training images, measured in the same run after a
@@ -23,6 +23,11 @@ extrapolated from these figures.
     python benchmarks/train_throughput.py --models cnn_deotte cnn_keras --windows 7
     python benchmarks/train_throughput.py --override profile=quick
     python benchmarks/train_throughput.py --models cnn_deotte --fold-jobs 1 2 4 8
+    python benchmarks/train_throughput.py --models cnn_deotte --skip-single --fold-jobs --fused 1 5 10 15
+
+(d) fused (``--fused 1 5 10 15``): M members of one model trained as one fused network
+    (:mod:`pipeline.fusion`, ``runtime.fuse``) in one process, against the same members trained
+    separately (``fold_jobs=auto`` processes, one member each), alternately in one run.
 
 Needs the competition data (``python run.py stage=data`` builds the offline default).
 """
@@ -46,7 +51,7 @@ from torch.utils.data import DataLoader
 from pipeline import augment, data
 from pipeline.models import create_model, list_models
 from pipeline.train.engine import train_step
-from pipeline.device import select_device
+from pipeline.device import resolve_precision, select_device
 from pipeline.train.runtime import core_share
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
@@ -138,7 +143,7 @@ def pipeline_step(name, x, y, cfg, device, batch_size: int, num_classes: int, se
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = augment.DeviceBatches(x, y, batch_size, device, cfg.aug, seed=seed)
     it = _forever(lambda: batches)
-    precision = str(cfg.train.precision)
+    precision = resolve_precision(cfg.train.precision, device)
 
     def step():
         train_step(model, opt, *next(it), 0.0, channels_last, precision)
@@ -156,17 +161,50 @@ def bench_pipeline(name, x, y, cfg, device, args, num_classes) -> tuple[float, f
     return rate, aug_rate
 
 
-def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, seconds) -> float:
-    """One of (c)'s processes: its own model and batches on its device (GPU ``slot % count``), a
-    ``1/n_jobs`` share of the cores, warm-up, then training from ``start_at`` (``time.time()``)
-    for ``seconds``, synchronised every 10 steps. Returns its images/s; raises when it was not
-    ready at ``start_at`` (raise ``--side-spawn-s``)."""
+def fused_step(name, x, y, cfg, device, batch_size: int, num_classes: int, members: int, seed: int = 0):
+    """A fused group of ``members`` copies of ``name`` (:mod:`pipeline.fusion`), each with its own
+    initial weights and its own ``DeviceBatches`` (seeds ``seed .. seed + members - 1``), trained
+    by ``train_step`` on the stacked batches: the pipeline's fused path (``runtime.fuse``).
+    Returns ``step()``, which trains every member on its next batch (``members x batch_size`` images)."""
+    from pipeline.fusion import fuse, stack_inputs
+
+    models, its = [], []
+    for m in range(members):
+        torch.manual_seed(seed + m)
+        models.append(create_model(name, num_classes, 1, x.shape[-1], **_kwargs(cfg, name)))
+        batches = augment.DeviceBatches(x, y, batch_size, device, cfg.aug, seed=seed + m)
+        its.append(_forever(lambda b=batches: b))
+    channels_last = bool(cfg.runtime.channels_last)
+    net = fuse(models).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    precision = resolve_precision(cfg.train.precision, device)
+
+    def step():
+        pairs = [next(it) for it in its]
+        train_step(net, opt, stack_inputs([p[0] for p in pairs]), torch.stack([p[1] for p in pairs], 1),
+                   0.0, channels_last, precision)
+
+    return step
+
+
+def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, seconds, members=0) -> float:
+    """One of (c)'s and (d)'s processes: its own model and batches (``members`` >= 1: a fused group
+    of that many, :func:`fused_step`) on its device (GPU ``slot % count``), a ``1/n_jobs`` share of
+    the cores, warm-up, then training from ``start_at`` (``time.time()``) for ``seconds``,
+    synchronised every 10 steps. Returns its images/s (every member's images); raises when it was
+    not ready at ``start_at`` (raise ``--side-spawn-s``)."""
     device = select_device(str(cfg.runtime.device), slot=slot)
     if device.type == "cpu":
         torch.set_num_threads(core_share(n_jobs))
     comp = data.load(cfg)
-    step, _ = pipeline_step(name, comp.x_train[:rows], comp.y_train[:rows], cfg, device,
-                            batch_size, comp.num_classes, seed=slot)
+    x, y = comp.x_train[:rows], comp.y_train[:rows]
+    if members:
+        step = fused_step(name, x, y, cfg, device, batch_size, comp.num_classes, members, seed=100 * slot)
+    else:
+        step, _ = pipeline_step(name, x, y, cfg, device, batch_size, comp.num_classes, seed=slot)
+    per_step = batch_size * max(1, members)
     for _ in range(10):
         step()
     _sync(device)
@@ -179,22 +217,48 @@ def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, secon
         for _ in range(10):
             step()
         _sync(device)
-        images += 10 * batch_size
+        images += 10 * per_step
     return images / (time.perf_counter() - t0)
 
 
-def bench_side_by_side(name, cfg, args, n_jobs: int) -> float:
-    """(c): aggregate images/s of ``n_jobs`` simultaneous pipeline-path trainings of ``name``."""
+def bench_side_by_side(name, cfg, args, n_jobs: int, members: int = 0) -> float:
+    """(c): aggregate images/s of ``n_jobs`` simultaneous pipeline-path trainings of ``name``;
+    (d) with ``members`` >= 1: each job a fused group of that many."""
     from joblib.externals.loky import get_reusable_executor
 
     # fresh worker processes for every K, K=1 included (joblib's Parallel would run 1 job inline)
     executor = get_reusable_executor(max_workers=n_jobs, kill_workers=True, reuse=False)
     start_at = time.time() + args.side_spawn_s
     futures = [executor.submit(_side_by_side_job, name, cfg, args.rows, args.batch_size, slot,
-                               n_jobs, start_at, args.side_seconds) for slot in range(n_jobs)]
+                               n_jobs, start_at, args.side_seconds, members) for slot in range(n_jobs)]
     rates = [f.result() for f in futures]
     executor.shutdown(wait=True)
     return sum(rates)
+
+
+def bench_fused(names, cfg, args, device) -> None:
+    """(d): for each group size M of ``--fused``, images/s of M members trained as one fused
+    network in one process (every core), against the same members trained separately the way
+    ``runtime.fuse=off`` trains them (``fold_jobs=auto`` side-by-side processes, one member each;
+    their aggregate rate), measured alternately in this run; on the CPU also M members as two
+    fused groups side by side (half the cores each). Prints one row per (model, M)."""
+    from pipeline.train.runtime import fold_jobs
+
+    jobs = fold_jobs("auto", device, 64)
+    halves = device.type == "cpu" and jobs > 1
+    print(f"\nfused members (runtime.fuse): images/s of all M members together, {args.side_seconds:.0f} s "
+          f"each; separate = {jobs} side-by-side process(es), one member each (runtime.fuse=off)")
+    print(f"{'model':14s} {'M':>3s} {'separate':>10s} {'fused':>10s} {'ratio':>6s}"
+          + (f" {f'{jobs} x fused M/{jobs}':>14s} {'ratio':>6s}" if halves else ""))
+    for name in names:
+        for m in args.fused:
+            separate = bench_side_by_side(name, cfg, args, jobs)
+            fused = bench_side_by_side(name, cfg, args, 1, members=m)
+            line = f"{name:14s} {m:3d} {separate:10.0f} {fused:10.0f} {fused / separate:6.2f}"
+            if halves and m >= jobs:
+                split = bench_side_by_side(name, cfg, args, jobs, members=m // jobs)
+                line += f" {split:14.0f} {split / separate:6.2f}"
+            print(line, flush=True)
 
 
 def _kwargs(cfg, name):
@@ -217,6 +281,11 @@ def main() -> None:
     p.add_argument("--fold-jobs", type=int, nargs="*", default=None,
                    help="(c): side-by-side job counts to compare; default 1 2 4 8 on CUDA, 1 2 on "
                         "CPU; pass no number to skip")
+    p.add_argument("--fused", type=int, nargs="*", default=None,
+                   help="(d): fused group sizes M to compare with separate members, e.g. 1 5 10 15; "
+                        "default none")
+    p.add_argument("--skip-single", action="store_true",
+                   help="skip (a) and (b), the one-process naive/pipeline comparison")
     p.add_argument("--side-seconds", type=float, default=10.0, help="(c): timed seconds per count")
     p.add_argument("--side-spawn-s", type=float, default=30.0,
                    help="(c): seconds allowed for the processes to start and warm up")
@@ -229,7 +298,7 @@ def main() -> None:
     x, y = comp.x_train[: args.rows], comp.y_train[: args.rows]
     names = args.models or [n for n in list_models() if n in cfg.models]
     print(hardware(device))
-    print(f"device {device}; precision {cfg.train.precision}; batch {args.batch_size}; aug {OmegaConf.to_container(cfg.aug)}; "
+    print(f"device {device}; precision {cfg.train.precision} ({resolve_precision(cfg.train.precision, device).value}); batch {args.batch_size}; aug {OmegaConf.to_container(cfg.aug)}; "
           f"median of {args.windows} windows x {args.steps} steps after {args.warmup} warm-up steps, "
           f"median of {args.repeats} alternating repeats\n")
     print(f"{'model':14s} {'naive img/s':>12s} {'pipeline img/s':>15s} {'ratio':>6s} "
@@ -237,7 +306,7 @@ def main() -> None:
     k = int(cfg.folds.k)
     per_fold_rows = len(comp.x_train) * (k - 1) // k
     results = {}
-    for name in names:
+    for name in [] if args.skip_single else names:
         runs = []  # (pipeline, aug-only, naive) per repeat, alternating so drift hits both
         for _ in range(args.repeats):
             pipe, aug_rate = bench_pipeline(name, x, y, cfg, device, args, comp.num_classes)
@@ -265,6 +334,8 @@ def main() -> None:
             rates = [bench_side_by_side(name, cfg, args, k) for k in counts]
             print(f"{name:14s} " + " ".join(f"{r:8.0f} ({r / rates[0]:.2f}x)" for r in rates),
                   flush=True)
+    if args.fused:
+        bench_fused(names, cfg, args, device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem = f"peak RSS {peak:.0f} MiB"
     if device.type == "cuda":

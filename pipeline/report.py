@@ -294,19 +294,47 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
             is missing, stale or corrupt (the same checks as ``stage=blend``).
     """
     ws = ws or Workspace.load(cfg)
+    budget = ws.apply_budget_record()
     saved = store.load(ws.paths)
     store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
     rows = fold_table(ws, saved.members)
     pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
-    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs))
+    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget))
     log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), saved.best.value,
              saved.record["methods"][saved.best.value]["accuracy"])
     return page
 
 
-def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[str, Path]) -> str:
-    """The report's HTML: the CV table, what each member adds, pseudo-label rounds, per-member
-    scores and the figures."""
+def _budget_rows(record, rows: list[dict]) -> list[list]:
+    """The budget's plan against what happened: per model, planned seeds x epochs and minutes,
+    complete seeds, the members trained and their minutes (their own seconds summed)."""
+    out = []
+    for m in record.plan.models:
+        mine = [r for r in rows if r["model"] == m.model]
+        out.append([m.model, f"{m.seeds} x {m.epochs}", f"{m.seconds / 60:.1f}", record.complete.get(m.model, 0),
+                    len(mine), f"{sum(r['minutes'] for r in mine):.1f}"])
+    return out
+
+
+def _budget_part(record, rows: list[dict]) -> list[str]:
+    """The report's budget section (none without ``budget=``)."""
+    if record is None:
+        return []
+    spent = (f"training took {record.train_seconds / 60:.1f} min" if record.train_seconds is not None
+             else "training did not finish")
+    return ["<h2>Budget</h2>",
+            f"<p><code>budget</code> = {record.plan.budget / 60:.1f} min from the command's start: "
+            f"{record.plan.available / 60:.1f} min were left for training when it was planned, "
+            f"{record.plan.reserve / 60:.1f} min reserved for prediction, blend and report; {spent}. "
+            f"Stopped at the deadline: {html.escape(', '.join(record.stopped) or 'none')}; never started: "
+            f"{html.escape(', '.join(record.dropped) or 'none')}.</p>",
+            _table(["model", "planned seeds x epochs", "planned minutes (wall)", "complete seeds",
+                    "members in the blend", "their minutes (each member's own)"], _budget_rows(record, rows))]
+
+
+def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[str, Path], budget=None) -> str:
+    """The report's HTML: the CV table, the budget's plan against what happened (under
+    ``budget=``), what each member adds, pseudo-label rounds, per-member scores and the figures."""
     comp, blend, names, best = ws.comp, saved.record, saved.members, saved.best.value
     auc = blend["model_scores"][names[0]].get("roc_auc") is not None
     summary, best_row = _score_rows(saved, rows, auc)
@@ -324,6 +352,7 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
         "<h2>CV scores</h2>",
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
                 "blend"], summary, {best_row}),
+        *_budget_part(budget, rows),
         "<h2>What each member adds</h2>",
         f"<p>Marginal value: the submitted blend's OOF accuracy minus that of the same blend "
         f"({html.escape(best)}) fitted and cross-validated without the member. TTA: the members' "

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import ConfigError
 from pipeline.settings import (GROUPS, AugSettings, BlendSettings, DataSettings, FoldsSettings, PredictSettings,
                                PseudoSettings, RuntimeSettings, TrainSettings, TTASettings, TuneSettings,
-                               aug_settings, checked, round_base, seed_count, train_settings, tta_settings)
+                               aug_settings, checked, plan_ranges, round_base, seed_count, train_settings,
+                               tta_settings)
+from pipeline.budget import Plan, Range, parse_budget
 
 
 def plain(obj: Any) -> Any:
@@ -52,6 +54,7 @@ class ModelSettings:
     tta: TTASettings
     seed_count: int
     base: str | None = None
+    ranges: Range | None = None  # what budget= may plan (pipeline.budget)
 
     def learned(self) -> dict:
         """``arch``, ``kwargs``, ``train``, ``aug`` and ``tta`` as plain data: the model's part of
@@ -77,6 +80,19 @@ class RunSettings:
     tune: TuneSettings
     predict: PredictSettings
     base_seed: int
+    budget: float | None = None  # budget= in seconds (pipeline.budget), None = no budget
+
+    def planned(self, plan: Plan, complete: Mapping[str, int] | None = None) -> "RunSettings":
+        """These settings with ``plan``'s seeds and epochs for its models (``train.min_steps`` off:
+        the plan sets the epochs exactly); with ``complete`` (model -> its complete seeds, after a
+        budgeted training) the seed counts are those, 0 for a model with none."""
+        models = dict(self.models)
+        for p in plan.models:
+            m = models[p.model]
+            seeds = p.seeds if complete is None else int(complete.get(p.model, 0))
+            models[p.model] = dataclasses.replace(
+                m, seed_count=seeds, train=dataclasses.replace(m.train, epochs=p.epochs, min_steps=0))
+        return dataclasses.replace(self, models=models)
 
 
 def model_settings(cfg: DictConfig, name: str) -> ModelSettings:
@@ -87,8 +103,11 @@ def model_settings(cfg: DictConfig, name: str) -> ModelSettings:
     node = cfg.models[name]
     kw = node.get("kwargs")
     kwargs = OmegaConf.to_container(kw, resolve=True) if isinstance(kw, DictConfig) else dict(kw or {})
-    return ModelSettings(name, str(node.get("arch")), kwargs, train_settings(cfg, name), aug_settings(cfg, name),
-                         tta_settings(cfg, name), seed_count(cfg, name), round_base(cfg, name))
+    train, seeds = train_settings(cfg, name), seed_count(cfg, name)
+    e_lo, e_hi, s_lo, s_hi = plan_ranges(cfg, name, train.epochs, seeds)
+    ranges = Range(e_lo, min(max(train.epochs, e_lo), e_hi), e_hi, s_lo, s_hi)
+    return ModelSettings(name, str(node.get("arch")), kwargs, train, aug_settings(cfg, name),
+                         tta_settings(cfg, name), seeds, round_base(cfg, name), ranges)
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -104,4 +123,4 @@ def run_settings(cfg: DictConfig) -> RunSettings:
     except (TypeError, ValueError):
         raise ConfigError(f"seed={cfg.get('seed')}: expected an integer") from None
     return RunSettings(models, groups["runtime"], groups["data"], groups["folds"], groups["blend"],
-                       groups["pseudo"], groups["tune"], groups["predict"], base_seed)
+                       groups["pseudo"], groups["tune"], groups["predict"], base_seed, parse_budget(cfg.get("budget")))

@@ -28,6 +28,7 @@ from pipeline.choices import (  # noqa: F401 - the schema's enums, importable fr
     Precision,
     AugBackend,
     LockMode,
+    FuseMode,
     Pruner,
     Metric,
     BlendMethod,
@@ -108,6 +109,8 @@ class RuntimeSettings:
     deterministic: bool = False    # torch deterministic algorithms (exact resume on CPU)
     estimate: bool = True          # time a few steps per model first and log the minutes to go
     val_every: int = _f(1, ge=1)   # validate on the fold every N epochs and after the last (history)
+    fuse: FuseMode = FuseMode.auto  # fused members (pipeline/fusion.py): auto | on | off
+    fuse_max: int = _f(15, ge=1)    # members per fused group at most
 
 
 @dataclass
@@ -191,7 +194,7 @@ GROUPS: dict[str, type] = {
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
     "predict": PredictSettings, "pseudo": PseudoSettings,
 }
-MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space")
+MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space", "ranges")
 BUILD_OFFLINE = ("auto", "true", "false")
 
 
@@ -291,6 +294,38 @@ def seed_count(cfg: DictConfig, name: str) -> int:
         where = f"models.{name}.seeds" if own is not None else "seeds"
         raise ConfigError(f"{where}={own if own is not None else cfg.get('seeds')}: expected an integer >= 1")
     return n
+
+
+@dataclass
+class RangeSettings:
+    """``models.<name>.ranges``: what ``budget=`` may plan for a model (:mod:`pipeline.budget`):
+    epochs ``[lo, hi]`` and seeds ``[lo, hi]``; ``null`` = the defaults of :func:`plan_ranges`."""
+
+    epochs: Optional[list] = None
+    seeds: Optional[list] = None
+
+
+def plan_ranges(cfg: DictConfig, name: str, epochs: int, seeds: int) -> tuple[int, int, int, int]:
+    """Model ``name``'s planning ranges ``(epochs_lo, epochs_hi, seeds_lo, seeds_hi)`` from
+    ``models.<name>.ranges``; defaults: epochs ``[1, ceil(1.5 x train.epochs)]``, seeds
+    ``[1, seeds]`` (``epochs`` / ``seeds``: the model's configured values).
+
+    Raises:
+        ConfigError: not two integers ``1 <= lo <= hi`` (one line naming the key).
+    """
+    r = checked(RangeSettings, cfg.models[name].get("ranges"), f"models.{name}.ranges")
+    out = []
+    for key, default in (("epochs", [1, max(1, -(-3 * epochs // 2))]), ("seeds", [1, seeds])):
+        value = getattr(r, key)
+        value = default if value is None else value
+        try:
+            lo, hi = (int(v) for v in value)
+        except (TypeError, ValueError):
+            lo = hi = 0
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"models.{name}.ranges.{key}={value}: expected [lo, hi] with 1 <= lo <= hi")
+        out += [lo, hi]
+    return tuple(out)
 
 
 def runtime_settings(cfg: DictConfig) -> RuntimeSettings:

@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import data, members
+from pipeline.budget import BudgetRecord, read_record
 from pipeline.device import resolve_precision, select_device
 from pipeline.errors import ArtifactError
 from pipeline.folds import ensure_folds, folds_digest
@@ -62,6 +63,33 @@ class Workspace:
         check_metric(settings.data.metric, comp.num_classes)
         folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
         return cls(cfg, settings, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
+
+    def with_settings(self, settings: RunSettings) -> "Workspace":
+        """This workspace (the same config, competition and folds) under other ``settings`` (e.g.
+        a budget's plan, :meth:`pipeline.runsettings.RunSettings.planned`), with empty memos."""
+        return Workspace(self.cfg, settings, self.paths, self.comp, self.folds, self.folds_digest)
+
+    def use_settings(self, settings: RunSettings) -> None:
+        """Run the stages that follow under ``settings`` (``stage=all`` after a budgeted
+        ``stage=train``: the blend and report see the planned, complete members); memos dropped."""
+        self.settings = settings
+        self._configs.clear()
+        self._verified.clear()
+        self._predictions.clear()
+
+    def apply_budget_record(self) -> BudgetRecord | None:
+        """Under ``budget=``, put this workspace under the recorded plan's complete members
+        (``artifacts/budget/plan.json``, :class:`pipeline.budget.BudgetRecord`) when it was made for
+        this budget: what a stage run after a budgeted ``stage=train`` (the blend, the report)
+        works on. Returns the record, or None (no budget, or no record for it). Raises
+        ArtifactError for an unreadable record."""
+        if self.settings.budget is None:
+            return None
+        record = read_record(self.paths.budget_plan)
+        if record is None or record.plan.budget != self.settings.budget:
+            return None
+        self.use_settings(self.settings.planned(record.plan, record.complete))
+        return record
 
     def seed_indices(self, name: str) -> list[int]:
         """The seed indices of model ``name`` (``models.<name>.seeds`` or ``seeds``)."""

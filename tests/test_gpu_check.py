@@ -23,7 +23,7 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     assert list(steps) == ["environment", "pytest_gpu", "averaging_resume", "sync_audit", "throughput",
-                           "side_by_side", "end_to_end"]
+                           "side_by_side", "fused", "end_to_end"]
     assert {n: s["status"] for n, s in steps.items()} == dict.fromkeys(steps, "passed"), proc.stdout
     assert proc.returncode == 0 and report["seconds"] < 300
     assert set(report["blocked_imports"]) >= {"albumentations", "cv2", "optuna", "matplotlib"}
@@ -35,6 +35,8 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     assert {r["model"] for r in runs} == {"cnn_deotte", "cnn_keras", "resnet_timm"}
     assert all(r["images_per_s"] > 0 and r["host_ms_per_step"] > 0 for r in runs)
     assert set(steps["side_by_side"]["results"]["jobs"]) == {"1", "2"}
+    groups = steps["fused"]["results"]["groups"]
+    assert [g["members"] for g in groups] == [1, 3] and all(g["images_per_s"] > 0 for g in groups)
     e2e = steps["end_to_end"]["results"]
     assert len(e2e["members"]) == 4 and all(m["device"].startswith("cpu") for m in e2e["members"].values())
     assert "to train, about" in e2e["estimate"] and e2e["prediction"]

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from pipeline.blend import store
 from pipeline.blend.blenders import cross_val_oof, make_blender
 from pipeline.data import submission_csv
+from pipeline.errors import ArtifactError
 from pipeline.io import save_text
 from pipeline.metrics import Score, score
 from pipeline.settings import BlendMethod, BlendSeeds, Metric, blend_methods, blend_models, blend_settings
@@ -127,9 +128,16 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
         ConfigError: an unknown method or model name.
     """
     ws = ws or Workspace.load(cfg)
+    ws.apply_budget_record()  # under budget=: the planned members whose seeds completed
     methods = blend_methods(cfg)
     averaged = BlendSeeds(cfg.blend.seeds) is BlendSeeds.average
-    entries = [BlendMember(n, s) for n in blend_models(cfg) for s in ([None] if averaged else ws.seed_indices(n))]
+    models = [n for n in blend_models(cfg) if ws.settings.models[n].seed_count > 0]
+    for n in sorted(set(blend_models(cfg)) - set(models)):
+        log.info("blend: %s left out: no seed of it completed within the budget", n)
+    if not models:
+        raise ArtifactError("blend: no model has a complete seed (every fold) within the budget; run: python "
+                            "run.py stage=train with a larger budget")
+    entries = [BlendMember(n, s) for n in models for s in ([None] if averaged else ws.seed_indices(n))]
     names = [e.label for e in entries]
     preds = [ws.predictions(e) for e in entries]
     y = ws.comp.y_train

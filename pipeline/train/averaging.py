@@ -127,6 +127,22 @@ class WeightAverage:
         elif step > self.after:
             swa_update(self.average, model, step - self.after - 1)
 
+    def for_member(self, model: nn.Module, state: dict) -> WeightAverage:
+        """This average's counterpart for one member of a fused group: the same kind over the
+        member's unfused ``model``, holding ``state`` (the member's slice of the averaged fused
+        weights, :func:`pipeline.fusion.split`) and, for SWA, the group's snapshot count."""
+        if self.kind is AverageKind.ema:
+            from timm.utils import ModelEmaV3
+
+            twin = ModelEmaV3(model, decay=self.average.decay, use_warmup=True)
+        else:
+            from torch.optim.swa_utils import AveragedModel
+
+            twin = AveragedModel(model, use_buffers=True)
+            twin.n_averaged.copy_(self.average.n_averaged)
+        twin.module.load_state_dict(state)
+        return WeightAverage(self.kind, twin, self.after)
+
     def describe(self, train: TrainSettings, epochs: int) -> dict:
         """Its settings for ``metrics.json`` (beside the raw weights' scores)."""
         if self.kind is AverageKind.ema:

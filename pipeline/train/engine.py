@@ -32,6 +32,7 @@ from pipeline.runsettings import ModelSettings
 from pipeline.settings import AugSettings, Precision, RuntimeSettings, TrainSettings, TTASettings
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train.batches import make_batches, set_epoch, training_set
+from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
 from pipeline.members import MemberKey
 from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
@@ -40,6 +41,41 @@ from pipeline.device import (autocast, configure_numerics, device_name, grad_sca
 from pipeline.train.runtime import num_workers, seed_everything
 
 log = logging.getLogger(__name__)
+
+
+class DeadlineReached(Exception):
+    """Training stopped at the budget's deadline (``budget=``); the last end-of-epoch checkpoint
+    stays, so the same command with a larger budget continues from it."""
+
+
+INFERENCE_COST = 1 / 3  # an image's prediction costs about a third of its training step (forward only)
+
+
+def check_deadline(deadline: float | None, epoch_seconds: float, train_rows: int, predict_rows: int,
+                   views: int, what: str) -> None:
+    """After an epoch that took ``epoch_seconds``: raise :class:`DeadlineReached` unless one more
+    epoch (with 10% margin) and the final prediction of ``predict_rows`` images in ``views``
+    test-time views (at :data:`INFERENCE_COST` of a training image each) end before ``deadline``
+    (``time.time()``; None: no deadline)."""
+    if deadline is None:
+        return
+    predict = epoch_seconds * INFERENCE_COST * views * predict_rows / max(1, train_rows)
+    if time.time() + 1.1 * epoch_seconds + predict > deadline:
+        raise DeadlineReached(f"{what}: the next epoch would end after the budget's deadline")
+
+
+def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (in fp32) of one member's ``(B, C)`` logits, shape ``(1,)``, or of a fused
+    group's ``(B, M, C)`` logits (:mod:`pipeline.fusion`), shape ``(M,)``: each member's mean over
+    its own batch, so the sum of a group's losses gives every member the gradients it would get
+    alone. ``y``: ``(B,)`` / ``(B, M)`` int64 classes, or ``(B, C)`` / ``(B, M, C)`` float32
+    target probabilities."""
+    if logits.ndim == 2:
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing).reshape(1)
+    target = y.transpose(1, 2) if y.ndim == 3 else y
+    per_row = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none",
+                              label_smoothing=label_smoothing)  # (B, M)
+    return per_row.mean(0)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -51,15 +87,18 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
     Args:
         x: ``(B, C, S, S)`` float32 on the model's device; y: ``(B,)`` int64 class indices, or
-            ``(B, C)`` float32 target probabilities (soft pseudo-labels).
+            ``(B, C)`` float32 target probabilities (soft pseudo-labels). For a fused group
+            (:mod:`pipeline.fusion`) ``x`` is ``(B, M x C, S, S)`` and ``y`` ``(B, M)`` /
+            ``(B, M, C)``; the loss is the sum of the members' (:func:`member_losses`).
     Returns:
-        ``(loss, logits)``: the scalar loss tensor and ``(B, classes)`` logits (not synchronised).
+        ``(loss, logits)``: the scalar loss tensor and ``(B, classes)`` (fused: ``(B, M, classes)``)
+        logits (not synchronised).
     """
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, precision):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = member_losses(logits, y, label_smoothing).sum()
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -92,16 +131,18 @@ class FitSpec:
     training_seed: int  # the member's seed (pipeline.members.training_seed)
     cache_key: str
     precision: Precision = Precision.fp32  # resolved for the training device (never auto)
+    deadline: float | None = None  # time.time() by which training stops (budget=), None = none
 
     @classmethod
     def create(cls, model: ModelSettings, runtime: RuntimeSettings, key: MemberKey,
-               member_cfg: DictConfig) -> "FitSpec":
+               member_cfg: DictConfig, deadline: float | None = None) -> "FitSpec":
         """The spec of member ``key`` of ``model`` (the run's typed settings,
         :class:`pipeline.runsettings.ModelSettings`), whose cache key is ``member_cfg`` (it holds the
-        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with ``runtime``."""
+        resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with ``runtime``
+        and stopped at ``deadline`` (:func:`check_deadline`)."""
         precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
         return cls(key, model.arch, dict(model.kwargs), model.train, model.aug, model.tta, runtime,
-                   int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision)
+                   int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision, deadline)
 
 
 @dataclass
@@ -156,27 +197,47 @@ def planned_epochs(train: TrainSettings, steps_per_epoch: int) -> int:
     return max(train.epochs, math.ceil(train.min_steps / max(1, steps_per_epoch)))
 
 
+def member_parts(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, device: torch.device,
+                 pseudo=None) -> tuple[object, nn.Module]:
+    """One member's training batches over the rows ``tr_idx`` (and ``pseudo`` rows) and its
+    freshly initialised model placed on ``device``, both drawn from its seed alone (the global RNGs
+    reseeded with ``spec.training_seed`` first): a member trained alone and the same member in a
+    fused group (:mod:`pipeline.train.fused`) start from the same weights and draw the same
+    batches. Raises ConfigError when the batch size exceeds the rows."""
+    seed_everything(spec.training_seed)
+    data = training_set(comp, tr_idx, pseudo)
+    batches = make_batches(data, spec.train.batch_size, device, spec.aug, spec.training_seed,
+                           num_workers(spec.runtime.num_workers, device))
+    if len(batches) == 0:
+        raise ConfigError(f"{spec.key}: train.batch_size={spec.train.batch_size} is larger than the "
+                          f"{len(data.rows)} training rows of the fold")
+    model = place_model(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side,
+                                     **spec.kwargs), device, spec.runtime.channels_last)
+    return batches, model
+
+
 def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> TrainingLoop:
     """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
     device made current and its numerics set (:func:`~pipeline.device.configure_numerics`),
     seeded, the model placed (and compiled with ``runtime.compile``), AdamW, the one-cycle
-    schedule, the weight average and fp16's gradient scaler. Raises ConfigError when the batch
-    size exceeds the rows."""
+    schedule, the weight average and fp16's gradient scaler (:func:`optimisation`). Raises
+    ConfigError when the batch size exceeds the rows."""
     device = select_device(spec.runtime.device)
     use_device(device)
-    seed_everything(spec.training_seed)
     configure_numerics(device, spec.precision, spec.runtime.deterministic)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    batches, model = member_parts(spec, comp, tr_idx, device, pseudo)
+    return optimisation(model, spec, batches, device)
+
+
+def optimisation(model: nn.Module, spec: FitSpec, batches, device: torch.device) -> TrainingLoop:
+    """``model``'s training state for ``spec``'s settings over ``batches`` (one epoch's steps):
+    the ``torch.compile`` wrapper with ``runtime.compile``, AdamW, the one-cycle schedule over
+    :func:`planned_epochs` (compressed before SWA's epochs), the EMA / SWA and fp16's gradient
+    scaler. The same for one member and for a fused group's network (every one of these acts per
+    element, so fused members never mix). Raises ConfigError for a SWA fraction leaving no epoch."""
     t = spec.train
-    data = training_set(comp, tr_idx, pseudo)
-    batches = make_batches(data, t.batch_size, device, spec.aug, spec.training_seed,
-                           num_workers(spec.runtime.num_workers, device))
-    if len(batches) == 0:
-        raise ConfigError(f"{spec.key}: train.batch_size={t.batch_size} is larger than the "
-                          f"{len(data.rows)} training rows of the fold")
-    model = place_model(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side,
-                                     **spec.kwargs), device, spec.runtime.channels_last)
     net = torch.compile(model) if spec.runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     epochs = planned_epochs(t, len(batches))
@@ -185,14 +246,14 @@ def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None
     sched = one_cycle(opt, t, cycle, for_swa=averaged > 0)
     average = WeightAverage.create(model, t, cycle)
     return TrainingLoop(model, net, opt, sched, batches, device, epochs, cycle, average,
-                 grad_scaler(device, spec.precision))
+                        grad_scaler(device, spec.precision))
 
 
-def _resume_from(loop: TrainingLoop, spec: FitSpec, path: Path) -> bool:
-    """Continue ``loop`` from the checkpoint at ``path`` when it was written for this cache key.
-    Returns False when the checkpoint did not fit after all (a state of another shape or kind):
-    one warning line, and the caller starts over from a fresh loop."""
-    state = load_resume(path, spec.cache_key, str(spec.key))
+def _resume_from(loop: TrainingLoop, cache_key: str, what: str, path: Path) -> bool:
+    """Continue ``loop`` (one member's, or a fused group's) from the checkpoint at ``path`` when it
+    was written for ``cache_key``. Returns False when the checkpoint did not fit after all (a state
+    of another shape or kind): one warning line naming ``what``, and the caller starts over."""
+    state = load_resume(path, cache_key, what)
     if state is None:
         return True
     try:
@@ -203,19 +264,20 @@ def _resume_from(loop: TrainingLoop, spec: FitSpec, path: Path) -> bool:
             loop.average.average.load_state_dict(state[loop.average.kind.value])
         if loop.scaler is not None and "grad_scaler" in state:
             loop.scaler.load_state_dict(state["grad_scaler"])
-        set_rng_state(state["rng"], loop.device, str(spec.key))
+        set_rng_state(state["rng"], loop.device, what)
         loop.history, loop.seconds_before = state["history"], float(state["seconds"])
         loop.start = int(state["epoch"]) + 1
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         log.warning("train: %s: ignoring %s, which does not fit this member (%s: %s); starting over",
-                    spec.key, path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    what, path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return False
-    log.info("train: %s: resuming after epoch %d/%d (%s)", spec.key, state["epoch"], loop.epochs, path)
+    log.info("train: %s: resuming after epoch %d/%d (%s)", what, state["epoch"], loop.epochs, path)
     return True
 
 
-def _save_state(loop: TrainingLoop, spec: FitSpec, path: Path, epoch: int, seconds: float) -> None:
-    save_resume(path, {"cache_key": spec.cache_key, "epoch": epoch, "model": loop.model.state_dict(),
+def _save_state(loop: TrainingLoop, cache_key: str, path: Path, epoch: int, seconds: float) -> None:
+    """Write ``loop``'s end-of-epoch state (tensors and plain data only) for ``cache_key``."""
+    save_resume(path, {"cache_key": cache_key, "epoch": epoch, "model": loop.model.state_dict(),
                        "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
                        "history": loop.history, "seconds": seconds, "rng": rng_state(loop.device),
                        **({loop.average.kind.value: loop.average.average.state_dict()}
@@ -236,6 +298,8 @@ def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, f
     bar = tqdm(loop.batches, desc=f"{spec.key} epoch {epoch}/{loop.epochs}", leave=False,
                disable=None if spec.runtime.progress else True, mininterval=1.0, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
+        if spec.deadline is not None and time.time() > spec.deadline:
+            raise DeadlineReached(f"{spec.key}: the budget's deadline came in epoch {epoch}")
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         loss, logits = train_step(loop.net, loop.opt, x, y, spec.train.label_smoothing,
                                   spec.runtime.channels_last, spec.precision, loop.scaler)
@@ -322,13 +386,17 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     Raises:
         PipelineError: the loss became NaN/inf (the resume checkpoint is removed).
         ConfigError: the batch size exceeds the fold's training rows.
+        DeadlineReached: ``spec.deadline`` (``budget=``) came; the last end-of-epoch checkpoint
+            stays (with ``resume_path``).
     """
     t0 = time.perf_counter()
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
     loop = setup_loop(spec, comp, tr_idx, pseudo)
-    if resume_path is not None and resume_path.exists() and not _resume_from(loop, spec, resume_path):
+    if (resume_path is not None and resume_path.exists()
+            and not _resume_from(loop, spec.cache_key, str(spec.key), resume_path)):
         loop = setup_loop(spec, comp, tr_idx, pseudo)
-    views = _run_epochs(loop, spec, comp.x_train[va_idx], comp.y_train[va_idx], t0, on_epoch, resume_path)
+    views = _run_epochs(loop, spec, comp.x_train[va_idx], comp.y_train[va_idx], t0, on_epoch, resume_path,
+                        len(comp.x_test) if predict_test else 0)
     test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None
     metrics = _metrics(loop, spec, views, comp.x_train[va_idx], comp.y_train[va_idx], t0)
     metrics |= {"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
@@ -338,11 +406,13 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
 
 
 def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.ndarray, t0: float,
-                on_epoch: EpochCallback | None, resume_path: Path | None) -> np.ndarray:
+                on_epoch: EpochCallback | None, resume_path: Path | None, n_test: int = 0) -> np.ndarray:
     """The epochs left of ``loop``, each recorded (validated every ``runtime.val_every``-th and
     the last) and checkpointed; returns the final ``(V, n_val, C)`` OOF probabilities per
     test-time view (the last epoch's validation is their identity view). Raises PipelineError
-    when the loss becomes NaN/inf (the checkpoint is removed)."""
+    when the loss becomes NaN/inf (the checkpoint is removed), and :class:`DeadlineReached` after an
+    epoch's checkpoint when the next epoch and the final prediction (of the fold and ``n_test``
+    test images) would end after ``spec.deadline``."""
     views = None
     for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
@@ -362,9 +432,12 @@ def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.
                                float(loop.sched.get_last_lr()[0]), time.perf_counter() - te)
         loop.history.append(record)
         if resume_path is not None:
-            _save_state(loop, spec, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
+            _save_state(loop, spec.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch, record)
+        if epoch < loop.epochs:
+            check_deadline(spec.deadline, time.perf_counter() - te, len(loop.batches) * spec.train.batch_size,
+                           len(x_val) + n_test, len(tta_views(spec.tta)), str(spec.key))
     if views is None:  # resumed from a checkpoint written after the last epoch
         views = _predict(loop, spec, x_val, tta=True)
     return views

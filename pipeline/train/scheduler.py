@@ -26,10 +26,12 @@ from pipeline.errors import PipelineError
 from pipeline.paths import RESUME
 from pipeline.settings import LockMode, RuntimeSettings, round_base
 from pipeline import members
-from pipeline.train.engine import FitSpec, fit_member, seconds_per_member
+from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, seconds_per_member
+from pipeline.train import fused
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.device import device_name, select_device, use_device
-from pipeline.train.runtime import barrier, configure_threads, fold_jobs, num_workers, side_by_side
+from pipeline.train.runtime import (barrier, configure_threads, fold_jobs, fuse_members, group_sizes, num_workers,
+                                    side_by_side)
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class Outcome(Enum):
     RETRAINED = "retrained"            # a stale or corrupt member was replaced (reason says why)
     CACHED = "cached"                  # complete and current: skipped
     SKIPPED_LOCKED = "skipped-locked"  # another process holds its lock (runtime.lock=skip)
+    DROPPED = "dropped"                # not started: it would not end before the budget's deadline
+    STOPPED = "stopped"                # stopped at the budget's deadline; its checkpoint stays
 
 
 @dataclass
@@ -62,28 +66,67 @@ def _pseudo(ws: Workspace, key: MemberKey):
     return pseudo.read_rows(ws.paths.pseudo_rows(key.model, key.fold), key.fold)
 
 
-def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None) -> dict:
-    """Train one member (resuming its checkpoint if any) with ``runtime`` (default: the run's),
-    write its files, record it verified in ``ws`` and return its metrics. Raises PipelineError
-    (NaN loss: nothing is cached)."""
-    out = ws.member_dir(key)
-    spec = FitSpec.create(ws.settings.models[key.model], runtime or ws.settings.runtime, key, ws.member_config(key))
-    res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME, pseudo=_pseudo(ws, key))
+def _spec(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None,
+          deadline: float | None = None) -> FitSpec:
+    return FitSpec.create(ws.settings.models[key.model], runtime or ws.settings.runtime, key, ws.member_config(key),
+                          deadline)
+
+
+def _write(ws: Workspace, key: MemberKey, spec: FitSpec, res) -> dict:
+    """Write a trained member's files (:func:`pipeline.members.write_member`), record it verified
+    and log its line. Returns its metrics."""
     meta = members.checkpoint_metadata(spec.arch, spec.kwargs, ws.comp.num_classes,
                                        int(ws.comp.x_train.shape[1]), ws.comp.side)
-    ws.record(key, members.write_member(out, ws.member_config(key), res.model, meta, res.row_ids,
+    ws.record(key, members.write_member(ws.member_dir(key), ws.member_config(key), res.model, meta, res.row_ids,
                                         res.oof, res.test, res.metrics))
-    (out / RESUME).unlink(missing_ok=True)
     m = res.metrics
-    log.info("train: %s: OOF acc %.5f, log loss %.4f, %d epochs, %.1f s on %s", key, m["accuracy"],
-             m["log_loss"], m["epochs"], m["seconds"], m["device"])
+    group = f" (fused group of {m['fused']['members']})" if m.get("fused") else ""
+    log.info("train: %s: OOF acc %.5f, log loss %.4f, %d epochs, %.1f s on %s%s", key, m["accuracy"],
+             m["log_loss"], m["epochs"], m["seconds"], m["device"], group)
     return m
+
+
+def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None,
+                 deadline: float | None = None) -> dict:
+    """Train one member (resuming its checkpoint if any) with ``runtime`` (default: the run's)
+    until ``deadline`` at most, write its files, record it verified in ``ws`` and return its
+    metrics. Raises PipelineError (NaN loss: nothing is cached), DeadlineReached (its checkpoint
+    stays)."""
+    out = ws.member_dir(key)
+    spec = _spec(ws, key, runtime, deadline)
+    res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME, pseudo=_pseudo(ws, key))
+    m = _write(ws, key, spec, res)
+    (out / RESUME).unlink(missing_ok=True)
+    return m
+
+
+def train_group(ws: Workspace, keys: list[MemberKey], runtime: RuntimeSettings | None = None,
+                deadline: float | None = None) -> list[dict]:
+    """Train ``keys`` (members of one model) as one fused group
+    (:func:`pipeline.train.fused.fit_group`), resuming the group's checkpoint
+    (:meth:`pipeline.paths.Paths.group_resume`) if any; write every member's ordinary files, record
+    them verified and return their metrics, in order. Raises PipelineError (NaN loss: nothing is
+    cached), DeadlineReached (the group's checkpoint stays)."""
+    specs = [_spec(ws, k, runtime, deadline) for k in keys]
+    resume = ws.paths.group_resume(keys[0].model, [(k.fold, k.seed_index) for k in keys])
+    resume.parent.mkdir(parents=True, exist_ok=True)
+    log.info("train: %s: %d members trained as one fused network (runtime.fuse)", keys[0].model, len(keys))
+    results = fused.fit_group(specs, ws.comp, ws.folds, resume_path=resume, pseudo=[_pseudo(ws, k) for k in keys])
+    out = [_write(ws, k, spec, res) for k, spec, res in zip(keys, specs, results)]
+    resume.unlink(missing_ok=True)
+    return out
 
 
 def train_locked(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None) -> MemberOutcome:
     """Train one member under its file lock unless it is (or, after waiting for another
     process, has become) cached; ``force=true`` retrains a cached one. ``runtime``: a side-by-side
     worker's own (device, progress bar, DataLoader workers); default the run's."""
+    return train_unit_locked(ws, (key,), runtime)[0]
+
+
+def _acquire(ws: Workspace, key: MemberKey) -> FileLock | None:
+    """The member's file lock, held; None when another process holds it and ``runtime.lock=skip``
+    (with ``wait``: waits for it, then forgets what was known of the member)."""
     lock_path = ws.paths.member_lock(key.model, key.fold, key.seed_index)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
@@ -92,24 +135,99 @@ def train_locked(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None 
     except Timeout:
         if ws.settings.runtime.lock is LockMode.skip:
             log.info("train: %s: another process holds %s; skipped (runtime.lock=skip)", key, lock_path)
-            return MemberOutcome(key, Outcome.SKIPPED_LOCKED, f"locked by another process ({lock_path})")
+            return None
         log.info("train: %s: another process holds %s; waiting", key, lock_path)
         lock.acquire()
         ws.forget(key)  # the other process may have written it meanwhile
+    return lock
+
+
+def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: RuntimeSettings | None = None,
+                      deadline: float | None = None, seconds: float = 0.0) -> list[MemberOutcome]:
+    """Train the members of ``unit`` (one member, or a fused group of one model's members) under
+    all their file locks (taken in key order), except those that are (or, after waiting for
+    another process, have become) cached and, with ``runtime.lock=skip``, those another process
+    holds; ``force=true`` retrains cached ones. Two or more left train as one fused group, one
+    alone. With a ``deadline`` (``budget=``): members that would not end before it (``seconds``
+    estimated for the unit) are dropped unstarted, and training stopped by it keeps its
+    checkpoint (outcome STOPPED). Returns one outcome per member of ``unit``, in order."""
+    outcomes: dict[MemberKey, MemberOutcome] = {}
+    locks, train = [], []
     try:
-        v = ws.verify(key)
-        if v.ok and not ws.cfg.force:
-            log.info("train: %s: cached, skipped (force=true retrains)", key)
-            return MemberOutcome(key, Outcome.CACHED, v.reason)
-        if v.status in (MemberStatus.STALE, MemberStatus.CORRUPT):
-            log.info("train: %s: retraining, %s", key, v.reason)
-            outcome = Outcome.RETRAINED
-        else:
-            outcome = Outcome.RETRAINED if v.ok else Outcome.TRAINED  # v.ok here: force=true
-        reason = "force=true" if v.ok else v.reason
-        return MemberOutcome(key, outcome, reason, train_member(ws, key, runtime))
+        for key in sorted(unit):
+            lock = _acquire(ws, key)
+            if lock is None:
+                outcomes[key] = MemberOutcome(key, Outcome.SKIPPED_LOCKED, "locked by another process "
+                                              f"({ws.paths.member_lock(key.model, key.fold, key.seed_index)})")
+                continue
+            locks.append(lock)
+            v = ws.verify(key)
+            if v.ok and not ws.cfg.force:
+                log.info("train: %s: cached, skipped (force=true retrains)", key)
+                outcomes[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
+                continue
+            if v.status in (MemberStatus.STALE, MemberStatus.CORRUPT):
+                log.info("train: %s: retraining, %s", key, v.reason)
+            outcome = Outcome.RETRAINED if v.ok or v.status in (MemberStatus.STALE, MemberStatus.CORRUPT) \
+                else Outcome.TRAINED
+            outcomes[key] = MemberOutcome(key, outcome, "force=true" if v.ok else v.reason)
+            train.append(key)
+        train = [k for k in unit if k in train]  # the unit's order: the group's seeds follow it
+        if train and deadline is not None and time.time() + seconds > deadline:
+            for key in train:
+                log.info("train: %s: dropped, not started: about %.1f min of training would end after the "
+                         "budget's deadline", key, seconds / 60)
+                outcomes[key] = MemberOutcome(key, Outcome.DROPPED, "would end after the budget's deadline")
+            train = []
+        try:
+            if len(train) == 1:
+                outcomes[train[0]].metrics = train_member(ws, train[0], runtime, deadline)
+            elif train:
+                for key, metrics in zip(train, train_group(ws, train, runtime, deadline)):
+                    outcomes[key].metrics = metrics
+        except DeadlineReached as e:
+            log.info("train: %s; stopped after its last end-of-epoch checkpoint (the same command with a "
+                     "larger budget continues it)", e)
+            for key in train:
+                outcomes[key] = MemberOutcome(key, Outcome.STOPPED, "stopped at the budget's deadline")
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
+    return [outcomes[k] for k in unit]
+
+
+def plan_units(ws: Workspace, pending: list[MemberKey], device) -> list[tuple[MemberKey, ...]]:
+    """The units ``stage=train`` trains, in ``pending``'s order: with fusion on
+    (:func:`~pipeline.train.runtime.fuse_members`), the pending members of a model that fuses
+    (:func:`pipeline.train.fused.can_fuse`) and have equal batches per epoch form groups of at
+    most ``runtime.fuse_max`` (:func:`~pipeline.train.runtime.group_sizes`); every other member is
+    a unit of its own. A model that does not fuse says so in one log line."""
+    rt = ws.settings.runtime
+    if not fuse_members(rt.fuse, device):
+        return [(k,) for k in pending]
+    by_shape: dict[tuple[str, int], list[MemberKey]] = {}
+    units: list[tuple[MemberKey, ...]] = []
+    for model in dict.fromkeys(k.model for k in pending):
+        keys = [k for k in pending if k.model == model]
+        spec = _spec(ws, keys[0])
+        if not fused.can_fuse(spec, ws.comp):
+            why = "runtime.compile=true" if spec.runtime.compile else f"{spec.arch} is not a fusable nn.Sequential"
+            log.info("train: %s: %d member(s) train unfused (%s)", model, len(keys), why)
+            continue
+        for k in keys:
+            rows = int((ws.folds != k.fold).sum())
+            extra = _pseudo(ws, k)
+            rows += len(extra.rows) if extra is not None else 0
+            by_shape.setdefault((model, rows // spec.train.batch_size), []).append(k)
+    for keys in by_shape.values():
+        start = 0
+        for size in group_sizes(len(keys), rt.fuse_max):
+            units.append(tuple(keys[start:start + size]))
+            start += size
+    grouped = {k for u in units for k in u}
+    units += [(k,) for k in pending if k not in grouped]
+    order = {k: i for i, k in enumerate(pending)}
+    return sorted(units, key=lambda u: order[u[0]])
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:
@@ -177,31 +295,46 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Probe:
-    """One model's timed steps: a member of it, its fit spec and its pseudo rows (or None)."""
+    """One model's timed steps: its largest unit's members (one, or a fused group), their fit
+    specs and pseudo rows (or None)."""
 
-    key: MemberKey
-    spec: FitSpec
-    pseudo: object = None
+    keys: tuple[MemberKey, ...]
+    specs: tuple[FitSpec, ...]
+    pseudo: tuple = ()
+
+    @property
+    def model(self) -> str:
+        return self.keys[0].model
 
 
-def _probes(ws: Workspace, keys: list[MemberKey], later: list[MemberKey]) -> list[Probe]:
-    """One probe per pending model; a pseudo-label round's (``later``) is its model without the
-    pseudo rows, which do not exist yet."""
+def _probes(ws: Workspace, units: list[tuple[MemberKey, ...]], later: list[MemberKey]) -> list[Probe]:
+    """One probe per pending model, of its largest unit; a pseudo-label round's (``later``) is
+    one member of its model without the pseudo rows, which do not exist yet."""
     out: dict[str, Probe] = {}
-    for key in [*keys, *later]:
+    for unit in sorted(units, key=len, reverse=True):
+        if unit[0].model not in out:
+            out[unit[0].model] = Probe(unit, tuple(_spec(ws, k) for k in unit), tuple(_pseudo(ws, k) for k in unit))
+    for key in later:
         if key.model not in out:
-            base = round_base(ws.cfg, key.model) if key in later else None
-            cache_key = ws.member_config(MemberKey(base, key.fold, key.seed_index) if base else key)
-            out[key.model] = Probe(key, FitSpec.create(ws.settings.models[key.model], ws.settings.runtime, key, cache_key),
-                                   None if base else _pseudo(ws, key))
+            base = MemberKey(round_base(ws.cfg, key.model), key.fold, key.seed_index)
+            spec = FitSpec.create(ws.settings.models[key.model], ws.settings.runtime, key, ws.member_config(base))
+            out[key.model] = Probe((key,), (spec,), (None,))
     return list(out.values())
 
 
 def time_probes(ws: Workspace, probes: list[Probe], after_warmup=None) -> dict[str, float]:
-    """Seconds per member of each probe's model, timed in this process
-    (:func:`~pipeline.train.engine.seconds_per_member`)."""
-    return {p.key.model: seconds_per_member(p.spec, ws.comp, ws.folds, pseudo=p.pseudo,
-                                            after_warmup=after_warmup) for p in probes}
+    """Seconds per member of each probe's model, timed in this process: one member's
+    (:func:`~pipeline.train.engine.seconds_per_member`), or a fused group's over its size
+    (:func:`~pipeline.train.fused.seconds_per_group`)."""
+    out = {}
+    for p in probes:
+        if len(p.specs) == 1:
+            out[p.model] = seconds_per_member(p.specs[0], ws.comp, ws.folds, pseudo=p.pseudo[0],
+                                              after_warmup=after_warmup)
+        else:
+            out[p.model] = fused.seconds_per_group(list(p.specs), ws.comp, ws.folds, pseudo=list(p.pseudo),
+                                                   after_warmup=after_warmup) / len(p.specs)
+    return out
 
 
 def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, handlers: list,
@@ -209,26 +342,29 @@ def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, 
     """In a side-by-side worker: time every probe on the worker's device and threads, in step
     with the other ``n_jobs - 1`` workers. Returns ``(pid, seconds per member of each model)``."""
     runtime = _enter_worker(ws, slot, n_jobs, handlers, level)
-    probes = [Probe(p.key, dataclasses.replace(p.spec, runtime=runtime), p.pseudo) for p in probes]
+    probes = [Probe(p.keys, tuple(dataclasses.replace(s, runtime=runtime) for s in p.specs), p.pseudo)
+              for p in probes]
     log.debug("train: timing %d model(s) on %s", len(probes), runtime.device)
     return os.getpid(), time_probes(ws, probes, barrier(folder, slot, n_jobs))
 
 
-def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device,
+def estimate(ws: Workspace, units: list[tuple[MemberKey, ...]], n_jobs: int, device,
              later: list[MemberKey] = ()) -> Estimate:
     """Time a few training steps of each pending model where the members will train, and
     extrapolate to every pending member's steps.
 
-    With ``n_jobs`` side-by-side members the steps are timed in ``n_jobs`` worker processes at
-    once (the pool that then trains the members; this process opens no GPU context and compiles
-    nothing), each with the device and threads its members will have, so the figure is measured
-    under that concurrency; the slowest worker's figure is kept. With one job they are timed
-    here, where the members train.
+    ``units``: what trains as one (a member, or a fused group: then the group's steps are timed,
+    and each of its members counts for the group's seconds over its size). With ``n_jobs``
+    side-by-side units the steps are timed in ``n_jobs`` worker processes at once (the pool that
+    then trains the members; this process opens no GPU context and compiles nothing), each with
+    the device and threads its members will have, so the figure is measured under that
+    concurrency; the slowest worker's figure is kept. With one job they are timed here, where the
+    members train.
 
-    ``later``: pseudo-label round members to train after ``keys``; their pseudo rows do not exist
-    yet, so each is estimated as its model without them, scaled by (training rows + every test
-    row) / training rows: at most what it will take."""
-    probes = _probes(ws, keys, list(later))
+    ``later``: pseudo-label round members to train after ``units``; their pseudo rows do not exist
+    yet, so each is estimated as one unfused member of its model without them, scaled by
+    (training rows + every test row) / training rows: at most what it will take."""
+    probes = _probes(ws, units, list(later))
     if n_jobs == 1:
         per_model = time_probes(ws, probes)
     else:
@@ -239,8 +375,8 @@ def estimate(ws: Workspace, keys: list[MemberKey], n_jobs: int, device,
             timed = Parallel(n_jobs=n_jobs, backend="loky")(
                 delayed(_time_in_worker)(ws, probes, slot, n_jobs, handlers, level, folder)
                 for slot in range(n_jobs))
-        per_model = {p.key.model: max(t[p.key.model] for _, t in timed) for p in probes}
-    seconds = {k: per_model[k.model] for k in keys}
+        per_model = {p.model: max(t[p.model] for _, t in timed) for p in probes}
+    seconds = {k: per_model[k.model] for u in units for k in u}
     for k in later:
         rows = int((ws.folds != k.fold).sum())
         seconds[k] = per_model[k.model] * (rows + len(ws.comp.x_test)) / rows
@@ -286,24 +422,29 @@ def _enter_worker(ws: Workspace, slot: int, sharing: int, handlers: list, level:
                                num_workers=num_workers(rt.num_workers, device, sharing))
 
 
-def _worker(ws: Workspace, key: MemberKey, slot: int, sharing: int, handlers: list,
-            level: int) -> tuple[MemberKey, MemberOutcome | PipelineError]:
-    """One side-by-side member (in a joblib worker process, :func:`_enter_worker`; ``sharing``:
-    the members training at once, :func:`side_by_side`). Returns the outcome, or the user error
-    that stopped it (so the other members can finish first)."""
+def _worker(ws: Workspace, unit: tuple[MemberKey, ...], slot: int, sharing: int, handlers: list,
+            level: int, deadline: float | None = None,
+            seconds: float = 0.0) -> tuple[tuple[MemberKey, ...], list[MemberOutcome] | PipelineError]:
+    """One side-by-side unit, a member or a fused group (in a joblib worker process,
+    :func:`_enter_worker`; ``sharing``: the units training at once, :func:`side_by_side`).
+    Returns its outcomes, or the user error that stopped it (so the other units can finish first)."""
     runtime = _enter_worker(ws, slot, sharing, handlers, level)
     try:
-        return key, train_locked(ws, key, runtime)
+        return unit, train_unit_locked(ws, unit, runtime, deadline, seconds)
     except PipelineError as e:
-        return key, e
+        return unit, e
 
 
-def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) -> list[MemberOutcome]:
-    """Train every member of ``keys`` that is not cached, ``runtime.fold_jobs`` side by side.
-    ``later`` (the pseudo-label round members that will follow) only counts in the estimate.
+def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), deadline: float | None = None,
+             est: "Estimate | None" = None) -> list[MemberOutcome]:
+    """Train every member of ``keys`` that is not cached: fused groups where fusion is on
+    (:func:`plan_units`), ``runtime.fold_jobs`` units side by side. ``later`` (the pseudo-label
+    round members that will follow) only counts in the estimate. With a ``deadline``
+    (``time.time()``, ``budget=``) no unit starts unless its estimate (``est``, else timed here)
+    ends before it, and training stops at it (:func:`train_unit_locked`).
 
     Returns one :class:`MemberOutcome` per key, in order. A user error in a worker is raised
-    (as the project's one-line error) once the other members have finished and kept their files.
+    (as the project's one-line error) once the other units have finished and kept their files.
     """
     rt = ws.settings.runtime
     device = select_device(rt.device)
@@ -316,44 +457,56 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = ()) 
             done[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
         else:
             pending.append(key)
-    n_jobs = fold_jobs(rt.fold_jobs, device, len(pending))
-    log.info("train: %d member(s) cached, %d to train%s", len(done), len(pending),
+    units = plan_units(ws, pending, device)
+    n_jobs = fold_jobs(rt.fold_jobs, device, len(units))
+    groups = [u for u in units if len(u) > 1]
+    log.info("train: %d member(s) cached, %d to train%s%s", len(done), len(pending),
+             f" ({sum(map(len, groups))} of them in {len(groups)} fused group(s) of "
+             f"{'/'.join(str(len(u)) for u in groups)})" if groups else "",
              f", {n_jobs} side by side (runtime.fold_jobs={rt.fold_jobs})" if n_jobs > 1 else "")
     if not pending:
         return [done[k] for k in keys]
     if n_jobs == 1:
         use_device(device)
         configure_threads(rt.threads, device)
-    est = estimate(ws, pending, n_jobs, device, list(later)) if rt.estimate else None
-    if est is not None:
+    if est is None and (rt.estimate or deadline is not None):
+        est = estimate(ws, units, n_jobs, device, list(later))
         _announce(ws, est, device)
+
+    def unit_seconds(unit) -> float:
+        return sum(est.member_seconds.get(k, 0.0) for k in unit) if est is not None else 0.0
     finished: dict[MemberKey, float] = {}
 
-    def finish(outcome: MemberOutcome) -> None:
-        done[outcome.key] = outcome
-        finished[outcome.key] = (outcome.metrics or {}).get("seconds", 0.0)
+    def finish(outcomes: list[MemberOutcome]) -> None:
+        for outcome in outcomes:
+            done[outcome.key] = outcome
+            if outcome.outcome not in (Outcome.DROPPED, Outcome.STOPPED):
+                finished[outcome.key] = (outcome.metrics or {}).get("seconds", 0.0)
         if est is not None:
             _progress(est, finished)
 
     if n_jobs == 1:
-        for key in pending:
-            finish(train_locked(ws, key))
+        for unit in units:
+            finish(train_unit_locked(ws, unit, None, deadline, unit_seconds(unit)))
         return [done[k] for k in keys]
     from joblib import Parallel, delayed
     from joblib.externals.loky import get_reusable_executor
 
     handlers, level = log_handlers(), logging.getLogger().level
-    errors, shares = [], side_by_side([k.model for k in pending], n_jobs)
-    for key, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
-            delayed(_worker)(ws, key, i % n_jobs, shares[i], handlers, level) for i, key in enumerate(pending)):
-        ws.forget(key)  # what the worker wrote, as this process's workspace sees it
+    errors, shares = [], side_by_side([u[0].model for u in units], n_jobs)
+    for unit, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
+            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadline, unit_seconds(unit))
+            for i, unit in enumerate(units)):
+        for key in unit:
+            ws.forget(key)  # what the worker wrote, as this process's workspace sees it
         if isinstance(r, PipelineError):
             errors.append(r)
             continue
-        if r.metrics is not None:
-            ws.record(key, members.Verification(MemberStatus.OK, "cached"))
+        for o in r:
+            if o.metrics is not None:
+                ws.record(o.key, members.Verification(MemberStatus.OK, "cached"))
         finish(r)
     get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout
-    if errors:  # every other member has finished and kept its files
+    if errors:  # every other unit has finished and kept its files
         raise errors[0]
     return [done[k] for k in keys]

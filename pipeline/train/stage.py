@@ -22,12 +22,19 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
     """Train the members of ``model`` (or the ensemble) x its seeds x ``fold`` (or all folds),
     first-round members first, then pseudo-label rounds.
 
+    With ``budget=`` the seeds and epochs are planned to fit it (:mod:`pipeline.train.budgeted`).
+
     Returns one :class:`~pipeline.train.scheduler.MemberOutcome` per member (trained, retrained
-    and why, cached, or skipped because another process holds its lock). Raises ConfigError /
+    and why, cached, skipped because another process holds its lock, or under a budget dropped
+    or stopped at the deadline). Raises ConfigError /
     PipelineError for bad settings or a diverged training (see
     :func:`pipeline.train.scheduler.schedule`).
     """
     ws = ws or Workspace.load(cfg)
+    if ws.settings.budget is not None:
+        from pipeline.train.budgeted import run as run_budgeted
+
+        return run_budgeted(cfg, ws)
     keys = [k for name in selected_models(cfg) for k in ws.keys(name, selected_folds(cfg))]
     first = [k for k in keys if round_base(cfg, k.model) is None]
     rounds = [k for k in keys if k not in first]  # their pseudo-labels need the first round cached

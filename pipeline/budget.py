@@ -1,0 +1,262 @@
+"""A time budget (``budget=20m``): how many seeds and epochs each model gets, planned from costs
+measured on this machine so that the run fits, and the deadline it must not pass.
+
+The planner is a pure function of (budget, measured costs, ranges): :func:`plan`. Its policy,
+from what was measured on the Digit Recognizer (README, docs/results.md): a second seed of the
+strongest model paid more (+0.0004 OOF) than a weak extra member (``mlp`` and ``cnn_keras`` added
+nothing to the blend), and a member's first epochs pay the most (``cnn_deotte``: 7 epochs 0.99498,
+8 epochs 0.99500). So, starting from every model at its lowest seeds and epochs, it takes these
+steps in this fixed order, as long as the next one fits:
+
+1. raise the epochs, one epoch of one model at a time (models in ``ensemble`` order, round-robin),
+   up to each model's configured ``train.epochs``;
+2. add seeds to the first model of ``ensemble`` (the strongest by convention) up to its highest
+   seeds, then to the next model, and so on;
+3. raise the epochs further, round-robin, up to each model's highest epochs.
+
+The plan is the longest prefix of that sequence that fits, so it never plans more than the budget,
+and a larger budget never plans fewer member-epochs (the prefix only grows). A model whose members
+already exist (cached or checkpointed) keeps its epochs, so that re-running with a larger budget
+continues them instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ArtifactError, ConfigError
+from pipeline.io import save_json
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_budget(value) -> float | None:
+    """``budget=``: ``None`` (no budget), seconds as a number, or a duration ``20m``, ``2h``,
+    ``90s``, ``1h30m``. Returns seconds (> 0) or None. Raises ConfigError for anything else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+        return None
+    text = str(value).strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+        if not parts or not any(parts.groups()):
+            raise ConfigError(f"budget={value}: expected seconds or a duration such as 20m, 2h, 1h30m") from None
+        seconds = sum(float(g) * u for g, u in zip(parts.groups(), (3600, 60, 1)) if g)
+    if not seconds > 0:
+        raise ConfigError(f"budget={value}: expected a positive duration")
+    return seconds
+
+
+def format_minutes(seconds: float) -> str:
+    """``seconds`` as minutes with one decimal (``12.5 min``), or as seconds below a minute."""
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A model's planning range: epochs ``lo..hi`` with ``knee`` (its configured ``train.epochs``)
+    where step 1 stops, and seeds ``seeds_lo..seeds_hi``."""
+
+    epochs_lo: int
+    knee: int
+    epochs_hi: int
+    seeds_lo: int
+    seeds_hi: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one member of a model costs here, in seconds of the run's wall clock (the members'
+    own seconds divided by the members trained side by side): ``per_epoch`` for each epoch and
+    ``fixed`` once (set-up, validation, test prediction); ``folds`` members per seed."""
+
+    per_epoch: float
+    fixed: float
+    folds: int
+
+    def seconds(self, seeds: int, epochs: int) -> float:
+        """Wall seconds of ``seeds`` x ``folds`` members of ``epochs`` epochs."""
+        return seeds * self.folds * (epochs * self.per_epoch + self.fixed)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model's share of the plan: its seeds and epochs and their estimated wall seconds."""
+
+    model: str
+    seeds: int
+    epochs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A budget's plan: ``models`` in ``ensemble`` order within ``available`` seconds of training
+    (the budget less the time already spent and the ``reserve`` for prediction, blend and report)."""
+
+    budget: float
+    available: float
+    reserve: float
+    models: tuple[ModelPlan, ...]
+
+    @property
+    def seconds(self) -> float:
+        """The planned training's estimated wall seconds."""
+        return sum(m.seconds for m in self.models)
+
+    def member_epochs(self, costs: dict[str, Cost]) -> int:
+        """Epochs over every planned member (seeds x folds x epochs, summed over models)."""
+        return sum(m.seeds * costs[m.model].folds * m.epochs for m in self.models)
+
+    def table(self) -> str:
+        """The plan as log lines: model, seeds, epochs, estimated minutes; then the reserve."""
+        rows = [f"  {m.model:16s} {m.seeds} seed(s) x {m.epochs} epochs, about {format_minutes(m.seconds)}"
+                for m in self.models]
+        return "\n".join(rows + [f"  training about {format_minutes(self.seconds)} of {format_minutes(self.available)}"
+                                 f" available; {format_minutes(self.reserve)} reserved for prediction, blend"
+                                 f" and report"])
+
+
+def reserve_seconds(budget: float) -> float:
+    """Seconds a budget keeps for what follows training (the last members' test prediction, the
+    blend, the report) and for the run's start-up: 20 s + 4% of the budget."""
+    return 20.0 + 0.04 * budget
+
+
+def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[str, Range],
+         order: list[str], fixed_epochs: dict[str, int] | None = None) -> Plan:
+    """The seeds and epochs of each model of ``order`` that fit in ``available`` seconds (see the
+    module docstring for the policy).
+
+    Args:
+        budget: the whole run's budget (seconds), recorded with the plan; available: seconds left
+            for training now.
+        costs / ranges: per model, :class:`Cost` measured here and its :class:`Range`.
+        order: the models, strongest first (``ensemble`` order).
+        fixed_epochs: models whose members already exist, with their epochs (kept).
+    Returns:
+        a :class:`Plan` whose ``seconds`` is at most ``available``.
+    Raises:
+        ConfigError: one seed of each model at its lowest epochs does not fit; the message gives
+            the smallest budget that would.
+    """
+    fixed = dict(fixed_epochs or {})
+    epochs = {m: fixed.get(m, ranges[m].epochs_lo) for m in order}
+    seeds = {m: ranges[m].seeds_lo for m in order}
+
+    def total() -> float:
+        return sum(costs[m].seconds(seeds[m], epochs[m]) for m in order)
+
+    need = total()
+    if need > available:
+        smallest = need + (budget - available)
+        raise ConfigError(f"budget={format_minutes(budget)}: too small; {', '.join(f'{seeds[m]} seed of {m} at {epochs[m]} epochs' for m in order)} "
+                          f"need about {format_minutes(need)} of training here; expected budget >= "
+                          f"{math.ceil(smallest / 60)}m")
+    for step in _steps(order, ranges, fixed):
+        kind, model = step
+        before = (seeds[model], epochs[model])
+        if kind == "epoch":
+            epochs[model] += 1
+        else:
+            seeds[model] += 1
+        if total() > available:
+            seeds[model], epochs[model] = before
+            break
+    models = tuple(ModelPlan(m, seeds[m], epochs[m], costs[m].seconds(seeds[m], epochs[m])) for m in order)
+    return Plan(budget, available, reserve_seconds(budget), models)
+
+
+def _steps(order: list[str], ranges: dict[str, Range], fixed: dict[str, int]):
+    """The fixed sequence of ``("epoch" | "seed", model)`` steps (the module docstring's 1-3)."""
+    epochs = {m: fixed.get(m, ranges[m].epochs_lo) for m in order}
+    for limit in ("knee", "epochs_hi"):
+        if limit == "epochs_hi":
+            for m in order:  # step 2 between the two epoch phases
+                for _ in range(ranges[m].seeds_hi - ranges[m].seeds_lo):
+                    yield "seed", m
+        raising = True
+        while raising:
+            raising = False
+            for m in order:
+                if m not in fixed and epochs[m] < getattr(ranges[m], limit):
+                    epochs[m] += 1
+                    raising = True
+                    yield "epoch", m
+
+
+@dataclass(frozen=True)
+class BudgetRecord:
+    """``artifacts/budget/plan.json``: a budgeted run's plan and what it completed.
+
+    Attributes:
+        started: the command's start (``time.time()``); deadline: ``started + budget``.
+        complete: per model, its complete seeds (every fold done): what the blend uses.
+        trained / stopped / dropped: members (``"<model> fold <k> [seed <s>]"``) trained, stopped
+            at the deadline (checkpointed) and never started; train_seconds: training's wall time.
+    """
+
+    plan: Plan
+    started: float
+    deadline: float
+    complete: dict = field(default_factory=dict)
+    trained: tuple = ()
+    stopped: tuple = ()
+    dropped: tuple = ()
+    train_seconds: float | None = None
+
+    def to_json(self) -> dict:
+        p = self.plan
+        return {"budget_s": p.budget, "available_s": p.available, "reserve_s": p.reserve,
+                "started": self.started, "deadline": self.deadline,
+                "models": [{"model": m.model, "seeds": m.seeds, "epochs": m.epochs, "seconds": m.seconds}
+                           for m in p.models],
+                "complete": dict(self.complete), "trained": list(self.trained), "stopped": list(self.stopped),
+                "dropped": list(self.dropped), "train_seconds": self.train_seconds}
+
+
+def save_record(path: Path, record: BudgetRecord) -> None:
+    """Write ``record`` to ``path`` atomically."""
+    save_json(path, record.to_json())
+
+
+def read_record(path: Path) -> BudgetRecord | None:
+    """The record at ``path``, or None when there is none. Raises ArtifactError (one line) when
+    it is not a plan this code wrote."""
+    if not path.exists():
+        return None
+    try:
+        j = json.loads(path.read_text())
+        plan = Plan(float(j["budget_s"]), float(j["available_s"]), float(j["reserve_s"]),
+                    tuple(ModelPlan(str(m["model"]), int(m["seeds"]), int(m["epochs"]), float(m["seconds"]))
+                          for m in j["models"]))
+        return BudgetRecord(plan, float(j["started"]), float(j["deadline"]),
+                            {str(k): int(v) for k, v in (j.get("complete") or {}).items()},
+                            tuple(j.get("trained") or ()), tuple(j.get("stopped") or ()),
+                            tuple(j.get("dropped") or ()), j.get("train_seconds"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: unreadable budget plan ({type(e).__name__}: {e}); run: python run.py "
+                            f"stage=train budget=...") from None
+
+
+def process_start() -> float:
+    """When this command started (``time.time()``): the process's start time from ``/proc`` on
+    Linux (so the interpreter's and Hydra's start-up count against the budget), else the time this
+    module was first imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()

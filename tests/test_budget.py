@@ -1,0 +1,158 @@
+"""budget=: the planner in isolation (a pure function of budget, costs and ranges), its parsing,
+and the deadline in a real run on the MNIST fixture."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.budget import Cost, Range, parse_budget, plan
+from pipeline.errors import ConfigError
+
+# Costs in the proportions measured on the 2-core CPU (fp32, 2 side by side, quick profile):
+# a cnn_deotte member-epoch ~40 s of wall clock, an mlp one ~1 s; 5 folds.
+COSTS = {"cnn_deotte": Cost(per_epoch=40.0, fixed=6.0, folds=5), "mlp": Cost(per_epoch=1.0, fixed=2.0, folds=5)}
+RANGES = {"cnn_deotte": Range(epochs_lo=2, knee=8, epochs_hi=12, seeds_lo=1, seeds_hi=3),
+          "mlp": Range(epochs_lo=3, knee=10, epochs_hi=15, seeds_lo=1, seeds_hi=1)}
+ORDER = ["cnn_deotte", "mlp"]
+
+
+def test_budget_values_parse_to_seconds():
+    assert parse_budget("20m") == 1200 and parse_budget("2h") == 7200 and parse_budget(90) == 90
+    assert parse_budget("1h30m") == 5400 and parse_budget("45s") == 45 and parse_budget(None) is None
+    for bad in ("soon", "-5", "0", "20x"):
+        with pytest.raises(ConfigError, match=f"budget={bad}: expected"):
+            parse_budget(bad)
+
+
+def test_the_plan_never_exceeds_the_budget_and_grows_with_it():
+    """Over budgets from the smallest that fits to far more than every range needs: the plan's
+    seconds are within what is available, and member-epochs never fall as the budget grows."""
+    previous = 0
+    seen = set()
+    for available in range(500, 20_000, 37):
+        p = plan(available + 60, available, COSTS, RANGES, ORDER)
+        assert p.seconds <= available
+        epochs = p.member_epochs(COSTS)
+        assert epochs >= previous, (available, p)
+        previous = epochs
+        seen.add(tuple((m.seeds, m.epochs) for m in p.models))
+        for m in p.models:
+            r = RANGES[m.model]
+            assert r.seeds_lo <= m.seeds <= r.seeds_hi and r.epochs_lo <= m.epochs <= r.epochs_hi
+    assert ((3, 12), (1, 15)) in seen  # a large budget reaches the top of every range
+    assert len(seen) >= 12  # every step of the sequence is a plan of some budget
+
+
+def test_the_policy_epochs_to_the_knee_then_seeds_of_the_strongest_then_more_epochs():
+    knee = sum(COSTS[m].seconds(1, RANGES[m].knee) for m in ORDER)
+    p = plan(knee + 100, knee + 1, COSTS, RANGES, ORDER)
+    assert [(m.seeds, m.epochs) for m in p.models] == [(1, 8), (1, 10)]
+    second_seed = knee + COSTS["cnn_deotte"].seconds(1, 8)
+    p = plan(second_seed + 100, second_seed + 1, COSTS, RANGES, ORDER)
+    assert [(m.seeds, m.epochs) for m in p.models] == [(2, 8), (1, 10)]
+
+
+def test_a_model_with_existing_members_keeps_its_epochs():
+    p = plan(20_000, 19_000, COSTS, RANGES, ORDER, fixed_epochs={"cnn_deotte": 5})
+    assert p.models[0].epochs == 5 and p.models[0].seeds == 3 and p.models[1].epochs == 15
+
+
+def test_too_small_a_budget_names_the_smallest_that_fits():
+    least = sum(COSTS[m].seconds(1, RANGES[m].epochs_lo) for m in ORDER)  # 5*(80+6) + 5*(3+2) = 455 s
+    with pytest.raises(ConfigError, match=r"budget=5.0 min: too small; .* expected budget >= 9m"):
+        plan(300, 300 - 60, COSTS, RANGES, ORDER)
+    assert plan(least + 60, least, COSTS, RANGES, ORDER).seconds == pytest.approx(least)
+
+
+# --------------------------------------------------------------------------- the deadline, for real
+
+import dataclasses  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from conftest import REPO, TINY  # noqa: E402
+
+
+def test_a_member_stopped_by_the_deadline_resumes_from_its_checkpoint(tiny_cfg):
+    """The deadline comes during epoch 3's planning (after epoch 2's checkpoint): training stops
+    with DeadlineReached, the checkpoint stays, and the same member run again (a larger budget)
+    continues after epoch 2 to the uninterrupted run's probabilities."""
+    from pipeline.members import MemberKey
+    from pipeline.train.engine import DeadlineReached, FitSpec, fit_member
+    from pipeline.workspace import Workspace
+
+    cfg = tiny_cfg("model=cnn_deotte", "runtime.deterministic=true", "train.epochs=4", "models.cnn_deotte.train.epochs=4")
+    ws = Workspace.load(cfg)
+    key = MemberKey("cnn_deotte", 0)
+    spec = FitSpec.create(ws.settings.models["cnn_deotte"], ws.settings.runtime, key, ws.member_config(key))
+    ref = fit_member(spec, ws.comp, ws.folds, predict_test=False)
+    path = ws.member_dir(key) / "resume.pt"
+    path.parent.mkdir(parents=True)
+    timed = dataclasses.replace(spec, deadline=time.time() + 3600)
+
+    def deadline_now(epoch, record):
+        if epoch == 2:
+            timed.deadline = time.time()  # the budget's deadline is here
+
+    with pytest.raises(DeadlineReached, match="the next epoch would end after the budget's deadline"):
+        fit_member(timed, ws.comp, ws.folds, predict_test=False, resume_path=path, on_epoch=deadline_now)
+    import torch
+
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    res = fit_member(spec, ws.comp, ws.folds, predict_test=False, resume_path=path)
+    assert res.metrics["resumed_after_epoch"] == 2
+    np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6)
+
+
+def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, caplog, monkeypatch):
+    """stage=train with budget=: the plan (model, seeds, epochs, minutes, reserve) is logged before
+    any member trains and saved; a seed with a member stopped at the deadline is left out of the
+    blend (its complete seed 0 blends), and the log says what was dropped."""
+    import logging
+
+    from pipeline import blend, train
+    from pipeline.budget import read_record
+    from pipeline.members import MemberKey
+    from pipeline.train import scheduler
+    from pipeline.train.engine import DeadlineReached
+    from pipeline.train.scheduler import Outcome
+    from pipeline.workspace import Workspace
+
+    real = scheduler.train_member
+
+    def stopped_at_the_deadline(ws, key, runtime=None, deadline=None):
+        if key == MemberKey("cnn_deotte", 1, 1):
+            raise DeadlineReached(f"{key}: the budget's deadline came in epoch 1")
+        return real(ws, key, runtime, deadline)
+
+    monkeypatch.setattr(scheduler, "train_member", stopped_at_the_deadline)
+    run = ("ensemble=[cnn_deotte]", "budget=2h", "+models.cnn_deotte.ranges.seeds=[1,2]",
+           "+models.cnn_deotte.ranges.epochs=[1,3]", "blend.method=mean", "aug=none")
+    cfg = tiny_cfg(*run)
+    with caplog.at_level(logging.INFO):
+        outcomes = train.run(cfg)
+    text = caplog.text
+    assert "cnn_deotte       2 seed(s) x 3 epochs" in text and "reserved for prediction, blend and report" in text
+    assert text.index("the plan, from steps timed here") < text.index("OOF acc")
+    assert [o.outcome for o in outcomes].count(Outcome.STOPPED) == 1
+    assert "cnn_deotte: 1 of 2 planned seed(s) complete; the blend uses those (dropped: cnn_deotte fold 1 seed 1)" in text
+    ws = Workspace.load(cfg)
+    record = read_record(ws.paths.budget_plan)
+    assert record.complete == {"cnn_deotte": 1} and record.stopped == ("cnn_deotte fold 1 seed 1",)
+    assert record.plan.seconds <= record.plan.available
+    out = blend.run(tiny_cfg(*run))
+    assert [e["seed"] for e in out.saved.record["manifests"]["cnn_deotte"]] == [0, 0]  # seed 0's two folds
+
+
+def test_a_budget_too_small_is_one_line_and_exit_2(tmp_path, digits_dir):
+    args = [sys.executable, str(REPO / "run.py"), "stage=train", f"paths.root={tmp_path}", f"data.dir={digits_dir}",
+            *TINY, "ensemble=[cnn_deotte]", "budget=2s"]
+    r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "budget=2 s: too small" in lines[0] and "expected budget >= " in lines[0]
+    assert not list(tmp_path.glob("artifacts/cnn_deotte/*/model.safetensors"))

@@ -1,0 +1,211 @@
+"""Fused members (runtime.fuse): one model's folds x seeds trained as one network, on the CPU,
+on the real MNIST fixture (400 train / 119 test digits)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from filelock import FileLock
+
+from pipeline import blend, members, train
+from pipeline.fusion import fusable, fuse, split, stack_inputs
+from pipeline.members import MemberKey
+from pipeline.models import create_model
+from pipeline.paths import RESUME
+from pipeline.train import fused, runtime
+from pipeline.train.engine import FitSpec, fit_member
+from pipeline.train.inference import place_model, predict_logits, predict_probs
+from pipeline.train.scheduler import Outcome, plan_units
+from pipeline.workspace import Workspace
+
+# Exact mode, no dropout and no augmentation: a fused member must learn what it learns alone.
+EXACT = ["ensemble=[cnn_deotte]", "folds.k=3", "models.cnn_deotte.seeds=2", "runtime.deterministic=true",
+         "aug=none", "models.cnn_deotte.kwargs.dropout=0.0", "train.epochs=3", "models.cnn_deotte.train.epochs=3"]
+# Three members: two folds of seed 0 and one of seed 1
+GROUP = [MemberKey("cnn_deotte", 0), MemberKey("cnn_deotte", 1), MemberKey("cnn_deotte", 2, 1)]
+# Measured here (2-core AMD EPYC, fp32): fused vs alone after 3 epochs, width 0.25, batch 32:
+# weights differ by at most 1.4e-4, probabilities by 7.4e-5 (the grouped kernels round otherwise).
+WEIGHT_ATOL, PROB_ATOL = 1e-3, 1e-3
+
+
+def _specs(ws: Workspace, keys) -> list[FitSpec]:
+    return [FitSpec.create(ws.settings.models[k.model], ws.settings.runtime, k, ws.member_config(k)) for k in keys]
+
+
+def _digits(tiny_cfg) -> torch.Tensor:
+    comp = Workspace.load(tiny_cfg()).comp
+    return torch.from_numpy(comp.x_train[:64]).float() / 255
+
+
+@pytest.mark.parametrize("arch", ["cnn_deotte", "cnn_keras", "mlp"])
+def test_a_fused_network_computes_each_member_and_splits_back(tiny_cfg, arch):
+    """fuse(M models) maps member m's images in channel block m to member m's logits, and split()
+    gives back every member's exact weights, loadable by the unfused model."""
+    x = _digits(tiny_cfg)
+    nets = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        nets.append(create_model(arch, 10, width=0.5) if arch != "mlp" else create_model(arch, 10))
+        nets[-1].eval()
+    assert all(fusable(n) for n in nets)
+    net = fuse(nets).eval()
+    batches = [x[i * 16:(i + 1) * 16] for i in range(3)]  # each member its own digits
+    with torch.no_grad():
+        out = net(stack_inputs(batches))
+        assert out.shape == (16, 3, 10)
+        for m in range(3):
+            torch.testing.assert_close(out[:, m], nets[m](batches[m]), atol=1e-5, rtol=1e-5)
+    for m, state in enumerate(split(net, 3)):
+        twin = create_model(arch, 10, width=0.5) if arch != "mlp" else create_model(arch, 10)
+        twin.load_state_dict(state)
+        for (k, a), b in zip(nets[m].state_dict().items(), twin.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_timm_models_and_compile_do_not_fuse(tiny_cfg, caplog):
+    """A timm model trains unfused and says so in one line; so does runtime.compile=true."""
+    assert not fusable(create_model("resnet_timm", 10, channels=[8, 16, 32, 64], layers=[1, 1, 1, 1]))
+    cfg = tiny_cfg("ensemble=[resnet_timm,mlp]", "runtime.fuse=on")
+    ws = Workspace.load(cfg)
+    keys = ws.keys("resnet_timm") + ws.keys("mlp")
+    with caplog.at_level(logging.INFO):
+        units = plan_units(ws, keys, torch.device("cpu"))
+    assert units == [(keys[0],), (keys[1],), (keys[2], keys[3])]
+    lines = [r.message for r in caplog.records if "train unfused" in r.message]
+    assert lines == ["train: resnet_timm: 2 member(s) train unfused (resnet_timm is not a fusable nn.Sequential)"]
+    assert plan_units(Workspace.load(tiny_cfg("model=mlp", "runtime.fuse=on", "runtime.compile=true")),
+                      keys[2:], torch.device("cpu")) == [(keys[2],), (keys[3],)]
+
+
+def test_groups_are_one_model_at_most_fuse_max_and_only_pending(tiny_cfg):
+    """Pending members of one model form groups of at most runtime.fuse_max, as even as possible;
+    fuse=off trains every member alone."""
+    assert runtime.group_sizes(15, 15) == [15] and runtime.group_sizes(15, 8) == [8, 7]
+    assert runtime.group_sizes(10, 3) == [3, 3, 2, 2] and runtime.group_sizes(1, 4) == [1]
+    cfg = tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=3", "runtime.fuse=on", "runtime.fuse_max=4")
+    ws = Workspace.load(cfg)
+    keys = ws.keys("cnn_deotte")  # 2 folds x 3 seeds
+    units = plan_units(ws, keys[1:], torch.device("cpu"))  # keys[0] cached: never joins a group
+    assert [len(u) for u in units] == [3, 2] and [k for u in units for k in u] == keys[1:]
+    off = Workspace.load(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=3", "runtime.fuse=off"))
+    assert plan_units(off, keys, torch.device("cpu")) == [(k,) for k in keys]
+    assert runtime.fuse_members(runtime.FuseMode.auto, torch.device("cuda"))
+    assert not runtime.fuse_members(runtime.FuseMode.off, torch.device("cuda"))
+
+
+def test_a_fused_group_learns_what_its_members_learn_alone(tiny_cfg):
+    """Dropout and augmentation off, deterministic: 3 members (2 folds of seed 0, 1 of seed 1)
+    fused end with the weights and OOF / test probabilities of the same members trained one by
+    one, within WEIGHT_ATOL / PROB_ATOL, and the same fold accuracy."""
+    cfg = tiny_cfg(*EXACT)
+    ws = Workspace.load(cfg)
+    specs = _specs(ws, GROUP)
+    alone = [fit_member(s, ws.comp, ws.folds) for s in specs]
+    together = fused.fit_group(specs, ws.comp, ws.folds)
+    assert len({float(a.metrics["accuracy"]) for a in alone}) > 1  # three different members
+    for a, f in zip(alone, together):
+        wa, wf = a.model.state_dict(), f.model.state_dict()
+        assert wa.keys() == wf.keys()
+        for k in wa:
+            torch.testing.assert_close(wf[k].float(), wa[k].float(), atol=WEIGHT_ATOL, rtol=0, msg=k)
+        np.testing.assert_allclose(f.oof, a.oof, atol=PROB_ATOL)
+        np.testing.assert_allclose(f.test, a.test, atol=PROB_ATOL)
+        np.testing.assert_array_equal(f.row_ids, a.row_ids)
+        assert f.metrics["accuracy"] == a.metrics["accuracy"]
+        assert f.metrics["fused"]["members"] == 3 and len(f.metrics["history"]) == 3
+
+
+def test_a_split_checkpoint_predicts_what_the_fused_network_predicted(tiny_cfg):
+    """After fused training, each member's split-out checkpoint (model.safetensors, loaded as an
+    ordinary unfused model) gives the fused network's logits for that member (to 1e-5), and the
+    member's cached OOF probabilities are exactly what that checkpoint predicts."""
+    cfg = tiny_cfg(*EXACT, "runtime.fuse=on")
+    ws = Workspace.load(cfg)
+    specs = _specs(ws, GROUP)
+    g = fused.setup_group(specs, ws.comp, ws.folds)
+    fused.group_epoch(g, 1)
+    x = torch.from_numpy(ws.comp.x_test[:50]).float() / 255
+    g.loop.model.eval()
+    with torch.no_grad():
+        together = g.loop.model(stack_inputs([x] * 3)).numpy()
+    for m, key in enumerate(GROUP):
+        member = fused.member_loop(g, m, ws.comp)
+        out = ws.member_dir(key)
+        out.mkdir(parents=True)
+        meta = members.checkpoint_metadata(specs[m].arch, specs[m].kwargs, 10, 1, 28)
+        members.write_member(out, ws.member_config(key), member.model, meta, np.arange(2), np.zeros((2, 10)),
+                             np.zeros((3, 10)), {})
+        model, _ = members.load_model(out)
+        alone = predict_logits(model, ws.comp.x_test[:50], torch.device("cpu"))[0]
+        np.testing.assert_allclose(alone, together[:, m], atol=1e-5)
+    # through stage=train: the cached OOF is the split checkpoint's own prediction
+    outcomes = train.run(tiny_cfg(*EXACT, "runtime.fuse=on", "force=true"))
+    assert all(o.metrics["fused"]["members"] == 6 for o in outcomes)
+    ws = Workspace.load(cfg)
+    for key in GROUP:
+        rows, probs = members.read_oof(ws.member_dir(key))
+        model, _ = members.load_model(ws.member_dir(key))
+        model = place_model(model, torch.device("cpu"), specs[0].runtime.channels_last)  # as stage=predict does
+        again = predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), specs[0].runtime,
+                              specs[0].precision, specs[0].tta)
+        np.testing.assert_array_equal(again, probs)
+
+
+def test_a_fused_group_stopped_after_a_checkpoint_resumes_to_the_same_result(tiny_cfg):
+    """A group stopped after epoch 2's checkpoint (as by a kill: the file is renamed into place
+    before the next epoch starts) and run again continues every member from that epoch and ends
+    with the uninterrupted group's probabilities (to 1e-6) and histories."""
+    cfg = tiny_cfg(*EXACT, "models.cnn_deotte.kwargs.dropout=0.25", "aug=default", "train.epochs=4",
+                   "models.cnn_deotte.train.epochs=4")
+    ws = Workspace.load(cfg)
+    specs = _specs(ws, GROUP)
+    ref = fused.fit_group(specs, ws.comp, ws.folds, predict_test=False)
+    path = ws.paths.group_resume("cnn_deotte", [(k.fold, k.seed_index) for k in GROUP])
+    path.parent.mkdir(parents=True)
+
+    def stop(epoch, records):
+        assert len(records) == 3
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fused.fit_group(specs, ws.comp, ws.folds, predict_test=False, resume_path=path, on_epoch=stop)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    res = fused.fit_group(specs, ws.comp, ws.folds, predict_test=False, resume_path=path)
+    for a, b in zip(ref, res):
+        np.testing.assert_allclose(b.oof, a.oof, atol=1e-6)
+        assert b.metrics["resumed_after_epoch"] == 2
+        assert [h["train_loss"] for h in b.metrics["history"]] == pytest.approx(
+            [h["train_loss"] for h in a.metrics["history"]], abs=1e-6)
+
+
+def test_stage_train_fuses_holds_every_lock_and_blends(tiny_cfg, caplog):
+    """stage=train with fusion: one member locked by another process is skipped
+    (runtime.lock=skip), the others train as one group whose members' files are ordinary (the
+    blend reads them) and whose metrics.json says fused; the progress log counts members."""
+    cfg = tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "runtime.fuse=on", "runtime.lock=skip",
+                   "runtime.estimate=true", "train.epochs=4", "models.cnn_deotte.train.epochs=4")
+    ws = Workspace.load(cfg)
+    lock = ws.paths.member_lock("cnn_deotte", 1, 1)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with caplog.at_level(logging.INFO), FileLock(lock):
+        outcomes = train.run(cfg)
+    by_key = {o.key: o for o in outcomes}
+    assert by_key[MemberKey("cnn_deotte", 1, 1)].outcome is Outcome.SKIPPED_LOCKED
+    trained = [o for o in outcomes if o.outcome is Outcome.TRAINED]
+    assert len(trained) == 3 and all(o.metrics["fused"]["members"] == 3 for o in trained)
+    assert "4 of them in 1 fused group(s) of 4" in caplog.text
+    assert "cnn_deotte: 3 members trained as one fused network" in caplog.text
+    assert not list(ws.paths.artifacts_dir.glob("cnn_deotte/fused-*"))  # the group's checkpoint removed
+    assert not any((ws.member_dir(o.key) / RESUME).exists() for o in trained)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = train.run(cfg.copy())  # the last member alone, the others cached
+    assert [o.outcome for o in again].count(Outcome.CACHED) == 3
+    assert again[3].outcome is Outcome.TRAINED and "fused" not in again[3].metrics  # one left: unfused
+    out = blend.run(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "blend.method=mean",
+                             "train.epochs=4", "models.cnn_deotte.train.epochs=4"))
+    assert set(out.members) == {"cnn_deotte"} and len(out.saved.record["manifests"]["cnn_deotte"]) == 4

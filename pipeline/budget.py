@@ -73,17 +73,27 @@ class Range:
 
 @dataclass(frozen=True)
 class Cost:
-    """What one member of a model costs here, in seconds of the run's wall clock (the members'
-    own seconds divided by the members trained side by side): ``per_epoch`` for each epoch and
-    ``fixed`` once (set-up, validation, test prediction); ``folds`` members per seed."""
+    """What one member of a model costs here, in its own seconds (measured with as many members
+    side by side as will train so): ``per_epoch`` for each epoch and ``fixed`` once (set-up,
+    validation, test prediction); ``folds`` members per seed."""
 
     per_epoch: float
     fixed: float
     folds: int
 
-    def seconds(self, seeds: int, epochs: int) -> float:
-        """Wall seconds of ``seeds`` x ``folds`` members of ``epochs`` epochs."""
-        return seeds * self.folds * (epochs * self.per_epoch + self.fixed)
+    def member(self, epochs: int) -> float:
+        """Seconds of one member of ``epochs`` epochs."""
+        return epochs * self.per_epoch + self.fixed
+
+
+def makespan(durations: list[float], jobs: int) -> float:
+    """Wall seconds of members of ``durations`` (seconds each, in dispatch order) on ``jobs``
+    side-by-side slots, each member going to the first slot free (what the worker pool does)."""
+    free = [0.0] * max(1, jobs)
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
 
 
 @dataclass(frozen=True)
@@ -106,10 +116,7 @@ class Plan:
     reserve: float
     models: tuple[ModelPlan, ...]
 
-    @property
-    def seconds(self) -> float:
-        """The planned training's estimated wall seconds."""
-        return sum(m.seconds for m in self.models)
+    seconds: float = 0.0  # the planned training's estimated wall seconds (members side by side)
 
     def member_epochs(self, costs: dict[str, Cost]) -> int:
         """Epochs over every planned member (seeds x folds x epochs, summed over models)."""
@@ -117,7 +124,7 @@ class Plan:
 
     def table(self) -> str:
         """The plan as log lines: model, seeds, epochs, estimated minutes; then the reserve."""
-        rows = [f"  {m.model:16s} {m.seeds} seed(s) x {m.epochs} epochs, about {format_minutes(m.seconds)}"
+        rows = [f"  {m.model:16s} {m.seeds} seed(s) x {m.epochs} epochs, {format_minutes(m.seconds)} of member time"
                 for m in self.models]
         return "\n".join(rows + [f"  training about {format_minutes(self.seconds)} of {format_minutes(self.available)}"
                                  f" available; {format_minutes(self.reserve)} reserved for prediction, blend"
@@ -130,8 +137,15 @@ def reserve_seconds(budget: float) -> float:
     return 20.0 + 0.04 * budget
 
 
+def dispatch(order: list[str], seeds: dict[str, int], folds: dict[str, int]) -> list[tuple[str, int, int]]:
+    """The order ``stage=train`` starts members in under a budget: seed by seed, every model of
+    ``order`` within a seed, every fold within a model: ``[(model, seed, fold), ...]``."""
+    top = max(seeds.values(), default=0)
+    return [(m, s, f) for s in range(top) for m in order if s < seeds[m] for f in range(folds[m])]
+
+
 def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[str, Range],
-         order: list[str], fixed_epochs: dict[str, int] | None = None) -> Plan:
+         order: list[str], fixed_epochs: dict[str, int] | None = None, jobs: int = 1) -> Plan:
     """The seeds and epochs of each model of ``order`` that fit in ``available`` seconds (see the
     module docstring for the policy).
 
@@ -141,6 +155,8 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         costs / ranges: per model, :class:`Cost` measured here and its :class:`Range`.
         order: the models, strongest first (``ensemble`` order).
         fixed_epochs: models whose members already exist, with their epochs (kept).
+        jobs: members trained side by side; the plan's wall seconds are the :func:`makespan` of its
+            members in :func:`dispatch` order.
     Returns:
         a :class:`Plan` whose ``seconds`` is at most ``available``.
     Raises:
@@ -150,18 +166,18 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     fixed = dict(fixed_epochs or {})
     epochs = {m: fixed.get(m, ranges[m].epochs_lo) for m in order}
     seeds = {m: ranges[m].seeds_lo for m in order}
+    folds = {m: costs[m].folds for m in order}
 
     def total() -> float:
-        return sum(costs[m].seconds(seeds[m], epochs[m]) for m in order)
+        return makespan([costs[m].member(epochs[m]) for m, _, _ in dispatch(order, seeds, folds)], jobs)
 
     need = total()
     if need > available:
         smallest = need + (budget - available)
-        raise ConfigError(f"budget={format_minutes(budget)}: too small; {', '.join(f'{seeds[m]} seed of {m} at {epochs[m]} epochs' for m in order)} "
-                          f"need about {format_minutes(need)} of training here; expected budget >= "
-                          f"{math.ceil(smallest / 60)}m")
-    for step in _steps(order, ranges, fixed):
-        kind, model = step
+        least = ", ".join(f"{seeds[m]} seed of {m} at {epochs[m]} epoch(s)" for m in order)
+        raise ConfigError(f"budget={format_minutes(budget)}: too small; {least} need about {format_minutes(need)} "
+                          f"of training here; expected budget >= {math.ceil(smallest / 60)}m")
+    for kind, model in _steps(order, ranges, fixed):
         before = (seeds[model], epochs[model])
         if kind == "epoch":
             epochs[model] += 1
@@ -170,8 +186,8 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         if total() > available:
             seeds[model], epochs[model] = before
             break
-    models = tuple(ModelPlan(m, seeds[m], epochs[m], costs[m].seconds(seeds[m], epochs[m])) for m in order)
-    return Plan(budget, available, reserve_seconds(budget), models)
+    models = tuple(ModelPlan(m, seeds[m], epochs[m], seeds[m] * folds[m] * costs[m].member(epochs[m])) for m in order)
+    return Plan(budget, available, reserve_seconds(budget), models, total())
 
 
 def _steps(order: list[str], ranges: dict[str, Range], fixed: dict[str, int]):
@@ -214,7 +230,7 @@ class BudgetRecord:
 
     def to_json(self) -> dict:
         p = self.plan
-        return {"budget_s": p.budget, "available_s": p.available, "reserve_s": p.reserve,
+        return {"budget_s": p.budget, "available_s": p.available, "reserve_s": p.reserve, "plan_s": p.seconds,
                 "started": self.started, "deadline": self.deadline,
                 "models": [{"model": m.model, "seeds": m.seeds, "epochs": m.epochs, "seconds": m.seconds}
                            for m in p.models],
@@ -236,7 +252,7 @@ def read_record(path: Path) -> BudgetRecord | None:
         j = json.loads(path.read_text())
         plan = Plan(float(j["budget_s"]), float(j["available_s"]), float(j["reserve_s"]),
                     tuple(ModelPlan(str(m["model"]), int(m["seeds"]), int(m["epochs"]), float(m["seconds"]))
-                          for m in j["models"]))
+                          for m in j["models"]), float(j["plan_s"]))
         return BudgetRecord(plan, float(j["started"]), float(j["deadline"]),
                             {str(k): int(v) for k, v in (j.get("complete") or {}).items()},
                             tuple(j.get("trained") or ()), tuple(j.get("stopped") or ()),

@@ -328,7 +328,7 @@ def _budget_part(record, rows: list[dict]) -> list[str]:
             f"{record.plan.reserve / 60:.1f} min reserved for prediction, blend and report; {spent}. "
             f"Stopped at the deadline: {html.escape(', '.join(record.stopped) or 'none')}; never started: "
             f"{html.escape(', '.join(record.dropped) or 'none')}.</p>",
-            _table(["model", "planned seeds x epochs", "planned minutes (wall)", "complete seeds",
+            _table(["model", "planned seeds x epochs", "planned minutes (member time)", "complete seeds",
                     "members in the blend", "their minutes (each member's own)"], _budget_rows(record, rows))]
 
 

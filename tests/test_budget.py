@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.budget import Cost, Range, parse_budget, plan
+from pipeline.budget import Cost, Range, dispatch, makespan, parse_budget, plan
 from pipeline.errors import ConfigError
 
-# Costs in the proportions measured on the 2-core CPU (fp32, 2 side by side, quick profile):
-# a cnn_deotte member-epoch ~40 s of wall clock, an mlp one ~1 s; 5 folds.
-COSTS = {"cnn_deotte": Cost(per_epoch=40.0, fixed=6.0, folds=5), "mlp": Cost(per_epoch=1.0, fixed=2.0, folds=5)}
-RANGES = {"cnn_deotte": Range(epochs_lo=2, knee=8, epochs_hi=12, seeds_lo=1, seeds_hi=3),
+# Costs as measured on the 2-core CPU (fp32, 2 members side by side, quick profile): a
+# cnn_deotte member-epoch ~75 s of the member's own time, an mlp one ~2 s; 5 folds.
+COSTS = {"cnn_deotte": Cost(per_epoch=75.0, fixed=30.0, folds=5), "mlp": Cost(per_epoch=2.0, fixed=3.0, folds=5)}
+JOBS = 2
+RANGES = {"cnn_deotte": Range(epochs_lo=1, knee=8, epochs_hi=12, seeds_lo=1, seeds_hi=3),
           "mlp": Range(epochs_lo=3, knee=10, epochs_hi=15, seeds_lo=1, seeds_hi=1)}
 ORDER = ["cnn_deotte", "mlp"]
 
@@ -24,13 +25,21 @@ def test_budget_values_parse_to_seconds():
             parse_budget(bad)
 
 
+def test_members_fill_the_side_by_side_slots_in_dispatch_order():
+    assert makespan([10, 10, 10, 10, 10], 2) == 30 and makespan([10, 1, 1, 1], 2) == 10
+    assert makespan([5, 5], 1) == 10
+    assert dispatch(["a", "b"], {"a": 2, "b": 1}, {"a": 2, "b": 2}) == [
+        ("a", 0, 0), ("a", 0, 1), ("b", 0, 0), ("b", 0, 1), ("a", 1, 0), ("a", 1, 1)]
+
+
 def test_the_plan_never_exceeds_the_budget_and_grows_with_it():
     """Over budgets from the smallest that fits to far more than every range needs: the plan's
-    seconds are within what is available, and member-epochs never fall as the budget grows."""
+    wall seconds (5 folds on 2 slots: the odd fold counts a whole round) are within what is
+    available, and member-epochs never fall as the budget grows."""
     previous = 0
     seen = set()
-    for available in range(500, 20_000, 37):
-        p = plan(available + 60, available, COSTS, RANGES, ORDER)
+    for available in range(400, 30_000, 37):
+        p = plan(available + 60, available, COSTS, RANGES, ORDER, jobs=JOBS)
         assert p.seconds <= available
         epochs = p.member_epochs(COSTS)
         assert epochs >= previous, (available, p)
@@ -44,24 +53,27 @@ def test_the_plan_never_exceeds_the_budget_and_grows_with_it():
 
 
 def test_the_policy_epochs_to_the_knee_then_seeds_of_the_strongest_then_more_epochs():
-    knee = sum(COSTS[m].seconds(1, RANGES[m].knee) for m in ORDER)
-    p = plan(knee + 100, knee + 1, COSTS, RANGES, ORDER)
+    one = [COSTS["cnn_deotte"].member(8)] * 5 + [COSTS["mlp"].member(10)] * 5
+    knee = makespan(one, 1)
+    p = plan(knee + 100, knee + 1, COSTS, RANGES, ORDER, jobs=1)
     assert [(m.seeds, m.epochs) for m in p.models] == [(1, 8), (1, 10)]
-    second_seed = knee + COSTS["cnn_deotte"].seconds(1, 8)
-    p = plan(second_seed + 100, second_seed + 1, COSTS, RANGES, ORDER)
+    second_seed = knee + 5 * COSTS["cnn_deotte"].member(8)
+    p = plan(second_seed + 100, second_seed + 1, COSTS, RANGES, ORDER, jobs=1)
     assert [(m.seeds, m.epochs) for m in p.models] == [(2, 8), (1, 10)]
 
 
 def test_a_model_with_existing_members_keeps_its_epochs():
-    p = plan(20_000, 19_000, COSTS, RANGES, ORDER, fixed_epochs={"cnn_deotte": 5})
+    p = plan(60_000, 59_000, COSTS, RANGES, ORDER, fixed_epochs={"cnn_deotte": 5}, jobs=JOBS)
     assert p.models[0].epochs == 5 and p.models[0].seeds == 3 and p.models[1].epochs == 15
 
 
 def test_too_small_a_budget_names_the_smallest_that_fits():
-    least = sum(COSTS[m].seconds(1, RANGES[m].epochs_lo) for m in ORDER)  # 5*(80+6) + 5*(3+2) = 455 s
-    with pytest.raises(ConfigError, match=r"budget=5.0 min: too small; .* expected budget >= 9m"):
-        plan(300, 300 - 60, COSTS, RANGES, ORDER)
-    assert plan(least + 60, least, COSTS, RANGES, ORDER).seconds == pytest.approx(least)
+    # one seed at the lowest epochs: 5 cnn_deotte members of 105 s and 5 mlp of 7 s on 2 slots
+    least = makespan([105.0] * 5 + [7.0] * 5, JOBS)
+    assert least == 3 * 105.0  # 3 rounds of cnn_deotte; the mlp members fill the other slot
+    with pytest.raises(ConfigError, match=r"budget=5.0 min: too small; .* expected budget >= 7m"):
+        plan(300, 300 - 60, COSTS, RANGES, ORDER, jobs=JOBS)
+    assert plan(least + 60, least, COSTS, RANGES, ORDER, jobs=JOBS).seconds == pytest.approx(least)
 
 
 # --------------------------------------------------------------------------- the deadline, for real
@@ -145,6 +157,11 @@ def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, 
     assert record.plan.seconds <= record.plan.available
     out = blend.run(tiny_cfg(*run))
     assert [e["seed"] for e in out.saved.record["manifests"]["cnn_deotte"]] == [0, 0]  # seed 0's two folds
+    from pipeline import report
+
+    page = report.run(tiny_cfg(*run)).read_text()  # the plan against what happened
+    assert "<h2>Budget</h2>" in page and "Stopped at the deadline: cnn_deotte fold 1 seed 1" in page
+    assert '<td class="l">cnn_deotte</td><td class="">2 x 3</td>' in page
 
 
 def test_a_budget_too_small_is_one_line_and_exit_2(tmp_path, digits_dir):

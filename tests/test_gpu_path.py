@@ -186,7 +186,7 @@ def test_the_estimate_is_timed_in_the_side_by_side_workers(tiny_cfg, monkeypatch
     monkeypatch.setattr(scheduler, "seconds_per_member", not_here)
     cfg = tiny_cfg("model=mlp", "runtime.fold_jobs=2", "runtime.estimate=true")
     ws = Workspace.load(cfg)
-    est = scheduler.estimate(ws, ws.keys("mlp"), 2, torch.device("cpu"))
+    est = scheduler.estimate(ws, [(k,) for k in ws.keys("mlp")], 2, torch.device("cpu"))
     assert est.n_jobs == 2 and all(0 < s < 600 for s in est.member_seconds.values())
     assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 2 / 60)
     out = train.run(cfg)

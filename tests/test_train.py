@@ -242,7 +242,7 @@ def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
     from pipeline.train.scheduler import estimate
 
     ws = Workspace.load(cfg)
-    est = estimate(ws, ws.keys("mlp"), 1, torch.device("cpu"))
+    est = estimate(ws, [(k,) for k in ws.keys("mlp")], 1, torch.device("cpu"))
     assert all(0 < s < 600 for s in est.member_seconds.values())
     assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 60)
 
@@ -287,6 +287,7 @@ def test_min_steps_raises_the_epochs_of_a_small_competition(tiny_cfg):
     assert m["history"][1]["lr"] > 0.5 * peak and m["history"][-1]["lr"] < 0.01 * peak
     ws = Workspace.load(tiny_cfg("model=mlp", "train.min_steps=30"))
     short = Workspace.load(tiny_cfg("model=mlp"))
-    ratio = (estimate(ws, ws.keys("mlp"), 1, torch.device("cpu")).member_seconds[MemberKey("mlp", 1)]
-             / estimate(short, short.keys("mlp"), 1, torch.device("cpu")).member_seconds[MemberKey("mlp", 1)])
+    ratio = (estimate(ws, [(k,) for k in ws.keys("mlp")], 1, torch.device("cpu")).member_seconds[MemberKey("mlp", 1)]
+             / estimate(short, [(k,) for k in short.keys("mlp")], 1,
+                        torch.device("cpu")).member_seconds[MemberKey("mlp", 1)])
     assert 1.5 < ratio < 4.5  # 5 vs 2 epochs, timed separately on a shared machine

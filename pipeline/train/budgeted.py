@@ -46,26 +46,27 @@ def _model_plan(ws: Workspace, model: str) -> ModelPlan:
     return ModelPlan(model, r.seeds_hi, r.knee, 0.0)
 
 
+MARGIN = 1.1  # planned costs are 10% over the timed steps: a shared machine drifts, and 5 steps are few
+
+
 def costs(ws: Workspace, est: Estimate, models: list[str], k: int) -> dict[str, Cost]:
-    """Each model's :class:`~pipeline.budget.Cost` from the estimate (timed at its knee epochs,
-    ``est.n_jobs`` side by side): wall seconds per member-epoch = member seconds / epochs /
-    side-by-side jobs; once per member, the prediction of its fold and the test set in every TTA
-    view (:data:`~pipeline.train.engine.INFERENCE_COST` of a training image each) and its
-    validations."""
+    """Each model's :class:`~pipeline.budget.Cost` from the estimate (a member's own seconds,
+    timed at its knee epochs with ``est.n_jobs`` side by side), times :data:`MARGIN`: per epoch,
+    member seconds / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once
+    per member, 2 s of set-up and the final prediction of its fold and the test set in every TTA
+    view. A prediction costs :data:`~pipeline.train.engine.INFERENCE_COST` of a training image."""
     from pipeline.augment import tta_views
 
     out = {}
-    n_train = len(ws.comp.x_train)
+    n_train, n_test = len(ws.comp.x_train), len(ws.comp.x_test)
     for m in models:
         s = ws.settings.models[m]
         member = next(v for key, v in est.member_seconds.items() if key.model == m)
-        epochs = s.ranges.knee
-        per_epoch = member / epochs
-        rows = n_train * (k - 1) / k
-        views = len(tta_views(s.tta))
-        predict = per_epoch / rows * INFERENCE_COST * (views * (n_train / k + len(ws.comp.x_test))
-                                                       + n_train / k * epochs / max(1, ws.settings.runtime.val_every))
-        out[m] = Cost(per_epoch / est.n_jobs, (predict + 2.0) / est.n_jobs, k)
+        per_epoch = member / s.ranges.knee
+        per_image = per_epoch / (n_train * (k - 1) / k) * INFERENCE_COST
+        validation = per_image * n_train / k / max(1, ws.settings.runtime.val_every)
+        final = per_image * len(tta_views(s.tta)) * (n_train / k + n_test)
+        out[m] = Cost(MARGIN * (per_epoch + validation), MARGIN * (final + 2.0), k)
     return out
 
 
@@ -87,23 +88,26 @@ def existing_epochs(ws: Workspace, model: str) -> int | None:
     return None
 
 
-def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, Estimate]:
+def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str, Cost], int]:
     """Time each model where it will train and plan the budget (see the module docstring).
-    Returns the record (no results yet) and the estimate of the widest members. Raises
-    ConfigError when even the smallest plan does not fit (one line naming the budget that would)."""
+    Returns the record (no results yet), each model's measured cost and the members trained side
+    by side. Raises ConfigError when even the smallest plan does not fit (one line naming the
+    budget that would)."""
     budget = ws.settings.budget
     started = process_start()
     wide = widest(ws, models)
     device = select_device(ws.settings.runtime.device)
     keys = [k for m in models for k in wide.keys(m)]
     units = plan_units(wide, keys, device)
-    est = estimate(wide, units, fold_jobs(ws.settings.runtime.fold_jobs, device, len(units)), device)
+    jobs = fold_jobs(ws.settings.runtime.fold_jobs, device, len(units))
+    est = estimate(wide, units, jobs, device)
     fixed = {m: e for m in models if (e := existing_epochs(ws, m)) is not None}
     ranges = {m: ws.settings.models[m].ranges for m in models}
     reserve = reserve_seconds(budget)
     available = started + budget - reserve - time.time()
-    p = plan(budget, available, costs(ws, est, models, ws.settings.folds.k), ranges, models, fixed)
-    return BudgetRecord(p, started, started + budget), est
+    measured = costs(ws, est, models, ws.settings.folds.k)
+    p = plan(budget, available, measured, ranges, models, fixed, jobs)
+    return BudgetRecord(p, started, started + budget), measured, jobs
 
 
 def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
@@ -119,7 +123,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     if rounds:
         raise ConfigError(f"budget={cfg.budget}: pseudo-label rounds ({', '.join(rounds)}) are not planned by a "
                           f"budget; run without budget or with pseudo.models=[]")
-    record, est = make_plan(ws, models)
+    record, measured, jobs = make_plan(ws, models)
     p = record.plan
     log.info("budget: %s from the command's start; the plan, from steps timed here:\n%s",
              format_minutes(p.budget), p.table())
@@ -130,7 +134,9 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     keys = [MemberKey(m.model, f, s) for s in range(top) for m in p.models if s < m.seeds
             for f in (folds if folds is not None else range(ws.settings.folds.k))]
     t0 = time.time()
-    outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve)
+    epochs = {m.model: m.epochs for m in p.models}
+    est = Estimate({k: measured[k.model].member(epochs[k.model]) for k in keys}, jobs)
+    outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve, est=est)
     complete = {m.model: _complete_seeds(planned, m.model, m.seeds, outcomes) for m in p.models}
     by = {o: [str(x.key) for x in outcomes if x.outcome is o] for o in Outcome}
     done = BudgetRecord(p, record.started, record.deadline, complete,

@@ -435,6 +435,19 @@ def _worker(ws: Workspace, unit: tuple[MemberKey, ...], slot: int, sharing: int,
         return unit, e
 
 
+def _pending(ws: Workspace, keys: list[MemberKey]) -> tuple[dict[MemberKey, MemberOutcome], list[MemberKey]]:
+    """The cached members of ``keys`` (their outcomes; ``force=true``: none) and the others."""
+    done, pending = {}, []
+    for key in keys:
+        v = ws.verify(key)
+        if v.ok and not ws.cfg.force:
+            log.info("train: %s: cached, skipped (force=true retrains)", key)
+            done[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
+        else:
+            pending.append(key)
+    return done, pending
+
+
 def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), deadline: float | None = None,
              est: "Estimate | None" = None) -> list[MemberOutcome]:
     """Train every member of ``keys`` that is not cached: fused groups where fusion is on
@@ -448,15 +461,7 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
     """
     rt = ws.settings.runtime
     device = select_device(rt.device)
-    done: dict[MemberKey, MemberOutcome] = {}
-    pending = []
-    for key in keys:
-        v = ws.verify(key)
-        if v.ok and not ws.cfg.force:
-            log.info("train: %s: cached, skipped (force=true retrains)", key)
-            done[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
-        else:
-            pending.append(key)
+    done, pending = _pending(ws, keys)
     units = plan_units(ws, pending, device)
     n_jobs = fold_jobs(rt.fold_jobs, device, len(units))
     groups = [u for u in units if len(u) > 1]
@@ -472,9 +477,6 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
     if est is None and (rt.estimate or deadline is not None):
         est = estimate(ws, units, n_jobs, device, list(later))
         _announce(ws, est, device)
-
-    def unit_seconds(unit) -> float:
-        return sum(est.member_seconds.get(k, 0.0) for k in unit) if est is not None else 0.0
     finished: dict[MemberKey, float] = {}
 
     def finish(outcomes: list[MemberOutcome]) -> None:
@@ -485,17 +487,27 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
         if est is not None:
             _progress(est, finished)
 
+    seconds = [sum(est.member_seconds.get(k, 0.0) for k in u) if est is not None else 0.0 for u in units]
     if n_jobs == 1:
-        for unit in units:
-            finish(train_unit_locked(ws, unit, None, deadline, unit_seconds(unit)))
-        return [done[k] for k in keys]
+        for unit, s in zip(units, seconds):
+            finish(train_unit_locked(ws, unit, None, deadline, s))
+    else:
+        _side_by_side(ws, units, seconds, n_jobs, deadline, finish)
+    return [done[k] for k in keys]
+
+
+def _side_by_side(ws: Workspace, units: list[tuple[MemberKey, ...]], seconds: list[float], n_jobs: int,
+                  deadline: float | None, finish) -> None:
+    """Train ``units`` in ``n_jobs`` joblib worker processes (:func:`_worker`), calling
+    ``finish(outcomes)`` as each ends. A user error in a worker is raised once the other units
+    have finished and kept their files."""
     from joblib import Parallel, delayed
     from joblib.externals.loky import get_reusable_executor
 
     handlers, level = log_handlers(), logging.getLogger().level
     errors, shares = [], side_by_side([u[0].model for u in units], n_jobs)
     for unit, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
-            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadline, unit_seconds(unit))
+            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadline, seconds[i])
             for i, unit in enumerate(units)):
         for key in unit:
             ws.forget(key)  # what the worker wrote, as this process's workspace sees it
@@ -509,4 +521,3 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
     get_reusable_executor().shutdown(wait=True)  # free their memory now, not after loky's idle timeout
     if errors:  # every other unit has finished and kept its files
         raise errors[0]
-    return [done[k] for k in keys]

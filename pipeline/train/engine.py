@@ -346,22 +346,33 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
     loop = setup_loop(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
     loop.model.train()
     it = iter(loop.batches)
-    n = min(len(loop.batches), warmup + steps)
-    t0 = time.perf_counter()
-    for i in range(n):
-        if i == min(warmup, n - 1):
-            if loop.device.type == "cuda":
-                torch.cuda.synchronize(loop.device)
-            if after_warmup is not None:
-                after_warmup()
-            t0 = time.perf_counter()
+
+    def step() -> None:
         x, y = next(it)
         train_step(loop.net, loop.opt, x.to(loop.device), y.to(loop.device), spec.train.label_smoothing,
                    spec.runtime.channels_last, spec.precision, loop.scaler)
-    if loop.device.type == "cuda":
-        torch.cuda.synchronize(loop.device)
-    timed = max(1, n - min(warmup, n - 1))
-    return (time.perf_counter() - t0) / timed * len(loop.batches) * loop.epochs
+
+    per_step = seconds_per_step(step, loop.device, min(len(loop.batches), warmup + steps), warmup, after_warmup)
+    return per_step * len(loop.batches) * loop.epochs
+
+
+def seconds_per_step(step: Callable[[], None], device: torch.device, n: int, warmup: int,
+                     after_warmup: Callable[[], None] | None = None) -> float:
+    """Mean seconds of ``step()`` over ``n`` calls after the first ``warmup`` (at least one timed),
+    the device synchronised before and after the timed calls; ``after_warmup()`` runs just before
+    them."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        if i == min(warmup, n - 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if after_warmup is not None:
+                after_warmup()
+            t0 = time.perf_counter()
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / max(1, n - min(warmup, n - 1))
 
 
 def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,

@@ -21,7 +21,6 @@ one member does) and continues from there when its members and their cache keys 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from pipeline.train.batches import set_epoch
 from pipeline.augment import tta_views
 from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, _epoch_record, _metrics,
                                    _predict, _resume_from, _save_state, check_deadline, member_losses,
-                                   member_parts, optimisation, train_step)
+                                   member_parts, optimisation, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model
 from pipeline.device import configure_numerics, select_device, use_device
 from pipeline.train.runtime import seed_everything
@@ -274,26 +273,14 @@ def seconds_per_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray
     loop, lead = g.loop, g.specs[0]
     loop.model.train()
     its = [iter(b) for b in g.batches]
-    n = min(len(g.batches[0]), warmup + steps)
-    t0 = time.perf_counter()
-    for i in range(n):
-        if i == min(warmup, n - 1):
-            if loop.device.type == "cuda":
-                torch.cuda.synchronize(loop.device)
-            if after_warmup is not None:
-                after_warmup()
-            t0 = time.perf_counter()
+
+    def step() -> None:
         pairs = [next(it) for it in its]
         x = stack_inputs([x.to(loop.device) for x, _ in pairs])
         y = torch.stack([y.to(loop.device) for _, y in pairs], dim=1)
         train_step(loop.net, loop.opt, x, y, lead.train.label_smoothing, lead.runtime.channels_last,
                    lead.precision, loop.scaler)
-    if loop.device.type == "cuda":
-        torch.cuda.synchronize(loop.device)
-    timed = max(1, n - min(warmup, n - 1))
-    return (time.perf_counter() - t0) / timed * len(g.batches[0]) * loop.epochs
 
-
-def with_runtime(specs: list[FitSpec], runtime) -> list[FitSpec]:
-    """``specs`` run with ``runtime`` (a side-by-side worker's device and threads)."""
-    return [dataclasses.replace(s, runtime=runtime) for s in specs]
+    steps_per_epoch = len(g.batches[0])
+    per_step = seconds_per_step(step, loop.device, min(steps_per_epoch, warmup + steps), warmup, after_warmup)
+    return per_step * steps_per_epoch * loop.epochs

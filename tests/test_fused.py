@@ -209,3 +209,19 @@ def test_stage_train_fuses_holds_every_lock_and_blends(tiny_cfg, caplog):
     out = blend.run(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "blend.method=mean",
                              "train.epochs=4", "models.cnn_deotte.train.epochs=4"))
     assert set(out.members) == {"cnn_deotte"} and len(out.saved.record["manifests"]["cnn_deotte"]) == 4
+
+
+def test_validating_a_fused_group_does_not_change_what_it_learns(tiny_cfg):
+    """Splitting members out to validate them draws no random numbers from the group's dropout
+    generator: with dropout on, validating every epoch or only after the last ends with the same
+    weights."""
+    ends = []
+    for every in (1, 100):
+        cfg = tiny_cfg(*EXACT, "models.cnn_deotte.kwargs.dropout=0.25", f"runtime.val_every={every}")
+        ws = Workspace.load(cfg)
+        ends.append(fused.fit_group(_specs(ws, GROUP[:2]), ws.comp, ws.folds, predict_test=False))
+    for a, b in zip(*ends):
+        assert len([h for h in a.metrics["history"] if "val_acc" in h]) == 3
+        assert len([h for h in b.metrics["history"] if "val_acc" in h]) == 1
+        for k, v in a.model.state_dict().items():
+            assert torch.equal(v, b.model.state_dict()[k]), k

@@ -156,7 +156,8 @@ def member_loop(g: GroupLoop, m: int, comp: Competition) -> TrainingLoop:
     loop, spec = g.loop, g.specs[m]
 
     def member_model(state: dict) -> nn.Module:
-        model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
+        with torch.random.fork_rng(devices=[]):  # its random init must not move the group's dropout draws
+            model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
         model.load_state_dict(state)
         return place_model(model, loop.device, spec.runtime.channels_last)
 

@@ -92,6 +92,10 @@ class RunSettings:
             seeds = p.seeds if complete is None else int(complete.get(p.model, 0))
             models[p.model] = dataclasses.replace(
                 m, seed_count=seeds, train=dataclasses.replace(m.train, epochs=p.epochs, min_steps=0))
+        planned = {p.model for p in plan.models}
+        for name, seeds in (complete or {}).items():  # models the plan left out (pseudo-label rounds)
+            if name not in planned and name in models:
+                models[name] = dataclasses.replace(models[name], seed_count=int(seeds))
         return dataclasses.replace(self, models=models)
 
 

@@ -173,3 +173,19 @@ def test_a_budget_too_small_is_one_line_and_exit_2(tmp_path, digits_dir):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "budget=2 s: too small" in lines[0] and "expected budget >= " in lines[0]
     assert not list(tmp_path.glob("artifacts/cnn_deotte/*/model.safetensors"))
+
+
+def test_pseudo_label_rounds_are_left_out_of_a_budget(tiny_cfg, caplog):
+    """A profile with a pseudo-label round (the competition profile's) runs under budget=: the
+    round is not planned, says so in one line, and the blend goes on without it."""
+    import logging
+
+    from pipeline import blend, train
+
+    run = ("ensemble=[mlp]", "pseudo.models=[mlp]", "budget=2h", "blend.method=mean")
+    with caplog.at_level(logging.INFO):
+        outcomes = train.run(tiny_cfg(*run))
+    assert {o.key.model for o in outcomes} == {"mlp"} and len(outcomes) == 2
+    assert "budget: pseudo-label rounds are not planned under a budget; mlp_pl left out" in caplog.text
+    out = blend.run(tiny_cfg(*run))
+    assert set(out.members) == {"mlp"}

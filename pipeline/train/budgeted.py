@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import members
 from pipeline.budget import (BudgetRecord, Cost, ModelPlan, Plan, format_minutes, plan, process_start,
                              reserve_seconds, save_record)
-from pipeline.errors import ConfigError
 from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
@@ -115,14 +114,15 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     deadline, record what completed, and leave ``ws`` under the complete members' settings for the
     stages that follow (``stage=all``).
 
-    Returns one outcome per planned member. Raises ConfigError for a budget too small for one seed
-    of each model at its lowest epochs, or with pseudo-label rounds (not planned yet).
+    Returns one outcome per planned member. Pseudo-label rounds are not planned (left out, with
+    one log line). Raises ConfigError for a budget too small for one seed of each model at its
+    lowest epochs.
     """
-    models = selected_models(cfg)
-    rounds = [m for m in models if round_base(cfg, m) is not None]
+    rounds = [m for m in selected_models(cfg) if round_base(cfg, m) is not None]
+    models = [m for m in selected_models(cfg) if m not in rounds]
     if rounds:
-        raise ConfigError(f"budget={cfg.budget}: pseudo-label rounds ({', '.join(rounds)}) are not planned by a "
-                          f"budget; run without budget or with pseudo.models=[]")
+        log.info("budget: pseudo-label rounds are not planned under a budget; %s left out (run without "
+                 "budget= to train them)", ", ".join(rounds))
     record, measured, jobs = make_plan(ws, models)
     p = record.plan
     log.info("budget: %s from the command's start; the plan, from steps timed here:\n%s",
@@ -138,6 +138,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     est = Estimate({k: measured[k.model].member(epochs[k.model]) for k in keys}, jobs)
     outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve, est=est)
     complete = {m.model: _complete_seeds(planned, m.model, m.seeds, outcomes) for m in p.models}
+    complete |= dict.fromkeys(rounds, 0)
     by = {o: [str(x.key) for x in outcomes if x.outcome is o] for o in Outcome}
     done = BudgetRecord(p, record.started, record.deadline, complete,
                         tuple(by[Outcome.TRAINED] + by[Outcome.RETRAINED]), tuple(by[Outcome.STOPPED]),

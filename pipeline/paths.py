@@ -88,6 +88,10 @@ class Paths:
         digest = hashlib.sha256(repr(sorted(members)).encode()).hexdigest()[:12]
         return self.artifacts_dir / model / f"fused-{digest}.{RESUME}"
 
+    def group_resumes(self, model: str) -> list[Path]:
+        """Every fused group checkpoint of ``model`` there is (:meth:`group_resume`), sorted."""
+        return sorted((self.artifacts_dir / model).glob(f"fused-*.{RESUME}"))
+
     def pseudo_rows(self, model: str, fold: int) -> Path:
         """``artifacts/pseudo/<model>/fold<fold>.npz``: the test rows pseudo-label round ``model``
         adds to fold ``fold`` (written by :func:`pipeline.pseudo.write_rows`)."""

@@ -119,6 +119,37 @@ def test_a_member_stopped_by_the_deadline_resumes_from_its_checkpoint(tiny_cfg):
     np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6)
 
 
+def test_existing_checkpoints_fix_a_models_epochs(tiny_cfg):
+    """A model whose members left checkpoints keeps their epochs under a budget, so that a larger
+    budget continues them: a fused group's checkpoint (written for 3 epochs) is read past an
+    unreadable one, and a complete member's config comes first."""
+    from omegaconf import OmegaConf
+
+    from pipeline.members import MemberKey
+    from pipeline.train.budgeted import existing_epochs
+    from pipeline.train.resume import GROUP_SEPARATOR, save_resume
+    from pipeline.workspace import Workspace
+
+    ws = Workspace.load(tiny_cfg("model=mlp"))
+    assert existing_epochs(ws, "mlp") is None
+    keys = [MemberKey("mlp", f) for f in range(2)]
+    configs = [ws.member_config(k) for k in keys]
+    for c in configs:
+        c.train.epochs = 3
+    broken = ws.paths.group_resume("mlp", [(0, 0)])
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_bytes(b"not a checkpoint")
+    save_resume(ws.paths.group_resume("mlp", [(k.fold, k.seed_index) for k in keys]),
+                {"cache_key": GROUP_SEPARATOR.join(OmegaConf.to_yaml(c) for c in configs), "epoch": 1})
+    assert existing_epochs(ws, "mlp") == 3
+    done = ws.member_dir(keys[0])
+    done.mkdir(parents=True)
+    configs[0].train.epochs = 5
+    (done / "config.yaml").write_text(OmegaConf.to_yaml(configs[0]))
+    (done / "manifest.json").write_text("{}")
+    assert existing_epochs(ws, "mlp") == 5
+
+
 def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, caplog, monkeypatch):
     """stage=train with budget=: the plan (model, seeds, epochs, minutes, reserve) is logged before
     any member trains and saved; a seed with a member stopped at the deadline is left out of the

@@ -131,8 +131,7 @@ def test_a_split_checkpoint_predicts_what_the_fused_network_predicted(tiny_cfg):
     g.loop.model.eval()
     with torch.no_grad():
         together = g.loop.model(stack_inputs([x] * 3)).numpy()
-    for m, key in enumerate(GROUP):
-        member = fused.member_loop(g, m, ws.comp)
+    for m, (key, member) in enumerate(zip(GROUP, fused.member_loops(g, ws.comp))):
         out = ws.member_dir(key)
         out.mkdir(parents=True)
         meta = members.checkpoint_metadata(specs[m].arch, specs[m].kwargs, 10, 1, 28)

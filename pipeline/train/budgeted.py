@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import members
 from pipeline.budget import (BudgetRecord, Cost, ModelPlan, Plan, format_minutes, plan, process_start,
@@ -25,7 +25,9 @@ from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
 from pipeline.settings import round_base, selected_folds, selected_models
+from pipeline.augment import tta_views
 from pipeline.train.engine import INFERENCE_COST
+from pipeline.train.resume import resume_cache_keys
 from pipeline.train.runtime import fold_jobs
 from pipeline.train.scheduler import Estimate, MemberOutcome, Outcome, estimate, plan_units, schedule
 from pipeline.workspace import Workspace
@@ -54,8 +56,6 @@ def costs(ws: Workspace, est: Estimate, models: list[str], k: int) -> dict[str, 
     member seconds / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once
     per member, 2 s of set-up and the final prediction of its fold and the test set in every TTA
     view. A prediction costs :data:`~pipeline.train.engine.INFERENCE_COST` of a training image."""
-    from pipeline.augment import tta_views
-
     out = {}
     n_train, n_test = len(ws.comp.x_train), len(ws.comp.x_test)
     for m in models:
@@ -70,20 +70,25 @@ def costs(ws: Workspace, est: Estimate, models: list[str], k: int) -> dict[str, 
 
 
 def existing_epochs(ws: Workspace, model: str) -> int | None:
-    """The epochs of ``model``'s members that already exist (complete, or an end-of-epoch
-    checkpoint), so that a larger budget continues them: the first found, or None."""
+    """The epochs of ``model``'s members that already exist (complete, an end-of-epoch checkpoint,
+    or a fused group's checkpoint), so that a larger budget continues them: the first found, or
+    None. An unreadable one is passed over (the training itself reports it)."""
     r = ws.settings.models[model].ranges
-    for seed in range(r.seeds_hi):
-        for fold in range(ws.settings.folds.k):
-            d = ws.paths.member_dir(model, fold, seed)
+    dirs = [ws.paths.member_dir(model, f, s) for s in range(r.seeds_hi) for f in range(ws.settings.folds.k)]
+    for d in dirs:
+        if (d / MANIFEST).exists():
             try:
-                if (d / MANIFEST).exists():
-                    return int(members.read_config(d).train.epochs)
-                if (d / RESUME).exists():
-                    state = torch.load(d / RESUME, map_location="cpu", weights_only=True)
-                    return int(OmegaConf.create(state["cache_key"]).train.epochs)
-            except Exception:  # unreadable: the training itself reports it
+                return int(members.read_config(d).train.epochs)
+            except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
                 continue
+    for path in [d / RESUME for d in dirs] + ws.paths.group_resumes(model):
+        keys = resume_cache_keys(path) if path.exists() else None
+        if not keys:
+            continue
+        try:
+            return int(OmegaConf.create(keys[0]).train.epochs)
+        except (ValueError, TypeError, AttributeError, OmegaConfBaseException):
+            continue
     return None
 
 
@@ -137,7 +142,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     epochs = {m.model: m.epochs for m in p.models}
     est = Estimate({k: measured[k.model].member(epochs[k.model]) for k in keys}, jobs)
     outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve, est=est)
-    complete = {m.model: _complete_seeds(planned, m.model, m.seeds, outcomes) for m in p.models}
+    complete = {m.model: _complete_seeds(planned, m.model, m.seeds) for m in p.models}
     complete |= dict.fromkeys(rounds, 0)
     by = {o: [str(x.key) for x in outcomes if x.outcome is o] for o in Outcome}
     done = BudgetRecord(p, record.started, record.deadline, complete,
@@ -154,7 +159,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     return outcomes
 
 
-def _complete_seeds(ws: Workspace, model: str, seeds: int, outcomes: list[MemberOutcome]) -> int:
+def _complete_seeds(ws: Workspace, model: str, seeds: int) -> int:
     """How many leading seeds of ``model`` have every fold complete (verified)."""
     n = 0
     for s in range(seeds):

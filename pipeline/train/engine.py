@@ -249,7 +249,7 @@ def optimisation(model: nn.Module, spec: FitSpec, batches, device: torch.device)
                         grad_scaler(device, spec.precision))
 
 
-def _resume_from(loop: TrainingLoop, cache_key: str, what: str, path: Path) -> bool:
+def resume_from(loop: TrainingLoop, cache_key: str, what: str, path: Path) -> bool:
     """Continue ``loop`` (one member's, or a fused group's) from the checkpoint at ``path`` when it
     was written for ``cache_key``. Returns False when the checkpoint did not fit after all (a state
     of another shape or kind): one warning line naming ``what``, and the caller starts over."""
@@ -275,8 +275,10 @@ def _resume_from(loop: TrainingLoop, cache_key: str, what: str, path: Path) -> b
     return True
 
 
-def _save_state(loop: TrainingLoop, cache_key: str, path: Path, epoch: int, seconds: float) -> None:
-    """Write ``loop``'s end-of-epoch state (tensors and plain data only) for ``cache_key``."""
+def save_state(loop: TrainingLoop, cache_key: str, path: Path, epoch: int, seconds: float) -> None:
+    """Write ``loop``'s end-of-epoch state (tensors and plain data only, no pickle) for
+    ``cache_key`` to ``path`` (a temp file renamed, :func:`pipeline.train.resume.save_resume`);
+    ``seconds``: training wall time so far."""
     save_resume(path, {"cache_key": cache_key, "epoch": epoch, "model": loop.model.state_dict(),
                        "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
                        "history": loop.history, "seconds": seconds, "rng": rng_state(loop.device),
@@ -316,19 +318,22 @@ def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, f
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 
-def _predict(loop: TrainingLoop, spec: FitSpec, images: np.ndarray, tta: bool = False,
+def predict_member(loop: TrainingLoop, spec: FitSpec, images: np.ndarray, tta: bool = False,
              model: nn.Module | None = None) -> np.ndarray:
-    """Probabilities of the member's predictor (EMA/SWA weights if any; or ``model``) without TTA
-    (per-epoch validation), or ``(V, N, C)`` per test-time view with it."""
+    """Probabilities of the member's predictor (EMA/SWA weights if any; or ``model``) for
+    ``images`` ``(N, C, H, W)`` uint8: ``(N, classes)`` float32 without TTA (per-epoch
+    validation), or ``(V, N, classes)`` per test-time view with it. Used by one member and by each
+    split-out member of a fused group (:mod:`pipeline.train.fused`)."""
     model = loop.predictor if model is None else model
     if tta:
         return predict_view_probs(model, images, loop.device, spec.runtime, spec.precision, spec.tta)
     return predict_probs(model, images, loop.device, spec.runtime, spec.precision)
 
 
-def _epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarray | None,
+def epoch_record(epoch: int, train_loss: float, train_acc: float, val: np.ndarray | None,
                   y_val: np.ndarray, lr: float, seconds: float) -> dict:
-    """One epoch's history record; ``val_loss`` / ``val_acc`` only when the fold was validated."""
+    """One epoch's history record (``seconds`` of wall time); ``val_loss`` / ``val_acc`` only when
+    the fold was validated (``val`` its ``(n_val, classes)`` probabilities, else None)."""
     record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "lr": lr, "seconds": seconds}
     if val is not None:
         s = score(y_val, val)
@@ -404,12 +409,12 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
     loop = setup_loop(spec, comp, tr_idx, pseudo)
     if (resume_path is not None and resume_path.exists()
-            and not _resume_from(loop, spec.cache_key, str(spec.key), resume_path)):
+            and not resume_from(loop, spec.cache_key, str(spec.key), resume_path)):
         loop = setup_loop(spec, comp, tr_idx, pseudo)
     views = _run_epochs(loop, spec, comp.x_train[va_idx], comp.y_train[va_idx], t0, on_epoch, resume_path,
                         len(comp.x_test) if predict_test else 0)
-    test = average_views(_predict(loop, spec, comp.x_test, tta=True)) if predict_test else None
-    metrics = _metrics(loop, spec, views, comp.x_train[va_idx], comp.y_train[va_idx], t0)
+    test = average_views(predict_member(loop, spec, comp.x_test, tta=True)) if predict_test else None
+    metrics = member_metrics(loop, spec, views, comp.x_train[va_idx], comp.y_train[va_idx], t0)
     metrics |= {"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
                 "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0}
     weights = loop.average.module if loop.average is not None else loop.model  # not the compile wrapper
@@ -435,29 +440,31 @@ def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.
                                 f"nothing was cached (try a lower train.lr)")
         val = None
         if epoch == loop.epochs:
-            views = _predict(loop, spec, x_val, tta=True)
+            views = predict_member(loop, spec, x_val, tta=True)
             val = views[0]
         elif epoch % spec.runtime.val_every == 0:
-            val = _predict(loop, spec, x_val)
-        record = _epoch_record(epoch, train_loss, train_acc, val, y_val,
+            val = predict_member(loop, spec, x_val)
+        record = epoch_record(epoch, train_loss, train_acc, val, y_val,
                                float(loop.sched.get_last_lr()[0]), time.perf_counter() - te)
         loop.history.append(record)
         if resume_path is not None:
-            _save_state(loop, spec.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
+            save_state(loop, spec.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch, record)
         if epoch < loop.epochs:
             check_deadline(spec.deadline, time.perf_counter() - te, len(loop.batches) * spec.train.batch_size,
                            len(x_val) + n_test, len(tta_views(spec.tta)), str(spec.key))
     if views is None:  # resumed from a checkpoint written after the last epoch
-        views = _predict(loop, spec, x_val, tta=True)
+        views = predict_member(loop, spec, x_val, tta=True)
     return views
 
 
-def _metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+def member_metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
              t0: float) -> dict:
     """The member's ``metrics.json`` (:func:`pipeline.metrics.score` of its OOF probabilities, with
-    and without TTA, and of its raw weights beside an EMA's or SWA's)."""
+    and without TTA, and of its raw weights beside an EMA's or SWA's). ``views``: ``(V, n_val,
+    classes)`` OOF probabilities per test-time view; ``seconds`` counted from ``t0``
+    (``time.perf_counter()``) after the checkpoint's earlier seconds."""
     oof, plain = score(y_val, average_views(views)), score(y_val, views[0])
     metrics = {
         "model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed_index,
@@ -470,7 +477,7 @@ def _metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.nda
         "tta": {"views": len(views), "accuracy_without": plain.accuracy, "log_loss_without": plain.log_loss},
     }
     if loop.average is not None:  # the EMA's or SWA's gain: the same member's raw weights, without TTA
-        raw = score(y_val, _predict(loop, spec, x_val, model=loop.net))
+        raw = score(y_val, predict_member(loop, spec, x_val, model=loop.net))
         metrics[loop.average.kind.value] = {**loop.average.describe(spec.train, loop.epochs),
                                             "accuracy_without": raw.accuracy, "log_loss_without": raw.log_loss}
     return metrics

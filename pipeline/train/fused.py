@@ -38,10 +38,11 @@ from pipeline.fusion import fusable, fuse, split, stack_inputs
 from pipeline.models import create_model
 from pipeline.train.batches import set_epoch
 from pipeline.augment import tta_views
-from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, _epoch_record, _metrics,
-                                   _predict, _resume_from, _save_state, check_deadline, member_losses,
-                                   member_parts, optimisation, seconds_per_step, train_step)
+from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, check_deadline, epoch_record,
+                                   member_losses, member_metrics, member_parts, optimisation, predict_member,
+                                   resume_from, save_state, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model
+from pipeline.train.resume import GROUP_SEPARATOR
 from pipeline.device import configure_numerics, select_device, use_device
 from pipeline.train.runtime import seed_everything
 
@@ -79,7 +80,7 @@ class GroupLoop:
     @property
     def cache_key(self) -> str:
         """The group's checkpoint key: its members' cache keys, in order."""
-        return "\n---\n".join(s.cache_key for s in self.specs)
+        return GROUP_SEPARATOR.join(s.cache_key for s in self.specs)
 
 
 def setup_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, pseudo: list | None = None) -> GroupLoop:
@@ -148,25 +149,29 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
     return (loss_sum / max(seen, 1)).tolist(), (correct.double() / max(seen, 1)).tolist()
 
 
-def member_loop(g: GroupLoop, m: int, comp: Competition) -> TrainingLoop:
-    """Member ``m`` of the group as an ordinary, unfused member's training state: its slice of
-    the fused weights in its own model (and of their EMA/SWA), its history and the group's
-    epochs, so that it predicts, and is scored and saved, exactly as a member trained alone.
-    Optimiser and schedule are not split (``None``): the loop can predict, not train."""
-    loop, spec = g.loop, g.specs[m]
+def member_loops(g: GroupLoop, comp: Competition) -> list[TrainingLoop]:
+    """Every member of the group as an ordinary, unfused member's training state, in order: its
+    slice of the fused weights (one :func:`~pipeline.fusion.split` of the group) in its own model
+    (and of their EMA/SWA), its history and the group's epochs, so that it predicts, and is scored
+    and saved, exactly as a member trained alone. Optimiser and schedule are not split (``None``):
+    a member's loop can predict, not train."""
+    loop, n = g.loop, len(g.specs)
+    raw_states = split(loop.model, n)
+    avg_states = split(loop.average.module, n) if loop.average is not None else [None] * n
 
-    def member_model(state: dict) -> nn.Module:
+    def member_model(spec: FitSpec, state: dict) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # its random init must not move the group's dropout draws
             model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
         model.load_state_dict(state)
         return place_model(model, loop.device, spec.runtime.channels_last)
 
-    raw = member_model(split(loop.model, len(g.specs))[m])
-    average = None
-    if loop.average is not None:
-        average = loop.average.for_member(raw, split(loop.average.module, len(g.specs))[m])
-    return TrainingLoop(raw, raw, None, None, None, loop.device, loop.epochs, loop.cycle, average,
-                        None, loop.history[m], loop.start, loop.seconds_before)
+    loops = []
+    for spec, raw_state, avg_state, history in zip(g.specs, raw_states, avg_states, loop.history):
+        raw = member_model(spec, raw_state)
+        average = loop.average.for_member(raw, avg_state) if loop.average is not None else None
+        loops.append(TrainingLoop(raw, raw, None, None, None, loop.device, loop.epochs, loop.cycle, average,
+                                  None, history, loop.start, loop.seconds_before))
+    return loops
 
 
 def fit_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, predict_test: bool = True,
@@ -194,17 +199,17 @@ def fit_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, predic
     """
     t0 = time.perf_counter()
     g = setup_group(specs, comp, folds, pseudo)
-    if resume_path is not None and resume_path.exists() and not _resume_from(g.loop, g.cache_key, g.name, resume_path):
+    if resume_path is not None and resume_path.exists() and not resume_from(g.loop, g.cache_key, g.name, resume_path):
         g = setup_group(specs, comp, folds, pseudo)
     val_rows = [np.flatnonzero(folds == s.key.fold) for s in specs]
-    views = _run_group_epochs(g, comp, val_rows, t0, on_epoch, resume_path, len(comp.x_test) if predict_test else 0)
+    loops, views = _run_group_epochs(g, comp, val_rows, t0, on_epoch, resume_path,
+                                     len(comp.x_test) if predict_test else 0)
     wall = g.loop.seconds_before + time.perf_counter() - t0
     results = []
-    for m, spec in enumerate(specs):
-        member = member_loop(g, m, comp)
+    for m, (spec, member) in enumerate(zip(specs, loops)):
         x_val, y_val = comp.x_train[val_rows[m]], comp.y_train[val_rows[m]]
-        test = average_views(_predict(member, spec, comp.x_test, tta=True)) if predict_test else None
-        metrics = _metrics(member, spec, views[m], x_val, y_val, t0)
+        test = average_views(predict_member(member, spec, comp.x_test, tta=True)) if predict_test else None
+        metrics = member_metrics(member, spec, views[m], x_val, y_val, t0)
         metrics |= {"seconds": wall / len(specs), "n_train": int((folds != spec.key.fold).sum()),
                     "n_val": int(len(val_rows[m])),
                     "n_pseudo": int(len(pseudo[m].rows)) if pseudo and pseudo[m] is not None else 0,
@@ -216,15 +221,17 @@ def fit_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, predic
 
 
 def _run_group_epochs(g: GroupLoop, comp: Competition, val_rows: list[np.ndarray], t0: float,
-                      on_epoch, resume_path: Path | None, n_test: int = 0) -> list[np.ndarray]:
+                      on_epoch, resume_path: Path | None,
+                      n_test: int = 0) -> tuple[list[TrainingLoop], list[np.ndarray]]:
     """The epochs left of the group, each member's epoch recorded (validated every
     ``runtime.val_every``-th epoch and the last, with its split-out model) and the group
-    checkpointed; returns each member's final ``(V, n_val, C)`` OOF probabilities per test-time
-    view. Raises PipelineError when a member's loss becomes NaN/inf, and
-    :class:`~pipeline.train.engine.DeadlineReached` (after the epoch's checkpoint) when the next
-    epoch and the final predictions would end after the members' deadline."""
+    checkpointed; returns the members' final loops (:func:`member_loops`) and each member's final
+    ``(V, n_val, C)`` OOF probabilities per test-time view. Raises PipelineError when a member's
+    loss becomes NaN/inf, and :class:`~pipeline.train.engine.DeadlineReached` (after the epoch's
+    checkpoint) when the next epoch and the final predictions would end after the members'
+    deadline."""
     loop, lead = g.loop, g.specs[0]
-    views = None
+    members, views = None, None
     for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
         losses, accs = group_epoch(g, epoch)
@@ -237,31 +244,29 @@ def _run_group_epochs(g: GroupLoop, comp: Competition, val_rows: list[np.ndarray
         last, validate = epoch == loop.epochs, epoch % lead.runtime.val_every == 0
         vals: list = [None] * len(g.specs)
         if last or validate:
-            members = [member_loop(g, m, comp) for m in range(len(g.specs))]
-            if last:
-                views = [_predict(members[m], g.specs[m], comp.x_train[val_rows[m]], tta=True)
-                         for m in range(len(g.specs))]
-                vals = [v[0] for v in views]
-            else:
-                vals = [_predict(members[m], g.specs[m], comp.x_train[val_rows[m]]) for m in range(len(g.specs))]
+            members = member_loops(g, comp)
+            preds = [predict_member(member, spec, comp.x_train[rows], tta=last)
+                     for member, spec, rows in zip(members, g.specs, val_rows)]
+            views, vals = (preds, [v[0] for v in preds]) if last else (None, preds)
         seconds = time.perf_counter() - te
         lr = float(loop.sched.get_last_lr()[0])
-        records = [_epoch_record(epoch, losses[m], accs[m], vals[m], comp.y_train[val_rows[m]], lr, seconds)
+        records = [epoch_record(epoch, losses[m], accs[m], vals[m], comp.y_train[val_rows[m]], lr, seconds)
                    for m in range(len(g.specs))]
         for history, record in zip(loop.history, records):
             history.append(record)
         if resume_path is not None:
-            _save_state(loop, g.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
+            save_state(loop, g.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
         if on_epoch is not None:
             on_epoch(epoch, records)
         if epoch < loop.epochs:
-            members = len(g.specs)
-            check_deadline(lead.deadline, seconds, members * len(g.batches[0]) * lead.train.batch_size,
-                           sum(map(len, val_rows)) + members * n_test, len(tta_views(lead.tta)), g.name)
+            n = len(g.specs)
+            check_deadline(lead.deadline, seconds, n * len(g.batches[0]) * lead.train.batch_size,
+                           sum(map(len, val_rows)) + n * n_test, len(tta_views(lead.tta)), g.name)
     if views is None:  # resumed from a checkpoint written after the last epoch
-        members = [member_loop(g, m, comp) for m in range(len(g.specs))]
-        views = [_predict(members[m], g.specs[m], comp.x_train[val_rows[m]], tta=True) for m in range(len(g.specs))]
-    return views
+        members = member_loops(g, comp)
+        views = [predict_member(member, spec, comp.x_train[rows], tta=True)
+                 for member, spec, rows in zip(members, g.specs, val_rows)]
+    return members, views
 
 
 def seconds_per_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, steps: int = 5,

@@ -60,6 +60,21 @@ def save_resume(path: Path, state: dict) -> None:
     write_with(path, lambda p: torch.save(state, p))
 
 
+GROUP_SEPARATOR = "\n---\n"  # a fused group's checkpoint key: its members' cache keys joined by this
+
+
+def resume_cache_keys(path: Path) -> list[str] | None:
+    """The cache keys (YAML) a resume state was written for: one for a member's, one per member
+    for a fused group's (:mod:`pipeline.train.fused`); None when the file is unreadable or not a
+    resume state (loaded with ``weights_only=True``, never unpickled)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - truncated / corrupt / pickled objects: the training reports it
+        return None
+    key = state.get("cache_key") if isinstance(state, dict) else None
+    return key.split(GROUP_SEPARATOR) if isinstance(key, str) else None
+
+
 def load_resume(path: Path, cache_key_yaml: str, what: str) -> dict | None:
     """The resume state at ``path`` if it is readable and was written for this cache key, else
     ``None`` (and a log line saying why). Loaded with ``weights_only=True``: a file holding

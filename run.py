@@ -23,11 +23,12 @@ def _log_to_files(message: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="pipeline/conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pipeline.budget import process_start
     from pipeline.errors import PipelineError
     from pipeline.stages import run_stage
 
     try:
-        run_stage(cfg)
+        run_stage(cfg, started=process_start())  # budget= counts from the command's start
     except PipelineError as e:
         _log_to_files(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)

@@ -71,19 +71,74 @@ class Range:
     seeds_hi: int
 
 
+def unit_seconds(alone: float, share: float | None, timed: int, size: int) -> float:
+    """Seconds of a unit of ``size`` members: ``alone`` for one member trained unfused (a unit of
+    one always trains unfused); a fused group's, from one member alone (size 1) and the timed
+    group (``timed`` members, ``share`` seconds each), linear in between, and ``share`` per member
+    beyond it. ``share`` None: the members train unfused, ``size x alone``."""
+    if share is None:
+        return size * alone
+    if size <= 1:
+        return alone
+    if size >= timed or timed <= 1:
+        return size * share
+    return alone + (timed * share - alone) * (size - 1) / (timed - 1)
+
+
 @dataclass(frozen=True)
 class Cost:
-    """What one member of a model costs here, in its own seconds (measured with as many members
-    side by side as will train so): ``per_epoch`` for each epoch and ``fixed`` once (set-up,
-    validation, test prediction); ``folds`` members per seed."""
+    """What a model's members cost here, in their own seconds (measured with as many units side by
+    side as will train so): one member trained alone, ``per_epoch`` for each epoch and ``fixed``
+    once (set-up, final prediction); ``folds`` members per seed. A model that trains fused also has
+    ``group_per_epoch``, one member's share of an epoch of a fused group of ``group_size``
+    (:func:`unit_seconds` sizes any other group from the two)."""
 
     per_epoch: float
     fixed: float
     folds: int
+    group_per_epoch: float | None = None
+    group_size: int = 1
+
+    def unit(self, size: int, epochs: int) -> float:
+        """Seconds of a unit of ``size`` members (one member, or a fused group) of ``epochs`` epochs."""
+        return epochs * unit_seconds(self.per_epoch, self.group_per_epoch, self.group_size, size) + size * self.fixed
 
     def member(self, epochs: int) -> float:
-        """Seconds of one member of ``epochs`` epochs."""
-        return epochs * self.per_epoch + self.fixed
+        """Seconds of one member of ``epochs`` epochs trained alone."""
+        return self.unit(1, epochs)
+
+
+def group_sizes(n: int, largest: int, slots: int = 1) -> list[int]:
+    """``n`` members cut into groups of at most ``largest``: the fewest such groups, but at least
+    one per side-by-side slot (``slots``) while members last, as even as possible, largest first
+    (15 with ``largest`` 8: 8 and 7; 5 with ``largest`` 15 on 4 slots: 2, 1, 1, 1)."""
+    if n <= 0:
+        return []
+    groups = min(n, max(math.ceil(n / max(1, largest)), slots, 1))
+    return [n // groups + (1 if i < n % groups else 0) for i in range(groups)]
+
+
+def form_units(keys: list, group_of, largest: int, slots: int) -> list[tuple]:
+    """The units that train as one, from ``keys`` in dispatch order: the keys that share a group
+    (``group_of(key)``, a hashable; None: the key trains alone) cut in order into
+    :func:`group_sizes` of at most ``largest`` on ``slots`` side-by-side slots, every other key a
+    unit of its own; units in the order of their first key. The one rule both the budget's
+    planner and ``stage=train``'s scheduler group members by."""
+    groups: dict = {}
+    units: list[tuple] = []
+    for key in keys:
+        g = group_of(key)
+        if g is None:
+            units.append((key,))
+        else:
+            groups.setdefault(g, []).append(key)
+    for members in groups.values():
+        start = 0
+        for size in group_sizes(len(members), largest, slots):
+            units.append(tuple(members[start:start + size]))
+            start += size
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted(units, key=lambda u: order[u[0]])
 
 
 def makespan(durations: list[float], jobs: int) -> float:
@@ -145,7 +200,8 @@ def dispatch(order: list[str], seeds: dict[str, int], folds: dict[str, int]) -> 
 
 
 def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[str, Range],
-         order: list[str], fixed_epochs: dict[str, int] | None = None, jobs: int = 1) -> Plan:
+         order: list[str], fixed_epochs: dict[str, int] | None = None, jobs: int = 1,
+         group_of=None, fuse_max: int = 1) -> Plan:
     """The seeds and epochs of each model of ``order`` that fit in ``available`` seconds (see the
     module docstring for the policy).
 
@@ -155,8 +211,12 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         costs / ranges: per model, :class:`Cost` measured here and its :class:`Range`.
         order: the models, strongest first (``ensemble`` order).
         fixed_epochs: models whose members already exist, with their epochs (kept).
-        jobs: members trained side by side; the plan's wall seconds are the :func:`makespan` of its
-            members in :func:`dispatch` order.
+        jobs: units trained side by side; the plan's wall seconds are the :func:`makespan` of its
+            units (:func:`form_units` of its members in :func:`dispatch` order), each costing
+            :meth:`Cost.unit` at its size: exactly the units and seconds ``stage=train``'s scheduler
+            will run and check against the deadline.
+        group_of: ``(model, seed, fold) -> hashable | None``: the fused group a member may join
+            (None: it trains alone; default: every member alone); fuse_max: the largest group.
     Returns:
         a :class:`Plan` whose ``seconds`` is at most ``available``.
     Raises:
@@ -168,8 +228,11 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     seeds = {m: ranges[m].seeds_lo for m in order}
     folds = {m: costs[m].folds for m in order}
 
+    def units() -> list[tuple]:
+        return form_units(dispatch(order, seeds, folds), group_of or (lambda key: None), fuse_max, jobs)
+
     def total() -> float:
-        return makespan([costs[m].member(epochs[m]) for m, _, _ in dispatch(order, seeds, folds)], jobs)
+        return makespan([costs[u[0][0]].unit(len(u), epochs[u[0][0]]) for u in units()], jobs)
 
     need = total()
     if need > available:
@@ -186,7 +249,9 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         if total() > available:
             seeds[model], epochs[model] = before
             break
-    models = tuple(ModelPlan(m, seeds[m], epochs[m], seeds[m] * folds[m] * costs[m].member(epochs[m])) for m in order)
+    final = units()
+    models = tuple(ModelPlan(m, seeds[m], epochs[m], sum(costs[m].unit(len(u), epochs[m]) for u in final if u[0][0] == m))
+                   for m in order)
     return Plan(budget, available, reserve_seconds(budget), models, total())
 
 

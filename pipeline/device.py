@@ -157,3 +157,20 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# The share of a GPU's free memory that fused groups may plan for: the rest is headroom for the
+# CUDA context, cuDNN workspaces, the allocator's fragmentation and a validation batch.
+GROUP_MEMORY_SHARE = 0.7
+
+
+def group_memory_limit(member_bytes: float, free_bytes: float, processes: int,
+                       share: float = GROUP_MEMORY_SHARE) -> int:
+    """The most members a fused group may hold on a GPU: ``share`` of its ``free_bytes`` (measured
+    before any member's tensors exist, ``torch.cuda.mem_get_info``) split between the
+    ``processes`` training side by side on it, over ``member_bytes``, one member's share of a
+    probe group's peak memory (``torch.cuda.max_memory_allocated``: its images, weights, optimiser
+    state and activations). At least 1 (a member that alone does not fit fails as it would unfused)."""
+    if member_bytes <= 0:
+        return 1 << 30
+    return max(1, int(share * free_bytes / max(1, processes) // member_bytes))

@@ -9,7 +9,8 @@ them from the config again.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
@@ -81,6 +82,9 @@ class RunSettings:
     predict: PredictSettings
     base_seed: int
     budget: float | None = None  # budget= in seconds (pipeline.budget), None = no budget
+    # the run's entry (time.time()), from which budget= counts: when these settings were derived,
+    # or the command's start that run.py passes (pipeline.stages.run_stage)
+    started: float = field(default_factory=time.time, compare=False)
 
     def planned(self, plan: Plan, complete: Mapping[str, int] | None = None) -> "RunSettings":
         """These settings with ``plan``'s seeds and epochs for its models (``train.min_steps`` off:

@@ -8,6 +8,7 @@ of ``stage=all`` shares, and calls each stage's function from :data:`STAGE_FUNCT
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from enum import Enum
 from typing import Any, Callable
@@ -94,10 +95,12 @@ STAGE_FUNCTIONS: dict[Stage, Callable[[DictConfig, Any], Any]] = {
 NO_WORKSPACE = (Stage.data, Stage.predict)  # data: nothing beyond the data; predict: your images
 
 
-def run_stage(cfg: DictConfig) -> Any:
+def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
     """Run ``cfg.stage``: ``all`` runs data, folds, train, blend and report on one workspace and
-    returns the blend's outcome. Raises ConfigError naming the known stages for an unknown one,
-    or for any bad setting (before any work)."""
+    returns the blend's outcome. ``started`` (``time.time()``): where ``budget=`` counts from,
+    ``run.py`` passes the command's start; default: now, this call's entry (a notebook's kernel
+    may have started hours earlier). Raises ConfigError naming the known stages for an unknown
+    one, or for any bad setting (before any work)."""
     from pipeline.workspace import Workspace
 
     try:
@@ -105,6 +108,8 @@ def run_stage(cfg: DictConfig) -> Any:
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
     cfg, settings = prepare(cfg, apply_tuned=stage is not Stage.tune)  # a study searches the config as written
+    if started is not None:
+        settings = dataclasses.replace(settings, started=started)
     if stage in NO_WORKSPACE:
         return STAGE_FUNCTIONS[stage](cfg, None)
     ws = Workspace.load(cfg, settings)

@@ -166,13 +166,13 @@ def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, 
 
     real = scheduler.train_member
 
-    def stopped_at_the_deadline(ws, key, runtime=None, deadline=None):
+    def stopped_at_the_deadline(ws, key, runtime=None, deadline=None, choice=None):
         if key == MemberKey("cnn_deotte", 1, 1):
             raise DeadlineReached(f"{key}: the budget's deadline came in epoch 1")
-        return real(ws, key, runtime, deadline)
+        return real(ws, key, runtime, deadline, choice)
 
     monkeypatch.setattr(scheduler, "train_member", stopped_at_the_deadline)
-    run = ("ensemble=[cnn_deotte]", "budget=2h", "+models.cnn_deotte.ranges.seeds=[1,2]",
+    run = ("ensemble=[cnn_deotte]", "budget=2h", "runtime.fuse=off", "+models.cnn_deotte.ranges.seeds=[1,2]",
            "+models.cnn_deotte.ranges.epochs=[1,3]", "blend.method=mean", "aug=none")
     cfg = tiny_cfg(*run)
     with caplog.at_level(logging.INFO):

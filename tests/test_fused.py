@@ -17,7 +17,8 @@ from pipeline.fusion import fusable, fuse, split, stack_inputs
 from pipeline.members import MemberKey
 from pipeline.models import create_model
 from pipeline.paths import RESUME
-from pipeline.train import fused, runtime
+from pipeline.budget import group_sizes
+from pipeline.train import fused
 from pipeline.train.engine import FitSpec, fit_member
 from pipeline.train.inference import place_model, predict_logits, predict_probs
 from pipeline.train.scheduler import Outcome, plan_units
@@ -104,8 +105,9 @@ def test_timm_models_and_compile_do_not_fuse(tiny_cfg, caplog):
 def test_groups_are_one_model_at_most_fuse_max_and_only_pending(tiny_cfg):
     """Pending members of one model form groups of at most runtime.fuse_max, as even as possible;
     fuse=off trains every member alone."""
-    assert runtime.group_sizes(15, 15) == [15] and runtime.group_sizes(15, 8) == [8, 7]
-    assert runtime.group_sizes(10, 3) == [3, 3, 2, 2] and runtime.group_sizes(1, 4) == [1]
+    assert group_sizes(15, 15) == [15] and group_sizes(15, 8) == [8, 7]
+    assert group_sizes(10, 3) == [3, 3, 2, 2] and group_sizes(1, 4) == [1]
+    assert group_sizes(5, 15, slots=4) == [2, 1, 1, 1] and group_sizes(15, 5, slots=2) == [5, 5, 5]
     cfg = tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=3", "runtime.fuse=on", "runtime.fuse_max=4")
     ws = Workspace.load(cfg)
     keys = ws.keys("cnn_deotte")  # 2 folds x 3 seeds
@@ -113,8 +115,6 @@ def test_groups_are_one_model_at_most_fuse_max_and_only_pending(tiny_cfg):
     assert [len(u) for u in units] == [3, 2] and [k for u in units for k in u] == keys[1:]
     off = Workspace.load(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=3", "runtime.fuse=off"))
     assert plan_units(off, keys, torch.device("cpu")) == [(k,) for k in keys]
-    assert runtime.fuse_members(runtime.FuseMode.auto, torch.device("cuda"))
-    assert not runtime.fuse_members(runtime.FuseMode.off, torch.device("cuda"))
 
 
 def test_a_fused_group_learns_what_its_members_learn_alone(tiny_cfg):

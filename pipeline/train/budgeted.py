@@ -2,7 +2,8 @@
 epochs that fit (:func:`pipeline.budget.plan`), show the plan, train it against the deadline and
 record what completed (``artifacts/budget/plan.json``).
 
-The deadline counts from the command's start (:func:`pipeline.budget.process_start`). Training
+The deadline counts from the run's entry (``RunSettings.started``: the command's start for
+``python run.py``, the call's for a run started in-process, e.g. from a notebook). Training
 must end :func:`~pipeline.budget.reserve_seconds` before it, which leaves the time for the
 blend and the report. Members train seed by seed (every fold of seed 0 of every model, then seed
 1 ...), so the members that complete form whole seeds; no unit starts unless its estimate ends
@@ -19,17 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import members
-from pipeline.budget import (BudgetRecord, Cost, ModelPlan, Plan, format_minutes, plan, process_start,
-                             reserve_seconds, save_record)
+from pipeline.budget import BudgetRecord, Cost, ModelPlan, Plan, format_minutes, plan, reserve_seconds, save_record
 from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
 from pipeline.settings import round_base, selected_folds, selected_models
 from pipeline.augment import tta_views
-from pipeline.train.engine import INFERENCE_COST
 from pipeline.train.resume import resume_cache_keys
 from pipeline.train.runtime import fold_jobs
-from pipeline.train.scheduler import Estimate, MemberOutcome, Outcome, estimate, plan_units, schedule
+from pipeline.train.scheduler import (MemberOutcome, ModelTiming, Outcome, UnitPlan, decide_fusion, group_key,
+                                      schedule)
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -50,22 +50,22 @@ def _model_plan(ws: Workspace, model: str) -> ModelPlan:
 MARGIN = 1.1  # planned costs are 10% over the timed steps: a shared machine drifts, and 5 steps are few
 
 
-def costs(ws: Workspace, est: Estimate, models: list[str], k: int) -> dict[str, Cost]:
-    """Each model's :class:`~pipeline.budget.Cost` from the estimate (a member's own seconds,
-    timed at its knee epochs with ``est.n_jobs`` side by side), times :data:`MARGIN`: per epoch,
-    member seconds / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once
-    per member, 2 s of set-up and the final prediction of its fold and the test set in every TTA
-    view. A prediction costs :data:`~pipeline.train.engine.INFERENCE_COST` of a training image."""
+def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[str], models: list[str],
+          k: int) -> dict[str, Cost]:
+    """Each model's :class:`~pipeline.budget.Cost` from its timings (:func:`~pipeline.train.scheduler.time_models`:
+    a member alone and, for a model that trains fused, its share of a fused group, each timed at
+    its knee epochs with the units side by side), times :data:`MARGIN`: per epoch, those seconds
+    / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once per member,
+    2 s of set-up and the final prediction of its fold and the test set in every TTA view, at the
+    seconds per image timed for a prediction batch (``ModelTiming.predict_s``)."""
     out = {}
     n_train, n_test = len(ws.comp.x_train), len(ws.comp.x_test)
     for m in models:
-        s = ws.settings.models[m]
-        member = next(v for key, v in est.member_seconds.items() if key.model == m)
-        per_epoch = member / s.ranges.knee
-        per_image = per_epoch / (n_train * (k - 1) / k) * INFERENCE_COST
-        validation = per_image * n_train / k / max(1, ws.settings.runtime.val_every)
-        final = per_image * len(tta_views(s.tta)) * (n_train / k + n_test)
-        out[m] = Cost(MARGIN * (per_epoch + validation), MARGIN * (final + 2.0), k)
+        s, t = ws.settings.models[m], timed[m]
+        validation = t.predict_s * n_train / k / max(1, ws.settings.runtime.val_every)
+        final = t.predict_s * len(tta_views(s.tta)) * (n_train / k + n_test)
+        group = MARGIN * (t.group / s.ranges.knee + validation) if m in fused_models and t.group is not None else None
+        out[m] = Cost(MARGIN * (t.alone / s.ranges.knee + validation), MARGIN * (final + 2.0), k, group, t.size)
     return out
 
 
@@ -92,26 +92,31 @@ def existing_epochs(ws: Workspace, model: str) -> int | None:
     return None
 
 
-def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str, Cost], int]:
-    """Time each model where it will train and plan the budget (see the module docstring).
-    Returns the record (no results yet), each model's measured cost and the members trained side
-    by side. Raises ConfigError when even the smallest plan does not fit (one line naming the
-    budget that would)."""
-    budget = ws.settings.budget
-    started = process_start()
+def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str, Cost], UnitPlan]:
+    """Time each model where it will train (and decide ``runtime.fuse=auto`` by it,
+    :func:`~pipeline.train.scheduler.decide_fusion`), then plan the budget in the units the
+    scheduler will train (:func:`pipeline.budget.plan` with the scheduler's own grouping,
+    :func:`~pipeline.train.scheduler.group_key`). Returns the record (no results yet), each
+    model's measured cost, and the fusion decision with the unit seconds the scheduler checks
+    against the deadline. Raises ConfigError when even the smallest plan does not fit (one line
+    naming the budget that would)."""
+    budget, rt = ws.settings.budget, ws.settings.runtime
+    started = ws.settings.started
     wide = widest(ws, models)
-    device = select_device(ws.settings.runtime.device)
+    device = select_device(rt.device)
     keys = [k for m in models for k in wide.keys(m)]
-    units = plan_units(wide, keys, device)
-    jobs = fold_jobs(ws.settings.runtime.fold_jobs, device, len(units))
-    est = estimate(wide, units, jobs, device)
+    slots = fold_jobs(rt.fold_jobs, device, len(keys))
+    fusion = decide_fusion(wide, keys, slots, device, measure=True)
     fixed = {m: e for m in models if (e := existing_epochs(ws, m)) is not None}
     ranges = {m: ws.settings.models[m].ranges for m in models}
     reserve = reserve_seconds(budget)
     available = started + budget - reserve - time.time()
-    measured = costs(ws, est, models, ws.settings.folds.k)
-    p = plan(budget, available, measured, ranges, models, fixed, jobs)
-    return BudgetRecord(p, started, started + budget), measured, jobs
+    measured = costs(ws, fusion.timed, fusion.models, models, ws.settings.folds.k)
+    p = plan(budget, available, measured, ranges, models, fixed, slots,
+             lambda t: group_key(ws, MemberKey(t[0], t[2], t[1]), fusion.models), fusion.fuse_max)
+    epochs = {m.model: m.epochs for m in p.models}
+    units = UnitPlan(fusion, lambda u: measured[u[0].model].unit(len(u), epochs[u[0].model]))
+    return BudgetRecord(p, started, started + budget), measured, units
 
 
 def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
@@ -128,7 +133,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     if rounds:
         log.info("budget: pseudo-label rounds are not planned under a budget; %s left out (run without "
                  "budget= to train them)", ", ".join(rounds))
-    record, measured, jobs = make_plan(ws, models)
+    record, measured, units = make_plan(ws, models)
     p = record.plan
     log.info("budget: %s from the command's start; the plan, from steps timed here:\n%s",
              format_minutes(p.budget), p.table())
@@ -139,9 +144,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     keys = [MemberKey(m.model, f, s) for s in range(top) for m in p.models if s < m.seeds
             for f in (folds if folds is not None else range(ws.settings.folds.k))]
     t0 = time.time()
-    epochs = {m.model: m.epochs for m in p.models}
-    est = Estimate({k: measured[k.model].member(epochs[k.model]) for k in keys}, jobs)
-    outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve, est=est)
+    outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve, planned=units)
     complete = {m.model: _complete_seeds(planned, m.model, m.seeds) for m in p.models}
     complete |= dict.fromkeys(rounds, 0)
     by = {o: [str(x.key) for x in outcomes if x.outcome is o] for o in Outcome}

@@ -6,7 +6,6 @@ None of this changes what is learned, so none of it is part of a member's cache 
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -18,7 +17,6 @@ import torch
 
 from pipeline.device import launcher_job
 from pipeline.errors import ConfigError
-from pipeline.settings import FuseMode
 
 # Side-by-side members for runtime.fold_jobs=auto. On the CPU: 2 jobs with half the cores each
 # beat 1 job with all of them, because small convolutions scale poorly over intra-op threads
@@ -28,29 +26,6 @@ from pipeline.settings import FuseMode
 # figure is not yet measured: `--fold-jobs 1 2 4 8` on a GPU settles it.
 FOLD_JOBS_CPU = 2
 FOLD_JOBS_PER_GPU = 4
-
-
-# runtime.fuse=auto on the CPU: off. benchmarks/train_throughput.py --fused on the 2-core AMD EPYC
-# (fp32, quick profile's cnn_deotte, batch 256; separate = 2 side-by-side processes, 880 images/s):
-# one fused group of M members 0.90x (M=1), 0.88x (5), 0.66x (10); two fused groups of M/2 side
-# by side 0.87x (5), 0.95x (10). A CPU's convolutions are compute-bound, so fusing saves nothing
-# there and the larger batches cost cache; on a GPU it saves the kernel launches and idle SMs.
-FUSE_ON_CPU = False
-
-
-def fuse_members(setting: FuseMode, device: torch.device) -> bool:
-    """Whether ``stage=train`` fuses a model's pending members (``runtime.fuse``): ``on`` / ``off``
-    as set; ``auto``: on CUDA, and on the CPU when :data:`FUSE_ON_CPU`."""
-    if setting is FuseMode.auto:
-        return device.type == "cuda" or FUSE_ON_CPU
-    return setting is FuseMode.on
-
-
-def group_sizes(n: int, largest: int) -> list[int]:
-    """``n`` members cut into the fewest groups of at most ``largest``, as even as possible
-    (15 with ``largest`` 8: 8 and 7), largest first."""
-    groups = max(1, math.ceil(n / largest))
-    return [n // groups + (1 if i < n % groups else 0) for i in range(groups)]
 
 
 def fold_jobs(setting, device: torch.device, pending: int) -> int:

@@ -82,16 +82,6 @@ class Paths:
         d = self.member_dir(model, fold, seed)
         return d.with_name(f"{d.name}.lock")
 
-    def group_resume(self, model: str, members: list[tuple[int, int]]) -> Path:
-        """``artifacts/<model>/fused-<digest>.resume.pt``: the end-of-epoch state of the fused group
-        of ``model``'s members ``[(fold, seed index), ...]`` (the same members name the same file)."""
-        digest = hashlib.sha256(repr(sorted(members)).encode()).hexdigest()[:12]
-        return self.artifacts_dir / model / f"fused-{digest}.{RESUME}"
-
-    def group_resumes(self, model: str) -> list[Path]:
-        """Every fused group checkpoint of ``model`` there is (:meth:`group_resume`), sorted."""
-        return sorted((self.artifacts_dir / model).glob(f"fused-*.{RESUME}"))
-
     def pseudo_rows(self, model: str, fold: int) -> Path:
         """``artifacts/pseudo/<model>/fold<fold>.npz``: the test rows pseudo-label round ``model``
         adds to fold ``fold`` (written by :func:`pipeline.pseudo.write_rows`)."""

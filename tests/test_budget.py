@@ -121,13 +121,15 @@ def test_a_member_stopped_by_the_deadline_resumes_from_its_checkpoint(tiny_cfg):
 
 def test_existing_checkpoints_fix_a_models_epochs(tiny_cfg):
     """A model whose members left checkpoints keeps their epochs under a budget, so that a larger
-    budget continues them: a fused group's checkpoint (written for 3 epochs) is read past an
-    unreadable one, and a complete member's config comes first."""
+    budget continues them: a member's end-of-epoch checkpoint (what a fused member writes too,
+    written for 3 epochs) is read past an unreadable one, and a complete member's config comes
+    first."""
     from omegaconf import OmegaConf
 
     from pipeline.members import MemberKey
+    from pipeline.paths import RESUME
     from pipeline.train.budgeted import existing_epochs
-    from pipeline.train.resume import GROUP_SEPARATOR, save_resume
+    from pipeline.train.resume import save_resume
     from pipeline.workspace import Workspace
 
     ws = Workspace.load(tiny_cfg("model=mlp"))
@@ -136,14 +138,13 @@ def test_existing_checkpoints_fix_a_models_epochs(tiny_cfg):
     configs = [ws.member_config(k) for k in keys]
     for c in configs:
         c.train.epochs = 3
-    broken = ws.paths.group_resume("mlp", [(0, 0)])
+    broken = ws.member_dir(keys[0]) / RESUME
     broken.parent.mkdir(parents=True, exist_ok=True)
     broken.write_bytes(b"not a checkpoint")
-    save_resume(ws.paths.group_resume("mlp", [(k.fold, k.seed_index) for k in keys]),
-                {"cache_key": GROUP_SEPARATOR.join(OmegaConf.to_yaml(c) for c in configs), "epoch": 1})
+    ws.member_dir(keys[1]).mkdir(parents=True)
+    save_resume(ws.member_dir(keys[1]) / RESUME, {"cache_key": OmegaConf.to_yaml(configs[1]), "epoch": 1})
     assert existing_epochs(ws, "mlp") == 3
     done = ws.member_dir(keys[0])
-    done.mkdir(parents=True)
     configs[0].train.epochs = 5
     (done / "config.yaml").write_text(OmegaConf.to_yaml(configs[0]))
     (done / "manifest.json").write_text("{}")

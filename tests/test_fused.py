@@ -210,8 +210,9 @@ def test_a_fused_group_stopped_after_a_checkpoint_resumes_to_the_same_result(tin
     ws = Workspace.load(cfg)
     specs = _specs(ws, GROUP)
     ref = fused.fit_group(specs, ws.comp, ws.folds, predict_test=False)
-    path = ws.paths.group_resume("cnn_deotte", [(k.fold, k.seed_index) for k in GROUP])
-    path.parent.mkdir(parents=True)
+    paths = [ws.member_dir(k) / RESUME for k in GROUP]  # each member's own checkpoint
+    for path in paths:
+        path.parent.mkdir(parents=True)
 
     def stop(epoch, records):
         assert len(records) == 3
@@ -219,9 +220,9 @@ def test_a_fused_group_stopped_after_a_checkpoint_resumes_to_the_same_result(tin
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fused.fit_group(specs, ws.comp, ws.folds, predict_test=False, resume_path=path, on_epoch=stop)
-    assert torch.load(path, weights_only=True)["epoch"] == 2
-    res = fused.fit_group(specs, ws.comp, ws.folds, predict_test=False, resume_path=path)
+        fused.fit_group(specs, ws.comp, ws.folds, predict_test=False, resume_paths=paths, on_epoch=stop)
+    assert [torch.load(path, weights_only=True)["epoch"] for path in paths] == [2, 2, 2]
+    res = fused.fit_group(specs, ws.comp, ws.folds, predict_test=False, resume_paths=paths)
     for a, b in zip(ref, res):
         np.testing.assert_allclose(b.oof, a.oof, atol=1e-6)
         assert b.metrics["resumed_after_epoch"] == 2
@@ -246,7 +247,7 @@ def test_stage_train_fuses_holds_every_lock_and_blends(tiny_cfg, caplog):
     assert len(trained) == 3 and all(o.metrics["fused"]["members"] == 3 for o in trained)
     assert "4 of them in 1 fused group(s) of 4" in caplog.text
     assert "cnn_deotte: 3 members trained as one fused network" in caplog.text
-    assert not list(ws.paths.artifacts_dir.glob("cnn_deotte/fused-*"))  # the group's checkpoint removed
+    assert not list(ws.paths.artifacts_dir.glob("cnn_deotte/fused-*"))  # no group-wide checkpoint
     assert not any((ws.member_dir(o.key) / RESUME).exists() for o in trained)
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -246,3 +246,26 @@ def test_a_probe_group_out_of_memory_is_halved(tiny_cfg, monkeypatch, caplog):
         timed = scheduler.time_models(ws, [tuple(keys)], 1)
     assert timed["cnn_deotte"].size == 2 and timed["cnn_deotte"].group > 0
     assert "a fused group of 4 ran out of GPU memory in its timed steps; timing 2" in caplog.text
+
+
+def test_a_group_out_of_memory_in_training_continues_as_two_halves(tiny_cfg, monkeypatch, caplog):
+    """stage=train: a fused group that runs out of GPU memory is halved (one log line) and each
+    half trains from its members' checkpoints; every member ends trained and cached."""
+    from pipeline.train import fused
+
+    real = fused.fit_group
+
+    def small_gpu(specs, *args, **kwargs):
+        if len(specs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real(specs, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "fit_group", small_gpu)
+    cfg = tiny_cfg("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=on")
+    with caplog.at_level(logging.INFO):
+        outcomes = train.run(cfg)
+    assert [o.outcome for o in outcomes] == [Outcome.TRAINED] * 4
+    assert all(o.metrics["fused"]["members"] == 2 for o in outcomes)
+    assert "mlp: a fused group of 4 ran out of GPU memory; it continues as groups of 2 and 2" in caplog.text
+    ws = Workspace.load(cfg)
+    assert all(ws.verify(o.key).ok for o in outcomes)

@@ -70,9 +70,9 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
 
 
 def existing_epochs(ws: Workspace, model: str) -> int | None:
-    """The epochs of ``model``'s members that already exist (complete, an end-of-epoch checkpoint,
-    or a fused group's checkpoint), so that a larger budget continues them: the first found, or
-    None. An unreadable one is passed over (the training itself reports it)."""
+    """The epochs of ``model``'s members that already exist (complete, or an end-of-epoch
+    checkpoint, which a fused member writes too), so that a larger budget continues them: the
+    first found, or None. An unreadable one is passed over (the training itself reports it)."""
     r = ws.settings.models[model].ranges
     dirs = [ws.paths.member_dir(model, f, s) for s in range(r.seeds_hi) for f in range(ws.settings.folds.k)]
     for d in dirs:
@@ -81,7 +81,7 @@ def existing_epochs(ws: Workspace, model: str) -> int | None:
                 return int(members.read_config(d).train.epochs)
             except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
                 continue
-    for path in [d / RESUME for d in dirs] + ws.paths.group_resumes(model):
+    for path in [d / RESUME for d in dirs]:
         keys = resume_cache_keys(path) if path.exists() else None
         if not keys:
             continue

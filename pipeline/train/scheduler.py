@@ -50,6 +50,7 @@ class Outcome(Enum):
     SKIPPED_LOCKED = "skipped-locked"  # another process holds its lock (runtime.lock=skip)
     DROPPED = "dropped"                # not started: it would not end before the budget's deadline
     STOPPED = "stopped"                # stopped at the budget's deadline; its checkpoint stays
+    FAILED = "failed"                  # diverged in a fused group and left it (the others trained on)
 
 
 @dataclass
@@ -108,19 +109,39 @@ def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None 
 
 
 def train_group(ws: Workspace, keys: list[MemberKey], runtime: RuntimeSettings | None = None,
-                deadline: float | None = None, choice: "FuseChoice | None" = None) -> list[dict]:
+                deadline: float | None = None, choice: "FuseChoice | None" = None) -> list[dict | fused.MemberFailed]:
     """Train ``keys`` (members of one model) as one fused group
-    (:func:`pipeline.train.fused.fit_group`), resuming the group's checkpoint
-    (:meth:`pipeline.paths.Paths.group_resume`) if any; write every member's ordinary files, record
-    them verified and return their metrics, in order. Raises PipelineError (NaN loss: nothing is
-    cached), DeadlineReached (the group's checkpoint stays)."""
+    (:func:`pipeline.train.fused.fit_group`), each member continuing its own ``resume.pt`` if any;
+    write every member's ordinary files, record them verified and return their metrics, in order,
+    or a :class:`~pipeline.train.fused.MemberFailed` for a member that diverged and left the group
+    (the others trained on). A group that runs out of GPU memory is halved, each half continuing
+    from its members' end-of-epoch checkpoints (one log line). Raises DeadlineReached (every
+    member's checkpoint stays)."""
     specs = [_spec(ws, k, runtime, deadline) for k in keys]
-    resume = ws.paths.group_resume(keys[0].model, [(k.fold, k.seed_index) for k in keys])
-    resume.parent.mkdir(parents=True, exist_ok=True)
+    paths = [ws.member_dir(k) / RESUME for k in keys]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
     log.info("train: %s: %d members trained as one fused network (runtime.fuse)", keys[0].model, len(keys))
-    results = fused.fit_group(specs, ws.comp, ws.folds, resume_path=resume, pseudo=[_pseudo(ws, k) for k in keys])
-    out = [_write(ws, k, spec, res, choice) for k, spec, res in zip(keys, specs, results)]
-    resume.unlink(missing_ok=True)
+    try:
+        results = fused.fit_group(specs, ws.comp, ws.folds, resume_paths=paths, pseudo=[_pseudo(ws, k) for k in keys])
+    except torch.cuda.OutOfMemoryError:
+        if len(keys) == 1:
+            raise
+        half = (len(keys) + 1) // 2
+        log.info("train: %s: a fused group of %d ran out of GPU memory; it continues as groups of %d and %d from "
+                 "its members' checkpoints", keys[0].model, len(keys), half, len(keys) - half)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return (train_group(ws, keys[:half], runtime, deadline, choice)
+                + train_group(ws, keys[half:], runtime, deadline, choice))
+    out: list[dict | fused.MemberFailed] = []
+    for key, spec, res, path in zip(keys, specs, results, paths):
+        if isinstance(res, fused.MemberFailed):
+            log.error("train: %s", res.reason)
+            out.append(res)
+            continue
+        out.append(_write(ws, key, spec, res, choice))
+        path.unlink(missing_ok=True)
     return out
 
 
@@ -192,7 +213,10 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
                 outcomes[train[0]].metrics = train_member(ws, train[0], runtime, deadline, choice)
             elif train:
                 for key, metrics in zip(train, train_group(ws, train, runtime, deadline, choice)):
-                    outcomes[key].metrics = metrics
+                    if isinstance(metrics, fused.MemberFailed):
+                        outcomes[key] = MemberOutcome(key, Outcome.FAILED, metrics.reason)
+                    else:
+                        outcomes[key].metrics = metrics
         except DeadlineReached as e:
             log.info("train: %s; stopped after its last end-of-epoch checkpoint (the same command with a "
                      "larger budget continues it)", e)
@@ -695,7 +719,7 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
     def finish(outcomes: list[MemberOutcome]) -> None:
         for outcome in outcomes:
             done[outcome.key] = outcome
-            if outcome.outcome not in (Outcome.DROPPED, Outcome.STOPPED):
+            if outcome.outcome not in (Outcome.DROPPED, Outcome.STOPPED, Outcome.FAILED):
                 finished[outcome.key] = (outcome.metrics or {}).get("seconds", 0.0)
         if est is not None:
             _progress(est, finished)
@@ -707,6 +731,10 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
             finish(train_unit_locked(ws, unit, None, deadline, s, choice))
     else:
         _side_by_side(ws, units, seconds, unit_choices, n_jobs, deadline, finish)
+    failed = [done[k] for k in keys if done[k].outcome is Outcome.FAILED]
+    if failed:  # every other member has trained and kept its files
+        raise PipelineError(failed[0].reason if len(failed) == 1 else
+                            f"{len(failed)} members diverged and were not cached: " + "; ".join(o.reason for o in failed))
     return [done[k] for k in keys]
 
 

@@ -27,7 +27,18 @@ extrapolated from these figures.
 
 (d) fused (``--fused 1 5 10 15``): M members of one model trained as one fused network
     (:mod:`pipeline.fusion`, ``runtime.fuse``) in one process, against the same members trained
-    separately (``fold_jobs=auto`` processes, one member each), alternately in one run.
+    separately (``fold_jobs=auto`` processes, one member each), alternately in one run
+    (``--skip-separate`` leaves this table out).
+
+(e) the fused group's data paths (with ``--fused``), in this process, alternately: M
+    ``DeviceBatches`` (M device copies, M gathers, M augmentation calls, ``stack_inputs``)
+    against one ``GroupBatches`` (one shared device copy, one gather, one augmentation call over
+    all M x B images, the fused layout made directly), member m training on the rows outside fold
+    ``m % 5``; images/s of the data path alone and of whole fused training steps, and the device
+    copies' size.
+
+    python benchmarks/train_throughput.py --models cnn_deotte --skip-single --fold-jobs \\
+        --fused 1 5 10 15 --skip-separate
 
 Needs the competition data (``python run.py stage=data`` builds the offline default).
 """
@@ -42,6 +53,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -189,6 +201,101 @@ def fused_step(name, x, y, cfg, device, batch_size: int, num_classes: int, membe
     return step
 
 
+def fused_paths(name, x, y, cfg, device, batch_size: int, num_classes: int, members: int, seed: int = 0,
+                k: int = 5) -> dict:
+    """(e): a fused group of ``members`` copies of ``name`` on both data paths. Member ``m``
+    (seed ``seed + m``) trains on the rows of ``x``/``y`` outside fold ``m % k`` (folds: row
+    ``i`` in fold ``i % k``), as a k-fold model's members do.
+
+    Returns ``{path: (step, batch, device_bytes)}`` for ``"M copies"`` (``M`` x ``DeviceBatches``
+    + :func:`pipeline.fusion.stack_inputs`, today's ``group_epoch``) and ``"shared"``
+    (:class:`pipeline.train.batches.GroupBatches`): ``step()`` trains the path's own fused network
+    (same initial weights for both paths) on its next batch with ``train_step``; ``batch()`` only
+    makes the next batch; ``device_bytes`` is the images' device copies (uint8)."""
+    from pipeline.fusion import fuse, stack_inputs
+    from pipeline.train.batches import GroupBatches, TrainingSet
+
+    sets = [TrainingSet(x, y, np.flatnonzero(np.arange(len(x)) % k != m % k)) for m in range(members)]
+    seeds = [seed + m for m in range(members)]
+    models = []
+    for s in seeds:
+        torch.manual_seed(s)
+        models.append(create_model(name, num_classes, 1, x.shape[-1], **_kwargs(cfg, name)))
+    channels_last = bool(cfg.runtime.channels_last)
+    precision = resolve_precision(cfg.train.precision, device)
+    own = [augment.DeviceBatches(d.images[d.rows], d.labels[d.rows], batch_size, device, cfg.aug, seed=s)
+           for d, s in zip(sets, seeds)]
+    its = [_forever(lambda b=b: b) for b in own]
+
+    def copies():
+        pairs = [next(it) for it in its]
+        return stack_inputs([p[0] for p in pairs]), torch.stack([p[1] for p in pairs], 1)
+
+    group = GroupBatches(sets, batch_size, device, cfg.aug, seeds, channels_last=channels_last)
+    shared_it = _forever(lambda: group)
+    out = {}
+    for path, batch, nbytes in (("M copies", copies, sum(b.x.numel() for b in own)),
+                                ("shared", lambda: next(shared_it), group.x.numel())):
+        net = fuse(models).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+        def step(batch=batch, net=net, opt=opt):
+            train_step(net, opt, *batch(), 0.0, channels_last, precision)
+
+        out[path] = (step, batch, nbytes)
+    return out
+
+
+def aten_ops(fn) -> int:
+    """The ATen operators one call of ``fn()`` dispatches (views included): a device-independent
+    proxy of its kernel launches, which bound a GPU step's host time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as count:
+        fn()
+    return count.n
+
+
+def bench_fused_paths(names, x, y, cfg, device, args, num_classes) -> None:
+    """(e): for each group size M of ``--fused``, images/s (all M members' images) of the fused
+    group's two data paths (:func:`fused_paths`), measured alternately ``--repeats`` times in this
+    process (medians): the data path alone (batches made, nothing trained; windows of
+    ``--data-steps`` batches) and whole training steps (windows of ``--steps``). Prints one row
+    per (model, M)."""
+    print(f"\nfused data paths (--fused, one process): images/s of all M members together; 'M copies' = M "
+          f"DeviceBatches + stack_inputs (one device copy, gather and augmentation call per member), 'shared' "
+          f"= GroupBatches (one device copy, one gather, one augmentation call); member m trains on the rows "
+          f"outside fold m % 5 of {len(x)}")
+    print(f"{'model':14s} {'M':>3s} {'data M copies':>14s} {'data shared':>12s} {'ratio':>6s} "
+          f"{'step M copies':>14s} {'step shared':>12s} {'ratio':>6s} {'copies MiB':>11s} {'shared MiB':>11s} "
+          f"{'ops copies':>10s} {'ops shared':>10s}")
+    for name in names:
+        for m in args.fused:
+            paths = fused_paths(name, x, y, cfg, device, args.batch_size, num_classes, m)
+            images = m * args.batch_size
+            runs = {p: ([], []) for p in paths}
+            for _ in range(args.repeats):  # alternate, so drift of a shared machine hits both alike
+                for p, (step, batch, _) in paths.items():
+                    runs[p][0].append(timed_windows(batch, device, images, args.warmup, args.data_steps, args.windows))
+                    runs[p][1].append(timed_windows(step, device, images, args.warmup, args.steps, args.windows))
+            (dc, sc), (ds, ss) = ((statistics.median(r) for r in runs[p]) for p in ("M copies", "shared"))
+            mib = [paths[p][2] / 2**20 for p in ("M copies", "shared")]
+            layout = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+            ops = [aten_ops(lambda: paths["M copies"][1]()[0].contiguous(memory_format=layout)),
+                   aten_ops(lambda: paths["shared"][1]()[0].contiguous(memory_format=layout))]
+            print(f"{name:14s} {m:3d} {dc:14.0f} {ds:12.0f} {ds / dc:6.2f} {sc:14.0f} {ss:12.0f} {ss / sc:6.2f} "
+                  f"{mib[0]:11.1f} {mib[1]:11.1f} {ops[0]:10d} {ops[1]:10d}", flush=True)
+
+
 def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, seconds, members=0) -> float:
     """One of (c)'s and (d)'s processes: its own model and batches (``members`` >= 1: a fused group
     of that many, :func:`fused_step`) on its device (GPU ``slot % count``), a ``1/n_jobs`` share of
@@ -284,6 +391,10 @@ def main() -> None:
     p.add_argument("--fused", type=int, nargs="*", default=None,
                    help="(d): fused group sizes M to compare with separate members, e.g. 1 5 10 15; "
                         "default none")
+    p.add_argument("--data-steps", type=int, default=30,
+                   help="(e): batches per timed window of the data path alone (far cheaper than a step)")
+    p.add_argument("--skip-separate", action="store_true",
+                   help="(d): leave out the fused-vs-separate-processes table; (e) still runs")
     p.add_argument("--skip-single", action="store_true",
                    help="skip (a) and (b), the one-process naive/pipeline comparison")
     p.add_argument("--side-seconds", type=float, default=10.0, help="(c): timed seconds per count")
@@ -335,7 +446,9 @@ def main() -> None:
             print(f"{name:14s} " + " ".join(f"{r:8.0f} ({r / rates[0]:.2f}x)" for r in rates),
                   flush=True)
     if args.fused:
-        bench_fused(names, cfg, args, device)
+        bench_fused_paths(names, x, y, cfg, device, args, comp.num_classes)
+        if not args.skip_separate:
+            bench_fused(names, cfg, args, device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem = f"peak RSS {peak:.0f} MiB"
     if device.type == "cuda":

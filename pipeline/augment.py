@@ -21,6 +21,8 @@ Two published recipes for handwritten digits, each off when its strength is 0:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -101,6 +103,61 @@ def gaussian_blur_matrix(side: int, sigma: float, device: torch.device) -> torch
     return torch.zeros(side, side, device=device).scatter_add_(1, cols, k.expand(side, -1).contiguous())
 
 
+@dataclass
+class AugParams:
+    """One batch's random draws for :class:`BatchAugment`: raw uniform ``[0, 1)`` float32 tensors
+    on the images' device, exactly as the generator gave them (:meth:`BatchAugment.apply` turns
+    them into gates, angles, zooms, shifts, displacements and factors). A part that is off is
+    ``None``. The fields are declared in the order they are drawn (the order
+    :meth:`BatchAugment.__call__` has always drawn them, so draws and results are unchanged).
+
+    Attributes:
+        batch: the images B they are for.
+        affine_gate: ``(B,)`` the affine part applies where ``u < p_affine``.
+        angle: ``(B,)`` rotation ``(2u - 1) x rotate`` degrees.
+        zoom: ``(B,)`` zoom ``1 + (2u - 1) x scale``.
+        shift: ``(B, 2)`` translation (x, y) ``(2u - 1) x shift`` of the side.
+        field: ``(2B, S, S)`` the elastic displacement before smoothing, ``2u - 1`` per pixel (rows
+            ``2b`` and ``2b + 1``: image ``b``'s x and y).
+        elastic_gate: ``(B,)`` the elastic part applies where ``u < p_elastic``.
+        hflip, vflip: ``(B,)`` a flip where ``u < hflip`` / ``u < vflip``.
+        color_gate: ``(B,)`` the colour jitter applies where ``u < p_color``.
+        brightness, contrast, saturation: ``(B,)`` factor ``1 + (2u - 1) x s`` (saturation: RGB only).
+    Several members' draws concatenate along the batch (:meth:`cat`) and apply in one pass.
+    """
+
+    batch: int
+    affine_gate: torch.Tensor | None = None
+    angle: torch.Tensor | None = None
+    zoom: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    field: torch.Tensor | None = None
+    elastic_gate: torch.Tensor | None = None
+    hflip: torch.Tensor | None = None
+    vflip: torch.Tensor | None = None
+    color_gate: torch.Tensor | None = None
+    brightness: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
+    saturation: torch.Tensor | None = None
+
+    @staticmethod
+    def draw_order() -> tuple[str, ...]:
+        """The tensor fields in the order they are drawn."""
+        return tuple(f.name for f in fields(AugParams) if f.name != "batch")
+
+    @classmethod
+    def cat(cls, parts: Sequence[AugParams]) -> AugParams:
+        """Several batches' draws as one: images in the order of ``parts`` (one ``torch.cat``
+        per part that is on). Raises ValueError when the parts do not draw the same parts."""
+        tensors = {}
+        for name in cls.draw_order():
+            present = [getattr(p, name) is not None for p in parts]
+            if any(present) and not all(present):
+                raise ValueError(f"AugParams.cat: {name} is drawn for some batches only")
+            tensors[name] = torch.cat([getattr(p, name) for p in parts]) if all(present) else None
+        return cls(sum(p.batch for p in parts), **tensors)
+
+
 class BatchAugment:
     """Affine + elastic augmentation of a whole batch on its device, in one resampling, then
     flips and colour jitter.
@@ -113,6 +170,16 @@ class BatchAugment:
     colour jitter (brightness: ``x * f``, contrast: ``(x - mean) * f + mean``, saturation: ``gray +
     (x - gray) * f`` on RGB; each ``f`` uniform in ``[1-s, 1+s]``) with probability ``p_color``,
     clamped to [0, 1]. A strength of 0 is the identity.
+
+    Drawing and applying are separate: :meth:`draw` takes one batch's random numbers from a
+    generator (:class:`AugParams`), :meth:`apply` augments a batch with given draws; calling is
+    both. :meth:`draw_members` draws several members' batches, each from its own generator, into
+    one :class:`AugParams`, so a fused group (:class:`pipeline.train.batches.GroupBatches`)
+    augments all its members' images in one pass: one sampling grid, one ``grid_sample``, one
+    flip, one colour op. Every operation of :meth:`apply` computes each image from its own draws
+    only, so an image comes out bit-identical whether it is augmented alone or concatenated
+    with others on the CPU (tested); on CUDA the two matrix products (elastic smoothing, the
+    affine grid) may pick other cuBLAS kernels for another batch size, so equal to float rounding.
 
     Args:
         generator: a ``torch.Generator`` on the images' device (for reproducible draws).
@@ -141,73 +208,139 @@ class BatchAugment:
         """True when every strength is 0 (calling returns the input unchanged)."""
         return not (self.has_affine or self.has_elastic or self.hflip or self.vflip or self.has_color)
 
-    def _uniform(self, *shape: int, device: torch.device) -> torch.Tensor:
-        """Uniform(-1, 1) draws."""
-        return torch.rand(*shape, device=device, generator=self.generator) * 2 - 1
+    # ------------------------------------------------------------------ drawing
 
-    def _gate(self, b: int, p: float, device: torch.device) -> torch.Tensor:
-        return (torch.rand(b, device=device, generator=self.generator) < p).float()
+    def _parts(self, channels: int, geometric_only: bool = False) -> tuple[str, ...]:
+        """The :class:`AugParams` fields these settings draw for ``channels``-channel images, in
+        draw order (:meth:`sampling_grid` draws the geometric ones only)."""
+        on = {"affine_gate": self.has_affine, "angle": self.has_affine, "zoom": self.has_affine,
+              "shift": self.has_affine, "field": self.has_elastic, "elastic_gate": self.has_elastic,
+              "hflip": bool(self.hflip) and not geometric_only, "vflip": bool(self.vflip) and not geometric_only}
+        color = self.has_color and not geometric_only
+        brightness, contrast, saturation = self.jitter
+        on |= {"color_gate": color, "brightness": color and bool(brightness),
+               "contrast": color and bool(contrast), "saturation": color and bool(saturation) and channels == 3}
+        return tuple(name for name in AugParams.draw_order() if on[name])
 
-    def sampling_grid(self, b: int, side: int, device: torch.device) -> torch.Tensor:
-        """``(B, S, S, 2)`` normalised sampling coordinates (``grid_sample`` convention)."""
-        theta = torch.zeros(b, 2, 3, device=device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-        if self.has_affine:
-            gate = self._gate(b, self.p_affine, device)
-            angle = self._uniform(b, device=device) * math.radians(self.rotate) * gate
-            zoom = 1 + self._uniform(b, device=device) * self.scale * gate
-            cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-            theta[:, :, 2] = self._uniform(b, 2, device=device) * (2 * self.shift) * gate[:, None]
-        grid = F.affine_grid(theta, [b, 1, side, side], align_corners=False)
-        if self.has_elastic:
-            grid = grid + self.displacement(b, side, device) * (2.0 / side)
-        return grid
+    def draw_members(self, generators: Sequence[torch.Generator | None], batch: int, channels: int, side: int,
+                     device: torch.device, geometric_only: bool = False) -> AugParams:
+        """The draws of ``len(generators)`` batches of ``batch`` images each, batch ``m`` from
+        ``generators[m]`` exactly as :meth:`draw` with that generator would draw it (same calls,
+        same shapes, same order; ``None``: torch's default generator), written into one
+        :class:`AugParams` of ``len(generators) x batch`` images (batch ``m``'s rows
+        ``m*batch .. (m+1)*batch - 1``; no concatenation copy). One ``uniform_`` per part per
+        generator, nothing else: no host synchronisation.
 
-    def displacement(self, b: int, side: int, device: torch.device) -> torch.Tensor:
-        """``(B, S, S, 2)`` elastic displacement in pixels (x, y); zero for ungated images."""
+        Args:
+            batch: images per member; channels: C (saturation is drawn for RGB only); side: S px.
+            device: where the draws live (the generators' device).
+            geometric_only: draw the affine and elastic parts only (:meth:`sampling_grid`).
+        """
+        n = len(generators) * batch
+        shapes = {"shift": (n, 2), "field": (2 * n, side, side)}
+        parts = self._parts(channels, geometric_only)
+        p = AugParams(n, **{name: torch.empty(shapes.get(name, (n,)), device=device) for name in parts})
+        for m, generator in enumerate(generators):
+            for name in parts:
+                rows = 2 * batch if name == "field" else batch
+                getattr(p, name)[m * rows:(m + 1) * rows].uniform_(0, 1, generator=generator)
+        return p
+
+    def draw(self, batch: int, channels: int, side: int, device: torch.device,
+             generator: torch.Generator | None = None) -> AugParams:
+        """One batch's draws (:class:`AugParams`) for ``batch`` images of ``channels`` x ``side``
+        x ``side`` px, from ``generator`` (default: this augment's), in exactly the order and
+        shapes :meth:`__call__` draws them."""
+        return self.draw_members([self.generator if generator is None else generator], batch, channels, side, device)
+
+    # ------------------------------------------------------------------ applying
+
+    def _blur_matrix(self, side: int, device: torch.device) -> torch.Tensor:
         key = (side, device)
         if self._blur is None or self._blur[0] != key:
             self._blur = (key, gaussian_blur_matrix(side, self.sigma, device))
-        m = self._blur[1]
-        field = m @ self._uniform(b * 2, side, side, device=device) @ m.T
-        gate = self._gate(b, self.p_elastic, device)
-        return (field.view(b, 2, side, side) * (self.alpha * gate)[:, None, None, None]).permute(0, 2, 3, 1)
+        return self._blur[1]
 
-    def _flip(self, x: torch.Tensor, p: float, dim: int) -> torch.Tensor:
-        gate = self._gate(x.shape[0], p, x.device).bool()[:, None, None, None]
-        return torch.where(gate, x.flip(dim), x)
+    def _displacement(self, field: torch.Tensor, gate: torch.Tensor, side: int) -> torch.Tensor:
+        """``(B, S, S, 2)`` elastic displacement in pixels (x, y) of raw draws ``field`` ``(2B, S,
+        S)`` and ``gate`` ``(B,)``; zero for ungated images."""
+        m = self._blur_matrix(side, field.device)
+        smooth = m @ (field * 2 - 1) @ m.T
+        on = (gate < self.p_elastic).float()
+        b = on.shape[0]
+        return (smooth.view(b, 2, side, side) * (self.alpha * on)[:, None, None, None]).permute(0, 2, 3, 1)
 
-    def _color(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        gate = self._gate(b, self.p_color, x.device)[:, None, None, None]
+    def grid(self, p: AugParams, side: int, device: torch.device) -> torch.Tensor:
+        """``(B, S, S, 2)`` normalised sampling coordinates (``grid_sample`` convention) of the
+        affine and elastic draws of ``p`` (the identity grid where both are off)."""
+        b = p.batch
+        theta = torch.zeros(b, 2, 3, device=device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        if p.affine_gate is not None:
+            gate = (p.affine_gate < self.p_affine).float()
+            angle = (p.angle * 2 - 1) * math.radians(self.rotate) * gate
+            zoom = 1 + (p.zoom * 2 - 1) * self.scale * gate
+            cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+            theta[:, :, 2] = (p.shift * 2 - 1) * (2 * self.shift) * gate[:, None]
+        grid = F.affine_grid(theta, [b, 1, side, side], align_corners=False)
+        if p.field is not None:
+            grid = grid + self._displacement(p.field, p.elastic_gate, side) * (2.0 / side)
+        return grid
+
+    def _color(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
+        gate = (p.color_gate < self.p_color).float()[:, None, None, None]
+
+        def factor(u: torch.Tensor, s: float) -> torch.Tensor:
+            return 1 + (u * 2 - 1)[:, None, None, None] * s * gate
+
         brightness, contrast, saturation = self.jitter
-
-        def factor(s: float) -> torch.Tensor:
-            return 1 + self._uniform(b, device=x.device)[:, None, None, None] * s * gate
-
-        if brightness:
-            x = x * factor(brightness)
-        if contrast:
+        if p.brightness is not None:
+            x = x * factor(p.brightness, brightness)
+        if p.contrast is not None:
             mean = x.mean((1, 2, 3), keepdim=True)
-            x = (x - mean) * factor(contrast) + mean
-        if saturation and x.shape[1] == 3:
+            x = (x - mean) * factor(p.contrast, contrast) + mean
+        if p.saturation is not None:
             gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            x = gray + (x - gray) * factor(saturation)
+            x = gray + (x - gray) * factor(p.saturation, saturation)
         return x.clamp_(0, 1)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.has_affine or self.has_elastic:
-            grid = self.sampling_grid(x.shape[0], x.shape[-1], x.device)
-            x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
-                              align_corners=False)
-        if self.hflip:
-            x = self._flip(x, self.hflip, -1)
-        if self.vflip:
-            x = self._flip(x, self.vflip, -2)
-        if self.has_color:
-            x = self._color(x)
+    def apply(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
+        """``x`` ``(B, C, S, S)`` float augmented with the draws ``p`` (:meth:`draw`,
+        :meth:`draw_members` or :meth:`AugParams.cat` of them, ``p.batch == B``): one sampling
+        grid and one ``grid_sample``, one ``where`` per flip, one colour jitter, over the whole
+        batch. Returns a new ``(B, C, S, S)`` tensor (``x`` itself when ``p`` draws nothing).
+        Raises ValueError when ``p`` is for another batch size."""
+        if p.batch != x.shape[0]:
+            raise ValueError(f"BatchAugment.apply: draws for {p.batch} images, got a batch of {x.shape[0]}")
+        if p.affine_gate is not None or p.field is not None:
+            grid = self.grid(p, x.shape[-1], x.device)
+            x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        if p.hflip is not None:
+            x = torch.where((p.hflip < self.hflip)[:, None, None, None], x.flip(-1), x)
+        if p.vflip is not None:
+            x = torch.where((p.vflip < self.vflip)[:, None, None, None], x.flip(-2), x)
+        if p.color_gate is not None:
+            x = self._color(x, p)
         return x
+
+    # ------------------------------------------------------------------ both
+
+    def sampling_grid(self, b: int, side: int, device: torch.device) -> torch.Tensor:
+        """``(B, S, S, 2)`` normalised sampling coordinates (``grid_sample`` convention), the
+        affine and elastic parts drawn from this augment's generator."""
+        return self.grid(self.draw_members([self.generator], b, 1, side, device, geometric_only=True), side, device)
+
+    def displacement(self, b: int, side: int, device: torch.device) -> torch.Tensor:
+        """``(B, S, S, 2)`` elastic displacement in pixels (x, y), drawn from this augment's
+        generator; zero for ungated images."""
+        field = torch.rand(b * 2, side, side, device=device, generator=self.generator)
+        gate = torch.rand(b, device=device, generator=self.generator)
+        return self._displacement(field, gate, side)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` of :meth:`draw` for the batch ``x`` ``(B, C, S, S)`` float."""
+        return self.apply(x, self.draw(x.shape[0], x.shape[1], x.shape[-1], x.device))
 
 
 def batch_augment_from_cfg(aug_cfg, generator: torch.Generator | None = None) -> BatchAugment:

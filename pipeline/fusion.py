@@ -16,7 +16,9 @@ The fused network maps ``(B, M x C, S, S)`` (:func:`stack_inputs`) to ``(B, M, c
 Elementwise optimisers (AdamW), schedules and weight averages (EMA, SWA) on its parameters act on
 each member's slice alone, so with the sum of the members' losses every member learns exactly what
 it would alone, up to float rounding of the grouped kernels. :func:`split` cuts a fused network's
-state back into M ordinary state dicts, loadable by the unfused model.
+state back into M ordinary state dicts, loadable by the unfused model; :func:`split_like` /
+:func:`fuse_like` and :func:`split_optimizer` / :func:`fuse_optimizers` cut and join any tensors of
+its layout (EMA/SWA weights, optimiser moments), so members can leave or join a group.
 
 Only ``nn.Sequential`` models of the layers above fuse (the registered ``cnn_deotte``,
 ``cnn_keras`` and ``mlp``); :func:`fusable` says whether one does.
@@ -139,19 +141,87 @@ def split(fused: nn.Module, members: int) -> list[dict[str, torch.Tensor]]:
     """Member ``m``'s slice of every tensor of a :func:`fuse`-d network (or of its EMA/SWA copy):
     ``members`` state dicts with the unfused model's keys and shapes, detached copies on the
     fused network's device, each loadable by ``create_model(...).load_state_dict``."""
+    return split_like(fused, members, fused.state_dict())
+
+
+def _layer(fused: nn.Module, key: str) -> nn.Module:
+    """The layer of a :func:`fuse`-d network that the state key ``"<layer index>.<name>"`` names."""
+    return fused[int(key.split(".", 1)[0])]
+
+
+def split_like(fused: nn.Module, members: int, tensors: dict[str, torch.Tensor],
+               prefix: str = "") -> list[dict[str, torch.Tensor]]:
+    """Member ``m``'s slice of tensors laid out like the :func:`fuse`-d network's own: each value of
+    ``tensors`` has the shape of ``fused.state_dict()[key]`` (a weight, a buffer, or a
+    per-parameter optimiser moment such as AdamW's ``exp_avg``), its key that key after
+    ``prefix`` (``"module."`` for an EMA/SWA's state dict). A ``MemberLinear`` tensor is ``(M,
+    ...)`` (member ``m`` at index ``m``), any other is cut into M equal chunks along dim 0, and a
+    0-dim tensor (BatchNorm's ``num_batches_tracked``, AdamW's ``step``, SWA's ``n_averaged``) is
+    every member's.
+
+    Returns:
+        ``members`` dicts with the keys of ``tensors``, detached copies on the tensors' devices.
+    Raises:
+        KeyError / IndexError / ValueError: a key names no layer of ``fused``, or a tensor has no
+            ``members`` slices.
+    """
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(members)]
-    for idx, layer in enumerate(fused):
-        for name, tensor in layer.state_dict().items():
-            key = f"{idx}.{name}"
-            for m in range(members):
-                if tensor.ndim == 0:
-                    part = tensor
-                elif isinstance(layer, MemberLinear):
-                    part = tensor[m]
-                else:
-                    part = tensor.chunk(members)[m]
-                out[m][key] = part.detach().clone()
+    for key, tensor in tensors.items():
+        if tensor.ndim == 0:
+            parts = [tensor] * members
+        elif isinstance(_layer(fused, key.removeprefix(prefix)), MemberLinear):
+            parts = list(tensor)
+        else:
+            parts = tensor.chunk(members)
+        if len(parts) != members or any(p.shape != parts[0].shape for p in parts):
+            raise ValueError(f"split_like: {key} of shape {tuple(tensor.shape)} has no {members} member slices")
+        for m in range(members):
+            out[m][key] = parts[m].detach().clone()
     return out
+
+
+def fuse_like(fused: nn.Module, parts: list[dict[str, torch.Tensor]], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_like`: the members' tensors (same keys, unfused shapes) joined
+    in the layout of the :func:`fuse`-d network ``fused`` of ``len(parts)`` members: stacked for a
+    ``MemberLinear``, concatenated along dim 0 otherwise; a 0-dim tensor is the first member's.
+
+    Raises:
+        KeyError: a member lacks a key of the first; RuntimeError: their shapes differ.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, first in parts[0].items():
+        same = [p[key] for p in parts]
+        if first.ndim == 0:
+            out[key] = first.detach().clone()
+        elif isinstance(_layer(fused, key.removeprefix(prefix)), MemberLinear):
+            out[key] = torch.stack(same)
+        else:
+            out[key] = torch.cat(same)
+    return out
+
+
+def split_optimizer(fused: nn.Module, members: int, state: dict) -> list[dict]:
+    """An elementwise optimiser's ``state_dict()`` over ``fused``'s parameters (AdamW: per
+    parameter index ``step``, ``exp_avg``, ``exp_avg_sq``) split into each member's, as the
+    optimiser of the member's unfused model would hold it (its parameters in the same order);
+    ``param_groups`` shared. Raises what :func:`split_like` raises."""
+    names = [name for name, _ in fused.named_parameters()]
+    out: list[dict] = [{"state": {}, "param_groups": state["param_groups"]} for _ in range(members)]
+    for i, per_param in state["state"].items():
+        for k, v in per_param.items():
+            for m, part in enumerate(split_like(fused, members, {names[i]: v})):
+                out[m]["state"].setdefault(i, {})[k] = part[names[i]]
+    return out
+
+
+def fuse_optimizers(fused: nn.Module, states: list[dict]) -> dict:
+    """The inverse of :func:`split_optimizer`: the members' optimiser states (one per member of
+    ``fused``, in order) as one over ``fused``'s parameters; ``param_groups`` and 0-dim entries
+    (``step``) the first member's. Raises KeyError when a member lacks a parameter's state."""
+    names = [name for name, _ in fused.named_parameters()]
+    return {"state": {i: {k: fuse_like(fused, [{names[i]: s["state"][i][k]} for s in states])[names[i]]
+                          for k in per_param} for i, per_param in states[0]["state"].items()},
+            "param_groups": states[0]["param_groups"]}
 
 
 def stack_inputs(xs: list[torch.Tensor]) -> torch.Tensor:

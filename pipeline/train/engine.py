@@ -35,7 +35,7 @@ from pipeline.train.batches import make_batches, set_epoch, training_set
 from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
 from pipeline.members import MemberKey
-from pipeline.train.resume import load_resume, rng_state, save_resume, set_rng_state
+from pipeline.train.resume import ResumeState, read_state, rng_state, set_rng_state
 from pipeline.device import (autocast, configure_numerics, device_name, grad_scaler, resolve_precision,
                              select_device, use_device)
 from pipeline.train.runtime import num_workers, seed_everything
@@ -80,10 +80,13 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                label_smoothing: float = 0.0, channels_last: bool = False,
-               precision: Precision = Precision.fp32, scaler: torch.amp.GradScaler | None = None):
+               precision: Precision = Precision.fp32, scaler: torch.amp.GradScaler | None = None,
+               after_backward: Callable[[], None] | None = None):
     """One optimizer step on a batch: autocast in the resolved ``precision``
     (:func:`~pipeline.device.resolve_precision`), the loss in fp32; with ``scaler`` (fp16)
     the loss is scaled before the backward pass and the step skipped on inf/NaN gradients.
+    ``after_backward()`` runs between the backward pass and the step (the gradients, scaled with
+    fp16, are in ``.grad``); a fused group counts its members' overflows there.
 
     Args:
         x: ``(B, C, S, S)`` float32 on the model's device; y: ``(B,)`` int64 class indices, or
@@ -102,9 +105,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
     else:
         scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward()
         scaler.step(opt)
         scaler.update()
     return loss, logits
@@ -231,15 +238,22 @@ def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None
     return optimisation(model, spec, batches, device)
 
 
+def adamw_options(device: torch.device) -> dict:
+    """AdamW's implementation on ``device``: ``fused=True`` on CUDA (one kernel for all parameters,
+    and it takes fp16's gradient scale and inf flag as device tensors, so ``GradScaler.step``
+    never reads them back to the host), the multi-tensor ``foreach=True`` elsewhere (the CPU)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def optimisation(model: nn.Module, spec: FitSpec, batches, device: torch.device) -> TrainingLoop:
     """``model``'s training state for ``spec``'s settings over ``batches`` (one epoch's steps):
-    the ``torch.compile`` wrapper with ``runtime.compile``, AdamW, the one-cycle schedule over
+    the ``torch.compile`` wrapper with ``runtime.compile``, AdamW (:func:`adamw_options`), the one-cycle schedule over
     :func:`planned_epochs` (compressed before SWA's epochs), the EMA / SWA and fp16's gradient
     scaler. The same for one member and for a fused group's network (every one of these acts per
     element, so fused members never mix). Raises ConfigError for a SWA fraction leaving no epoch."""
     t = spec.train
     net = torch.compile(model) if spec.runtime.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **adamw_options(device))
     epochs = planned_epochs(t, len(batches))
     averaged = swa_epochs(t, epochs, f"models.{spec.key.model}.train")
     cycle = (epochs - averaged) * len(batches)
@@ -250,41 +264,67 @@ def optimisation(model: nn.Module, spec: FitSpec, batches, device: torch.device)
 
 
 def resume_from(loop: TrainingLoop, cache_key: str, what: str, path: Path) -> bool:
-    """Continue ``loop`` (one member's, or a fused group's) from the checkpoint at ``path`` when it
-    was written for ``cache_key``. Returns False when the checkpoint did not fit after all (a state
-    of another shape or kind): one warning line naming ``what``, and the caller starts over."""
-    state = load_resume(path, cache_key, what)
+    """Continue ``loop`` (one member's) from the checkpoint at ``path`` when it was written for
+    ``cache_key`` (by this member alone or as a member of a fused group). Returns False when the
+    checkpoint did not fit after all (a state of another shape or kind): one warning line naming
+    ``what``, and the caller starts over."""
+    state = read_state(path, cache_key, what)
     if state is None:
         return True
     try:
-        loop.model.load_state_dict(state["model"])
-        loop.opt.load_state_dict(state["optimizer"])
-        loop.sched.load_state_dict(state["scheduler"])
-        if loop.average is not None:
-            loop.average.average.load_state_dict(state[loop.average.kind.value])
-        if loop.scaler is not None and "grad_scaler" in state:
-            loop.scaler.load_state_dict(state["grad_scaler"])
-        set_rng_state(state["rng"], loop.device, what)
-        loop.history, loop.seconds_before = state["history"], float(state["seconds"])
-        loop.start = int(state["epoch"]) + 1
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        apply_state(loop, state, what)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         log.warning("train: %s: ignoring %s, which does not fit this member (%s: %s); starting over",
                     what, path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return False
-    log.info("train: %s: resuming after epoch %d/%d (%s)", what, state["epoch"], loop.epochs, path)
+    log.info("train: %s: resuming after epoch %d/%d (%s)", what, state.epoch, loop.epochs, path)
     return True
 
 
+def apply_state(loop: TrainingLoop, state: ResumeState, what: str) -> None:
+    """Load ``state`` into ``loop`` (weights, AdamW, schedule, weight average, fp16's scaler, RNG
+    states, history, seconds) to continue after ``state.epoch``; a fused group's loop takes its
+    members' states fused (:func:`pipeline.train.fused.load_group`). Raises KeyError / TypeError /
+    ValueError / RuntimeError when the state does not fit ``loop`` (another shape or kind)."""
+    loop.model.load_state_dict(state.model)
+    load_optimizer(loop.opt, state.optimizer, loop.device)
+    loop.sched.load_state_dict(state.scheduler)
+    if loop.average is not None:
+        if state.average_kind is not loop.average.kind or state.average is None:
+            raise KeyError(f"no {loop.average.kind.value} weights in the state")
+        loop.average.average.load_state_dict(state.average)
+    if loop.scaler is not None and state.grad_scaler is not None:
+        loop.scaler.load_state_dict(state.grad_scaler)
+    set_rng_state(state.rng, loop.device, what)
+    loop.history, loop.seconds_before = state.history, float(state.seconds)
+    loop.start = int(state.epoch) + 1
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
+    """``opt.load_state_dict(state)``, keeping this device's implementation
+    (:func:`adamw_options`): a state written elsewhere (a CPU checkpoint resumed on CUDA) would
+    otherwise bring its ``foreach`` / ``fused`` flags along, and ``step`` moves to the parameters'
+    device when fused. Raises ValueError / KeyError when ``state`` is not one of ``opt``'s shape."""
+    options = {"foreach": None, "fused": None} | adamw_options(device)
+    groups = [{**group, **options} for group in state["param_groups"]]
+    opt.load_state_dict({**state, "param_groups": groups})
+
+
+def loop_state(loop: TrainingLoop, cache_key: str, epoch: int, seconds: float) -> ResumeState:
+    """``loop``'s end-of-epoch state (after epoch ``epoch``; ``seconds``: training wall time so
+    far), tensors and plain data only, referencing the live tensors (save or copy it before the
+    next step)."""
+    avg = loop.average
+    return ResumeState(cache_key, epoch, loop.model.state_dict(), loop.opt.state_dict(), loop.sched.state_dict(),
+                       loop.history, seconds, rng_state(loop.device),
+                       avg.average.state_dict() if avg is not None else None, avg.kind if avg is not None else None,
+                       loop.scaler.state_dict() if loop.scaler is not None else None)
+
+
 def save_state(loop: TrainingLoop, cache_key: str, path: Path, epoch: int, seconds: float) -> None:
-    """Write ``loop``'s end-of-epoch state (tensors and plain data only, no pickle) for
-    ``cache_key`` to ``path`` (a temp file renamed, :func:`pipeline.train.resume.save_resume`);
-    ``seconds``: training wall time so far."""
-    save_resume(path, {"cache_key": cache_key, "epoch": epoch, "model": loop.model.state_dict(),
-                       "optimizer": loop.opt.state_dict(), "scheduler": loop.sched.state_dict(),
-                       "history": loop.history, "seconds": seconds, "rng": rng_state(loop.device),
-                       **({loop.average.kind.value: loop.average.average.state_dict()}
-                          if loop.average is not None else {}),
-                       **({"grad_scaler": loop.scaler.state_dict()} if loop.scaler is not None else {})})
+    """Write ``loop``'s end-of-epoch state (:func:`loop_state`; no pickle) for ``cache_key`` to
+    ``path`` (a temp file renamed, :func:`pipeline.train.resume.save_resume`)."""
+    loop_state(loop, cache_key, epoch, seconds).save(path)
 
 
 def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, float]:

@@ -8,22 +8,36 @@ the sum of the members' own mean losses (:func:`~pipeline.train.engine.member_lo
 member gets its own gradients, and AdamW, the one-cycle schedule, EMA and SWA act per element.
 BatchNorm statistics are per channel, hence per member. The dropout masks of all members come
 from one generator (seeded with the first member's seed): each member still draws its own masks,
-but not the ones it draws alone. With fp16 one member's overflow skips the group's step.
+but not the ones it draws alone.
 
 After training the fused weights (and their EMA/SWA) are split (:func:`pipeline.fusion.split`)
 into ordinary unfused models, which predict the members' OOF and test probabilities with the same
 functions as an unfused member: what a member writes does not depend on how it trained, except
 ``metrics.json``'s ``fused`` record.
 
-With a resume path the group checkpoints all its members every epoch (tensors and plain data, as
-one member does) and continues from there when its members and their cache keys are the same.
+**Checkpoints.** With resume paths every member's own state (its slice of the weights, AdamW's
+moments, EMA/SWA; the group's schedule, RNG, fp16 scaler; its history and its share of the
+seconds) is written to its own ``resume.pt`` after every epoch, in the format of a member trained
+alone (:class:`~pipeline.train.resume.ResumeState`). Any grouping of members continues each one:
+members whose states stopped after the same epoch train as one group, others as further groups
+(fresh members start together); a member alone continues with
+:func:`~pipeline.train.engine.fit_member`.
+
+**A member that diverges leaves.** Its damage stays in its own tensors (every layer keeps members
+apart), so after an epoch in which its loss became NaN/inf it leaves the group (its checkpoint
+removed; :class:`MemberFailed`) and the others continue as a group rebuilt from their states. With
+fp16 one member's overflow makes ``GradScaler`` skip the step of all: each epoch's skipped steps
+are counted on the device, logged with the members that overflowed, and a member that overflows
+on :data:`OVERFLOW_SHARE` of the steps of :data:`OVERFLOW_EPOCHS` epochs in a row leaves the same
+way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,19 +46,27 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from pipeline.augment import tta_views
 from pipeline.data import Competition
+from pipeline.device import configure_numerics, select_device, use_device
 from pipeline.errors import PipelineError
-from pipeline.fusion import fusable, fuse, split, stack_inputs
+from pipeline.fusion import (fusable, fuse, fuse_like, fuse_optimizers, split, split_like, split_optimizer,
+                             stack_inputs)
+from pipeline.members import MemberKey
 from pipeline.models import create_model
 from pipeline.train.batches import set_epoch
-from pipeline.augment import tta_views
-from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, check_deadline, epoch_record,
-                                   member_losses, member_metrics, member_parts, optimisation, predict_member,
-                                   resume_from, save_state, seconds_per_step, train_step)
+from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, apply_state, check_deadline,
+                                   epoch_record, loop_state, member_losses, member_metrics, member_parts,
+                                   optimisation, predict_member, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model
-from pipeline.train.resume import GROUP_SEPARATOR
-from pipeline.device import configure_numerics, select_device, use_device
+from pipeline.train.resume import ResumeState, read_state
 from pipeline.train.runtime import seed_everything
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_SHARE = 0.5  # fp16: a member overflows in an epoch when its gradients held inf/NaN on this share of its steps
+OVERFLOW_EPOCHS = 2  # ... and leaves its group after this many such epochs in a row
+_STATE_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, IndexError)  # a state that does not fit
 
 
 def can_fuse(spec: FitSpec, comp: Competition) -> bool:
@@ -54,6 +76,26 @@ def can_fuse(spec: FitSpec, comp: Competition) -> bool:
     if spec.runtime.compile:
         return False
     return fusable(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs))
+
+
+@dataclass(frozen=True)
+class MemberFailed:
+    """A member that left its fused group because its training diverged; the others went on.
+
+    Attributes:
+        key: the member.
+        epoch: the epoch (1-based) after which it left.
+        reason: one line naming the member, the epoch and what to try (the message of
+            :meth:`error`). Its ``resume.pt`` was removed; nothing of it is cached.
+    """
+
+    key: MemberKey
+    epoch: int
+    reason: str
+
+    def error(self) -> PipelineError:
+        """The project's one-line user error for it (what an unfused member raises when it diverges)."""
+        return PipelineError(self.reason)
 
 
 @dataclass
@@ -66,21 +108,27 @@ class GroupLoop:
         loop: the fused network's optimisation state; its ``history`` holds one list of epoch
             records per member.
         batches: each member's training batches (equal in number).
+        overflows: fp16: per member, the steps of the last epoch whose gradients held inf/NaN.
+        skipped: fp16: the steps of the last epoch ``GradScaler`` skipped (any member overflowed).
+        streak: fp16: per member, the epochs in a row it overflowed on :data:`OVERFLOW_SHARE` of
+            the steps.
     """
 
     specs: list[FitSpec]
     loop: TrainingLoop
     batches: list
+    overflows: list[int] = field(default_factory=list)
+    skipped: int = 0
+    streak: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.overflows = self.overflows or [0] * len(self.specs)
+        self.streak = self.streak or [0] * len(self.specs)
 
     @property
     def name(self) -> str:
         """``<model> fused group of M`` (for log lines)."""
         return f"{self.specs[0].key.model} fused group of {len(self.specs)}"
-
-    @property
-    def cache_key(self) -> str:
-        """The group's checkpoint key: its members' cache keys, in order."""
-        return GROUP_SEPARATOR.join(s.cache_key for s in self.specs)
 
 
 def setup_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, pseudo: list | None = None) -> GroupLoop:
@@ -114,11 +162,24 @@ def setup_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, pseu
     return GroupLoop(list(specs), loop, batches)
 
 
+@torch.no_grad()
+def member_overflow(model: nn.Module, members: int) -> torch.Tensor:
+    """``(members,)`` bool on the device, not synchronised: whether member ``m``'s slice of the
+    fused network's gradients (``.grad``, fp16-scaled) holds an inf/NaN, i.e. whether it makes
+    ``GradScaler`` skip the group's step. Each parameter's dim 0 is member-major (see
+    :func:`pipeline.fusion.split_like`)."""
+    sums = [p.grad.reshape(members, -1).abs().sum(1, dtype=torch.float32)
+            for p in model.parameters() if p.grad is not None]
+    return ~torch.isfinite(torch.stack(sums).sum(0))
+
+
 def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
     """One pass over every member's batches of epoch ``epoch`` (1-based; each member's order and
     augmentation reseeded from its own seed and the epoch), one fused step per batch index. Reads
-    the losses and accuracies back from the device once, at the end. Returns each member's
-    ``(mean train loss, train accuracy)`` as two lists."""
+    the losses and accuracies (and with fp16 the overflow counts, into ``g.overflows`` /
+    ``g.skipped``) back from the device once, at the end. Returns each member's ``(mean train
+    loss, train accuracy)`` as two lists; a member whose loss was NaN/inf on any step has a
+    non-finite mean."""
     loop, lead = g.loop, g.specs[0]
     loop.model.train()
     for b, spec in zip(g.batches, g.specs):
@@ -126,6 +187,14 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
     members, steps = len(g.specs), len(g.batches[0])
     loss_sum = torch.zeros(members, device=loop.device)
     correct = torch.zeros(members, device=loop.device, dtype=torch.int64)
+    overflow = torch.zeros(members + 1, device=loop.device, dtype=torch.int64)  # per member, then skipped steps
+
+    def count_overflow() -> None:
+        flags = member_overflow(loop.model, members)
+        overflow[:members] += flags
+        overflow[members] += flags.any()
+
+    hook = count_overflow if loop.scaler is not None else None
     seen = 0
     bar = tqdm(zip(*g.batches), total=steps, desc=f"{g.name} epoch {epoch}/{loop.epochs}", leave=False,
                disable=None if lead.runtime.progress else True, mininterval=1.0, dynamic_ncols=True)
@@ -135,7 +204,7 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
         x = stack_inputs([x.to(loop.device, non_blocking=True) for x, _ in pairs])
         y = torch.stack([y.to(loop.device, non_blocking=True) for _, y in pairs], dim=1)
         _, logits = train_step(loop.net, loop.opt, x, y, lead.train.label_smoothing,
-                               lead.runtime.channels_last, lead.precision, loop.scaler)
+                               lead.runtime.channels_last, lead.precision, loop.scaler, hook)
         done = (epoch - 1) * steps + step + 1
         if done < loop.cycle:
             loop.sched.step()
@@ -146,7 +215,20 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
             loss_sum += member_losses(logits, y, lead.train.label_smoothing) * len(y)
             correct += (logits.argmax(-1) == (y.argmax(-1) if y.ndim == 3 else y)).sum(0)
         seen += len(y)
+    if hook is not None:
+        counts = overflow.tolist()
+        g.overflows, g.skipped = counts[:members], counts[members]
     return (loss_sum / max(seen, 1)).tolist(), (correct.double() / max(seen, 1)).tolist()
+
+
+def _member_model(spec: FitSpec, comp: Competition, device: torch.device, state: dict | None = None) -> nn.Module:
+    """A fresh unfused model of ``spec``'s architecture on ``device`` holding ``state`` (if any);
+    its random init draws nothing from the group's generators."""
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
+    if state is not None:
+        model.load_state_dict(state)
+    return place_model(model, device, spec.runtime.channels_last)
 
 
 def member_loops(g: GroupLoop, comp: Competition) -> list[TrainingLoop]:
@@ -158,89 +240,192 @@ def member_loops(g: GroupLoop, comp: Competition) -> list[TrainingLoop]:
     loop, n = g.loop, len(g.specs)
     raw_states = split(loop.model, n)
     avg_states = split(loop.average.module, n) if loop.average is not None else [None] * n
-
-    def member_model(spec: FitSpec, state: dict) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):  # its random init must not move the group's dropout draws
-            model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
-        model.load_state_dict(state)
-        return place_model(model, loop.device, spec.runtime.channels_last)
-
     loops = []
     for spec, raw_state, avg_state, history in zip(g.specs, raw_states, avg_states, loop.history):
-        raw = member_model(spec, raw_state)
+        raw = _member_model(spec, comp, loop.device, raw_state)
         average = loop.average.for_member(raw, avg_state) if loop.average is not None else None
         loops.append(TrainingLoop(raw, raw, None, None, None, loop.device, loop.epochs, loop.cycle, average,
                                   None, history, loop.start, loop.seconds_before))
     return loops
 
 
+def group_states(g: GroupLoop, epoch: int, seconds: float) -> list[ResumeState]:
+    """Every member's own end-of-epoch state (after ``epoch``), in order: its slice of the fused
+    weights, of AdamW's per-parameter ``step`` / ``exp_avg`` / ``exp_avg_sq`` and of the EMA/SWA
+    (:mod:`pipeline.fusion`); the group's schedule, RNG states and fp16 scaler; its history;
+    ``seconds / M`` (the group's training wall time so far, shared). The format of a member
+    trained alone: its ``resume.pt``."""
+    full, n, net = loop_state(g.loop, "", epoch, seconds), len(g.specs), g.loop.model
+    models, opts = split_like(net, n, full.model), split_optimizer(net, n, full.optimizer)
+    avgs = split_like(net, n, full.average, "module.") if full.average is not None else [None] * n
+    return [ResumeState(spec.cache_key, epoch, models[m], opts[m], full.scheduler, full.history[m], seconds / n,
+                        full.rng, avgs[m], full.average_kind, full.grad_scaler) for m, spec in enumerate(g.specs)]
+
+
+def load_group(g: GroupLoop, states: list[ResumeState]) -> None:
+    """Continue the group from its members' states (one per member, in order, each written by
+    :func:`group_states` in any grouping or by the member trained alone, all after the same
+    epoch): fused and loaded like one member's (:func:`~pipeline.train.engine.apply_state`); the
+    RNG states and schedule are the first member's, fp16's scaler the one of smallest scale, the
+    seconds their sum. Raises ValueError when the states stopped after different epochs or
+    average differently, KeyError / RuntimeError when one does not fit the group's network."""
+    if len({s.epoch for s in states}) != 1 or len({s.average_kind for s in states}) != 1:
+        raise ValueError("the members' states differ in epoch or weight average")
+    net, first = g.loop.model, states[0]
+    scalers = [s.grad_scaler for s in states if s.grad_scaler is not None]
+    fused = ResumeState("", first.epoch, fuse_like(net, [s.model for s in states]),
+                        fuse_optimizers(net, [s.optimizer for s in states]), first.scheduler,
+                        [s.history for s in states], sum(s.seconds for s in states), first.rng,
+                        fuse_like(net, [s.average for s in states], "module.") if first.average is not None else None,
+                        first.average_kind, min(scalers, key=lambda d: d["scale"]) if scalers else None)
+    apply_state(g.loop, fused, g.name)
+
+
+def _leavers(g: GroupLoop, losses: list[float], epoch: int) -> dict[int, str]:
+    """The members that leave after ``epoch`` (index -> one-line reason): a NaN/inf training loss,
+    or with fp16 overflows on :data:`OVERFLOW_SHARE` of the steps of :data:`OVERFLOW_EPOCHS`
+    epochs in a row (``g.streak`` updated). Logs fp16's skipped steps of the epoch, if any."""
+    steps, out = len(g.batches[0]), {}
+    if g.loop.scaler is not None and g.skipped:
+        who = ", ".join(f"{s.key} on {n}" for s, n in zip(g.specs, g.overflows) if n)
+        log.warning("train: %s: epoch %d: %d of %d steps skipped for every member (fp16 gradients overflowed; "
+                    "GradScaler skips the whole group's step): %s", g.name, epoch, g.skipped, steps, who)
+    for m, spec in enumerate(g.specs):
+        if not math.isfinite(losses[m]):
+            out[m] = (f"{spec.key}: training loss became {losses[m]} in epoch {epoch} of a {g.name}; it left the "
+                      f"group, the others went on, nothing was cached for it (try a lower train.lr)")
+        elif g.loop.scaler is not None:
+            g.streak[m] = g.streak[m] + 1 if g.overflows[m] >= OVERFLOW_SHARE * steps else 0
+            if g.streak[m] >= OVERFLOW_EPOCHS:
+                out[m] = (f"{spec.key}: its fp16 gradients overflowed on {OVERFLOW_SHARE:.0%} or more of the steps "
+                          f"of epochs {epoch - OVERFLOW_EPOCHS + 1}-{epoch} ({g.overflows[m]} of {steps} in epoch "
+                          f"{epoch}), skipping every member's step; it left the {g.name}, the others went on, "
+                          f"nothing was cached for it (try train.precision=bf16 or fp32, or a lower train.lr)")
+    return out
+
+
+def _without(g: GroupLoop, comp: Competition, leave: dict[int, str], epoch: int,
+             paths: dict[MemberKey, Path] | None) -> tuple[GroupLoop | None, list[MemberFailed]]:
+    """The group rebuilt without the members ``leave`` names (each as a :class:`MemberFailed`,
+    logged, its checkpoint removed) from the others' in-memory states after ``epoch``: a fresh
+    fused network of theirs, loaded with :func:`load_group`; None when none is left."""
+    failed = [MemberFailed(g.specs[m].key, epoch, reason) for m, reason in sorted(leave.items())]
+    for f in failed:
+        log.error("train: %s", f.reason)
+        if paths is not None:
+            paths[f.key].unlink(missing_ok=True)
+    keep = [m for m in range(len(g.specs)) if m not in leave]
+    if not keep:
+        return None, failed
+    states = group_states(g, epoch, g.loop.seconds_before)
+    specs, device = [g.specs[m] for m in keep], g.loop.device
+    net = place_model(fuse([_member_model(s, comp, device) for s in specs]), device, specs[0].runtime.channels_last)
+    new = GroupLoop(specs, optimisation(net, specs[0], g.batches[keep[0]], device), [g.batches[m] for m in keep],
+                    streak=[g.streak[m] for m in keep])
+    load_group(new, [states[m] for m in keep])
+    new.loop.seconds_before = g.loop.seconds_before
+    return new, failed
+
+
 def fit_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, predict_test: bool = True,
-              resume_path: Path | None = None, pseudo: list | None = None,
-              on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
+              resume_paths: list[Path] | None = None, pseudo: list | None = None,
+              on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult | MemberFailed]:
     """Train ``specs`` (members of one model with identical settings) as one fused network; predict
     each member's fold (and the test set) with its split-out unfused model.
 
-    ``on_epoch(epoch, records)`` is called after each epoch with every member's history record.
-    With ``resume_path``, the group's end-of-epoch state (the fused network, optimiser, schedule,
-    weight average, every member's history, the RNG states) is written there after every epoch and
-    training continues from it when it was written for the same members with the same cache keys.
+    ``on_epoch(epoch, records)`` is called after each epoch with the history record of every
+    member still training in that group, in order. ``resume_paths``: each member's ``resume.pt``
+    (``<member dir>/resume.pt``), written after every epoch (:func:`group_states`) and continued
+    from when written for the member's cache key, alone or in any group; members stopped after
+    different epochs train as one group per epoch, one after the other (see the module docstring).
 
-    Returns one :class:`~pipeline.train.engine.FitResult` per spec, in order: its ``model`` an
-    ordinary unfused model (the averaged weights with EMA/SWA), its ``metrics`` the member's
-    ``metrics.json`` with ``seconds`` its share of the group's (group seconds / M) and a ``fused``
-    record (``members``, ``group_seconds``).
+    Returns one entry per spec, in order: a :class:`~pipeline.train.engine.FitResult` (its
+    ``model`` an ordinary unfused model, the averaged weights with EMA/SWA; its ``metrics`` the
+    member's ``metrics.json`` with ``seconds`` its share of its group's and a ``fused`` record:
+    ``members``, ``group_seconds``, ``group``), or a :class:`MemberFailed` for a member whose
+    training diverged (it left its group, its resume path removed). Resume paths of the others
+    stay (the caller removes each once the member's files are written).
 
     Raises:
-        PipelineError: a member's loss became NaN/inf (the checkpoint is removed); the members'
-            batch counts differ.
-        DeadlineReached: the members' ``deadline`` (``budget=``) came; the last end-of-epoch
-            checkpoint stays.
+        PipelineError: the members' batch counts differ.
+        DeadlineReached: the members' ``deadline`` (``budget=``) came; each member's last
+            end-of-epoch checkpoint stays.
         ConfigError: the batch size exceeds a fold's training rows.
     """
+    paths = dict(zip((s.key for s in specs), resume_paths)) if resume_paths is not None else None
+    rows = dict(zip((s.key for s in specs), pseudo or [None] * len(specs)))
+    states = [read_state(paths[s.key], s.cache_key, str(s.key)) if paths is not None and paths[s.key].exists()
+              else None for s in specs]
+    cohorts: dict[int, list[int]] = {}
+    for i, state in enumerate(states):
+        cohorts.setdefault(state.epoch if state is not None else 0, []).append(i)
+    if len(cohorts) > 1:
+        log.info("train: %s: its members continue from different epochs (%s); they train as %d groups",
+                 specs[0].key.model, "; ".join(f"after epoch {e}: {', '.join(str(specs[i].key) for i in c)}"
+                                               for e, c in cohorts.items()), len(cohorts))
+    results: dict[MemberKey, FitResult | MemberFailed] = {}
+    for cohort in cohorts.values():
+        results |= _fit_cohort([specs[i] for i in cohort], [states[i] for i in cohort], comp, folds,
+                               predict_test, paths, rows, on_epoch)
+    return [results[s.key] for s in specs]
+
+
+def _fit_cohort(specs: list[FitSpec], states: list, comp: Competition, folds: np.ndarray, predict_test: bool,
+                paths: dict | None, rows: dict, on_epoch) -> dict[MemberKey, FitResult | MemberFailed]:
+    """:func:`fit_group` of members whose states (or None: fresh) stopped after the same epoch."""
     t0 = time.perf_counter()
-    g = setup_group(specs, comp, folds, pseudo)
-    if resume_path is not None and resume_path.exists() and not resume_from(g.loop, g.cache_key, g.name, resume_path):
-        g = setup_group(specs, comp, folds, pseudo)
-    val_rows = [np.flatnonzero(folds == s.key.fold) for s in specs]
-    loops, views = _run_group_epochs(g, comp, val_rows, t0, on_epoch, resume_path,
-                                     len(comp.x_test) if predict_test else 0)
+    g = setup_group(specs, comp, folds, [rows[s.key] for s in specs])
+    if states[0] is not None:
+        try:
+            load_group(g, states)
+            log.info("train: %s: resuming after epoch %d/%d (each member's resume.pt)", g.name, states[0].epoch,
+                     g.loop.epochs)
+        except _STATE_ERRORS as e:
+            log.warning("train: %s: ignoring its members' resume states, which do not fit it (%s: %s); "
+                        "starting over", g.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            g = setup_group(specs, comp, folds, [rows[s.key] for s in specs])
+    g, loops, views, failed = _run_group_epochs(g, comp, folds, t0, on_epoch, paths,
+                                                len(comp.x_test) if predict_test else 0)
+    out: dict[MemberKey, FitResult | MemberFailed] = {f.key: f for f in failed}
+    if g is None:
+        return out
     wall = g.loop.seconds_before + time.perf_counter() - t0
-    results = []
-    for m, (spec, member) in enumerate(zip(specs, loops)):
-        x_val, y_val = comp.x_train[val_rows[m]], comp.y_train[val_rows[m]]
+    for spec, member, view in zip(g.specs, loops, views):
+        val = np.flatnonzero(folds == spec.key.fold)
         test = average_views(predict_member(member, spec, comp.x_test, tta=True)) if predict_test else None
-        metrics = member_metrics(member, spec, views[m], x_val, y_val, t0)
-        metrics |= {"seconds": wall / len(specs), "n_train": int((folds != spec.key.fold).sum()),
-                    "n_val": int(len(val_rows[m])),
-                    "n_pseudo": int(len(pseudo[m].rows)) if pseudo and pseudo[m] is not None else 0,
-                    "fused": {"members": len(specs), "group_seconds": wall,
-                              "group": [str(s.key) for s in specs]}}
+        metrics = member_metrics(member, spec, view, comp.x_train[val], comp.y_train[val], t0)
+        metrics |= {"seconds": wall / len(g.specs), "n_train": int((folds != spec.key.fold).sum()),
+                    "n_val": int(len(val)), "n_pseudo": int(len(rows[spec.key].rows)) if rows[spec.key] is not None else 0,
+                    "fused": {"members": len(g.specs), "group_seconds": wall, "group": [str(s.key) for s in g.specs]}}
         weights = member.average.module if member.average is not None else member.model
-        results.append(FitResult(weights, average_views(views[m]), val_rows[m].astype(np.int64), test, metrics))
-    return results
+        out[spec.key] = FitResult(weights, average_views(view), val.astype(np.int64), test, metrics)
+    return out
 
 
-def _run_group_epochs(g: GroupLoop, comp: Competition, val_rows: list[np.ndarray], t0: float,
-                      on_epoch, resume_path: Path | None,
-                      n_test: int = 0) -> tuple[list[TrainingLoop], list[np.ndarray]]:
+def _run_group_epochs(g: GroupLoop, comp: Competition, folds: np.ndarray, t0: float, on_epoch,
+                      paths: dict[MemberKey, Path] | None, n_test: int = 0):
     """The epochs left of the group, each member's epoch recorded (validated every
-    ``runtime.val_every``-th epoch and the last, with its split-out model) and the group
-    checkpointed; returns the members' final loops (:func:`member_loops`) and each member's final
-    ``(V, n_val, C)`` OOF probabilities per test-time view. Raises PipelineError when a member's
-    loss becomes NaN/inf, and :class:`~pipeline.train.engine.DeadlineReached` (after the epoch's
-    checkpoint) when the next epoch and the final predictions would end after the members'
-    deadline."""
-    loop, lead = g.loop, g.specs[0]
-    members, views = None, None
-    for epoch in range(loop.start, loop.epochs + 1):
+    ``runtime.val_every``-th epoch and the last, with its split-out model) and checkpointed
+    (:func:`group_states`, to ``paths``); members that diverge leave (:func:`_leavers`,
+    :func:`_without`). Returns ``(group, loops, views, failed)``: the group that finished (None
+    when none did), its members' final loops (:func:`member_loops`), each one's final ``(V,
+    n_val, C)`` OOF probabilities per test-time view, and the members that left. Raises
+    :class:`~pipeline.train.engine.DeadlineReached` (after the epoch's checkpoints) when the next
+    epoch and the final predictions would end after the members' deadline."""
+    failed, members, views, epoch = [], None, None, g.loop.start
+    while epoch <= g.loop.epochs:
         te = time.perf_counter()
         losses, accs = group_epoch(g, epoch)
-        bad = [str(s.key) for s, v in zip(g.specs, losses) if not math.isfinite(v)]
-        if bad:
-            if resume_path is not None:
-                resume_path.unlink(missing_ok=True)
-            raise PipelineError(f"{', '.join(bad)}: training loss became non-finite in epoch {epoch} of a "
-                                f"{g.name}; nothing was cached (try a lower train.lr)")
+        leave = _leavers(g, losses, epoch)
+        if leave:
+            keep = [m for m in range(len(losses)) if m not in leave]
+            losses, accs = [losses[m] for m in keep], [accs[m] for m in keep]
+            g, gone = _without(g, comp, leave, epoch, paths)
+            failed += gone
+            if g is None:
+                return None, [], [], failed
+        loop, lead = g.loop, g.specs[0]
+        val_rows = [np.flatnonzero(folds == s.key.fold) for s in g.specs]
         last, validate = epoch == loop.epochs, epoch % lead.runtime.val_every == 0
         vals: list = [None] * len(g.specs)
         if last or validate:
@@ -248,25 +433,26 @@ def _run_group_epochs(g: GroupLoop, comp: Competition, val_rows: list[np.ndarray
             preds = [predict_member(member, spec, comp.x_train[rows], tta=last)
                      for member, spec, rows in zip(members, g.specs, val_rows)]
             views, vals = (preds, [v[0] for v in preds]) if last else (None, preds)
-        seconds = time.perf_counter() - te
-        lr = float(loop.sched.get_last_lr()[0])
+        seconds, lr = time.perf_counter() - te, float(loop.sched.get_last_lr()[0])
         records = [epoch_record(epoch, losses[m], accs[m], vals[m], comp.y_train[val_rows[m]], lr, seconds)
                    for m in range(len(g.specs))]
         for history, record in zip(loop.history, records):
             history.append(record)
-        if resume_path is not None:
-            save_state(loop, g.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
+        if paths is not None:
+            for spec, state in zip(g.specs, group_states(g, epoch, loop.seconds_before + time.perf_counter() - t0)):
+                state.save(paths[spec.key])
         if on_epoch is not None:
             on_epoch(epoch, records)
         if epoch < loop.epochs:
             n = len(g.specs)
             check_deadline(lead.deadline, seconds, n * len(g.batches[0]) * lead.train.batch_size,
                            sum(map(len, val_rows)) + n * n_test, len(tta_views(lead.tta)), g.name)
-    if views is None:  # resumed from a checkpoint written after the last epoch
+        epoch += 1
+    if views is None:  # resumed from checkpoints written after the last epoch
         members = member_loops(g, comp)
-        views = [predict_member(member, spec, comp.x_train[rows], tta=True)
-                 for member, spec, rows in zip(members, g.specs, val_rows)]
-    return members, views
+        views = [predict_member(member, spec, comp.x_train[np.flatnonzero(folds == spec.key.fold)], tta=True)
+                 for member, spec in zip(members, g.specs)]
+    return g, members, views, failed
 
 
 def seconds_per_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, steps: int = 5,

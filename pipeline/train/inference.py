@@ -1,9 +1,12 @@
 """Prediction with a member's model: logits and probabilities of uint8 images, one set per
 test-time view (:func:`pipeline.augment.tta_views`), and the model's placement on its device. The
-one way a member's OOF, test and ``stage=predict`` probabilities are computed.
+one way a member's OOF, test and ``stage=predict`` probabilities are computed; a fused group's
+network predicts all its members at once (:func:`predict_group_probs`) the same way.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -73,3 +76,61 @@ def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device,
     test-time views of ``tta``: the one way a member's OOF, test and ``stage=predict``
     probabilities are computed."""
     return average_views(predict_view_probs(model, images, device, runtime, precision, tta))
+
+
+@torch.no_grad()
+def predict_group_view_probs(model: nn.Module, images: Sequence[np.ndarray], device: torch.device,
+                             runtime: RuntimeSettings, precision: Precision, tta=None) -> list[np.ndarray]:
+    """Every member's probabilities from a fused group's network (:func:`pipeline.fusion.fuse`)
+    in eval mode: member ``m``'s ``(V, N_m, classes)`` float32 probabilities of ``images[m]``, one
+    set per test-time view of ``tta`` (the identity first), as :func:`predict_view_probs` gives
+    them for the member's split-out model (to float rounding of the grouped kernels).
+
+    Batches of ``max(1, runtime.eval_batch_size // M)`` rows per member (about as many images per
+    forward as one member's prediction) are stacked on the host in the fused layout ``(b, M, C,
+    S, S)`` uint8 (a member with fewer rows padded with zeros, its padding dropped afterwards),
+    copied to ``device`` once, normalised, and run through the network once per view, autocast in
+    ``precision`` as :func:`predict_logits` does; ONE device-to-host copy of the ``(V, b, M,
+    classes)`` logits per batch. Test-time views warp every channel alike, so a view of the fused
+    batch is each member's view.
+
+    Args:
+        images: M arrays ``(N_m, C, S, S)`` uint8 of one ``C x S x S`` (their ``N_m`` may differ).
+    Raises:
+        ValueError: the members' images differ in shape past the first axis.
+    """
+    members = len(images)
+    shape = images[0].shape[1:]
+    if any(x.shape[1:] != shape for x in images):
+        raise ValueError(f"predict_group_view_probs: the members' images differ in shape: {[x.shape for x in images]}")
+    views = augment.tta_views(tta)
+    rows = max(1, runtime.eval_batch_size // members)
+    longest = max(len(x) for x in images)
+    model.eval()
+    out = []
+    for i in range(0, longest, rows):
+        b = min(rows, longest - i)
+        batch = np.zeros((b, members, *shape), dtype=np.uint8)
+        for m, x in enumerate(images):
+            part = x[i:i + b]
+            batch[:len(part), m] = part
+        x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255)
+        x = x.view(b, members * shape[0], *shape[1:])  # (b, M, C, S, S) -> the fused layout, no copy
+        per_view = []
+        for v in views(x):
+            if runtime.channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                per_view.append(model(v).float())
+        out.append(torch.stack(per_view).cpu())  # (V, b, M, classes): one copy per batch
+    logits = torch.cat(out, dim=1).numpy()
+    return [softmax(np.ascontiguousarray(logits[:, :len(x), m])) for m, x in enumerate(images)]
+
+
+def predict_group_probs(model: nn.Module, images: Sequence[np.ndarray], device: torch.device,
+                        runtime: RuntimeSettings, precision: Precision, tta=None) -> list[np.ndarray]:
+    """Every member's ``(N_m, classes)`` float32 probabilities from a fused group's network,
+    averaged over the test-time views of ``tta`` (:func:`predict_group_view_probs`): what
+    :func:`predict_probs` gives for each split-out member, without splitting the group (per-epoch
+    validation: ``tta=None``)."""
+    return [average_views(v) for v in predict_group_view_probs(model, images, device, runtime, precision, tta)]

@@ -136,8 +136,7 @@ def train_group(ws: Workspace, keys: list[MemberKey], runtime: RuntimeSettings |
                 + train_group(ws, keys[half:], runtime, deadline, choice))
     out: list[dict | fused.MemberFailed] = []
     for key, spec, res, path in zip(keys, specs, results, paths):
-        if isinstance(res, fused.MemberFailed):
-            log.error("train: %s", res.reason)
+        if isinstance(res, fused.MemberFailed):  # fit_group logged its line
             out.append(res)
             continue
         out.append(_write(ws, key, spec, res, choice))

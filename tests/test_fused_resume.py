@@ -160,17 +160,17 @@ def test_ema_and_swa_weights_continue_in_another_grouping(tiny_cfg, average):
 
 def _poison(monkeypatch, key: MemberKey) -> None:
     """Member ``key`` starts from NaN weights (its loss is NaN from the first step)."""
-    real = fused.member_parts
+    real = fused.member_model
 
     def poisoned(spec, *args, **kwargs):
-        batches, model = real(spec, *args, **kwargs)
+        model = real(spec, *args, **kwargs)
         if spec.key == key:
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("nan"))
-        return batches, model
+        return model
 
-    monkeypatch.setattr(fused, "member_parts", poisoned)
+    monkeypatch.setattr(fused, "member_model", poisoned)
 
 
 def test_a_diverged_member_leaves_its_group_and_the_others_go_on(tiny_cfg, reference, monkeypatch, caplog):

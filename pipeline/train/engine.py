@@ -218,9 +218,15 @@ def member_parts(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, device: t
     if len(batches) == 0:
         raise ConfigError(f"{spec.key}: train.batch_size={spec.train.batch_size} is larger than the "
                           f"{len(data.rows)} training rows of the fold")
-    model = place_model(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side,
-                                     **spec.kwargs), device, spec.runtime.channels_last)
-    return batches, model
+    return batches, member_model(spec, comp, device)
+
+
+def member_model(spec: FitSpec, comp: Competition, device: torch.device) -> nn.Module:
+    """A freshly initialised model of ``spec``'s architecture for ``comp`` (its classes, channels
+    and side), placed on ``device`` (:func:`~pipeline.train.inference.place_model`); its initial
+    weights are drawn from torch's global generator (seeded by the caller with the member's seed)."""
+    return place_model(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs),
+                       device, spec.runtime.channels_last)
 
 
 def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> TrainingLoop:

@@ -1,8 +1,12 @@
 """A fused group: the pending members of one model (its folds x seeds) trained as one network.
 
-Each member keeps what makes it itself (:func:`~pipeline.train.engine.member_parts`): its
-initial weights and its batches (its own fold's rows, in its own seed's order, with its own
-augmentation draws) come from its own seed, exactly as when it trains alone. The group's network
+Each member keeps what makes it itself: its initial weights
+(:func:`~pipeline.train.engine.member_model` after seeding with its seed) and its batches (its own
+fold's rows, in its own seed's order, with its own augmentation draws) come from its own seed,
+exactly as when it trains alone. The batches (:class:`~pipeline.train.batches.GroupBatches`) hold
+one device copy of the images for all members and gather and augment all ``M x B`` images of a
+step at once; per-epoch validation runs through the fused network in eval mode
+(:func:`~pipeline.train.inference.predict_group_probs`). The group's network
 (:func:`pipeline.fusion.fuse`) sees member ``m``'s batch in its channel block ``m``; the loss is
 the sum of the members' own mean losses (:func:`~pipeline.train.engine.member_losses`), so each
 member gets its own gradients, and AdamW, the one-cycle schedule, EMA and SWA act per element.
@@ -50,15 +54,14 @@ from pipeline.augment import tta_views
 from pipeline.data import Competition
 from pipeline.device import configure_numerics, select_device, use_device
 from pipeline.errors import PipelineError
-from pipeline.fusion import (fusable, fuse, fuse_like, fuse_optimizers, split, split_like, split_optimizer,
-                             stack_inputs)
+from pipeline.fusion import fusable, fuse, fuse_like, fuse_optimizers, split, split_like, split_optimizer
 from pipeline.members import MemberKey
 from pipeline.models import create_model
-from pipeline.train.batches import set_epoch
+from pipeline.train.batches import GroupBatches, training_set
 from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, apply_state, check_deadline,
-                                   epoch_record, loop_state, member_losses, member_metrics, member_parts,
+                                   epoch_record, loop_state, member_losses, member_metrics, member_model,
                                    optimisation, predict_member, seconds_per_step, train_step)
-from pipeline.train.inference import average_views, place_model
+from pipeline.train.inference import average_views, place_model, predict_group_probs
 from pipeline.train.resume import ResumeState, read_state
 from pipeline.train.runtime import seed_everything
 
@@ -107,7 +110,8 @@ class GroupLoop:
             cache keys differ).
         loop: the fused network's optimisation state; its ``history`` holds one list of epoch
             records per member.
-        batches: each member's training batches (equal in number).
+        batches: the members' training batches (:class:`~pipeline.train.batches.GroupBatches`: one
+            device copy of their images, one gather and one augmentation pass per step).
         overflows: fp16: per member, the steps of the last epoch whose gradients held inf/NaN.
         skipped: fp16: the steps of the last epoch ``GradScaler`` skipped (any member overflowed).
         streak: fp16: per member, the epochs in a row it overflowed on :data:`OVERFLOW_SHARE` of
@@ -116,7 +120,7 @@ class GroupLoop:
 
     specs: list[FitSpec]
     loop: TrainingLoop
-    batches: list
+    batches: GroupBatches
     overflows: list[int] = field(default_factory=list)
     skipped: int = 0
     streak: list[int] = field(default_factory=list)
@@ -147,17 +151,16 @@ def setup_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, pseu
     configure_numerics(device, lead.precision, lead.runtime.deterministic)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    batches, models = [], []
+    sets, models = [], []
     for spec, rows in zip(specs, pseudo or [None] * len(specs)):
-        b, m = member_parts(spec, comp, np.flatnonzero(folds != spec.key.fold), device, rows)
-        batches.append(b)
-        models.append(m)
-    if len({len(b) for b in batches}) != 1:
-        raise PipelineError(f"{lead.key.model}: fused members have {sorted({len(b) for b in batches})} "
-                            f"batches per epoch; expected one count")
+        seed_everything(spec.training_seed)  # its initial weights from its own seed, as alone (member_parts)
+        sets.append(training_set(comp, np.flatnonzero(folds != spec.key.fold), rows))
+        models.append(member_model(spec, comp, device))
+    batches = GroupBatches(sets, lead.train.batch_size, device, lead.aug, [s.training_seed for s in specs],
+                           channels_last=lead.runtime.channels_last)
     seed_everything(lead.training_seed)  # the group's dropout generator
     fused = place_model(fuse(models), device, lead.runtime.channels_last)
-    loop = optimisation(fused, lead, batches[0], device)
+    loop = optimisation(fused, lead, batches, device)
     loop.history = [[] for _ in specs]
     return GroupLoop(list(specs), loop, batches)
 
@@ -182,9 +185,8 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
     non-finite mean."""
     loop, lead = g.loop, g.specs[0]
     loop.model.train()
-    for b, spec in zip(g.batches, g.specs):
-        set_epoch(b, spec.training_seed, epoch)
-    members, steps = len(g.specs), len(g.batches[0])
+    g.batches.set_epoch(epoch)
+    members, steps = len(g.specs), len(g.batches)
     loss_sum = torch.zeros(members, device=loop.device)
     correct = torch.zeros(members, device=loop.device, dtype=torch.int64)
     overflow = torch.zeros(members + 1, device=loop.device, dtype=torch.int64)  # per member, then skipped steps
@@ -196,13 +198,11 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
 
     hook = count_overflow if loop.scaler is not None else None
     seen = 0
-    bar = tqdm(zip(*g.batches), total=steps, desc=f"{g.name} epoch {epoch}/{loop.epochs}", leave=False,
+    bar = tqdm(g.batches, total=steps, desc=f"{g.name} epoch {epoch}/{loop.epochs}", leave=False,
                disable=None if lead.runtime.progress else True, mininterval=1.0, dynamic_ncols=True)
-    for step, pairs in enumerate(bar):
+    for step, (x, y) in enumerate(bar):
         if lead.deadline is not None and time.time() > lead.deadline:
             raise DeadlineReached(f"{g.name}: the budget's deadline came in epoch {epoch}")
-        x = stack_inputs([x.to(loop.device, non_blocking=True) for x, _ in pairs])
-        y = torch.stack([y.to(loop.device, non_blocking=True) for _, y in pairs], dim=1)
         _, logits = train_step(loop.net, loop.opt, x, y, lead.train.label_smoothing,
                                lead.runtime.channels_last, lead.precision, loop.scaler, hook)
         done = (epoch - 1) * steps + step + 1
@@ -285,7 +285,7 @@ def _leavers(g: GroupLoop, losses: list[float], epoch: int) -> dict[int, str]:
     """The members that leave after ``epoch`` (index -> one-line reason): a NaN/inf training loss,
     or with fp16 overflows on :data:`OVERFLOW_SHARE` of the steps of :data:`OVERFLOW_EPOCHS`
     epochs in a row (``g.streak`` updated). Logs fp16's skipped steps of the epoch, if any."""
-    steps, out = len(g.batches[0]), {}
+    steps, out = len(g.batches), {}
     if g.loop.scaler is not None and g.skipped:
         who = ", ".join(f"{s.key} on {n}" for s, n in zip(g.specs, g.overflows) if n)
         log.warning("train: %s: epoch %d: %d of %d steps skipped for every member (fp16 gradients overflowed; "
@@ -320,8 +320,8 @@ def _without(g: GroupLoop, comp: Competition, leave: dict[int, str], epoch: int,
     states = group_states(g, epoch, g.loop.seconds_before)
     specs, device = [g.specs[m] for m in keep], g.loop.device
     net = place_model(fuse([_member_model(s, comp, device) for s in specs]), device, specs[0].runtime.channels_last)
-    new = GroupLoop(specs, optimisation(net, specs[0], g.batches[keep[0]], device), [g.batches[m] for m in keep],
-                    streak=[g.streak[m] for m in keep])
+    batches = g.batches.subset(keep)
+    new = GroupLoop(specs, optimisation(net, specs[0], batches, device), batches, streak=[g.streak[m] for m in keep])
     load_group(new, [states[m] for m in keep])
     new.loop.seconds_before = g.loop.seconds_before
     return new, failed
@@ -428,11 +428,14 @@ def _run_group_epochs(g: GroupLoop, comp: Competition, folds: np.ndarray, t0: fl
         val_rows = [np.flatnonzero(folds == s.key.fold) for s in g.specs]
         last, validate = epoch == loop.epochs, epoch % lead.runtime.val_every == 0
         vals: list = [None] * len(g.specs)
-        if last or validate:
+        if last:  # split once: each member predicts its OOF exactly as its checkpoint will (stage=predict)
             members = member_loops(g, comp)
-            preds = [predict_member(member, spec, comp.x_train[rows], tta=last)
+            views = [predict_member(member, spec, comp.x_train[rows], tta=True)
                      for member, spec, rows in zip(members, g.specs, val_rows)]
-            views, vals = (preds, [v[0] for v in preds]) if last else (None, preds)
+            vals = [v[0] for v in views]
+        elif validate:  # through the fused network in eval mode: one forward for all members
+            vals = predict_group_probs(loop.predictor, [comp.x_train[rows] for rows in val_rows], loop.device,
+                                       lead.runtime, lead.precision)
         seconds, lr = time.perf_counter() - te, float(loop.sched.get_last_lr()[0])
         records = [epoch_record(epoch, losses[m], accs[m], vals[m], comp.y_train[val_rows[m]], lr, seconds)
                    for m in range(len(g.specs))]
@@ -445,7 +448,7 @@ def _run_group_epochs(g: GroupLoop, comp: Competition, folds: np.ndarray, t0: fl
             on_epoch(epoch, records)
         if epoch < loop.epochs:
             n = len(g.specs)
-            check_deadline(lead.deadline, seconds, n * len(g.batches[0]) * lead.train.batch_size,
+            check_deadline(lead.deadline, seconds, n * len(g.batches) * lead.train.batch_size,
                            sum(map(len, val_rows)) + n * n_test, len(tta_views(lead.tta)), g.name)
         epoch += 1
     if views is None:  # resumed from checkpoints written after the last epoch
@@ -464,15 +467,13 @@ def seconds_per_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray
     g = setup_group(specs, comp, folds, pseudo)
     loop, lead = g.loop, g.specs[0]
     loop.model.train()
-    its = [iter(b) for b in g.batches]
+    it = iter(g.batches)
 
     def step() -> None:
-        pairs = [next(it) for it in its]
-        x = stack_inputs([x.to(loop.device) for x, _ in pairs])
-        y = torch.stack([y.to(loop.device) for _, y in pairs], dim=1)
+        x, y = next(it)
         train_step(loop.net, loop.opt, x, y, lead.train.label_smoothing, lead.runtime.channels_last,
                    lead.precision, loop.scaler)
 
-    steps_per_epoch = len(g.batches[0])
+    steps_per_epoch = len(g.batches)
     per_step = seconds_per_step(step, loop.device, min(steps_per_epoch, warmup + steps), warmup, after_warmup)
     return per_step * steps_per_epoch * loop.epochs

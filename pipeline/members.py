@@ -231,12 +231,15 @@ def read_config(out_dir: Path) -> DictConfig:
     return OmegaConf.load(out_dir / CONFIG)
 
 
-def check_recorded(out_dir: Path, manifest_sha: str, what: str) -> None:
+def check_recorded(out_dir: Path, manifest_sha: str, what: str, files: tuple[str, ...] = (CHECKPOINT,)) -> None:
     """Check that a member is the one a saved blend recorded: its ``manifest.json`` has the
-    recorded sha256 and its checkpoint still matches the manifest.
+    recorded sha256 and ``files`` (default: the checkpoint) still match the manifest.
 
+    Args:
+        files: names of :data:`pipeline.paths.DATA_FILES` to check (``stage=export`` checks all
+            five, ``stage=submit`` the checkpoint and ``config.yaml``, which is all an export holds).
     Raises:
-        ArtifactError: missing, retrained or modified since the blend (naming the member).
+        ArtifactError: missing, retrained or modified since the blend (naming the member and file).
     """
     if not (out_dir / MANIFEST).exists():
         raise ArtifactError(f"{what}: missing {out_dir / MANIFEST} (run: python run.py stage=train, "
@@ -244,10 +247,14 @@ def check_recorded(out_dir: Path, manifest_sha: str, what: str) -> None:
     if manifest_sha256(out_dir) != manifest_sha:
         raise ArtifactError(f"{what}: {out_dir} changed since the blend (retrained?); run: python "
                             f"run.py stage=blend")
-    entry = json.loads((out_dir / MANIFEST).read_text())["files"][CHECKPOINT]
-    if not (out_dir / CHECKPOINT).exists() or sha256_file(out_dir / CHECKPOINT) != entry["sha256"]:
-        raise ArtifactError(f"{what}: {out_dir / CHECKPOINT} does not match its checksum "
-                            f"(truncated or modified)")
+    listed = json.loads((out_dir / MANIFEST).read_text())["files"]
+    for name in files:
+        entry = listed.get(name) or {}
+        path = out_dir / name
+        if not path.exists():
+            raise ArtifactError(f"{what}: missing {path}")
+        if path.stat().st_size != entry.get("bytes", path.stat().st_size) or sha256_file(path) != entry.get("sha256"):
+            raise ArtifactError(f"{what}: {path} does not match its checksum (truncated or modified)")
 
 
 def check_shape(images: np.ndarray, in_chans: int, img_size: int) -> None:

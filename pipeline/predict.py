@@ -15,11 +15,16 @@ learning applied to document recognition", 1998; the MNIST page): grayscale, whi
 (aspect kept, anti-aliased), placed in 28 x 28 with its centre of mass at the centre. Otherwise
 (``resize``) it is converted and resized exactly as the competition's own images were
 (:func:`pipeline.data.to_array`, with the blend's side, channels and ``data.resize``).
+
+The members' part (:func:`networks`, :func:`load_network`, :func:`member_probabilities`,
+:func:`seconds_per_image`) is the one way a saved blend's networks are loaded, checked, timed and
+run; ``stage=submit`` (:mod:`pipeline.submit`) runs it on an export's copy of them.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +36,8 @@ from pipeline.blend import store
 from pipeline.data import IMAGE_EXTENSIONS, open_image, to_array
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_with
-from pipeline.paths import Paths
-from pipeline.settings import runtime_settings
+from pipeline.paths import CHECKPOINT, Paths
+from pipeline.settings import RuntimeSettings, runtime_settings
 from pipeline import members
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,104 @@ def prepare(files: list[Path], record: dict, preprocess: str) -> np.ndarray:
     return np.stack([to_array(open_image(f), side, chans, record.get("resize", "stretch")) for f in files])
 
 
+@dataclass(frozen=True)
+class Network:
+    """One trained network of a blend member, as the saved blend recorded it.
+
+    Attributes:
+        member: the blend member's label (``model`` or ``model@seed``); key: its (model, fold,
+            seed index); folder: its member directory; manifest_sha256: the recorded sha256 of
+            its ``manifest.json``.
+    """
+
+    member: str
+    key: members.MemberKey
+    folder: Path
+    manifest_sha256: str
+
+
+def networks(saved: store.SavedBlend, paths: Paths, label: str) -> list[Network]:
+    """The networks of blend member ``label``, seed by seed and fold by fold as the blend read
+    them; their folders under ``paths`` (a run's ``artifacts/`` or an export's)."""
+    model = members.BlendMember.parse(label).model
+    return [Network(label, members.MemberKey(model, e.fold, e.seed_index),
+                    paths.member_dir(model, e.fold, e.seed_index), e.sha256)
+            for e in saved.typed.manifests[label]]
+
+
+def load_network(net: Network, device, runtime: RuntimeSettings, files: tuple[str, ...] = (CHECKPOINT,)):
+    """A network ready to predict: checked against the blend's record (:func:`pipeline.members.
+    check_recorded` on ``files``), rebuilt from its safetensors, placed on ``device`` as training
+    placed it, with the numerics it was trained with set on the process.
+
+    Returns ``(model in eval mode, its resolved precision, its tta settings or None)``. Raises
+    ArtifactError: a missing, changed or unloadable member.
+    """
+    from pipeline.train.inference import place_model
+    from pipeline.device import configure_numerics, resolve_precision
+
+    members.check_recorded(net.folder, net.manifest_sha256, str(net.key), files)
+    model, _ = members.load_model(net.folder)
+    model = place_model(model, device, runtime.channels_last)
+    trained = members.read_config(net.folder)  # the member's own precision and test-time views
+    precision = resolve_precision(trained.train.precision, device)  # 'auto' in older keys
+    configure_numerics(device, precision, runtime.deterministic)  # as when it was trained
+    return model, precision, trained.get("tta")
+
+
+def member_probabilities(saved: store.SavedBlend, paths: Paths, images: np.ndarray, device,
+                         runtime: RuntimeSettings, labels: list[str] | None = None,
+                         files: tuple[str, ...] = (CHECKPOINT,)) -> dict[str, np.ndarray]:
+    """Each blend member's probabilities for ``(N, C, S, S)`` uint8 images, computed as the blend
+    computed its test probabilities: every network's TTA-averaged probabilities
+    (:func:`pipeline.train.inference.predict_probs`, in its own precision), each seed's folds
+    averaged, then the seeds (:func:`pipeline.members.fold_then_seed_average`).
+
+    Args:
+        labels: the members to compute (default: every member of the blend, in its order).
+        files: what :func:`load_network` checks of each network.
+    Returns:
+        ``{label: (N, C) float32}`` in ``labels`` order.
+    Raises:
+        ArtifactError: a member missing, changed since the blend, or unloadable; images of another
+            shape than the members take.
+    """
+    from pipeline.train.inference import predict_probs
+
+    r = saved.typed
+    members.check_shape(images, r.in_chans, r.img_size)
+    out = {}
+    for label in labels or saved.members:
+        seed_probs: dict[int, list[np.ndarray]] = {}
+        for net in networks(saved, paths, label):
+            model, precision, tta = load_network(net, device, runtime, files)
+            seed_probs.setdefault(net.key.seed_index, []).append(
+                predict_probs(model, images, device, runtime, precision, tta))
+        out[label] = members.fold_then_seed_average(seed_probs)
+    return out
+
+
+def seconds_per_image(net: Network, images: np.ndarray, device, runtime: RuntimeSettings,
+                      files: tuple[str, ...] = (CHECKPOINT,)) -> float:
+    """Seconds one network of a member takes per image here, TTA views included: measured on one
+    prediction batch of ``images`` (at most ``runtime.eval_batch_size`` rows) after a warm-up on
+    a few rows, with the device synchronised. Raises ArtifactError as :func:`load_network`."""
+    import time
+
+    import torch
+
+    from pipeline.train.inference import predict_probs
+
+    model, precision, tta = load_network(net, device, runtime, files)
+    batch = images[:max(1, min(len(images), runtime.eval_batch_size))]
+    predict_probs(model, batch[:8], device, runtime, precision, tta)  # warm-up: kernels, allocations
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    predict_probs(model, batch, device, runtime, precision, tta)  # returns on the host: synchronised
+    return (time.perf_counter() - t0) / len(batch)
+
+
 def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndarray, store.SavedBlend]:
     """Probabilities of the submitted ensemble for ``(N, C, S, S)`` uint8 images.
 
@@ -116,32 +219,16 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     is no blend, a member's checkpoint is missing, unreadable or changed since the blend, or the
     images' shape is not the one the members were trained on.
     """
-    from pipeline.train.inference import place_model, predict_probs
-    from pipeline.device import configure_numerics, resolve_precision, select_device, use_device
+    from pipeline.device import select_device, use_device
 
     paths = Paths.from_cfg(cfg)
     saved = store.load(paths)
-    r = saved.typed
-    members.check_shape(images, r.in_chans, r.img_size)
+    members.check_shape(images, saved.typed.in_chans, saved.typed.img_size)
     runtime = runtime_settings(cfg)
     device = select_device(runtime.device)
     use_device(device)
-    per_member = []
-    for label in saved.members:
-        model_name = members.BlendMember.parse(label).model
-        seed_probs: dict[int, list[np.ndarray]] = {}
-        for e in r.manifests[label]:  # seed by seed, fold by fold, as the blend read them
-            d = paths.member_dir(model_name, e.fold, e.seed_index)
-            members.check_recorded(d, e.sha256, str(members.MemberKey(model_name, e.fold, e.seed_index)))
-            model, _ = members.load_model(d)
-            model = place_model(model, device, runtime.channels_last)
-            trained = members.read_config(d)  # the member's own precision and test-time views
-            precision = resolve_precision(trained.train.precision, device)  # 'auto' in older keys
-            configure_numerics(device, precision, runtime.deterministic)  # as when it was trained
-            seed_probs.setdefault(e.seed_index, []).append(
-                predict_probs(model, images, device, runtime, precision, trained.get("tta")))
-        per_member.append(members.fold_then_seed_average(seed_probs))
-    probs = saved.blender().predict_proba(np.stack(per_member, 1))
+    per_member = member_probabilities(saved, paths, images, device, runtime)
+    probs = saved.blender().predict_proba(np.stack(list(per_member.values()), 1))
     return probs.astype(np.float32), saved
 
 

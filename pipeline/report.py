@@ -264,8 +264,8 @@ def _score_rows(saved: store.SavedBlend, rows: list[dict], auc: bool) -> tuple[l
 def _value_rows(saved: store.SavedBlend, rows: list[dict]) -> list[list]:
     """What each member adds: marginal value (leave-one-out), TTA gain, EMA / SWA gain, ensemble
     selection weight."""
-    blend, names, best = saved.record, saved.members, saved.best.value
-    best_acc = blend["methods"][best]["accuracy"]
+    blend, names = saved.record, saved.members
+    marginal = store.marginal_values(saved.typed, "accuracy")  # the one computation, shared with stage=submit
     es = dict(zip(names, blend["methods"].get("ensemble_selection", {}).get("member_weights", [])))
 
     def without_tta(r: dict) -> float:  # the member's own weights, no test-time views
@@ -279,8 +279,8 @@ def _value_rows(saved: store.SavedBlend, rows: list[dict]) -> list[list]:
 
     out = []
     for name in names:
-        own, loo = [r for r in rows if r["model"] == name], blend.get("leave_one_out", {}).get(name)
-        out.append([name, f"{best_acc - loo['accuracy']:+.5f}" if loo else "", gain(own, "tta"),
+        own = [r for r in rows if r["model"] == name]
+        out.append([name, f"{marginal[name]:+.5f}" if name in marginal else "", gain(own, "tta"),
                     gain(own, "swa") if any(r.get("swa") for r in own) else gain(own, "ema"),
                     f"{es[name]:.3f}" if es else ""])
     return out

@@ -189,10 +189,31 @@ class PredictSettings:
     preprocess: str = _f("auto", choices=("auto", "mnist", "resize"))
 
 
+@dataclass
+class ExportSettings:
+    """``export``: the folder ``stage=export`` writes and ``stage=submit`` reads (pipeline/export.py)."""
+
+    dir: str = "export"                # the export folder (a Kaggle dataset); stage=submit reads it
+    zip: bool = True                   # also write <dir>.zip (upload it as the dataset)
+    wheels: bool = True                # build <dir>/wheels: kfold-stack's wheel and `dependencies`
+    dependencies: list = field(default_factory=lambda: [  # wheels of what Kaggle's image lacks, at the versions here
+        "hydra-core", "omegaconf", "antlr4-python3-runtime", "hydra-joblib-launcher", "skops", "prettytable"])
+    dataset_id: Optional[str] = None   # dataset-metadata.json id <user>/<slug>; null: INSERT_USERNAME/kfold-stack-<data>
+    title: Optional[str] = None        # the dataset's title (6-50 characters); null: from the members
+
+
+@dataclass
+class SubmitSettings:
+    """``submit``: the submission of an export on a competition's test side (pipeline/submit.py)."""
+
+    output: str = "submission.csv"   # where submission.csv is written
+    default_row: bool = False         # an undecodable test image gets sample_submission.csv's row (counted in the log)
+
+
 GROUPS: dict[str, type] = {
     "train": TrainSettings, "aug": AugSettings, "tta": TTASettings, "runtime": RuntimeSettings,
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
-    "predict": PredictSettings, "pseudo": PseudoSettings,
+    "predict": PredictSettings, "pseudo": PseudoSettings, "export": ExportSettings, "submit": SubmitSettings,
 }
 MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space", "ranges")
 BUILD_OFFLINE = ("auto", "true", "false")
@@ -331,6 +352,16 @@ def plan_ranges(cfg: DictConfig, name: str, epochs: int, seeds: int) -> tuple[in
 def runtime_settings(cfg: DictConfig) -> RuntimeSettings:
     """The checked ``runtime`` group."""
     return checked(RuntimeSettings, cfg.runtime, "runtime")
+
+
+def export_settings(cfg: DictConfig) -> ExportSettings:
+    """The checked ``export`` group (defaults when the config has none)."""
+    return checked(ExportSettings, cfg.get("export"), "export")
+
+
+def submit_settings(cfg: DictConfig) -> SubmitSettings:
+    """The checked ``submit`` group (defaults when the config has none)."""
+    return checked(SubmitSettings, cfg.get("submit"), "submit")
 
 
 def selected_models(cfg: DictConfig) -> list[str]:

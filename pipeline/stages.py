@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from enum import Enum
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.config import prepare
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class Stage(str, Enum):
     blend = "blend"
     report = "report"
     predict = "predict"
+    export = "export"
+    submit = "submit"
     all = "all"
 
 
@@ -87,12 +90,28 @@ def _predict(cfg: DictConfig, ws) -> Any:
     return run(cfg, ws)
 
 
-# Every stage's function: (prepared config, workspace or None) -> its result.
+def _export(cfg: DictConfig, ws) -> Any:
+    from pipeline.export import run
+
+    return run(cfg, ws)
+
+
+def _submit(cfg: DictConfig, settings) -> Any:
+    """Stage ``submit``: no workspace (no training data on a rerun); it gets the run's settings,
+    whose ``started`` is where ``budget=`` counts from."""
+    from pipeline.submit import run
+
+    return run(cfg, settings)
+
+
+# Every stage's function: (prepared config, workspace or None) -> its result; submit: (config, settings).
 STAGE_FUNCTIONS: dict[Stage, Callable[[DictConfig, Any], Any]] = {
     Stage.data: _data, Stage.folds: _folds, Stage.train: _train, Stage.tune: _tune,
-    Stage.blend: _blend, Stage.report: _report, Stage.predict: _predict,
+    Stage.blend: _blend, Stage.report: _report, Stage.predict: _predict, Stage.export: _export,
+    Stage.submit: _submit,
 }
-NO_WORKSPACE = (Stage.data, Stage.predict)  # data: nothing beyond the data; predict: your images
+# data: nothing beyond the data; predict: your images; submit: an export and a competition's test side
+NO_WORKSPACE = (Stage.data, Stage.predict, Stage.submit)
 
 
 def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
@@ -111,7 +130,7 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
     if started is not None:
         settings = dataclasses.replace(settings, started=started)
     if stage in NO_WORKSPACE:
-        return STAGE_FUNCTIONS[stage](cfg, None)
+        return STAGE_FUNCTIONS[stage](cfg, settings if stage is Stage.submit else None)
     ws = Workspace.load(cfg, settings)
     if stage is not Stage.all:
         return STAGE_FUNCTIONS[stage](cfg, ws)
@@ -120,3 +139,26 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
         out = STAGE_FUNCTIONS[s](cfg, ws)
         result = out if s is Stage.blend else result
     return result
+
+
+def _log_to_files(message: str) -> None:
+    """Write ``message`` as an ERROR record to the log files only (the terminal gets it once)."""
+    record = logging.LogRecord("run", logging.ERROR, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+def run_command(cfg: DictConfig) -> None:
+    """The command line's run of ``cfg.stage`` (``run.py`` and ``python -m pipeline``): ``budget=``
+    counts from the process's start (:func:`pipeline.budget.process_start`); a user error
+    (:class:`~pipeline.errors.PipelineError`) is written to the run's log file and as one line on
+    stderr, and the process exits with code 2."""
+    from pipeline.budget import process_start
+
+    try:
+        run_stage(cfg, started=process_start())
+    except PipelineError as e:
+        _log_to_files(f"error: {e}")
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

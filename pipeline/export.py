@@ -33,13 +33,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
-import uuid
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -52,8 +50,9 @@ from pipeline import members
 from pipeline.blend import store
 from pipeline.choices import Layout, Metric, Resize, SubmissionKind
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.io import save_json, save_npz, save_text, sha256_file, write_with
+from pipeline.io import atomic_folder, save_json, save_npz, save_text, sha256_file, write_with
 from pipeline.metrics import score
+from pipeline.notebook import notebook_json, script_text
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, MANIFEST, Paths
 from pipeline.settings import ExportSettings, export_settings
 
@@ -371,78 +370,104 @@ def run(cfg: DictConfig, ws=None) -> Path:
             reproduce the blend, or a wheel that cannot be built; one line each, nothing written.
         ConfigError: a dependency that is not installed here.
     """
-    from pipeline.predict import networks
     from pipeline.workspace import Workspace
 
     s = export_settings(cfg)
     ws = ws or Workspace.load(cfg)
-    saved = store.load(ws.paths)
-    store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
-    nets = [n for label in saved.members for n in networks(saved, ws.paths, label)]
-    for n in nets:  # every file of every member as its manifest lists it
-        members.check_recorded(n.folder, n.manifest_sha256, str(n.key), DATA_FILES)
+    saved, nets = _checked_blend(ws)
     oof = _member_oof(ws, saved)
     comp = ws.comp
     prep = Preprocessing(comp.layout, comp.side, comp.channels, Resize(ws.settings.data.resize),
                          tuple(comp.class_names), comp.submission, tuple(comp.submission_columns),
                          Metric(saved.record.get("metric", Metric.accuracy.value)))
     final = Path(s.dir)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        paths = export_paths(tmp, ws.paths)
-        blend_out = paths.blend_dir
-        blend_out.mkdir(parents=True)
-        shutil.copy2(ws.paths.blend_dir / store.RECORD, blend_out / store.RECORD)
-        state = f"{saved.best.value}_state.npz"
-        shutil.copy2(ws.paths.blend_dir / state, blend_out / state)
-        for n in nets:
-            d = paths.member_dir(n.key.model, n.key.fold, n.key.seed_index)
-            d.mkdir(parents=True)
-            for name in NETWORK_FILES:
-                shutil.copy2(n.folder / name, d / name)
-        save_npz(tmp / OOF_FILE, probs=oof, y=comp.y_train.astype(np.int64), folds=ws.folds.astype(np.int64))
-        wheels = []
-        if s.wheels:
-            wheels = [project_wheel(tmp / WHEELS)] + dependency_wheels(list(s.dependencies), tmp / WHEELS,
-                                                                        ws.paths.wheel_dir)
-        from pipeline.submit import notebook_json, script_text
+    with atomic_folder(final) as tmp:
+        wheels = _write_files(tmp, s, ws, saved, nets, oof)
+        save_json(tmp / RECORD, _record(tmp, s, ws, saved, nets, prep, wheels))
+    zipped = _zip_beside(final, s.zip)
+    _log_written(final, zipped, saved, nets, prep, wheels)
+    return final
 
-        save_text(tmp / SCRIPT, script_text())
-        save_text(tmp / NOTEBOOK, json.dumps(notebook_json(), indent=1) + "\n")
-        save_json(tmp / METADATA, dataset_metadata(s, saved, comp.fingerprint))
-        files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        runtime = ws.settings.runtime
-        record = {
-            "format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "kfold_stack": _version(), "preprocessing": prep.to_json(),
-            "members": saved.members, "best": saved.best.value,
-            "oof_score": {k: v for k, v in saved.typed.methods[saved.best].items() if k in ("accuracy", "log_loss", "roc_auc")},
-            "marginal_values": store.marginal_values(saved.typed, prep.metric),
-            "networks": [{"member": n.member, "model": n.key.model, "fold": n.key.fold, "seed_index": n.key.seed_index,
-                          "dir": export_paths(Path("."), ws.paths).member_dir(n.key.model, n.key.fold, n.key.seed_index).as_posix(),
-                          "manifest_sha256": n.manifest_sha256} for n in nets],
-            "data_fingerprint": comp.fingerprint, "folds_digest": ws.folds_digest, "n_train": int(len(comp.y_train)),
-            "training_submission_sha256": saved.record.get("submission_sha256"),
-            "runtime": {"eval_batch_size": runtime.eval_batch_size, "channels_last": runtime.channels_last},
-            "wheels": [w.name for w in wheels], "environment": environment(list(s.dependencies) if s.wheels else []),
-            "files": files,
-        }
-        save_json(tmp / RECORD, record)
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.old")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+
+def _checked_blend(ws) -> tuple[store.SavedBlend, list]:
+    """The saved blend, checked against the run's data and folds, and its members' networks
+    (:func:`pipeline.predict.networks`), every file of each as its manifest lists it."""
+    from pipeline.predict import networks
+
+    saved = store.load(ws.paths)
+    store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
+    nets = [n for label in saved.members for n in networks(saved, ws.paths, label)]
+    for n in nets:  # every file of every member as its manifest lists it
+        members.check_recorded(n.folder, n.manifest_sha256, str(n.key), DATA_FILES)
+    return saved, nets
+
+
+def _write_files(tmp: Path, s: ExportSettings, ws, saved: store.SavedBlend, nets: list, oof: np.ndarray) -> list[Path]:
+    """Every file of the export but its record, into ``tmp``: the blend's record and state, each
+    network's files, ``oof.npz``, the wheels (``export.wheels``), ``submit.py``, ``submit.ipynb``
+    and ``dataset-metadata.json``. Returns the wheels' paths."""
+    paths = export_paths(tmp, ws.paths)
+    blend_out = paths.blend_dir
+    blend_out.mkdir(parents=True)
+    shutil.copy2(ws.paths.blend_dir / store.RECORD, blend_out / store.RECORD)
+    state = f"{saved.best.value}_state.npz"
+    shutil.copy2(ws.paths.blend_dir / state, blend_out / state)
+    for n in nets:
+        d = paths.member_dir(n.key.model, n.key.fold, n.key.seed_index)
+        d.mkdir(parents=True)
+        for name in NETWORK_FILES:
+            shutil.copy2(n.folder / name, d / name)
+    save_npz(tmp / OOF_FILE, probs=oof, y=ws.comp.y_train.astype(np.int64), folds=ws.folds.astype(np.int64))
+    wheels = []
+    if s.wheels:
+        wheels = [project_wheel(tmp / WHEELS)] + dependency_wheels(list(s.dependencies), tmp / WHEELS,
+                                                                    ws.paths.wheel_dir)
+    save_text(tmp / SCRIPT, script_text())
+    save_text(tmp / NOTEBOOK, json.dumps(notebook_json(), indent=1) + "\n")
+    save_json(tmp / METADATA, dataset_metadata(s, saved, ws.comp.fingerprint))
+    return wheels
+
+
+def _record(tmp: Path, s: ExportSettings, ws, saved: store.SavedBlend, nets: list, prep: Preprocessing,
+            wheels: list[Path]) -> dict:
+    """``kfold_export.json``: the preprocessing facts, members, networks, environment, and the
+    sha256 and size of every file already written into ``tmp``."""
+    comp = ws.comp
+    files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    runtime = ws.settings.runtime
+    return {
+        "format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kfold_stack": _version(), "preprocessing": prep.to_json(),
+        "members": saved.members, "best": saved.best.value,
+        "oof_score": {k: v for k, v in saved.typed.methods[saved.best].items() if k in ("accuracy", "log_loss", "roc_auc")},
+        "marginal_values": store.marginal_values(saved.typed, prep.metric),
+        "networks": [{"member": n.member, "model": n.key.model, "fold": n.key.fold, "seed_index": n.key.seed_index,
+                      "dir": export_paths(Path("."), ws.paths).member_dir(n.key.model, n.key.fold, n.key.seed_index).as_posix(),
+                      "manifest_sha256": n.manifest_sha256} for n in nets],
+        "data_fingerprint": comp.fingerprint, "folds_digest": ws.folds_digest, "n_train": int(len(comp.y_train)),
+        "training_submission_sha256": saved.record.get("submission_sha256"),
+        "runtime": {"eval_batch_size": runtime.eval_batch_size, "channels_last": runtime.channels_last},
+        "wheels": [w.name for w in wheels], "environment": environment(list(s.dependencies) if s.wheels else []),
+        "files": files,
+    }
+
+
+def _zip_beside(final: Path, wanted: bool) -> Path | None:
+    """``<final>.zip`` of the export when ``wanted`` (``export.zip``), else None, with an earlier
+    export's zip removed (one log line)."""
     target = final.with_name(final.name + ".zip")
-    zipped = _zip(final, target) if s.zip else None
+    zipped = _zip(final, target) if wanted else None
     if zipped is None and target.exists():  # never leave an earlier export's zip beside this one
         target.unlink()
         log.info("export: removed the earlier %s (export.zip=false)", target)
+    return zipped
+
+
+def _log_written(final: Path, zipped: Path | None, saved: store.SavedBlend, nets: list, prep: Preprocessing,
+                 wheels: list[Path]) -> None:
+    """The export's two log lines: what it holds, and how to upload and submit it."""
+    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
     log.info("export: %s (%.1f MB%s): %d member(s) %s, %d network(s), blend '%s' (OOF %s %.5f), %s",
              final, size / 1e6, f"; {zipped.name} {zipped.stat().st_size / 1e6:.1f} MB" if zipped else "",
              len(saved.members), "+".join(saved.members), len(nets), saved.best.value, prep.metric.value,
@@ -451,7 +476,6 @@ def run(cfg: DictConfig, ws=None) -> Path:
     log.info("export: upload it as a Kaggle dataset (kaggle datasets create -p %s --dir-mode zip, or %s on the "
              "website), then run its submit.ipynb in the competition with the internet off", final,
              f"{final.name}.zip" if zipped else "the folder")
-    return final
 
 
 def _version() -> str:

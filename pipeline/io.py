@@ -1,4 +1,5 @@
-"""Atomic file writes: every artifact goes to a temp file in its directory, then is renamed.
+"""Atomic file writes: every artifact goes to a temp file in its directory, then is renamed
+(a folder of artifacts likewise: written beside the old one, then swapped in).
 
 A crash or a user error therefore never leaves a half-written file under ``folds/``,
 ``artifacts/`` or ``submissions/``: a path either holds the complete old content, the complete
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +39,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder path beside ``path`` (not created: the block writes into it); if
+    the block succeeds, swap it in place of ``path`` (the old folder is renamed aside, then
+    removed). The parent directory is created. On any exception the temporary folder is removed
+    and the exception propagates; ``path`` is untouched."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.old")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

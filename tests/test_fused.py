@@ -21,7 +21,8 @@ from pipeline.budget import group_sizes
 from pipeline.train import fused
 from pipeline.train.engine import FitSpec, fit_member
 from pipeline.train.inference import place_model, predict_logits, predict_probs
-from pipeline.train.scheduler import Outcome, plan_units
+from pipeline.train.probes import plan_units
+from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
 
 # Exact mode, no dropout and no augmentation, fp32 pinned (precision=auto is bf16 on a CPU with

@@ -16,8 +16,9 @@ from pipeline import budget as budget_mod
 from pipeline import train
 from pipeline.budget import Cost, Range, dispatch, form_units, makespan, plan
 from pipeline.settings import FuseMode
-from pipeline.train import budgeted, scheduler
-from pipeline.train.scheduler import FuseChoice, ModelTiming, Outcome, decide_fusion, plan_units
+from pipeline.train import budgeted, probes, scheduler
+from pipeline.train.probes import FuseChoice, ModelTiming, decide_fusion, plan_units
+from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
 
 
@@ -98,7 +99,7 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
         size = max(len(u) for u in units)
         return {"cnn_deotte": ModelTiming(alone=40.0 * 2, group=5.0 * 2, size=size, predict_s=1e-5)}
 
-    monkeypatch.setattr(scheduler, "time_models", gpu_like)
+    monkeypatch.setattr(probes, "time_models", gpu_like)
     seen = {}
 
     def pool(ws, units, seconds, choices, n_jobs, deadline, finish):
@@ -138,7 +139,7 @@ def test_fuse_auto_measures_both_ways_and_records_its_choice(tiny_cfg, monkeypat
     assert fuse["mode"] == "auto" and fuse["group_size"] == 4 and fuse["alone_s"] > 0 and fuse["group_s"] > 0
     assert fuse["fused"] == (fuse["group_s"] < fuse["alone_s"]) == ("fused" in outcomes[0].metrics)
     for faster in (True, False):
-        monkeypatch.setattr(scheduler, "time_models", _fused_timing(faster))
+        monkeypatch.setattr(probes, "time_models", _fused_timing(faster))
         cfg = tiny_cfg(*run, "force=true")
         outcomes = train.run(cfg)
         assert all(o.metrics["fuse"]["fused"] is faster for o in outcomes)
@@ -184,7 +185,7 @@ def test_the_plans_prediction_cost_is_timed_on_a_batch(tiny_cfg):
     its fold and the test set in every TTA view at that rate (no constant ratio to training)."""
     ws = Workspace.load(tiny_cfg("model=mlp"))
     keys = ws.keys("mlp")
-    timed = scheduler.time_models(ws, [(k,) for k in keys], 1)
+    timed = probes.time_models(ws, [(k,) for k in keys], 1)
     t = timed["mlp"]
     assert t.predict_s > 0 and t.group is None and t.alone > 0
     for rate in (t.predict_s, 10 * t.predict_s):
@@ -216,7 +217,7 @@ def test_a_gpus_memory_sizes_the_groups(tiny_cfg, monkeypatch, caplog):
     def measured(ws, units, n_jobs, later=()):
         return {"cnn_deotte": ModelTiming(10.0, 2.0, max(len(u) for u in units), 1e-4, 1.2 * 2**30, 11 * 2**30)}
 
-    monkeypatch.setattr(scheduler, "time_models", measured)
+    monkeypatch.setattr(probes, "time_models", measured)
     ws = Workspace.load(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=4", "runtime.fuse=on"))
     keys = ws.keys("cnn_deotte")
     with caplog.at_level(logging.INFO):
@@ -243,7 +244,7 @@ def test_a_probe_group_out_of_memory_is_halved(tiny_cfg, monkeypatch, caplog):
     ws = Workspace.load(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "runtime.fuse=on"))
     keys = ws.keys("cnn_deotte")
     with caplog.at_level(logging.INFO):
-        timed = scheduler.time_models(ws, [tuple(keys)], 1)
+        timed = probes.time_models(ws, [tuple(keys)], 1)
     assert timed["cnn_deotte"].size == 2 and timed["cnn_deotte"].group > 0
     assert "a fused group of 4 ran out of GPU memory in its timed steps; timing 2" in caplog.text
 

@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 from conftest import REPO, fit
 from pipeline import device, predict, train
 from pipeline.paths import Paths
-from pipeline.train import averaging, resume, scheduler
+from pipeline.train import averaging, probes, resume, workers
 from pipeline.members import MemberKey
 from pipeline.workspace import Workspace
 
@@ -99,7 +99,7 @@ def test_every_side_by_side_worker_and_launcher_job_gets_its_own_gpu(tiny_cfg, m
     monkeypatch.setattr(device, "launcher_job", lambda: (3, 4))
     assert str(device.select_device("cuda")) == "cuda:1"
     ws = Workspace.load(tiny_cfg("runtime.device=cuda", "runtime.num_workers=0"))
-    dev = scheduler._enter_worker(ws, 3, 4, [], logging.INFO)
+    dev = workers.enter_worker(ws, 3, 4, [], logging.INFO)
     assert dev.device == "cuda:1" and current == ["cuda:1"] and not dev.progress
     assert ws.cfg.runtime.device == "cuda"  # the run's config is read, not written
 
@@ -183,10 +183,10 @@ def test_the_estimate_is_timed_in_the_side_by_side_workers(tiny_cfg, monkeypatch
     def not_here(*args, **kwargs):
         raise AssertionError("the estimate ran in the parent process")
 
-    monkeypatch.setattr(scheduler, "seconds_per_member", not_here)
+    monkeypatch.setattr(probes, "seconds_per_member", not_here)
     cfg = tiny_cfg("model=mlp", "runtime.fold_jobs=2", "runtime.estimate=true")
     ws = Workspace.load(cfg)
-    est = scheduler.estimate(ws, [(k,) for k in ws.keys("mlp")], 2, torch.device("cpu"))
+    est = probes.estimate(ws, [(k,) for k in ws.keys("mlp")], 2, torch.device("cpu"))
     assert est.n_jobs == 2 and all(0 < s < 600 for s in est.member_seconds.values())
     assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 2 / 60)
     out = train.run(cfg)

@@ -199,7 +199,7 @@ def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_d
 def test_fold_job_worker_exits_when_its_parent_is_killed(tmp_path):
     """A side-by-side worker whose parent dies (kill -9 of run.py) stops instead of training on
     as an orphan: a real process tree, parent SIGKILLed, the child gone within seconds."""
-    child_code = ("from pipeline.train.scheduler import exit_with_parent; import time; "
+    child_code = ("from pipeline.train.workers import exit_with_parent; import time; "
                   "exit_with_parent(0.1); print('ready', flush=True); time.sleep(120)")
     parent_code = ("import subprocess, sys, time; "
                    f"c = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "

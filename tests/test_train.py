@@ -239,7 +239,7 @@ def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
     assert "train: 1 of 2 member(s) done, about" in text
     warn = [r for r in caplog.records if r.levelname == "WARNING" and "sized for a GPU" in r.message]
     assert len(warn) == 1 and "profile=quick" in warn[0].message
-    from pipeline.train.scheduler import estimate
+    from pipeline.train.probes import estimate
 
     ws = Workspace.load(cfg)
     est = estimate(ws, [(k,) for k in ws.keys("mlp")], 1, torch.device("cpu"))
@@ -274,7 +274,7 @@ def test_min_steps_raises_the_epochs_of_a_small_competition(tiny_cfg):
     """200 training rows at batch 32 make 6 steps per epoch: train.min_steps=30 trains 5 epochs
     instead of 2 (one-cycle schedule over all of them), and the estimate counts them."""
     from pipeline.settings import train_settings
-    from pipeline.train.scheduler import estimate
+    from pipeline.train.probes import estimate
 
     t = train_settings(tiny_cfg(), "mlp")
     assert engine.planned_epochs(t, 6) == 2  # min_steps=0 in the tests' config

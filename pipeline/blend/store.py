@@ -11,9 +11,6 @@ one and swapped in, so files of an earlier blend never linger and a failure leav
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import numpy as np
 
 from pipeline.blend.blenders import BLENDERS
 from pipeline.errors import ArtifactError
-from pipeline.io import save_json, save_npy, save_npz
+from pipeline.io import atomic_folder, save_json, save_npy, save_npz
 from pipeline.paths import Paths
 from pipeline.settings import BlendMethod, Metric
 
@@ -166,21 +163,13 @@ def save(paths: Paths, record: dict, outputs: dict[BlendMethod, tuple[np.ndarray
     """Write the blend folder: ``outputs[method] = (oof (N, C), test (M, C), state arrays)``, then
     ``record`` last; swap it in place of the old folder. Returns the saved blend."""
     final = paths.blend_dir
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
+    with atomic_folder(final) as tmp:
         for method, (oof, test, state) in outputs.items():
             save_npy(tmp / f"{method.value}_oof.npy", oof.astype(np.float32))
             save_npy(tmp / f"{method.value}_test.npy", test.astype(np.float32))
             save_npz(tmp / f"{method.value}_state.npz", **state)
         typed = BlendRecord.parse(record, final / RECORD)  # never write a record that would not read
         save_json(tmp / RECORD, record)
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return SavedBlend(typed, final)
 
 

@@ -6,7 +6,9 @@
 * :mod:`~pipeline.train.batches`   - a member's training batches (either backend), reseeded per epoch;
 * :mod:`~pipeline.train.resume`    - end-of-epoch resume state (no pickle);
 * :mod:`~pipeline.train.runtime`   - threads, side-by-side job policy, a barrier between processes;
-* :mod:`~pipeline.train.scheduler` - pending members, file locks, worker processes, watchdog;
+* :mod:`~pipeline.train.probes`    - units (members, fused groups), timed probes, the estimate, fusion;
+* :mod:`~pipeline.train.workers`   - a worker process's set-up: log handlers, watchdog, device, threads;
+* :mod:`~pipeline.train.scheduler` - pending members, file locks, training the units side by side;
 * :mod:`~pipeline.train.stage`     - ``stage=train`` glue.
 
 The member store is :mod:`pipeline.members` and the device facts :mod:`pipeline.device`.

@@ -28,8 +28,8 @@ from pipeline.settings import round_base, selected_folds, selected_models
 from pipeline.augment import tta_views
 from pipeline.train.resume import resume_cache_keys
 from pipeline.train.runtime import fold_jobs
-from pipeline.train.scheduler import (MemberOutcome, ModelTiming, Outcome, UnitPlan, decide_fusion, group_key,
-                                      schedule)
+from pipeline.train.probes import ModelTiming, decide_fusion, group_key
+from pipeline.train.scheduler import MemberOutcome, Outcome, UnitPlan, schedule
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ MARGIN = 1.1  # planned costs are 10% over the timed steps: a shared machine dri
 
 def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[str], models: list[str],
           k: int) -> dict[str, Cost]:
-    """Each model's :class:`~pipeline.budget.Cost` from its timings (:func:`~pipeline.train.scheduler.time_models`:
+    """Each model's :class:`~pipeline.budget.Cost` from its timings (:func:`~pipeline.train.probes.time_models`:
     a member alone and, for a model that trains fused, its share of a fused group, each timed at
     its knee epochs with the units side by side), times :data:`MARGIN`: per epoch, those seconds
     / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once per member,
@@ -94,9 +94,9 @@ def existing_epochs(ws: Workspace, model: str) -> int | None:
 
 def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str, Cost], UnitPlan]:
     """Time each model where it will train (and decide ``runtime.fuse=auto`` by it,
-    :func:`~pipeline.train.scheduler.decide_fusion`), then plan the budget in the units the
+    :func:`~pipeline.train.probes.decide_fusion`), then plan the budget in the units the
     scheduler will train (:func:`pipeline.budget.plan` with the scheduler's own grouping,
-    :func:`~pipeline.train.scheduler.group_key`). Returns the record (no results yet), each
+    :func:`~pipeline.train.probes.group_key`). Returns the record (no results yet), each
     model's measured cost, and the fusion decision with the unit seconds the scheduler checks
     against the deadline. Raises ConfigError when even the smallest plan does not fit (one line
     naming the budget that would)."""

@@ -130,7 +130,7 @@ def test_fuse_auto_measures_both_ways_and_records_its_choice(tiny_cfg, monkeypat
     """runtime.fuse=auto times a fused group and one member alone where they train (CPU here),
     logs both figures, fuses only when the group was faster, and every member's metrics.json
     records the choice; without the estimate, auto fuses nothing and says so."""
-    run = ("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "runtime.fuse=auto", "runtime.estimate=true")
+    run = ("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=auto", "runtime.estimate=true")
     with caplog.at_level(logging.INFO):  # the real measurement, on this CPU
         outcomes = train.run(tiny_cfg(*run))
     line = next(r.message for r in caplog.records if "(runtime.fuse=auto)" in r.message)
@@ -148,11 +148,11 @@ def test_fuse_auto_measures_both_ways_and_records_its_choice(tiny_cfg, monkeypat
         assert on_disk["fuse"] == FuseChoice(FuseMode.auto, faster, 10.0, 5.0 if faster else 20.0,
                                              4).to_json()
     caplog.clear()
-    ws = Workspace.load(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "runtime.fuse=auto"))
+    ws = Workspace.load(tiny_cfg("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=auto"))
     with caplog.at_level(logging.INFO):
-        fusion = decide_fusion(ws, ws.keys("cnn_deotte"), 1, torch.device("cpu"), measure=False)
+        fusion = decide_fusion(ws, ws.keys("mlp"), 1, torch.device("cpu"), measure=False)
     assert fusion.models == frozenset() and fusion.timed is None
-    assert "runtime.fuse=auto: not measured (runtime.estimate=false); cnn_deotte train unfused" in caplog.text
+    assert "runtime.fuse=auto: not measured (runtime.estimate=false); mlp train unfused" in caplog.text
 
 
 def test_the_albumentations_backend_trains_unfused(tiny_cfg, caplog):

@@ -232,7 +232,7 @@ def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):
 def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
     """Before training: the members left and the minutes they should take (from timed steps);
     after each member: the minutes to go; a GPU-sized profile on a CPU is warned about at once."""
-    cfg = tiny_cfg("model=mlp", "runtime.estimate=true", "sized_for=gpu")
+    cfg = tiny_cfg("model=mlp", "runtime.estimate=true", "sized_for=gpu", "runtime.fuse=off")  # member by member
     train.run(cfg)
     text = caplog.text
     assert "train: 2 member(s) to train, about" in text and "min on cpu" in text

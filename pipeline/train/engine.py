@@ -229,6 +229,17 @@ def member_model(spec: FitSpec, comp: Competition, device: torch.device) -> nn.M
                        device, spec.runtime.channels_last)
 
 
+def fresh_model(spec: FitSpec, comp: Competition, device: torch.device, state: dict | None = None) -> nn.Module:
+    """:func:`member_model` holding ``state`` (if any), its random init drawn from a forked
+    generator, so that it moves none of the seeded draws around it (a split-out member of a
+    fused group, a throw-away model timed by the estimate)."""
+    with torch.random.fork_rng(devices=[]):
+        model = member_model(spec, comp, device)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
 def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> TrainingLoop:
     """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
     device made current and its numerics set (:func:`~pipeline.device.configure_numerics`),

@@ -59,7 +59,7 @@ from pipeline.members import MemberKey
 from pipeline.models import create_model
 from pipeline.train.batches import GroupBatches, training_set
 from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, apply_state, check_deadline,
-                                   epoch_record, loop_state, member_losses, member_metrics, member_model,
+                                   epoch_record, fresh_model, loop_state, member_losses, member_metrics, member_model,
                                    optimisation, predict_member, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model, predict_group_probs
 from pipeline.train.resume import ResumeState, read_state
@@ -221,16 +221,6 @@ def group_epoch(g: GroupLoop, epoch: int) -> tuple[list[float], list[float]]:
     return (loss_sum / max(seen, 1)).tolist(), (correct.double() / max(seen, 1)).tolist()
 
 
-def _member_model(spec: FitSpec, comp: Competition, device: torch.device, state: dict | None = None) -> nn.Module:
-    """A fresh unfused model of ``spec``'s architecture on ``device`` holding ``state`` (if any);
-    its random init draws nothing from the group's generators."""
-    with torch.random.fork_rng(devices=[]):
-        model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
-    if state is not None:
-        model.load_state_dict(state)
-    return place_model(model, device, spec.runtime.channels_last)
-
-
 def member_loops(g: GroupLoop, comp: Competition) -> list[TrainingLoop]:
     """Every member of the group as an ordinary, unfused member's training state, in order: its
     slice of the fused weights (one :func:`~pipeline.fusion.split` of the group) in its own model
@@ -242,7 +232,7 @@ def member_loops(g: GroupLoop, comp: Competition) -> list[TrainingLoop]:
     avg_states = split(loop.average.module, n) if loop.average is not None else [None] * n
     loops = []
     for spec, raw_state, avg_state, history in zip(g.specs, raw_states, avg_states, loop.history):
-        raw = _member_model(spec, comp, loop.device, raw_state)
+        raw = fresh_model(spec, comp, loop.device, raw_state)
         average = loop.average.for_member(raw, avg_state) if loop.average is not None else None
         loops.append(TrainingLoop(raw, raw, None, None, None, loop.device, loop.epochs, loop.cycle, average,
                                   None, history, loop.start, loop.seconds_before))
@@ -319,7 +309,7 @@ def _without(g: GroupLoop, comp: Competition, leave: dict[int, str], epoch: int,
         return None, failed
     states = group_states(g, epoch, g.loop.seconds_before)
     specs, device = [g.specs[m] for m in keep], g.loop.device
-    net = place_model(fuse([_member_model(s, comp, device) for s in specs]), device, specs[0].runtime.channels_last)
+    net = place_model(fuse([fresh_model(s, comp, device) for s in specs]), device, specs[0].runtime.channels_last)
     batches = g.batches.subset(keep)
     new = GroupLoop(specs, optimisation(net, specs[0], batches, device), batches, streak=[g.streak[m] for m in keep])
     load_group(new, [states[m] for m in keep])

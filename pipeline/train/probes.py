@@ -23,11 +23,10 @@ from pipeline import pseudo
 from pipeline.budget import form_units, unit_seconds
 from pipeline.device import GROUP_MEMORY_SHARE, group_memory_limit, select_device
 from pipeline.members import MemberKey
-from pipeline.models import create_model
 from pipeline.settings import AugBackend, FuseMode, RuntimeSettings, round_base
 from pipeline.train import fused
-from pipeline.train.engine import FitSpec, seconds_per_member
-from pipeline.train.inference import place_model, predict_probs
+from pipeline.train.engine import FitSpec, fresh_model, seconds_per_member
+from pipeline.train.inference import predict_probs
 from pipeline.train.runtime import barrier, fold_jobs
 from pipeline.train.workers import enter_worker, log_handlers
 from pipeline.workspace import Workspace
@@ -215,9 +214,7 @@ def seconds_per_image(spec: FitSpec, comp, batch: int = 512) -> float:
     ``spec`` on its device (:func:`~pipeline.train.inference.predict_probs`, its precision and
     placement): one batch of up to ``batch`` training images, timed after one warm-up batch."""
     device = select_device(spec.runtime.device)
-    with torch.random.fork_rng(devices=[]):  # its random init must not move the seeded draws that follow
-        model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
-    model = place_model(model, device, spec.runtime.channels_last)
+    model = fresh_model(spec, comp, device)  # its init moves none of the seeded draws that follow
     images = comp.x_train[:batch]
     predict_probs(model, images, device, spec.runtime, spec.precision)
     t0 = time.perf_counter()

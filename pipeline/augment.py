@@ -2,13 +2,17 @@
 
 ``aug.backend=torch`` (default): :class:`BatchAugment` warps a whole ``(B, 1, S, S)`` batch at
 once on the training device (one ``affine_grid`` + a smoothed random displacement field + one
-``grid_sample``), so no per-sample Python runs in the hot loop. ``aug.backend=albumentations``:
+``grid_sample``, then one ``where`` per flip / rotation, elementwise colour jitter and one masked
+``where`` for erasing), so no per-sample Python runs in the hot loop. ``aug.backend=albumentations``:
 :class:`ImageDataset` applies :func:`build_transform` per sample in a ``DataLoader``. Both take the
 same parameters with the same meaning, and produce images of similar statistics (tests/test_augment.py);
-the one difference: albumentations' ``Affine`` truncates the shift to whole pixels (at most
-``int(shift * side)``), the torch path shifts by any fraction up to ``shift * side``.
+the differences: albumentations' ``Affine`` truncates the shift to whole pixels (at most
+``int(shift * side)``), the torch path shifts by any fraction up to ``shift * side``; its
+``Erasing`` draws the aspect ratio uniformly (torch: log-uniform, as torchvision) and caps the area
+at ``0.3`` of the image (torch: clamps a rectangle that overflows to the side, never needed for
+``erase_area <= 0.3``).
 
-Two published recipes for handwritten digits, each off when its strength is 0:
+Published recipes, each off when its strength is 0. For handwritten digits:
 
 * affine: random rotation (degrees), isotropic scale and shift (fraction of the side), as in the
   Keras ``ImageDataGenerator`` settings of the top Digit Recognizer kernels;
@@ -16,6 +20,19 @@ Two published recipes for handwritten digits, each off when its strength is 0:
   networks applied to visual document analysis", ICDAR 2003: a random displacement field
   smoothed by a Gaussian of std ``sigma`` pixels and scaled by ``alpha`` pixels (alpha~34,
   sigma~4 at 28 px).
+
+For photographs, aerial and microscopy images (never digits: a rotated 6 is a 9):
+
+* flips and ``rot90``: a rotation by 90, 180 or 270 degrees (one of the three, uniformly) with
+  probability ``rot90``, applied with the flips (needs square images; ours are ``(S, S)``);
+* colour jitter (brightness, contrast, saturation), as torchvision's ``ColorJitter``;
+* random erasing: Zhong, Zheng, Kang, Li & Yang, "Random Erasing Data Augmentation", AAAI 2020
+  (arXiv:1708.04896, 2017): with probability ``erase``, one rectangle per image of area uniform in
+  ``[0.02, erase_area]`` of the image and aspect ratio (height / width) log-uniform in ``[0.3,
+  3.3]``, at a uniform position where it fits, its pixels set to uniform random values (every
+  channel; ``[0, 1)`` floats on the torch path, which works on images scaled to [0, 1], uint8
+  ``0..255`` on the albumentations path). Applied last, after the geometric and colour parts, as
+  in the paper.
 """
 
 from __future__ import annotations
@@ -34,14 +51,18 @@ if TYPE_CHECKING:  # pragma: no cover - albumentations and OpenCV load only for 
     import albumentations as A
 
 _PARAMS = ("rotate", "scale", "shift", "elastic_alpha", "elastic_sigma", "p_affine", "p_elastic",
-           "hflip", "vflip", "brightness", "contrast", "saturation", "p_color")
+           "hflip", "vflip", "rot90", "erase", "erase_area", "brightness", "contrast", "saturation", "p_color")
+
+ERASE_MIN_AREA = 0.02          # Zhong et al. 2017: the erased area's lower bound s_l (fraction of the image)
+ERASE_RATIO = (0.3, 3.3)       # ... and its aspect ratio's range (r_1, 1/r_1), as torchvision's RandomErasing
 
 
 def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
                     elastic_alpha: float = 0.0, elastic_sigma: float = 4.0,
                     p_affine: float = 1.0, p_elastic: float = 0.5, hflip: float = 0.0,
-                    vflip: float = 0.0, brightness: float = 0.0, contrast: float = 0.0,
-                    saturation: float = 0.0, p_color: float = 1.0) -> A.Compose | None:
+                    vflip: float = 0.0, rot90: float = 0.0, erase: float = 0.0, erase_area: float = 0.25,
+                    brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
+                    p_color: float = 1.0) -> A.Compose | None:
     """Build the albumentations pipeline for one training image.
 
     Args:
@@ -52,8 +73,15 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
         elastic_sigma: std in pixels of the Gaussian smoothing the displacement field.
         p_affine, p_elastic: probability of applying each part to an image.
         hflip, vflip: probability of a horizontal / vertical flip (off for digits).
+        rot90: probability of a rotation by 90, 180 or 270 degrees, one of the three uniformly
+            (``A.OneOf`` of transpose/flip pairs: ``A.RandomRotate90`` would also pick 0 degrees).
+        erase: probability of random erasing (``A.Erasing``, Zhong et al. 2017): one rectangle of
+            area uniform in ``[0.02, erase_area]`` of the image (at most 0.3, so that every ratio
+            fits), aspect ratio uniform in ``[0.3, 3.3]``, filled with uniform random uint8 values.
+        erase_area: the erased rectangle's largest area, fraction of the image.
         brightness, contrast, saturation: colour jitter strength s, a factor uniform in
             ``[1-s, 1+s]`` (saturation acts on RGB only); p_color: its probability per image.
+    Order: affine, elastic, flips, rot90, colour jitter, erasing.
     Returns:
         an ``A.Compose`` taking ``image=(S, S) or (S, S, 3) uint8``, or ``None`` when every
         strength is 0.
@@ -74,9 +102,16 @@ def build_transform(rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
         parts.append(A.HorizontalFlip(p=hflip))
     if vflip:
         parts.append(A.VerticalFlip(p=vflip))
+    if rot90:  # np.rot90 by k=1: transpose then vertical flip; k=2: both flips; k=3: transpose then horizontal flip
+        parts.append(A.OneOf([A.Sequential([A.Transpose(p=1), A.VerticalFlip(p=1)], p=1),
+                              A.Sequential([A.HorizontalFlip(p=1), A.VerticalFlip(p=1)], p=1),
+                              A.Sequential([A.Transpose(p=1), A.HorizontalFlip(p=1)], p=1)], p=rot90))
     if brightness or contrast or saturation:
         parts.append(A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation,
                                    hue=0.0, p=p_color))
+    if erase:
+        parts.append(A.Erasing(scale=(min(ERASE_MIN_AREA, erase_area), max(ERASE_MIN_AREA, erase_area)),
+                               ratio=ERASE_RATIO, fill="random", p=erase))
     return A.Compose(parts) if parts else None
 
 
@@ -121,8 +156,15 @@ class AugParams:
             ``2b`` and ``2b + 1``: image ``b``'s x and y).
         elastic_gate: ``(B,)`` the elastic part applies where ``u < p_elastic``.
         hflip, vflip: ``(B,)`` a flip where ``u < hflip`` / ``u < vflip``.
+        rot90: ``(B,)`` a rotation by a multiple of 90 degrees where ``u < rot90``.
+        rot90_k: ``(B,)`` by ``k x 90`` degrees (counter-clockwise), ``k = 1 + floor(3u)`` in {1, 2, 3}.
         color_gate: ``(B,)`` the colour jitter applies where ``u < p_color``.
         brightness, contrast, saturation: ``(B,)`` factor ``1 + (2u - 1) x s`` (saturation: RGB only).
+        erase: ``(B,)`` random erasing applies where ``u < erase``.
+        erase_box: ``(B, 4)`` the rectangle: area ``0.02 + u0 x (erase_area - 0.02)`` of the image,
+            aspect ratio ``0.3 x (3.3 / 0.3) ** u1`` (height / width), top ``floor(u2 x (S - h + 1))``,
+            left ``floor(u3 x (S - w + 1))``.
+        erase_fill: ``(B, C, S, S)`` the erased pixels' values ``u`` (used inside the rectangle only).
     Several members' draws concatenate along the batch (:meth:`cat`) and apply in one pass.
     """
 
@@ -135,10 +177,15 @@ class AugParams:
     elastic_gate: torch.Tensor | None = None
     hflip: torch.Tensor | None = None
     vflip: torch.Tensor | None = None
+    rot90: torch.Tensor | None = None
+    rot90_k: torch.Tensor | None = None
     color_gate: torch.Tensor | None = None
     brightness: torch.Tensor | None = None
     contrast: torch.Tensor | None = None
     saturation: torch.Tensor | None = None
+    erase: torch.Tensor | None = None
+    erase_box: torch.Tensor | None = None
+    erase_fill: torch.Tensor | None = None
 
     @staticmethod
     def draw_order() -> tuple[str, ...]:
@@ -160,23 +207,31 @@ class AugParams:
 
 class BatchAugment:
     """Affine + elastic augmentation of a whole batch on its device, in one resampling, then
-    flips and colour jitter.
+    flips, 90-degree rotations, colour jitter and random erasing.
 
     Same parameters and meaning as :func:`build_transform`: ``rotate`` degrees, ``scale`` relative
     zoom, ``shift`` fraction of the side, elastic ``alpha``/``sigma`` in pixels (Simard et al.
     2003: a uniform(-1, 1) field per axis, Gaussian-smoothed with std ``sigma`` and replicated
     borders, times ``alpha``), applied with probabilities ``p_affine`` / ``p_elastic`` per image.
     Bilinear sampling, zero fill outside the image. Flips with probabilities ``hflip``/``vflip``;
-    colour jitter (brightness: ``x * f``, contrast: ``(x - mean) * f + mean``, saturation: ``gray +
-    (x - gray) * f`` on RGB; each ``f`` uniform in ``[1-s, 1+s]``) with probability ``p_color``,
-    clamped to [0, 1]. A strength of 0 is the identity.
+    with probability ``rot90`` a rotation by 90, 180 or 270 degrees (uniformly; ``torch.rot90`` of
+    the batch, one ``where`` per angle; square images only); colour jitter (brightness: ``x * f``,
+    contrast: ``(x - mean) * f + mean``, saturation: ``gray + (x - gray) * f`` on RGB; each ``f``
+    uniform in ``[1-s, 1+s]``) with probability ``p_color``, clamped to [0, 1]; last, with
+    probability ``erase``, random erasing (Zhong et al. 2017): one rectangle per image, area
+    uniform in ``[0.02, erase_area]`` of the image, aspect ratio log-uniform in ``[0.3, 3.3]``
+    (sides rounded to whole pixels, at least 1; a side longer than the image, possible only for
+    ``erase_area > 0.3``, is clamped to it), uniformly placed where it fits, its pixels uniform in
+    ``[0, 1)`` per channel (the range of the images here). The rectangles are masks built from
+    per-image bounds by ``arange`` comparisons, so no per-image Python either. A strength of 0 is
+    the identity and draws nothing, so the generator's stream is that of the parts that are on.
 
     Drawing and applying are separate: :meth:`draw` takes one batch's random numbers from a
     generator (:class:`AugParams`), :meth:`apply` augments a batch with given draws; calling is
     both. :meth:`draw_members` draws several members' batches, each from its own generator, into
     one :class:`AugParams`, so a fused group (:class:`pipeline.train.batches.GroupBatches`)
     augments all its members' images in one pass: one sampling grid, one ``grid_sample``, one
-    flip, one colour op. Every operation of :meth:`apply` computes each image from its own draws
+    flip, one colour op, one erasing mask. Every operation of :meth:`apply` computes each image from its own draws
     only, so an image comes out bit-identical whether it is augmented alone or concatenated
     with others on the CPU (tested); on CUDA the two matrix products (elastic smoothing, the
     affine grid) may pick other cuBLAS kernels for another batch size, so equal to float rounding.
@@ -188,9 +243,10 @@ class BatchAugment:
 
     def __init__(self, rotate: float = 0.0, scale: float = 0.0, shift: float = 0.0,
                  elastic_alpha: float = 0.0, elastic_sigma: float = 4.0, p_affine: float = 1.0,
-                 p_elastic: float = 0.5, hflip: float = 0.0, vflip: float = 0.0,
-                 brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
-                 p_color: float = 1.0, generator: torch.Generator | None = None):
+                 p_elastic: float = 0.5, hflip: float = 0.0, vflip: float = 0.0, rot90: float = 0.0,
+                 erase: float = 0.0, erase_area: float = 0.25, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0, p_color: float = 1.0,
+                 generator: torch.Generator | None = None):
         self.rotate, self.scale, self.shift = rotate, scale, shift
         self.alpha, self.sigma = elastic_alpha, elastic_sigma
         self.p_affine, self.p_elastic = p_affine, p_elastic
@@ -198,6 +254,8 @@ class BatchAugment:
         self.has_affine = bool(rotate or scale or shift) and p_affine > 0
         self.has_elastic = bool(elastic_alpha) and p_elastic > 0
         self.hflip, self.vflip = hflip, vflip
+        self.rot90 = rot90
+        self.erase, self.erase_area = erase, erase_area
         self.jitter = (brightness, contrast, saturation)
         self.p_color = p_color
         self.has_color = any(self.jitter) and p_color > 0
@@ -206,7 +264,8 @@ class BatchAugment:
     @property
     def is_identity(self) -> bool:
         """True when every strength is 0 (calling returns the input unchanged)."""
-        return not (self.has_affine or self.has_elastic or self.hflip or self.vflip or self.has_color)
+        return not (self.has_affine or self.has_elastic or self.hflip or self.vflip or self.rot90 or self.has_color
+                    or self.erase)
 
     # ------------------------------------------------------------------ drawing
 
@@ -216,10 +275,14 @@ class BatchAugment:
         on = {"affine_gate": self.has_affine, "angle": self.has_affine, "zoom": self.has_affine,
               "shift": self.has_affine, "field": self.has_elastic, "elastic_gate": self.has_elastic,
               "hflip": bool(self.hflip) and not geometric_only, "vflip": bool(self.vflip) and not geometric_only}
+        rot90 = bool(self.rot90) and not geometric_only
+        on |= {"rot90": rot90, "rot90_k": rot90}
         color = self.has_color and not geometric_only
         brightness, contrast, saturation = self.jitter
         on |= {"color_gate": color, "brightness": color and bool(brightness),
                "contrast": color and bool(contrast), "saturation": color and bool(saturation) and channels == 3}
+        erase = bool(self.erase) and not geometric_only
+        on |= {"erase": erase, "erase_box": erase, "erase_fill": erase}
         return tuple(name for name in AugParams.draw_order() if on[name])
 
     def draw_members(self, generators: Sequence[torch.Generator | None], batch: int, channels: int, side: int,
@@ -232,12 +295,14 @@ class BatchAugment:
         generator, nothing else: no host synchronisation.
 
         Args:
-            batch: images per member; channels: C (saturation is drawn for RGB only); side: S px.
+            batch: images per member; channels: C (saturation is drawn for RGB only; the erasing
+                fill per channel); side: S px.
             device: where the draws live (the generators' device).
             geometric_only: draw the affine and elastic parts only (:meth:`sampling_grid`).
         """
         n = len(generators) * batch
-        shapes = {"shift": (n, 2), "field": (2 * n, side, side)}
+        shapes = {"shift": (n, 2), "field": (2 * n, side, side), "erase_box": (n, 4),
+                  "erase_fill": (n, channels, side, side)}
         parts = self._parts(channels, geometric_only)
         p = AugParams(n, **{name: torch.empty(shapes.get(name, (n,)), device=device) for name in parts})
         for m, generator in enumerate(generators):
@@ -305,12 +370,40 @@ class BatchAugment:
             x = gray + (x - gray) * factor(p.saturation, saturation)
         return x.clamp_(0, 1)
 
+    def _rot90(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
+        """``x`` rotated by ``k x 90`` degrees per image (:attr:`AugParams.rot90_k`) where gated:
+        ``torch.rot90`` of the whole batch per ``k`` and a ``where`` (no host synchronisation)."""
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"BatchAugment: rot90 needs square images, got {tuple(x.shape[-2:])}")
+        k = torch.where(p.rot90 < self.rot90, 1 + (p.rot90_k * 3).long().clamp_(max=2), 0)
+        out = x
+        for turns in (1, 2, 3):
+            out = torch.where((k == turns)[:, None, None, None], x.rot90(turns, (-2, -1)), out)
+        return out
+
+    def erase_mask(self, p: AugParams, side: int) -> torch.Tensor:
+        """``(B, S, S)`` bool: the pixels random erasing replaces (the draws :attr:`AugParams.erase`
+        and :attr:`AugParams.erase_box`; all False for ungated images)."""
+        lo, (r_min, r_max) = ERASE_MIN_AREA, ERASE_RATIO
+        u = p.erase_box
+        area = (lo + u[:, 0] * (self.erase_area - lo)) * (side * side)
+        ratio = torch.exp(math.log(r_min) + u[:, 1] * math.log(r_max / r_min))
+        h = torch.sqrt(area * ratio).round_().clamp_(1, side)
+        w = torch.sqrt(area / ratio).round_().clamp_(1, side)
+        top = torch.minimum((u[:, 2] * (side - h + 1)).floor_(), side - h)
+        left = torch.minimum((u[:, 3] * (side - w + 1)).floor_(), side - w)
+        at = torch.arange(side, device=u.device, dtype=u.dtype)
+        rows = (at >= top[:, None]) & (at < (top + h)[:, None])
+        cols = (at >= left[:, None]) & (at < (left + w)[:, None])
+        return rows[:, :, None] & cols[:, None, :] & (p.erase < self.erase)[:, None, None]
+
     def apply(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
         """``x`` ``(B, C, S, S)`` float augmented with the draws ``p`` (:meth:`draw`,
         :meth:`draw_members` or :meth:`AugParams.cat` of them, ``p.batch == B``): one sampling
-        grid and one ``grid_sample``, one ``where`` per flip, one colour jitter, over the whole
-        batch. Returns a new ``(B, C, S, S)`` tensor (``x`` itself when ``p`` draws nothing).
-        Raises ValueError when ``p`` is for another batch size."""
+        grid and one ``grid_sample``, one ``where`` per flip and per 90-degree angle, one colour
+        jitter, one erasing ``where``, over the whole batch. Returns a new ``(B, C, S, S)`` tensor
+        (``x`` itself when ``p`` draws nothing). Raises ValueError when ``p`` is for another batch
+        size, or when it draws rot90 for images that are not square."""
         if p.batch != x.shape[0]:
             raise ValueError(f"BatchAugment.apply: draws for {p.batch} images, got a batch of {x.shape[0]}")
         if p.affine_gate is not None or p.field is not None:
@@ -320,8 +413,12 @@ class BatchAugment:
             x = torch.where((p.hflip < self.hflip)[:, None, None, None], x.flip(-1), x)
         if p.vflip is not None:
             x = torch.where((p.vflip < self.vflip)[:, None, None, None], x.flip(-2), x)
+        if p.rot90 is not None:
+            x = self._rot90(x, p)
         if p.color_gate is not None:
             x = self._color(x, p)
+        if p.erase is not None:
+            x = torch.where(self.erase_mask(p, x.shape[-1])[:, None], p.erase_fill.to(x.dtype), x)
         return x
 
     # ------------------------------------------------------------------ both

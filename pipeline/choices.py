@@ -71,6 +71,7 @@ class Pruner(str, Enum):
 
     median = "median"
     hyperband = "hyperband"
+    successive_halving = "successive_halving"
     none = "none"
 
 
@@ -120,3 +121,25 @@ class PseudoLabels(str, Enum):
 
     hard = "hard"  # the combined prediction's top class (cross-entropy on a class index)
     soft = "soft"  # the combined probabilities themselves (cross-entropy on a distribution)
+
+
+class Dim(str, Enum):
+    """A dimension of the recipe that the screening (``screen``, :mod:`pipeline.screen`) may
+    choose by measurement; one the command line sets (``screen.fixed``) is trained as set."""
+
+    side = "side"          # data.img_size
+    arch = "arch"          # the ensemble's architectures
+    aug = "aug"            # the augmentation preset (:class:`AugPreset`)
+    balance = "balance"    # train.class_weight (imbalanced classes)
+
+
+class AugPreset(str, Enum):
+    """An augmentation candidate of the screening: the configured affine strengths plus what the
+    name says. Flips and 90-degree rotations are candidates only, never defaults."""
+
+    none = "none"          # no augmentation
+    affine = "affine"      # rotation, zoom, shift (aug.rotate / scale / shift as configured)
+    hflip = "hflip"        # affine + horizontal flips (objects, clothing)
+    dihedral = "dihedral"  # affine + horizontal and vertical flips + 90-degree rotations (cells, aerial)
+    elastic = "elastic"    # affine + elastic distortion (Simard et al. 2003)
+    erase = "erase"        # affine + random erasing (Zhong et al. 2017)

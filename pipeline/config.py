@@ -4,7 +4,9 @@
 
 1. each pseudo-label round of ``pseudo.models`` added as a model (:func:`expand_pseudo_rounds`);
 2. with ``tuned=true``, a study's best values applied (:func:`pipeline.tune.tuned.apply_tuned`);
-3. every setting checked (:func:`validate`): a bad one stops the run with one line naming it,
+3. with ``screen.enabled``, the recipe its screening chose for this run applied
+   (:func:`pipeline.recipe.apply_recipe`; ``artifacts/screening/``, :mod:`pipeline.screen`);
+4. every setting checked (:func:`validate`): a bad one stops the run with one line naming it,
    before any data is read or any model trained.
 
 Everything below reads that copy and never writes it (OmegaConf refuses a write to it).
@@ -17,6 +19,7 @@ import copy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.errors import ConfigError
+from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_fixed, screened
 from pipeline.runsettings import RunSettings, run_settings
 from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, blend_methods, blend_models,
                                pseudo_settings, round_name, selected_folds, selected_models)
@@ -41,8 +44,25 @@ def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunS
 
         apply(out)
         settings = validate(out)
+    if out.screen.enabled and (found := screened(out)) is not None:
+        apply_recipe(out, found.recipe)
+        settings = validate(out)
     OmegaConf.set_readonly(out, True)
     return out, settings
+
+
+def with_fixed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` (a copy) with ``screen.fixed`` extended by the dimensions the command line's
+    ``overrides`` set by hand (:func:`pipeline.recipe.fixed_dims`): what the run's entry does, so
+    that the screening never overrides a setting given on the command line."""
+    extra = [d.value for d in fixed_dims(overrides) if d.value not in map(str, cfg.screen.fixed)]
+    if not extra:
+        return cfg
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    with open_dict(out):
+        out.screen.fixed = [*map(str, cfg.screen.fixed), *extra]
+    return out
 
 
 def expand_pseudo_rounds(cfg: DictConfig) -> None:
@@ -96,6 +116,12 @@ def validate(cfg: DictConfig) -> RunSettings:
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
 
+    screen_fixed(cfg)
+    screen_augs(cfg)
+    unknown = [str(m) for m in cfg.screen.models if m not in cfg.models]
+    if unknown or not cfg.screen.models:
+        raise ConfigError(f"screen.models={list(cfg.screen.models)}: expected names under models "
+                          f"({', '.join(sorted(cfg.models))})")
     selected_models(cfg)
     selected_folds(cfg)
     blend_methods(cfg)

@@ -114,6 +114,92 @@ def cnn_deotte(num_classes: int, in_chans: int = 1, img_size: int = 28, width: f
     )
 
 
+class Residual(nn.Module):
+    """``x + body(x)``: an identity shortcut around ``body`` (no activation after the sum, as in
+    Page's ResNet-9). ``body`` maps ``(N, C, H, W)`` to the same shape."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant ``factor`` (no parameter): ResNet-9's logit scale."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+@register_model
+def resnet9(num_classes: int, in_chans: int = 1, img_size: int = 28, width: float = 1.0, depth: int = 1,
+            dropout: float = 0.0) -> nn.Module:
+    """ResNet-9 of the DAWNBench CIFAR-10 records: D. Page, "How to train your ResNet" (Myrtle.ai,
+    2018), the network K. Jordan's airbench (2024) descends from.
+
+    prep Conv64 - layer1 Conv128, MaxPool2, Residual(Conv128, Conv128) - layer2 Conv256, MaxPool2 -
+    layer3 Conv512, MaxPool2, Residual(Conv512, Conv512) - global max pool - [Dropout] -
+    Linear (no bias) - logits x 0.125. Every Conv is 3x3 padding 1, no bias, then BatchNorm2d and
+    ReLU; a residual is ``x + body(x)`` with nothing after the sum.
+
+    Args:
+        num_classes: C, the number of logits.
+        in_chans: input channels (1 grayscale, 3 RGB; any count >= 1 works).
+        img_size: the side S the model is built for. The three max-pools halve it (28 px:
+            28 -> 14 -> 7 -> 3; 32 px: 32 -> 16 -> 8 -> 4) and the global max pool takes any
+            remainder, so any S >= 8 works. From S >= 96 the prep conv has stride 2, and one
+            2x2 max-pool follows it per further halving while the side is still >= 96 (96 -> 48,
+            128 -> 64, 224 -> 56, 300 -> 75): layer1 runs below 96 px, so a large image costs
+            about what a 48..95 px one does (128 px: the multiply-adds of 64 px).
+        width: multiplier of the channel counts (1.0 = the published 64/128/256/512; at least 4
+            channels each).
+        depth: residual blocks (two convs each) in layer1 and in layer3 (1 = the published net;
+            0 = no residuals).
+        dropout: probability of the dropout before the linear layer (0 = none, as published).
+    Returns:
+        an ``nn.Sequential`` (a :class:`Residual` per residual block, a :class:`Scale` last)
+        mapping ``(N, in_chans, S, S)`` float32 to ``(N, num_classes)`` float32 logits.
+    Raises:
+        ConfigError: ``img_size`` < 8, ``width`` <= 0, ``depth`` < 0, ``dropout`` outside [0, 1),
+            ``in_chans`` < 1.
+    """
+    from pipeline.errors import ConfigError
+
+    for bad, what in ((img_size < 8, f"img_size={img_size}: expected >= 8 (three 2x2 max-pools)"),
+                      (width <= 0, f"kwargs.width={width}: expected > 0"),
+                      (depth < 0, f"kwargs.depth={depth}: expected >= 0"),
+                      (not 0 <= dropout < 1, f"kwargs.dropout={dropout}: expected in [0, 1)"),
+                      (in_chans < 1, f"in_chans={in_chans}: expected >= 1")):
+        if bad:
+            raise ConfigError(f"resnet9: {what}")
+    c0, c1, c2, c3 = _ch(64, width), _ch(128, width), _ch(256, width), _ch(512, width)
+    halvings, side = 0, img_size
+    while side >= 96:  # large images: halve in the prep layer until the side is < 96 (docstring)
+        halvings, side = halvings + 1, side // 2
+    layers: list[nn.Module] = _conv_bn(in_chans, c0, 3, 2 if halvings else 1, 1)
+    for _ in range(halvings - 1):
+        layers.append(nn.MaxPool2d(2))
+    layers += _conv_bn(c0, c1, 3, 1, 1) + [nn.MaxPool2d(2)]
+    for _ in range(depth):
+        layers.append(Residual(nn.Sequential(*_conv_bn(c1, c1, 3, 1, 1), *_conv_bn(c1, c1, 3, 1, 1))))
+    layers += _conv_bn(c1, c2, 3, 1, 1) + [nn.MaxPool2d(2)]
+    layers += _conv_bn(c2, c3, 3, 1, 1) + [nn.MaxPool2d(2)]
+    for _ in range(depth):
+        layers.append(Residual(nn.Sequential(*_conv_bn(c3, c3, 3, 1, 1), *_conv_bn(c3, c3, 3, 1, 1))))
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c3, num_classes, bias=False),
+               Scale(0.125)]
+    return nn.Sequential(*layers)
+
+
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel: the input statistics a pretrained backbone expects."""
 
@@ -196,29 +282,43 @@ def timm_backbone(num_classes: int, in_chans: int = 3, img_size: int = 224, timm
     return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained_file, timm_kwargs)
 
 
-def _definition(fn: Callable) -> str:
-    """The AST of a function without its docstring: code edits change it, comments and
-    docstrings do not."""
+def _definition(fn: Callable | type) -> str:
+    """The AST of a function or class without its docstrings (its own and those of the functions
+    and classes it defines): code edits change it, comments and docstrings do not."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     node = tree.body[0]
-    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
-        node.body = node.body[1:]
+    for inner in ast.walk(node):
+        if (isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and inner.body
+                and isinstance(inner.body[0], ast.Expr) and isinstance(inner.body[0].value, ast.Constant)):
+            inner.body = inner.body[1:]
     node.decorator_list = []
     return ast.dump(node)
 
 
+def _names(code) -> set[str]:
+    """The global names a code object and the code nested in it (comprehensions, inner
+    functions) refer to."""
+    out = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            out |= _names(const)
+    return out
+
+
 def architecture_digest(name: str) -> str:
     """A short digest of registered model ``name``'s definition: its factory and the module
-    helpers it calls (docstrings and comments excluded), plus timm's version for timm-based
-    models. Part of every member's cache key, so editing an architecture makes its cached
-    members stale. Raises ConfigError for an unknown name."""
+    helpers (functions and classes, e.g. :class:`Residual`) it names, nested code included
+    (docstrings and comments excluded), plus timm's version for timm-based models. Part of every
+    member's cache key, so editing an architecture makes its cached members stale. Raises
+    ConfigError for an unknown name."""
     if name not in _REGISTRY:
         create_model(name, 2)  # raises the ConfigError listing the known names
     fn = _REGISTRY[name]
     parts = [_definition(fn)]
-    for ref in sorted(set(fn.__code__.co_names)):
+    for ref in sorted(_names(fn.__code__)):
         helper = globals().get(ref)
-        if inspect.isfunction(helper) and helper.__module__ == __name__ and ref not in _REGISTRY:
+        if ((inspect.isfunction(helper) or inspect.isclass(helper)) and helper.__module__ == __name__
+                and ref not in _REGISTRY):
             parts.append(_definition(helper))
     if "timm" in fn.__code__.co_names:
         import timm

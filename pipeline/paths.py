@@ -93,6 +93,11 @@ class Paths:
         (:mod:`pipeline.budget`), read by the blend and the report."""
         return self.artifacts_dir / "budget" / "plan.json"
 
+    def screening(self, key: str) -> Path:
+        """``artifacts/screening/<key>.json``: the recipe a screening chose for the runs of
+        :func:`pipeline.recipe.screening_key` ``key``, with its table (:mod:`pipeline.screen`)."""
+        return self.artifacts_dir / "screening" / f"{key}.json"
+
     def tuned(self, model: str) -> Path:
         """``artifacts/tuned/<model>.yaml``: a study's best parameters (``tuned=true`` applies them)."""
         return self.artifacts_dir / "tuned" / f"{model}.yaml"

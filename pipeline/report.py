@@ -10,6 +10,10 @@ are written as PNGs beside it. It shows:
 
 * the CV table: model x fold accuracy, log loss, epochs, minutes, device; each blend's OOF
   accuracy and log loss, and which one became ``submission.csv``;
+* with ``screen.enabled``, the recipe screening (:mod:`pipeline.screen`) that chose the side, the
+  architectures, the augmentation and the class weighting: one row per trial, why each choice,
+  the chosen recipe, its time share and subsample; next to it the budget's plan (``budget=``), or
+  the seeds and epochs the chosen models trained with;
 * learning curves per model: train / validation loss and accuracy per epoch, mean and spread
   (min..max) over its members (folds x seeds);
 * the confusion matrix of the submitted blend's OOF predictions (counts);
@@ -36,7 +40,9 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.blend import store  # noqa: E402
+from pipeline.budget import format_minutes  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
+from pipeline.recipe import Screening, TrialRecord, TrialState, screened  # noqa: E402
 from pipeline.settings import BlendMethod, round_base  # noqa: E402
 from pipeline.members import BlendMember, read_metrics  # noqa: E402
 from pipeline.workspace import Workspace  # noqa: E402
@@ -291,15 +297,17 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
 
     Raises:
         ArtifactError: no blend yet, the blend was made for other data or folds, or a member
-            is missing, stale or corrupt (the same checks as ``stage=blend``).
+            is missing, stale or corrupt (the same checks as ``stage=blend``); an unreadable
+            screening or budget record.
     """
     ws = ws or Workspace.load(cfg)
     budget = ws.apply_budget_record()
+    screening = screened(ws.cfg) if ws.settings.screen.enabled else None
     saved = store.load(ws.paths)
     store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
     rows = fold_table(ws, saved.members)
     pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
-    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget))
+    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget, screening))
     log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), saved.best.value,
              saved.record["methods"][saved.best.value]["accuracy"])
     return page
@@ -322,7 +330,7 @@ def _budget_part(record, rows: list[dict]) -> list[str]:
         return []
     spent = (f"training took {record.train_seconds / 60:.1f} min" if record.train_seconds is not None
              else "training did not finish")
-    return ["<h2>Budget</h2>",
+    return ['<a id="budget"></a><h2>Budget</h2>',
             f"<p><code>budget</code> = {record.plan.budget / 60:.1f} min from the command's start: "
             f"{record.plan.available / 60:.1f} min were left for training when it was planned, "
             f"{record.plan.reserve / 60:.1f} min reserved for prediction, blend and report; {spent}. "
@@ -332,9 +340,77 @@ def _budget_part(record, rows: list[dict]) -> list[str]:
                     "members in the blend", "their minutes (each member's own)"], _budget_rows(record, rows))]
 
 
-def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[str, Path], budget=None) -> str:
-    """The report's HTML: the CV table, the budget's plan against what happened (under
-    ``budget=``), what each member adds, pseudo-label rounds, per-member scores and the figures."""
+def _chosen(t: TrialRecord, screening: Screening) -> bool:
+    """Whether trial ``t`` is (one of) what its dimension chose: a complete trial whose value of
+    that dimension is the recipe's."""
+    r, c = screening.recipe, t.candidate
+    if t.state is not TrialState.complete:
+        return False
+    return {"side": r.side == c.side, "arch": c.model in r.models, "aug": r.aug is not None and r.aug == c.aug,
+            "balance": r.class_weight is not None and r.class_weight == c.class_weight}[t.dim.value]
+
+
+def _screening_rows(screening: Screening) -> tuple[list[list], set[int]]:
+    """The screening table, one row per trial in the order run: dimension, model, side,
+    augmentation preset, class weighting, state, score, accuracy, epochs, seconds; and the rows
+    of the chosen candidates."""
+    out = []
+    for t in screening.trials:
+        c = t.candidate
+        out.append([t.dim.value, c.model, c.side, c.aug.value if c.aug else "configured",
+                    "yes" if c.class_weight else "no", t.state.value,
+                    "" if t.score is None else f"{t.score:.4f}", "" if t.accuracy is None else f"{t.accuracy:.4f}",
+                    t.epochs, f"{t.seconds:.1f}"])
+    return out, {i for i, t in enumerate(screening.trials) if _chosen(t, screening)}
+
+
+def _trained_as(rows: list[dict], models: list[str]) -> str:
+    """What the models trained with when no budget planned them: per model, its seeds x epochs,
+    members and their minutes (from their ``metrics.json``)."""
+    out = []
+    for m in models:
+        mine = [r for r in rows if r["model"] == m]
+        if mine:
+            epochs = sorted({r["epochs"] for r in mine})
+            out.append(f"{m} {len({r['seed'] for r in mine})} seed(s) x {'/'.join(map(str, epochs))} epochs "
+                       f"({len(mine)} members, {sum(r['minutes'] for r in mine):.1f} min)")
+    return "; ".join(out) or "none"
+
+
+def _screening_part(screening: Screening | None, metric: str, budget, rows: list[dict], names: list[str]) -> list[str]:
+    """The report's recipe screening section (none without a screening for this run), followed
+    by the budget section it leads to."""
+    if screening is None:
+        return []
+    table, chosen_rows = _screening_rows(screening)
+    fixed = ", ".join(d.value for d in screening.fixed) or "none"
+    if budget is not None:
+        plan = ('<p>The chosen recipe then had the rest of the budget: its plan (models, seeds, epochs, '
+                'minutes) is in <a href="#budget">Budget</a> below.</p>')
+    else:
+        plan = (f"<p>No <code>budget</code> for this run: the chosen models trained with their configured seeds and "
+                f"epochs: {html.escape(_trained_as(rows, names))}.</p>")
+    return ['<h2 id="screening">Recipe screening</h2>',
+            f"<p>Before the k-fold training, candidates were trained on fold 0 only, on a stratified subsample "
+            f"of {screening.rows:,} training and {screening.val_rows:,} validation rows, with a short schedule, "
+            f"one dimension after another (<code>pipeline/screen.py</code>). Score: the objective of "
+            f"<b>{html.escape(metric)}</b> on the validation subsample (blank: the trial did not complete); "
+            f"the chosen candidates are in bold. The screening took {html.escape(format_minutes(screening.seconds))} "
+            f"of a {html.escape(format_minutes(screening.share_seconds))} share; fixed by hand (not screened): "
+            f"{html.escape(fixed)}.</p>",
+            _table(["dimension", "model", "side (px)", "augmentation", "class weighting", "state", "score",
+                    "accuracy", "epochs", "seconds"], table, chosen_rows),
+            "<p>Why:</p><ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in screening.reasons) + "</ul>"
+            if screening.reasons else "<p>Why: nothing was screened (every dimension fixed).</p>",
+            f"<p>Chosen recipe: <b>{html.escape(screening.recipe.describe())}</b>.</p>",
+            plan]
+
+
+def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[str, Path], budget=None,
+          screening: Screening | None = None) -> str:
+    """The report's HTML: the CV table, the recipe screening (with ``screen.enabled``), the
+    budget's plan against what happened (under ``budget=``), what each member adds, pseudo-label
+    rounds, per-member scores and the figures."""
     comp, blend, names, best = ws.comp, saved.record, saved.members, saved.best.value
     auc = blend["model_scores"][names[0]].get("roc_auc") is not None
     summary, best_row = _score_rows(saved, rows, auc)
@@ -352,6 +428,7 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
         "<h2>CV scores</h2>",
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
                 "blend"], summary, {best_row}),
+        *_screening_part(screening, ws.settings.data.metric.value, budget, rows, names),
         *_budget_part(budget, rows),
         "<h2>What each member adds</h2>",
         f"<p>Marginal value: the submitted blend's OOF accuracy minus that of the same blend "

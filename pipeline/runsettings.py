@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
 from pipeline.settings import (GROUPS, AugSettings, BlendSettings, DataSettings, FoldsSettings, PredictSettings,
-                               PseudoSettings, RuntimeSettings, TrainSettings, TTASettings, TuneSettings,
+                               PseudoSettings, RuntimeSettings, ScreenSettings, TrainSettings, TTASettings, TuneSettings,
                                aug_settings, checked, plan_ranges, round_base, seed_count, train_settings,
                                tta_settings)
 from pipeline.budget import Plan, Range, parse_budget
@@ -82,6 +82,7 @@ class RunSettings:
     predict: PredictSettings
     base_seed: int
     budget: float | None = None  # budget= in seconds (pipeline.budget), None = no budget
+    screen: ScreenSettings = field(default_factory=ScreenSettings)  # the recipe's screening (pipeline.screen)
     # the run's entry (time.time()), from which budget= counts: when these settings were derived,
     # or the command's start that run.py passes (pipeline.stages.run_stage)
     started: float = field(default_factory=time.time, compare=False)
@@ -131,4 +132,5 @@ def run_settings(cfg: DictConfig) -> RunSettings:
     except (TypeError, ValueError):
         raise ConfigError(f"seed={cfg.get('seed')}: expected an integer") from None
     return RunSettings(models, groups["runtime"], groups["data"], groups["folds"], groups["blend"],
-                       groups["pseudo"], groups["tune"], groups["predict"], base_seed, parse_budget(cfg.get("budget")))
+                       groups["pseudo"], groups["tune"], groups["predict"], base_seed, parse_budget(cfg.get("budget")),
+                       groups["screen"])

@@ -61,6 +61,7 @@ class TrainSettings:
     ema: float = _f(0.0, ge=0, lt=1)          # EMA decay of the weights (timm ModelEmaV3, warm-up); 0 = off
     swa: float = _f(0.0, ge=0, lt=1)          # SWA: fraction of the final epochs whose weights are averaged; 0 = off
     swa_lr_scale: float = _f(0.05, gt=0, le=1)  # SWA-phase learning rate as a fraction of lr (held constant)
+    class_weight: bool = False                # cross-entropy weighted by inverse class frequency of the training rows
 
 
 @dataclass
@@ -77,6 +78,9 @@ class AugSettings:
     p_elastic: float = _f(0.5, ge=0, le=1)
     hflip: float = _f(0.0, ge=0, le=1)        # probability of a horizontal flip
     vflip: float = _f(0.0, ge=0, le=1)        # probability of a vertical flip
+    rot90: float = _f(0.0, ge=0, le=1)        # probability of a rotation by 90, 180 or 270 degrees (one of the three)
+    erase: float = _f(0.0, ge=0, le=1)        # probability of random erasing (Zhong et al. 2017): one rectangle
+    erase_area: float = _f(0.25, gt=0, lt=1)  # the erased rectangle's largest area, fraction of the image
     brightness: float = _f(0.0, ge=0, lt=1)   # colour jitter strengths: factor in [1-s, 1+s]
     contrast: float = _f(0.0, ge=0, lt=1)
     saturation: float = _f(0.0, ge=0, lt=1)
@@ -183,6 +187,26 @@ class TuneSettings:
 
 
 @dataclass
+class ScreenSettings:
+    """``screen``: the recipe chosen by measurement before the k-fold training (:mod:`pipeline.screen`)."""
+
+    enabled: bool = False
+    share: float = _f(0.25, gt=0, lt=1)        # of budget= (or of `seconds` without one), at most
+    seconds: float = _f(300.0, gt=0)           # the screening's time without budget=
+    models: list = field(default_factory=lambda: ["cnn_deotte", "resnet9", "cnn_keras"])  # architectures screened
+    augs: list = field(default_factory=lambda: ["affine", "none", "hflip", "dihedral", "elastic", "erase"])
+    sides: list = field(default_factory=list)  # candidate sides; [] = the loaded side, its half and quarter (>= 28 px)
+    keep: int = _f(2, ge=1)                    # architectures the ensemble keeps, best first
+    rows: int = _f(6000, ge=100)               # training rows of the subsample (fold 0's training folds)
+    val_rows: int = _f(3000, ge=100)           # validation rows (fold 0)
+    epochs: int = _f(3, ge=1)                  # the short schedule of every candidate
+    min_steps: int = _f(60, ge=1)              # a small competition's short schedule has at least this many steps
+    imbalance: float = _f(2.0, ge=1)           # largest / smallest class count at which class weighting is screened
+    pruner: Pruner = Pruner.successive_halving
+    fixed: list = field(default_factory=list)  # dimensions set by hand (side, arch, aug, balance): not screened
+
+
+@dataclass
 class PredictSettings:
     output: Optional[str] = None
     top_k: int = _f(3, ge=1)
@@ -213,7 +237,7 @@ class SubmitSettings:
 GROUPS: dict[str, type] = {
     "train": TrainSettings, "aug": AugSettings, "tta": TTASettings, "runtime": RuntimeSettings,
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
-    "predict": PredictSettings, "pseudo": PseudoSettings, "export": ExportSettings, "submit": SubmitSettings,
+    "predict": PredictSettings, "pseudo": PseudoSettings, "screen": ScreenSettings, "export": ExportSettings, "submit": SubmitSettings,
 }
 MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space", "ranges")
 BUILD_OFFLINE = ("auto", "true", "false")

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.config import prepare
+from pipeline.config import prepare, with_fixed
+from pipeline.recipe import screened
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Stage(str, Enum):
 
     data = "data"
     folds = "folds"
+    screen = "screen"
     train = "train"
     tune = "tune"
     blend = "blend"
@@ -39,7 +41,7 @@ class Stage(str, Enum):
 
 
 STAGES = tuple(s.value for s in Stage)
-ALL = (Stage.data, Stage.folds, Stage.train, Stage.blend, Stage.report)  # what stage=all runs
+ALL = (Stage.data, Stage.folds, Stage.screen, Stage.train, Stage.blend, Stage.report)  # what stage=all runs
 
 
 def _data(cfg: DictConfig, ws) -> Any:
@@ -58,6 +60,12 @@ def _folds(cfg: DictConfig, ws) -> np.ndarray:
     log.info("folds: %d folds of %d..%d rows (%s)", len(sizes), sizes.min(), sizes.max(),
              ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed), ws.comp.fingerprint))
     return ws.folds
+
+
+def _screen(cfg: DictConfig, ws) -> Any:
+    from pipeline.screen import run  # imports Optuna and torch: only the stages that train need them
+
+    return run(cfg, ws)
 
 
 def _train(cfg: DictConfig, ws) -> Any:
@@ -106,7 +114,7 @@ def _submit(cfg: DictConfig, settings) -> Any:
 
 # Every stage's function: (prepared config, workspace or None) -> its result; submit: (config, settings).
 STAGE_FUNCTIONS: dict[Stage, Callable[[DictConfig, Any], Any]] = {
-    Stage.data: _data, Stage.folds: _folds, Stage.train: _train, Stage.tune: _tune,
+    Stage.data: _data, Stage.folds: _folds, Stage.screen: _screen, Stage.train: _train, Stage.tune: _tune,
     Stage.blend: _blend, Stage.report: _report, Stage.predict: _predict, Stage.export: _export,
     Stage.submit: _submit,
 }
@@ -126,19 +134,36 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
         stage = Stage(str(cfg.stage))
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
-    cfg, settings = prepare(cfg, apply_tuned=stage is not Stage.tune)  # a study searches the config as written
+    raw = cfg
+    cfg, settings = prepare(raw, apply_tuned=stage is not Stage.tune)  # a study searches the config as written
     if started is not None:
         settings = dataclasses.replace(settings, started=started)
     if stage in NO_WORKSPACE:
         return STAGE_FUNCTIONS[stage](cfg, settings if stage is Stage.submit else None)
     ws = Workspace.load(cfg, settings)
+    if stage is Stage.train and settings.screen.enabled and screened(cfg) is None:
+        cfg, ws = _screen_first(raw, ws)  # stage=train alone screens first, as stage=all does
     if stage is not Stage.all:
         return STAGE_FUNCTIONS[stage](cfg, ws)
     result = None
     for s in ALL:
+        if s is Stage.screen:
+            if settings.screen.enabled and screened(cfg) is None:
+                cfg, ws = _screen_first(raw, ws)
+            continue
         out = STAGE_FUNCTIONS[s](cfg, ws)
         result = out if s is Stage.blend else result
     return result
+
+
+def _screen_first(raw: DictConfig, ws) -> tuple[DictConfig, Any]:
+    """Run the screening on ``ws``, then prepare ``raw`` again (which applies the recipe, its
+    side too) and load its workspace; the run's entry time is kept."""
+    from pipeline.workspace import Workspace
+
+    _screen(ws.cfg, ws)
+    cfg, settings = prepare(raw)
+    return cfg, Workspace.load(cfg, dataclasses.replace(settings, started=ws.settings.started))
 
 
 def _log_to_files(message: str) -> None:
@@ -151,13 +176,17 @@ def _log_to_files(message: str) -> None:
 
 def run_command(cfg: DictConfig) -> None:
     """The command line's run of ``cfg.stage`` (``run.py`` and ``python -m pipeline``): ``budget=``
-    counts from the process's start (:func:`pipeline.budget.process_start`); a user error
+    counts from the process's start (:func:`pipeline.budget.process_start`); the dimensions its
+    overrides set by hand are not screened (:func:`pipeline.config.with_fixed`); a user error
     (:class:`~pipeline.errors.PipelineError`) is written to the run's log file and as one line on
     stderr, and the process exits with code 2."""
+    from hydra.core.hydra_config import HydraConfig
+
     from pipeline.budget import process_start
 
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     try:
-        run_stage(cfg, started=process_start())
+        run_stage(with_fixed(cfg, overrides), started=process_start())
     except PipelineError as e:
         _log_to_files(f"error: {e}")
         sys.stderr.write(f"error: {e}\n")

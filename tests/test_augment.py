@@ -300,3 +300,182 @@ def test_members_draws_applied_together_equal_each_alone(digits, settings):
         assert torch.equal(torch.rand(3, generator=g), f)
     with pytest.raises(ValueError, match="draws for 96 images"):
         aug.apply(imgs[:32], cat)
+
+
+# ---------------------------------------------------------------------- rot90 and random erasing
+
+def _rotations(img: np.ndarray) -> list[np.ndarray]:
+    """``img`` (..., S, S) rotated by 90, 180 and 270 degrees (counter-clockwise)."""
+    return [np.rot90(img, k, axes=(-2, -1)) for k in (1, 2, 3)]
+
+
+def _which_rotation(out: np.ndarray, img: np.ndarray) -> int:
+    """k in {1, 2, 3} when ``out`` is ``img`` rotated by k x 90 degrees; 0 when it is none of them."""
+    hits = [k for k, r in zip((1, 2, 3), _rotations(img)) if np.array_equal(out, r)]
+    assert len(hits) <= 1  # no digit of the fixture is symmetric under rotation
+    return hits[0] if hits else 0
+
+
+def test_rot90_turns_each_real_image_by_90_180_or_270_degrees_on_both_backends(digits):
+    """rot90=1: every digit comes out as exactly one of its three rotations (never as itself), all
+    three angles occur in about equal numbers; albumentations' OneOf of transpose/flip pairs too."""
+    x, _ = digits
+    imgs = x[:120]
+    base = imgs.astype(np.float32) / 255
+    for out in (_torch_aug(imgs, rot90=1.0), _alb_aug(imgs, rot90=1.0)):
+        ks = np.array([_which_rotation(o, b) for o, b in zip(out, base)])
+        assert (ks > 0).all()
+        counts = np.bincount(ks, minlength=4)[1:]
+        assert (counts >= 25).all(), counts  # 40 expected each
+    # p=0.5 rotates about half of them, leaves the rest as they were
+    out = _torch_aug(x, rot90=0.5)
+    ks = np.array([_which_rotation(o, b) for o, b in zip(out, x.astype(np.float32) / 255)])
+    same = np.array([np.array_equal(o, b) for o, b in zip(out, x.astype(np.float32) / 255)])
+    assert ((ks > 0) | same).all() and 0.4 < (ks > 0).mean() < 0.6
+    with pytest.raises(ValueError, match="square"):
+        augment.BatchAugment(rot90=1.0)(torch.zeros(2, 1, 28, 30))
+
+
+def _erased_boxes(out: np.ndarray, base: np.ndarray):
+    """Per image: (bounding box (top, bottom, left, right) of the changed pixels or None, changed
+    pixels (S, S) bool over every channel)."""
+    boxes, changed = [], (out != base).any(1)
+    for c in changed:
+        ys, xs = np.nonzero(c)
+        boxes.append((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) if len(ys) else None)
+    return boxes, changed
+
+
+@pytest.mark.parametrize("erase_area", [0.25, 0.4])
+def test_random_erasing_replaces_one_rectangle_of_the_set_area_with_noise(digits, erase_area):
+    """erase=1 on real digits: the changed pixels of each image fill one rectangle (exactly, on
+    the torch path: uniform float noise never equals a pixel) of area in [0.02, erase_area] of the
+    image up to rounding the sides, aspect ratio in [0.3, 3.3], values in [0, 1); nothing outside
+    it changes. The areas are uniform: mean (0.02 + erase_area) / 2 on both backends."""
+    x, _ = digits
+    base = x.astype(np.float32) / 255
+    side = x.shape[-1]
+    tol = side  # rounding each side to whole pixels: (h +- 1/2)(w +- 1/2) - hw <= (h + w)/2 + 1/4 < S
+    means = []
+    for backend, out in (("torch", _torch_aug(x, erase=1.0, erase_area=erase_area)),
+                         ("albumentations", _alb_aug(x, erase=1.0, erase_area=erase_area))):
+        boxes, changed = _erased_boxes(out, base)
+        areas = []
+        for box, c, o in zip(boxes, changed, out):
+            assert box is not None
+            top, bottom, left, right = box
+            inside = np.zeros_like(c)
+            inside[top:bottom, left:right] = True
+            assert not (c & ~inside).any()  # the rest of the image unchanged
+            h, w = bottom - top, right - left
+            if backend == "torch":
+                assert c[inside].all()
+                assert 0.3 - 1 / min(h, w) <= h / w <= 3.3 + 1 / min(h, w)
+            else:  # a random uint8 equals the pixel it replaces one time in 256
+                assert c[inside].mean() > 0.9
+            assert ((o >= 0) & (o < 1 + 1e-6)).all()
+            areas.append(h * w)
+            assert 0.02 * side**2 - tol <= h * w <= min(erase_area, 0.3 if backend != "torch" else 1) * side**2 + tol
+        means.append(np.mean(areas) / side**2)
+        if backend == "torch":
+            assert abs(means[-1] - (0.02 + erase_area) / 2) < 0.02, means
+    assert erase_area > 0.3 or abs(means[0] - means[1]) < 0.02, means  # albumentations caps the area at 0.3
+
+
+def test_random_erasing_on_a_real_rgb_photograph():
+    """Every channel of the rectangle is noise (per pixel and channel), on both backends; erase=0.5
+    erases about half the images of a batch and leaves the others bit-identical."""
+    skdata = pytest.importorskip("skimage.data")
+    from pipeline.data import to_array
+    from PIL import Image
+
+    rgb = to_array(Image.fromarray(skdata.astronaut()), 64, 3)  # (3, 64, 64) uint8
+    x = torch.from_numpy(rgb[None]).float().div(255).expand(64, -1, -1, -1).contiguous()
+    aug = augment.BatchAugment(erase=1.0, generator=torch.Generator().manual_seed(3))
+    p = aug.draw(64, 3, 64, x.device)
+    out, mask = aug.apply(x, p), aug.erase_mask(p, 64)
+    assert torch.equal(out != x, mask[:, None].expand_as(x))  # all three channels, only there
+    noise = out[mask[:, None].expand_as(x)]
+    assert abs(float(noise.mean()) - 0.5) < 0.02 and float(noise.std()) > 0.25
+    half = augment.BatchAugment(erase=0.5, generator=torch.Generator().manual_seed(3))(x)
+    erased = (half != x).flatten(1).any(1).float().mean()
+    assert 0.3 < float(erased) < 0.7
+    t = augment.build_transform(erase=1.0)
+    t.set_random_seed(3)
+    img = rgb.transpose(1, 2, 0)
+    got = t(image=img)["image"]
+    assert got.shape == img.shape and (got != img).any(-1).mean() >= 0.02 * 0.9
+
+
+NEW_PARTS = dict(rot90=0.5, erase=0.5, erase_area=0.3)
+
+
+@pytest.mark.parametrize("settings", [DEFAULT, dict(hflip=0.5, vflip=0.5),
+                                      dict(rotate=5.0, hflip=0.5, brightness=0.3, saturation=0.4, p_color=0.6)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rot90_and_erase_at_zero_leave_the_old_augmentation_bit_identical(digits, settings, channels):
+    """rot90=0 and erase=0 (whatever erase_area) draw nothing: the output and the generator's
+    state equal the pre-split oracle bit for bit, through the settings path (AugSettings ->
+    batch_augment_from_cfg) too; the albumentations pipeline is the same as without them."""
+    x, _ = digits
+    imgs = torch.from_numpy(x[:40]).float().div_(255).expand(-1, channels, -1, -1).contiguous()
+    old = _PreSplitAugment(**settings, generator=torch.Generator().manual_seed(7))
+    new = augment.BatchAugment(**settings, rot90=0.0, erase=0.0, erase_area=0.4,
+                               generator=torch.Generator().manual_seed(7))
+    cfg = augment.batch_augment_from_cfg(AugSettings(**settings), torch.Generator().manual_seed(7))
+    for _ in range(2):
+        expected = old(imgs.clone())
+        assert torch.equal(new(imgs.clone()), expected) and torch.equal(cfg(imgs.clone()), expected)
+    assert torch.equal(new.generator.get_state(), old.generator.get_state())
+    assert torch.equal(cfg.generator.get_state(), old.generator.get_state())
+    assert augment.BatchAugment(rot90=0.0, erase=0.0, erase_area=0.4).is_identity
+    assert augment.build_transform(rot90=0.0, erase=0.0, erase_area=0.4) is None
+    a = augment.build_transform(**settings)
+    b = augment.build_transform(**settings, rot90=0.0, erase=0.0, erase_area=0.4)
+    assert repr(a) == repr(b)
+    np.testing.assert_array_equal(_alb_aug(x[:8], **settings), _alb_aug(x[:8], **settings, rot90=0.0, erase=0.0))
+
+
+def test_rot90_and_erase_are_read_from_the_settings():
+    p = augment.aug_params(AugSettings(rot90=0.25, erase=0.5, erase_area=0.3))
+    assert (p["rot90"], p["erase"], p["erase_area"]) == (0.25, 0.5, 0.3)
+    aug = augment.batch_augment_from_cfg(AugSettings(rot90=0.25, erase=0.5, erase_area=0.3))
+    assert (aug.rot90, aug.erase, aug.erase_area) == (0.25, 0.5, 0.3) and not aug.is_identity
+    t = augment.transform_from_cfg(AugSettings(rot90=0.25, erase=0.5, erase_area=0.3))
+    assert "OneOf" in repr(t) and "Erasing" in repr(t) and "scale=(0.02, 0.3)" in repr(t)
+
+
+def test_rot90_and_erase_reproduce_with_the_same_seed(digits):
+    """The same seed gives the same output (torch: generator; DeviceBatches: a reseeded epoch;
+    albumentations: set_random_seed); another seed another one."""
+    x, y = digits
+    settings = {**DEFAULT, **NEW_PARTS}
+    a, b = _torch_aug(x[:64], seed=5, **settings), _torch_aug(x[:64], seed=5, **settings)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, _torch_aug(x[:64], seed=6, **settings))
+    a, b = _alb_aug(x[:64], seed=5, **NEW_PARTS), _alb_aug(x[:64], seed=5, **NEW_PARTS)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, _alb_aug(x[:64], seed=6, **NEW_PARTS))
+    batches = augment.DeviceBatches(x, y, 64, torch.device("cpu"), AugSettings(**NEW_PARTS), seed=0)
+    epochs = []
+    for _ in range(2):
+        batches.generator.manual_seed(9)
+        epochs.append([xb for xb, _ in batches])
+    assert all(torch.equal(p, q) for p, q in zip(*epochs))
+
+
+def test_rot90_and_erase_draws_applied_together_equal_each_alone(digits):
+    """A fused group's draws (draw_members, AugParams.cat) with rot90 and erasing (per-channel
+    fill on RGB) give each member exactly its own augmentation."""
+    x, _ = digits
+    settings = {**NEW_PARTS, "hflip": 0.5, "saturation": 0.2}
+    imgs = torch.from_numpy(x[:96]).float().div_(255).expand(-1, 3, -1, -1).contiguous()
+    aug = augment.BatchAugment(**settings)
+    seeds = [11, 12, 13]
+    alone = [augment.BatchAugment(**settings, generator=torch.Generator().manual_seed(s))(imgs[m * 32:(m + 1) * 32])
+             for m, s in enumerate(seeds)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    together = aug.apply(imgs.clone(), aug.draw_members(gens, 32, 3, 28, imgs.device))
+    assert torch.equal(together, torch.cat(alone))
+    cat = augment.AugParams.cat([aug.draw(32, 3, 28, imgs.device, torch.Generator().manual_seed(s)) for s in seeds])
+    assert cat.erase_fill.shape == (96, 3, 28, 28) and torch.equal(aug.apply(imgs.clone(), cat), together)

@@ -167,10 +167,10 @@ def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, 
 
     real = scheduler.train_member
 
-    def stopped_at_the_deadline(ws, key, runtime=None, deadline=None, choice=None):
+    def stopped_at_the_deadline(ws, key, runtime=None, deadline=None, choice=None, predict_s=None):
         if key == MemberKey("cnn_deotte", 1, 1):
             raise DeadlineReached(f"{key}: the budget's deadline came in epoch 1")
-        return real(ws, key, runtime, deadline, choice)
+        return real(ws, key, runtime, deadline, choice, predict_s)
 
     monkeypatch.setattr(scheduler, "train_member", stopped_at_the_deadline)
     run = ("ensemble=[cnn_deotte]", "budget=2h", "runtime.fuse=off", "+models.cnn_deotte.ranges.seeds=[1,2]",

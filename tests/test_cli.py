@@ -100,7 +100,7 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=train", "model=lenet"], "unknown model 'lenet'"),
     (["stage=train", "fold=9"], "fold=9: expected 'all' or an integer 0..1"),
     (["stage=blend"], "missing"),
-    (["stage=tea"], "stage=tea: expected one of data, folds, train, tune, blend, report, predict, export, submit, all"),
+    (["stage=tea"], "stage=tea: expected one of data, folds, screen, train, tune, blend, report, predict, export, submit, all"),
     (["stage=folds", "folds.k=1"], "folds.k=1: expected >= 2"),
     (["stage=train", "+models.mlp.train.lr=-1"], "models.mlp.train.lr=-1.0: expected > 0"),
     (["stage=blend", "blend.models=[lenet]"], "blend.models: unknown model 'lenet'"),

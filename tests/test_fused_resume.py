@@ -210,8 +210,8 @@ def test_fp16_overflows_are_counted_and_a_member_that_keeps_overflowing_leaves(t
     keys = [MemberKey("mlp", 0), MemberKey("mlp", 1, 1)]
     real = engine.member_losses
 
-    def overflowing(logits, y, label_smoothing=0.0):  # member 1's gradients x 1e30: inf in fp16
-        out = real(logits, y, label_smoothing)
+    def overflowing(logits, y, label_smoothing=0.0, weight=None):  # member 1's gradients x 1e30: inf in fp16
+        out = real(logits, y, label_smoothing, weight)
         return out * torch.tensor([1.0, 1e30]) if out.numel() == 2 else out
 
     monkeypatch.setattr(engine, "member_losses", overflowing)  # the training loss only (train_step's)

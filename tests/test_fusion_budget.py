@@ -102,9 +102,9 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
     monkeypatch.setattr(probes, "time_models", gpu_like)
     seen = {}
 
-    def pool(ws, units, seconds, choices, n_jobs, deadline, finish):
+    def pool(ws, units, seconds, choices, n_jobs, deadline, finish, rates=None):
         wall, dropped = _simulate(units, seconds, n_jobs, deadline - time.time())
-        seen.update(units=units, seconds=seconds, wall=wall, dropped=dropped, jobs=n_jobs)
+        seen.update(units=units, seconds=seconds, wall=wall, dropped=dropped, jobs=n_jobs, rates=rates)
         finish([scheduler.MemberOutcome(k, Outcome.TRAINED) for u in units for k in u])
 
     monkeypatch.setattr(scheduler, "_side_by_side", pool)
@@ -116,6 +116,7 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
     assert len(seen["units"]) >= 4
     assert seen["wall"] == pytest.approx(record.plan.seconds, rel=1e-6)
     assert record.plan.seconds <= record.plan.available
+    assert seen["rates"] == [1e-5] * len(seen["units"])  # each unit's deadline checks count the timed prediction
 
 
 def _fused_timing(faster: bool):
@@ -138,6 +139,11 @@ def test_fuse_auto_measures_both_ways_and_records_its_choice(tiny_cfg, monkeypat
     fuse = outcomes[0].metrics["fuse"]
     assert fuse["mode"] == "auto" and fuse["group_size"] == 4 and fuse["alone_s"] > 0 and fuse["group_s"] > 0
     assert fuse["fused"] == (fuse["group_s"] < fuse["alone_s"]) == ("fused" in outcomes[0].metrics)
+    # the group timed in both memory layouts, the choice and its figure recorded (issue 30, 7)
+    assert fuse["contiguous_s"] > 0 and fuse["channels_last_s"] > 0
+    assert fuse["channels_last"] == probes.faster_layout(fuse["contiguous_s"], fuse["channels_last_s"], True)
+    assert fuse["group_s"] == (fuse["channels_last_s"] if fuse["channels_last"] else fuse["contiguous_s"])
+    assert "its fused group of 4 takes" in caplog.text and "s channels_last: " in caplog.text
     for faster in (True, False):
         monkeypatch.setattr(probes, "time_models", _fused_timing(faster))
         cfg = tiny_cfg(*run, "force=true")
@@ -270,3 +276,138 @@ def test_a_group_out_of_memory_in_training_continues_as_two_halves(tiny_cfg, mon
     assert "mlp: a fused group of 4 ran out of GPU memory; it continues as groups of 2 and 2" in caplog.text
     ws = Workspace.load(cfg)
     assert all(ws.verify(o.key).ok for o in outcomes)
+
+
+def _layout_timing(monkeypatch, contiguous_s: float, channels_last_s: float) -> list[bool]:
+    """Stand-ins for the timed steps: one member alone 10 s; a fused group ``contiguous_s`` /
+    ``channels_last_s`` per member in each layout. Returns the layouts timed, in order."""
+    from pipeline.train import fused
+
+    timed = []
+
+    def group(specs, *args, **kwargs):
+        timed.append(specs[0].runtime.channels_last)
+        return (channels_last_s if specs[0].runtime.channels_last else contiguous_s) * len(specs)
+
+    monkeypatch.setattr(probes, "seconds_per_member", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr(fused, "seconds_per_group", group)
+    return timed
+
+
+def test_fuse_auto_times_both_memory_layouts_and_the_group_trains_in_the_faster(tiny_cfg, monkeypatch, caplog):
+    """runtime.fuse=auto times the fused group with runtime.channels_last off and on, logs both
+    figures in one line, records them and the choice in metrics.json, and the group trains in
+    the faster layout even when the config says the other; the fused-vs-alone decision uses the
+    chosen layout's figure."""
+    from pipeline.train import fused
+
+    timed = _layout_timing(monkeypatch, contiguous_s=3.0, channels_last_s=1.0)
+    trained = []
+    real = fused.fit_group
+
+    def fit_group(specs, *args, **kwargs):
+        trained.append({s.runtime.channels_last for s in specs})
+        return real(specs, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "fit_group", fit_group)
+    cfg = tiny_cfg("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=auto", "runtime.estimate=true",
+                   "runtime.channels_last=false")
+    with caplog.at_level(logging.INFO):
+        outcomes = train.run(cfg)
+    assert sorted(timed) == [False, True]
+    assert "mlp: its fused group of 4 takes 3.000 s per member contiguous, 1.000 s channels_last: channels_last " \
+           "(runtime.channels_last=false; within 5% it stays)" in caplog.text
+    assert "a fused group of 4, 1.0 s per member, against 10.0 s alone" in caplog.text
+    assert trained == [{True}]  # the group trained in the layout measured faster
+    assert all(o.metrics["fuse"] == {"mode": "auto", "fused": True, "alone_s": 10.0, "group_s": 1.0, "group_size": 4,
+                                     "channels_last": True, "contiguous_s": 3.0, "channels_last_s": 1.0}
+               for o in outcomes)
+    on_disk = json.loads((Workspace.load(cfg).member_dir(outcomes[0].key) / "metrics.json").read_text())
+    assert on_disk["fuse"]["channels_last"] is True and on_disk["fuse"]["contiguous_s"] == 3.0
+
+
+@pytest.mark.parametrize("fuse,contiguous_s,channels_last_s,configured,expected,layouts", [
+    ("auto", 1.0, 1.02, False, False, 2),  # within noise: the configured layout stays
+    ("auto", 1.0, 1.02, True, True, 2),
+    ("auto", 1.0, 2.0, True, False, 2),  # contiguous clearly faster, although channels_last is configured
+    ("on", 1.0, 2.0, True, None, 1),  # only auto measures; on times the configured layout alone
+])
+def test_the_layout_choice_keeps_the_configured_one_within_noise(tiny_cfg, monkeypatch, fuse, contiguous_s,
+                                                                channels_last_s, configured, expected, layouts):
+    """Where the timings cannot tell the layouts apart (within LAYOUT_NOISE) runtime.channels_last
+    stays; only runtime.fuse=auto times both layouts."""
+    timed = _layout_timing(monkeypatch, contiguous_s, channels_last_s)
+    ws = Workspace.load(tiny_cfg("ensemble=[mlp]", "+models.mlp.seeds=2", f"runtime.fuse={fuse}",
+                                 f"runtime.channels_last={str(configured).lower()}"))
+    fusion = decide_fusion(ws, ws.keys("mlp"), 1, torch.device("cpu"), measure=True)
+    choice = fusion.choices["mlp"]
+    assert len(timed) == layouts and choice.channels_last is expected and fusion.models == {"mlp"}
+    assert choice.group_s == {None: channels_last_s if configured else contiguous_s,
+                              True: channels_last_s, False: contiguous_s}[expected]
+    runtime = choice.group_runtime(ws.settings.runtime)
+    assert runtime.channels_last is (configured if expected is None else expected)
+
+
+def test_the_deadline_check_counts_the_timed_prediction_and_the_next_validation():
+    """check_deadline counts the predictions left at the probe's timed seconds per image when
+    given (else a third of a training image), and the images left include the next epoch's
+    validation when it validates before the last."""
+    from pipeline.train.engine import DeadlineReached, check_deadline, images_left
+
+    assert images_left(1, 3, 1, 200, 119, 2) == 200 + 2 * 319  # epoch 2 validates, then the final views
+    assert images_left(2, 3, 1, 200, 119, 2) == 2 * 319  # epoch 3 is the last: its validation is the final views
+    assert images_left(1, 5, 2, 200, 119, 1) == 200 + 319 and images_left(2, 5, 2, 200, 119, 1) == 319
+    soon = time.time() + 100
+    check_deadline(soon, 1.0, 100, 10_000, "m", None)  # the old ratio: 10,000 x 1/300 s = 33 s, fits
+    with pytest.raises(DeadlineReached, match="m: the next epoch would end after the budget's deadline"):
+        check_deadline(soon, 1.0, 100, 10_000, "m", 0.01)  # timed: 100 s of prediction
+    with pytest.raises(DeadlineReached):
+        check_deadline(soon, 1.0, 100, 10**6, "m", None)  # the old ratio: 3,333 s
+    check_deadline(soon, 1.0, 100, 10**6, "m", 1e-6)  # timed: 1 s
+    check_deadline(None, 1e9, 1, 10**9, "m", 1.0)  # no deadline
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_members_deadline_uses_its_timed_prediction_seconds(tiny_cfg, fuse):
+    """A member (or a fused group) whose spec carries a slow timed prediction rate stops after
+    its first epoch at a deadline a minute away (the fold and test set would take minutes to
+    predict); with a fast rate the same deadline lets it finish."""
+    from pipeline.train import fused
+    from pipeline.train.engine import DeadlineReached, FitSpec, fit_member
+
+    ws = Workspace.load(tiny_cfg("model=mlp", "train.epochs=3"))
+    keys = ws.keys("mlp")[:2 if fuse else 1]
+
+    def fit(rate):
+        specs = [FitSpec.create(ws.settings.models["mlp"], ws.settings.runtime, k, ws.member_config(k),
+                                time.time() + 60, rate) for k in keys]
+        if fuse:
+            return fused.fit_group(specs, ws.comp, ws.folds, predict_test=True)
+        return [fit_member(specs[0], ws.comp, ws.folds, predict_test=True)]
+
+    with pytest.raises(DeadlineReached, match="the next epoch would end after the budget's deadline"):
+        fit(1.0)  # about 319 images x 1 s each
+    done = fit(1e-6)
+    assert all(r.metrics["epochs"] == 3 and len(r.metrics["history"]) == 3 for r in done)
+
+
+def test_a_budgeted_member_carries_the_probes_prediction_seconds(tiny_cfg, monkeypatch):
+    """Under budget= every member's fit spec carries the seconds per image its model's prediction
+    batch was timed at (ModelTiming.predict_s), unfused and in a fused group."""
+    from pipeline.train import fused
+    from pipeline.train.engine import DeadlineReached
+
+    monkeypatch.setattr(probes, "seconds_per_image", lambda spec, comp: 2.5e-4)
+    rates = []
+
+    def stopped(specs):
+        rates.extend(s.predict_seconds_per_image for s in specs)
+        raise DeadlineReached("stand-in: stopped at once")
+
+    monkeypatch.setattr(scheduler, "fit_member", lambda spec, *args, **kwargs: stopped([spec]))
+    monkeypatch.setattr(fused, "fit_group", lambda specs, *args, **kwargs: stopped(specs))
+    for fuse in ("off", "on"):
+        rates.clear()
+        outcomes = train.run(tiny_cfg("ensemble=[mlp]", "budget=10m", f"runtime.fuse={fuse}"))
+        assert outcomes and all(o.outcome is Outcome.STOPPED for o in outcomes)
+        assert len(rates) == len(outcomes) and set(rates) == {2.5e-4}

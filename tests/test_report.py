@@ -61,6 +61,77 @@ def test_report_page_figures_and_numbers(blended_cfg):
                f"<td class=\"\">off</td><td class=\"\">{es:.3f}</td>" in text
 
 
+SCREENED = ("screen.enabled=true", "screen.models=[cnn_deotte,mlp,resnet9,cnn_keras]", "screen.fixed=[aug]")
+
+
+def _screening(cfg):
+    """A screening as ``stage=screen`` writes one for the trained fixture run (its 28 px digits:
+    one side only; ``aug=none`` set by hand, so fixed; balanced classes: no balance study), whose
+    recipe is that run's ensemble, so the members the report reads are the recipe's."""
+    from pipeline.choices import Dim
+    from pipeline.recipe import Candidate, Recipe, Screening, TrialRecord, TrialState, screening_key
+
+    def trial(model, state, score, acc, epochs, seconds):
+        return TrialRecord(Dim.arch, Candidate(model, 28), state, score, acc, epochs, seconds)
+
+    trials = (trial("cnn_deotte", TrialState.complete, 0.87117, 0.8725, 3, 41.26),
+              trial("mlp", TrialState.complete, 0.82034, 0.8215, 3, 6.04),
+              trial("resnet9", TrialState.pruned, None, None, 1, 18.7),
+              trial("cnn_keras", TrialState.skipped, None, None, 0, 0.0))
+    reasons = ("arch: ensemble [cnn_deotte, mlp] (0.8712) against mlp 28px aug=configured 0.8203",)
+    return Screening(screening_key(cfg), Recipe(models=("cnn_deotte", "mlp")), trials, reasons, 75.0, 58.4,
+                     200, 100, (Dim.aug,))
+
+
+def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
+    """Issue 31: with a screening for the run, the page has its table (one row per trial, the
+    chosen ones in bold), why, the chosen recipe, its share and subsample, and the plan after it;
+    without one (or with screening off) the section is absent."""
+    from pipeline.budget import BudgetRecord, ModelPlan, Plan, save_record
+    from pipeline.recipe import save_screening, screening_key
+
+    cfg = blended_cfg(*SCREENED)
+    paths = Paths.from_cfg(cfg)
+    assert "Recipe screening" not in report.run(cfg).read_text()  # enabled, but no record yet
+    record = paths.screening(screening_key(cfg))
+    try:
+        save_screening(record, _screening(cfg))
+        text = report.run(cfg).read_text()
+        td = '<td class="">'
+        assert '<h2 id="screening">Recipe screening</h2>' in text
+        assert ('<th class="l">dimension</th><th class="">model</th><th class="">side (px)</th><th class="">'
+                'augmentation</th><th class="">class weighting</th><th class="">state</th><th class="">score'
+                '</th><th class="">accuracy</th><th class="">epochs</th><th class="">seconds</th>') in text
+        assert (f'<tr class="best"><td class="l">arch</td>{td}cnn_deotte</td>{td}28</td>{td}configured</td>'
+                f'{td}no</td>{td}complete</td>{td}0.8712</td>{td}0.8725</td>{td}3</td>{td}41.3</td></tr>') in text
+        assert (f'<tr class="best"><td class="l">arch</td>{td}mlp</td>{td}28</td>{td}configured</td>{td}no</td>'
+                f'{td}complete</td>{td}0.8203</td>{td}0.8215</td>{td}3</td>{td}6.0</td></tr>') in text
+        assert (f'<tr class=""><td class="l">arch</td>{td}resnet9</td>{td}28</td>{td}configured</td>{td}no</td>'
+                f'{td}pruned</td>{td}</td>{td}</td>{td}1</td>{td}18.7</td></tr>') in text
+        assert f'<tr class=""><td class="l">arch</td>{td}cnn_keras</td>' in text and f"{td}skipped</td>" in text
+        assert "<li>arch: ensemble [cnn_deotte, mlp] (0.8712) against mlp 28px aug=configured 0.8203</li>" in text
+        assert "<p>Chosen recipe: <b>ensemble [cnn_deotte, mlp]</b>.</p>" in text
+        assert "200 training and 100 validation rows" in text
+        assert "took 58 s of a 1.2 min share; fixed by hand (not screened): aug." in text
+        # no budget=: what the chosen models trained with, from their metrics.json
+        assert "cnn_deotte 1 seed(s) x 6 epochs (2 members, " in text and "mlp 1 seed(s) x 6 epochs" in text
+        assert text.index("<h2>CV scores</h2>") < text.index("Recipe screening") < text.index("What each member adds")
+        # under budget=, the plan follows the screening and the screening links to it
+        plan = Plan(7200.0, 6900.0, 308.0, (ModelPlan("cnn_deotte", 1, 6, 40.0), ModelPlan("mlp", 1, 6, 8.0)), 48.0)
+        save_record(paths.budget_plan, BudgetRecord(plan, 0.0, 7200.0, {"cnn_deotte": 1, "mlp": 1},
+                                                    train_seconds=50.0))
+        text = report.run(blended_cfg(*SCREENED, "budget=2h")).read_text()
+        assert 'its plan (models, seeds, epochs, minutes) is in <a href="#budget">Budget</a> below' in text
+        assert text.index("Recipe screening") < text.index('<a id="budget"></a><h2>Budget</h2>')
+        assert f'<td class="l">cnn_deotte</td>{td}1 x 6</td>{td}0.7</td>' in text
+        assert "configured seeds and epochs" not in text
+        # a record, but screening off: no section
+        assert "Recipe screening" not in report.run(blended_cfg()).read_text()
+    finally:  # the trained run is shared with other tests
+        record.unlink(missing_ok=True)
+        paths.budget_plan.unlink(missing_ok=True)
+
+
 def test_report_needs_a_blend(tiny_cfg):
     with pytest.raises(ArtifactError, match="no blend yet"):
         report.run(tiny_cfg())

@@ -13,19 +13,23 @@ checkpoint (the same command with a larger budget continues it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import members
-from pipeline.budget import BudgetRecord, Cost, ModelPlan, Plan, format_minutes, plan, reserve_seconds, save_record
+from pipeline.budget import (BudgetRecord, Cost, ModelPlan, Plan, Range, format_minutes, plan, reserve_seconds,
+                            save_record)
 from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
 from pipeline.settings import round_base, selected_folds, selected_models
 from pipeline.augment import tta_views
+from pipeline.train.engine import planned_epochs
 from pipeline.train.resume import resume_cache_keys
 from pipeline.train.runtime import fold_jobs
 from pipeline.train.probes import ModelTiming, decide_fusion, group_key
@@ -92,14 +96,35 @@ def existing_epochs(ws: Workspace, model: str) -> int | None:
     return None
 
 
+def step_ranges(ws: Workspace, models: list[str]) -> Workspace:
+    """``ws`` with each of ``models``' epoch ranges scaled to its data: where a fold's training
+    rows give fewer optimizer steps than ``train.min_steps`` in the range's knee epochs (a small
+    competition), the knee becomes the epochs that make those steps
+    (:func:`~pipeline.train.engine.planned_epochs`) and the top of the range grows by the same
+    factor; the lowest epochs stay. So the plan counts in steps, whatever the competition's size:
+    the digits' ranges are unchanged, a competition of 2,000 images gets tens of epochs."""
+    rows = int((ws.folds != 0).sum())
+    models_s = dict(ws.settings.models)
+    for m in models:
+        s = models_s[m]
+        r = s.ranges
+        knee = planned_epochs(dataclasses.replace(s.train, epochs=r.knee), rows // s.train.batch_size)
+        if knee > r.knee:
+            hi = max(r.epochs_hi, math.ceil(r.epochs_hi * knee / r.knee))
+            models_s[m] = dataclasses.replace(s, ranges=Range(r.epochs_lo, knee, hi, r.seeds_lo, r.seeds_hi))
+    return ws.with_settings(dataclasses.replace(ws.settings, models=models_s))
+
+
 def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str, Cost], UnitPlan]:
     """Time each model where it will train (and decide ``runtime.fuse=auto`` by it,
-    :func:`~pipeline.train.probes.decide_fusion`), then plan the budget in the units the
+    :func:`~pipeline.train.probes.decide_fusion`), then plan the budget (epoch ranges in steps,
+    :func:`step_ranges`) in the units the
     scheduler will train (:func:`pipeline.budget.plan` with the scheduler's own grouping,
     :func:`~pipeline.train.probes.group_key`). Returns the record (no results yet), each
     model's measured cost, and the fusion decision with the unit seconds the scheduler checks
     against the deadline. Raises ConfigError when even the smallest plan does not fit (one line
     naming the budget that would)."""
+    ws = step_ranges(ws, models)
     budget, rt = ws.settings.budget, ws.settings.runtime
     started = ws.settings.started
     wide = widest(ws, models)

@@ -48,30 +48,56 @@ class DeadlineReached(Exception):
     stays, so the same command with a larger budget continues from it."""
 
 
-INFERENCE_COST = 1 / 3  # an image's prediction costs about a third of its training step (forward only)
+INFERENCE_COST = 1 / 3  # unmeasured (no budget's probe): an image's prediction at a third of its training step
 
 
-def check_deadline(deadline: float | None, epoch_seconds: float, train_rows: int, predict_rows: int,
-                   views: int, what: str) -> None:
-    """After an epoch that took ``epoch_seconds``: raise :class:`DeadlineReached` unless one more
-    epoch (with 10% margin) and the final prediction of ``predict_rows`` images in ``views``
-    test-time views (at :data:`INFERENCE_COST` of a training image each) end before ``deadline``
-    (``time.time()``; None: no deadline)."""
+def check_deadline(deadline: float | None, train_seconds: float, train_images: int, predict_images: int,
+                   what: str, per_image: float | None = None) -> None:
+    """After an epoch whose training took ``train_seconds`` (its validation excluded): raise
+    :class:`DeadlineReached` unless the work left before the member is done, one more epoch's
+    training (with 10% margin) and ``predict_images`` predicted images (each test-time view
+    counted: the next epoch's validation when it validates, the final prediction of the fold and
+    the test set; :func:`images_left`), ends before ``deadline`` (``time.time()``; None: no
+    deadline). ``per_image``: seconds to predict one image, timed by the budget's probe
+    (:attr:`FitSpec.predict_seconds_per_image`); None: :data:`INFERENCE_COST` of a training image
+    (``train_seconds / train_images``)."""
     if deadline is None:
         return
-    predict = epoch_seconds * INFERENCE_COST * views * predict_rows / max(1, train_rows)
-    if time.time() + 1.1 * epoch_seconds + predict > deadline:
+    rate = per_image if per_image is not None else INFERENCE_COST * train_seconds / max(1, train_images)
+    if time.time() + 1.1 * train_seconds + rate * predict_images > deadline:
         raise DeadlineReached(f"{what}: the next epoch would end after the budget's deadline")
 
 
-def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def images_left(epoch: int, epochs: int, val_every: int, n_val: int, n_test: int, views: int) -> int:
+    """Images a member still predicts after epoch ``epoch`` of ``epochs`` (each test-time view
+    counted), what :func:`check_deadline` counts: the next epoch's validation of its ``n_val``
+    fold rows when that epoch validates before the last (every ``val_every``-th), then the final
+    prediction of the fold and ``n_test`` test images in ``views`` views."""
+    upcoming = epoch + 1
+    validation = n_val if upcoming < epochs and upcoming % val_every == 0 else 0
+    return validation + views * (n_val + n_test)
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` float32 cross-entropy weights for the training labels ``y`` ``(N,)``
+    int64: inverse class frequency, ``N / (num_classes x n_c)`` (1 for a class with no row), so
+    that every class weighs as much in the loss as in a balanced set (``train.class_weight``;
+    scikit-learn's ``class_weight="balanced"``)."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (num_classes * np.maximum(counts, 1)), 1.0)
+    return w.astype(np.float32)
+
+
+def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy (in fp32) of one member's ``(B, C)`` logits, shape ``(1,)``, or of a fused
     group's ``(B, M, C)`` logits (:mod:`pipeline.fusion`), shape ``(M,)``: each member's mean over
     its own batch, so the sum of a group's losses gives every member the gradients it would get
     alone. ``y``: ``(B,)`` / ``(B, M)`` int64 classes, or ``(B, C)`` / ``(B, M, C)`` float32
-    target probabilities."""
+    target probabilities. ``weight``: ``(C,)`` float32 class weights of one member
+    (:func:`class_weights`; a fused group trains none)."""
     if logits.ndim == 2:
-        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing).reshape(1)
+        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing).reshape(1)
     target = y.transpose(1, 2) if y.ndim == 3 else y
     per_row = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none",
                               label_smoothing=label_smoothing)  # (B, M)
@@ -81,7 +107,7 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                label_smoothing: float = 0.0, channels_last: bool = False,
                precision: Precision = Precision.fp32, scaler: torch.amp.GradScaler | None = None,
-               after_backward: Callable[[], None] | None = None):
+               after_backward: Callable[[], None] | None = None, weight: torch.Tensor | None = None):
     """One optimizer step on a batch: autocast in the resolved ``precision``
     (:func:`~pipeline.device.resolve_precision`), the loss in fp32; with ``scaler`` (fp16)
     the loss is scaled before the backward pass and the step skipped on inf/NaN gradients.
@@ -93,6 +119,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
             ``(B, C)`` float32 target probabilities (soft pseudo-labels). For a fused group
             (:mod:`pipeline.fusion`) ``x`` is ``(B, M x C, S, S)`` and ``y`` ``(B, M)`` /
             ``(B, M, C)``; the loss is the sum of the members' (:func:`member_losses`).
+        weight: ``(C,)`` float32 class weights of the loss (``train.class_weight``), or None.
     Returns:
         ``(loss, logits)``: the scalar loss tensor and ``(B, classes)`` (fused: ``(B, M, classes)``)
         logits (not synchronised).
@@ -101,7 +128,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, precision):
         logits = model(x)
-        loss = member_losses(logits, y, label_smoothing).sum()
+        loss = member_losses(logits, y, label_smoothing, weight).sum()
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -139,17 +166,21 @@ class FitSpec:
     cache_key: str
     precision: Precision = Precision.fp32  # resolved for the training device (never auto)
     deadline: float | None = None  # time.time() by which training stops (budget=), None = none
+    predict_seconds_per_image: float | None = None  # timed by the probe (budget=); None: INFERENCE_COST
 
     @classmethod
     def create(cls, model: ModelSettings, runtime: RuntimeSettings, key: MemberKey,
-               member_cfg: DictConfig, deadline: float | None = None) -> "FitSpec":
+               member_cfg: DictConfig, deadline: float | None = None,
+               predict_seconds_per_image: float | None = None) -> "FitSpec":
         """The spec of member ``key`` of ``model`` (the run's typed settings,
         :class:`pipeline.runsettings.ModelSettings`), whose cache key is ``member_cfg`` (it holds the
         resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with ``runtime``
-        and stopped at ``deadline`` (:func:`check_deadline`)."""
+        and stopped at ``deadline`` (:func:`check_deadline`, its predictions counted at
+        ``predict_seconds_per_image`` seconds per image in one view, when timed)."""
         precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
         return cls(key, model.arch, dict(model.kwargs), model.train, model.aug, model.tta, runtime,
-                   int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision, deadline)
+                   int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision, deadline,
+                   predict_seconds_per_image)
 
 
 @dataclass
@@ -190,6 +221,7 @@ class TrainingLoop:
     history: list = field(default_factory=list)
     start: int = 1
     seconds_before: float = 0.0  # training time before a resume
+    class_weight: torch.Tensor | None = None  # (classes,) float32 loss weights (train.class_weight)
 
     @property
     def predictor(self) -> nn.Module:
@@ -244,7 +276,8 @@ def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None
     """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
     device made current and its numerics set (:func:`~pipeline.device.configure_numerics`),
     seeded, the model placed (and compiled with ``runtime.compile``), AdamW, the one-cycle
-    schedule, the weight average and fp16's gradient scaler (:func:`optimisation`). Raises
+    schedule, the weight average and fp16's gradient scaler (:func:`optimisation`), and with
+    ``train.class_weight`` the loss weights of the rows' classes (:func:`class_weights`). Raises
     ConfigError when the batch size exceeds the rows."""
     device = select_device(spec.runtime.device)
     use_device(device)
@@ -252,7 +285,10 @@ def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches, model = member_parts(spec, comp, tr_idx, device, pseudo)
-    return optimisation(model, spec, batches, device)
+    loop = optimisation(model, spec, batches, device)
+    if spec.train.class_weight:
+        loop.class_weight = torch.from_numpy(class_weights(comp.y_train[tr_idx], comp.num_classes)).to(device)
+    return loop
 
 
 def adamw_options(device: torch.device) -> dict:
@@ -361,7 +397,7 @@ def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, f
             raise DeadlineReached(f"{spec.key}: the budget's deadline came in epoch {epoch}")
         x, y = x.to(loop.device, non_blocking=True), y.to(loop.device, non_blocking=True)
         loss, logits = train_step(loop.net, loop.opt, x, y, spec.train.label_smoothing,
-                                  spec.runtime.channels_last, spec.precision, loop.scaler)
+                                  spec.runtime.channels_last, spec.precision, loop.scaler, weight=loop.class_weight)
         done = (epoch - 1) * steps + step + 1  # optimizer steps so far
         if done < loop.cycle:
             loop.sched.step()  # after the cycle its last learning rate is held (SWA)
@@ -490,6 +526,7 @@ def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.
     for epoch in range(loop.start, loop.epochs + 1):
         te = time.perf_counter()
         train_loss, train_acc = train_epoch(loop, spec, epoch)
+        train_seconds = time.perf_counter() - te
         if not math.isfinite(train_loss):
             if resume_path is not None:
                 resume_path.unlink(missing_ok=True)
@@ -509,8 +546,9 @@ def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.
         if on_epoch is not None:
             on_epoch(epoch, record)
         if epoch < loop.epochs:
-            check_deadline(spec.deadline, time.perf_counter() - te, len(loop.batches) * spec.train.batch_size,
-                           len(x_val) + n_test, len(tta_views(spec.tta)), str(spec.key))
+            left = images_left(epoch, loop.epochs, spec.runtime.val_every, len(x_val), n_test, len(tta_views(spec.tta)))
+            check_deadline(spec.deadline, train_seconds, len(loop.batches) * spec.train.batch_size, left,
+                           str(spec.key), spec.predict_seconds_per_image)
     if views is None:  # resumed from a checkpoint written after the last epoch
         views = predict_member(loop, spec, x_val, tta=True)
     return views

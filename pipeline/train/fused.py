@@ -59,8 +59,8 @@ from pipeline.members import MemberKey
 from pipeline.models import create_model
 from pipeline.train.batches import GroupBatches, training_set
 from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, apply_state, check_deadline,
-                                   epoch_record, fresh_model, loop_state, member_losses, member_metrics, member_model,
-                                   optimisation, predict_member, seconds_per_step, train_step)
+                                   epoch_record, fresh_model, images_left, loop_state, member_losses, member_metrics,
+                                   member_model, optimisation, predict_member, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model, predict_group_probs
 from pipeline.train.resume import ResumeState, read_state
 from pipeline.train.runtime import seed_everything
@@ -406,6 +406,7 @@ def _run_group_epochs(g: GroupLoop, comp: Competition, folds: np.ndarray, t0: fl
     while epoch <= g.loop.epochs:
         te = time.perf_counter()
         losses, accs = group_epoch(g, epoch)
+        train_seconds = time.perf_counter() - te
         leave = _leavers(g, losses, epoch)
         if leave:
             keep = [m for m in range(len(losses)) if m not in leave]
@@ -437,9 +438,10 @@ def _run_group_epochs(g: GroupLoop, comp: Competition, folds: np.ndarray, t0: fl
         if on_epoch is not None:
             on_epoch(epoch, records)
         if epoch < loop.epochs:
-            n = len(g.specs)
-            check_deadline(lead.deadline, seconds, n * len(g.batches) * lead.train.batch_size,
-                           sum(map(len, val_rows)) + n * n_test, len(tta_views(lead.tta)), g.name)
+            left = sum(images_left(epoch, loop.epochs, lead.runtime.val_every, len(rows), n_test,
+                                   len(tta_views(lead.tta))) for rows in val_rows)
+            check_deadline(lead.deadline, train_seconds, len(g.specs) * len(g.batches) * lead.train.batch_size,
+                           left, g.name, lead.predict_seconds_per_image)
         epoch += 1
     if views is None:  # resumed from checkpoints written after the last epoch
         members = member_loops(g, comp)

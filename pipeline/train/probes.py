@@ -43,17 +43,20 @@ def member_pseudo(ws: Workspace, key: MemberKey):
 
 
 def member_spec(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None,
-                deadline: float | None = None) -> FitSpec:
+                deadline: float | None = None, predict_s: float | None = None) -> FitSpec:
     """A member's fit spec: its model's settings with ``runtime`` (default: the run's), its cache
-    key's config and ``deadline`` (:meth:`pipeline.train.engine.FitSpec.create`)."""
+    key's config, ``deadline`` and ``predict_s``, the seconds per predicted image its deadline
+    checks count (timed, :attr:`ModelTiming.predict_s`; None: not timed)
+    (:meth:`pipeline.train.engine.FitSpec.create`)."""
     return FitSpec.create(ws.settings.models[key.model], runtime or ws.settings.runtime, key, ws.member_config(key),
-                          deadline)
+                          deadline, predict_s)
 
 
 def fusable_models(ws: Workspace, pending: list[MemberKey]) -> frozenset[str]:
     """The models of ``pending`` whose members can train fused: a :func:`pipeline.train.fused.can_fuse`
-    architecture, ``runtime.compile`` off and the ``torch`` augmentation backend (the
-    ``albumentations`` backend's DataLoader workers would be started once per member of a group).
+    architecture, ``runtime.compile`` off, ``train.class_weight`` off and the ``torch``
+    augmentation backend (the ``albumentations`` backend's DataLoader workers would be started
+    once per member of a group).
     Every other model says in one log line why it trains unfused."""
     out = set()
     for model in dict.fromkeys(k.model for k in pending):
@@ -62,6 +65,8 @@ def fusable_models(ws: Workspace, pending: list[MemberKey]) -> frozenset[str]:
             why = "runtime.compile=true"
         elif AugBackend(spec.aug.backend) is not AugBackend.torch:
             why = f"aug.backend={AugBackend(spec.aug.backend).value}: one DataLoader per member"
+        elif spec.train.class_weight:
+            why = "train.class_weight=true: each fold's own loss weights"
         elif not fused.can_fuse(spec, ws.comp):
             why = f"{spec.arch} is not a fusable nn.Sequential"
         else:
@@ -136,12 +141,30 @@ class Probe:
         return len(self.keys)
 
 
+LAYOUT_NOISE = 0.05  # runtime.fuse=auto: a memory layout counts as faster when its timed steps took 5% less
+
+
+def faster_layout(contiguous_s: float, channels_last_s: float, configured: bool) -> bool:
+    """Whether a fused group trains in channels_last, from a member's share of the group timed in
+    each layout (seconds, :func:`_time_group`): the layout more than :data:`LAYOUT_NOISE` faster,
+    else (the timings cannot tell them apart, as on a CPU) ``configured``
+    (``runtime.channels_last``)."""
+    if channels_last_s < (1 - LAYOUT_NOISE) * contiguous_s:
+        return True
+    if contiguous_s < (1 - LAYOUT_NOISE) * channels_last_s:
+        return False
+    return configured
+
+
 @dataclass(frozen=True)
 class ModelTiming:
     """One model's members timed here (seconds of their planned epochs, validation excluded):
     ``alone``, one member trained unfused; ``group``, one member's share of a fused group of
-    ``size`` (None: no group was timed); ``predict_s``, seconds to predict one image in one
-    test-time view (a prediction batch timed)."""
+    ``size`` (None: no group was timed), in the layout it will train in; ``predict_s``, seconds
+    to predict one image in one test-time view (a prediction batch timed). With
+    ``runtime.fuse=auto`` the group is timed in both memory layouts: ``layouts`` holds a member's
+    share in ``(contiguous, channels_last)`` and ``channels_last`` the layout chosen
+    (:meth:`with_layout`; None: not measured, the configured one)."""
 
     alone: float
     group: float | None = None
@@ -149,6 +172,8 @@ class ModelTiming:
     predict_s: float = 0.0
     member_bytes: float | None = None  # CUDA: one member's share of the group probe's peak memory
     free_bytes: float | None = None  # CUDA: the device's free memory before the probe
+    layouts: tuple[float, float] | None = None  # fuse=auto: the group's seconds per member, contiguous / channels_last
+    channels_last: bool | None = None  # fuse=auto: the group's layout, chosen from ``layouts``
 
     @property
     def fused_is_faster(self) -> bool:
@@ -159,13 +184,25 @@ class ModelTiming:
         """One member's share of a unit of ``unit_size`` members (:func:`pipeline.budget.unit_seconds`)."""
         return unit_seconds(self.alone, self.group, self.size, unit_size) / max(1, unit_size)
 
+    def with_layout(self, configured: bool) -> "ModelTiming":
+        """This timing with the group's layout chosen from ``layouts`` (:func:`faster_layout`,
+        ``configured``: ``runtime.channels_last``) and ``group`` that layout's seconds; itself
+        when the layouts were not timed."""
+        if self.layouts is None:
+            return self
+        chosen = faster_layout(*self.layouts, configured)
+        return dataclasses.replace(self, group=self.layouts[int(chosen)], channels_last=chosen)
+
     def slower(self, other: "ModelTiming") -> "ModelTiming":
-        """The larger of each figure of two workers' timings of the same probes."""
+        """The larger of each figure of two workers' timings of the same probes (the layouts
+        each; choose the layout again with :meth:`with_layout`)."""
         group = None if self.group is None or other.group is None else max(self.group, other.group)
         memory = None if self.member_bytes is None else max(self.member_bytes, other.member_bytes or 0.0)
         free = None if self.free_bytes is None else min(self.free_bytes, other.free_bytes or self.free_bytes)
+        layouts = None if self.layouts is None or other.layouts is None else \
+            (max(self.layouts[0], other.layouts[0]), max(self.layouts[1], other.layouts[1]))
         return ModelTiming(max(self.alone, other.alone), group, min(self.size, other.size),
-                           max(self.predict_s, other.predict_s), memory, free)
+                           max(self.predict_s, other.predict_s), memory, free, layouts, self.channels_last)
 
 
 @dataclass(frozen=True)
@@ -173,17 +210,39 @@ class FuseChoice:
     """What ``runtime.fuse`` decided for a model, recorded in each member's ``metrics.json``
     (``fuse``): with ``auto``, fused when a member's share of the timed group (``group_s``
     seconds, a group of ``size``) was below one member alone (``alone_s``), both timed here
-    side by side as they would train."""
+    side by side as they would train; the group timed in both memory layouts (``contiguous_s``,
+    ``channels_last_s``: a member's share, seconds) trains in ``channels_last``, the faster
+    (:func:`faster_layout`; None: not measured, ``runtime.channels_last``)."""
 
     mode: FuseMode
     fused: bool
     alone_s: float | None = None
     group_s: float | None = None
     size: int = 1
+    channels_last: bool | None = None
+    contiguous_s: float | None = None
+    channels_last_s: float | None = None
+
+    @classmethod
+    def timed(cls, mode: FuseMode, fused: bool, t: ModelTiming) -> "FuseChoice":
+        """The choice for a model timed as ``t`` (its layouts too, when timed)."""
+        contiguous, channels_last = t.layouts if t.layouts is not None else (None, None)
+        return cls(mode, fused, t.alone, t.group, t.size, t.channels_last, contiguous, channels_last)
+
+    def group_runtime(self, runtime: RuntimeSettings) -> RuntimeSettings:
+        """``runtime`` for a fused group of this model: with the measured layout
+        (``channels_last``) when there is one, else unchanged."""
+        if self.channels_last is None or self.channels_last == runtime.channels_last:
+            return runtime
+        return dataclasses.replace(runtime, channels_last=self.channels_last)
 
     def to_json(self) -> dict:
-        return {"mode": self.mode.value, "fused": self.fused, "alone_s": self.alone_s, "group_s": self.group_s,
-                "group_size": self.size}
+        out = {"mode": self.mode.value, "fused": self.fused, "alone_s": self.alone_s, "group_s": self.group_s,
+               "group_size": self.size}
+        if self.channels_last is not None:
+            out |= {"channels_last": self.channels_last, "contiguous_s": self.contiguous_s,
+                    "channels_last_s": self.channels_last_s}
+        return out
 
 
 def _probes(ws: Workspace, units: list[tuple[MemberKey, ...]], later: list[MemberKey]) -> list[Probe]:
@@ -226,7 +285,8 @@ def time_probes(ws: Workspace, probes: list[Probe], after_warmup=None) -> dict[s
     """Each probed model's :class:`ModelTiming`, timed in this process: one member alone
     (:func:`~pipeline.train.engine.seconds_per_member`) with a prediction batch
     (:func:`seconds_per_image`) and, when probed, a fused group's seconds over its size
-    (:func:`~pipeline.train.fused.seconds_per_group`)."""
+    (:func:`_time_group`: with ``runtime.fuse=auto`` in both memory layouts, the faster chosen,
+    :meth:`ModelTiming.with_layout`)."""
     alone, predict, group = {}, {}, {}
     for p in probes:
         if p.size == 1:
@@ -235,17 +295,29 @@ def time_probes(ws: Workspace, probes: list[Probe], after_warmup=None) -> dict[s
             predict[p.model] = seconds_per_image(p.specs[0], ws.comp)
         else:
             group[p.model] = _time_group(ws, p, after_warmup)
-    return {m: ModelTiming(alone[m], *group.get(m, (None, 1, None, None))[:2], predict[m],
-                           *group.get(m, (None, 1, None, None))[2:]) for m in alone}
+    configured = {p.model: p.specs[0].runtime.channels_last for p in probes}
+    return {m: ModelTiming(alone[m], predict_s=predict[m], **group.get(m, {})).with_layout(configured[m])
+            for m in alone}
 
 
-def _time_group(ws: Workspace, p: Probe, after_warmup) -> tuple[float, int, float | None, float | None]:
-    """A fused group's probe: ``(seconds per member, its size, one member's share of its peak
-    memory in bytes, the device's free bytes before it)`` (the memory figures on CUDA only, else
-    None). A group that runs out of GPU memory is halved and timed again, with one log line."""
-    size = p.size
+def _with_layout(specs: list[FitSpec], channels_last: bool) -> list[FitSpec]:
+    """``specs`` with ``runtime.channels_last`` set to ``channels_last``."""
+    return [dataclasses.replace(s, runtime=dataclasses.replace(s.runtime, channels_last=channels_last))
+            for s in specs]
+
+
+def _time_group(ws: Workspace, p: Probe, after_warmup) -> dict:
+    """A fused group's probe, as :class:`ModelTiming`'s fields: ``group`` (seconds per member),
+    ``size``, ``member_bytes`` (one member's share of its peak memory) and ``free_bytes`` (the
+    device's free memory before it), the memory figures on CUDA only, else None. With
+    ``runtime.fuse=auto`` the same steps are timed in the contiguous and the channels_last
+    layout (``layouts``, seconds per member each; ``group`` is then the configured layout's
+    until :meth:`ModelTiming.with_layout` chooses). A group that runs out of GPU memory is
+    halved and timed again, with one log line."""
+    size, rt = p.size, p.specs[0].runtime
+    layouts = (False, True) if rt.fuse is FuseMode.auto else (rt.channels_last,)
     while True:
-        specs, device = list(p.specs[:size]), select_device(p.specs[0].runtime.device)
+        specs, device = list(p.specs[:size]), select_device(rt.device)
         free = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -253,8 +325,9 @@ def _time_group(ws: Workspace, p: Probe, after_warmup) -> tuple[float, int, floa
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         try:
-            seconds = fused.seconds_per_group(specs, ws.comp, ws.folds, pseudo=list(p.pseudo[:size]),
-                                              after_warmup=after_warmup) / size
+            seconds = {cl: fused.seconds_per_group(_with_layout(specs, cl), ws.comp, ws.folds,
+                                                   pseudo=list(p.pseudo[:size]), after_warmup=after_warmup) / size
+                       for cl in layouts}
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
@@ -263,7 +336,8 @@ def _time_group(ws: Workspace, p: Probe, after_warmup) -> tuple[float, int, floa
             size //= 2
             continue
         memory = (torch.cuda.max_memory_allocated(device) - base) / size if device.type == "cuda" else None
-        return seconds, size, memory, free
+        return {"group": seconds[rt.channels_last], "size": size, "member_bytes": memory, "free_bytes": free,
+                "layouts": (seconds[False], seconds[True]) if len(layouts) == 2 else None}
 
 
 def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, handlers: list,
@@ -300,7 +374,7 @@ def time_models(ws: Workspace, units: list[tuple[MemberKey, ...]], n_jobs: int,
     out = dict(timed[0][1])
     for _, t in timed[1:]:
         out = {m: out[m].slower(t[m]) for m in out}
-    return out
+    return {m: t.with_layout(ws.settings.runtime.channels_last) for m, t in out.items()}
 
 
 def estimate(ws: Workspace, units: list[tuple[MemberKey, ...]], n_jobs: int, device,
@@ -331,6 +405,12 @@ class Fusion:
     fuse_max: int
     timed: dict | None = None
 
+    def predict_s(self, model: str) -> float | None:
+        """Seconds to predict one image in one test-time view with ``model``, as its probe timed
+        them (:attr:`ModelTiming.predict_s`), or None when it was not timed."""
+        t = (self.timed or {}).get(model)
+        return t.predict_s if t is not None and t.predict_s > 0 else None
+
 
 def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, measure: bool,
                   later: list[MemberKey] = ()) -> Fusion:
@@ -340,7 +420,9 @@ def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, m
     ``measure`` (``runtime.estimate``, or a budget), each fusable model's group (the one fusion
     would form on ``slots`` slots) and one of its members alone are timed side by side as they
     would train (:func:`time_models`), and the model fuses when a member's share of the group is
-    faster; one log line per model gives both figures. Without ``measure`` ``auto`` fuses
+    faster; the group is timed in both memory layouts and trains in the faster
+    (:meth:`ModelTiming.with_layout`, :meth:`FuseChoice.group_runtime`); log lines per model give
+    every figure (:func:`_log_measured`). Without ``measure`` ``auto`` fuses
     nothing (one log line). With ``measure`` every pending model is timed (the estimate), and on
     CUDA the groups are capped at what the probe's peak memory says fits
     (:func:`pipeline.device.group_memory_limit`, one log line)."""
@@ -355,11 +437,7 @@ def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, m
     timed = time_models(ws, plan_units(ws, pending, device, candidates, slots), slots, later)
     models = candidates if rt.fuse is FuseMode.on else frozenset(m for m in candidates if timed[m].fused_is_faster)
     if rt.fuse is FuseMode.auto:
-        for m in sorted(candidates):
-            t = timed[m]
-            log.info("train: %s: a fused group of %d, %.1f s per member, against %.1f s alone (%d side by side): "
-                     "%s (runtime.fuse=auto)", m, t.size, t.group or 0.0, t.alone, slots,
-                     "fused" if m in models else "unfused")
+        _log_measured(timed, candidates, models, slots, rt.channels_last)
     fuse_max = rt.fuse_max
     for m in sorted(models):
         t = timed[m]
@@ -369,5 +447,23 @@ def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, m
                      "free, shared by %d process(es), holds %d per group", m, t.member_bytes / 2**20, t.size,
                      100 * GROUP_MEMORY_SHARE, t.free_bytes / 2**30, slots, limit)
             fuse_max = min(fuse_max, limit, t.size)
-    choices = {m: FuseChoice(rt.fuse, m in models, timed[m].alone, timed[m].group, timed[m].size) for m in candidates}
+    choices = {m: FuseChoice.timed(rt.fuse, m in models, timed[m]) for m in candidates}
     return Fusion(models, choices, fuse_max, timed)
+
+
+def _log_measured(timed: dict[str, ModelTiming], candidates: frozenset[str], models: frozenset[str], slots: int,
+                  configured: bool) -> None:
+    """``runtime.fuse=auto``'s log lines, per fusable model: its group's two memory layouts, each
+    a member's share in seconds, and the one chosen (:func:`faster_layout`; ``configured``:
+    ``runtime.channels_last``); then the group in that layout against one member alone and
+    whether the model fuses."""
+    for m in sorted(candidates):
+        t = timed[m]
+        if t.layouts is not None:
+            log.info("train: %s: its fused group of %d takes %.3f s per member contiguous, %.3f s channels_last: "
+                     "%s (runtime.channels_last=%s; within %.0f%% it stays)", m, t.size, *t.layouts,
+                     "channels_last" if t.channels_last else "contiguous", str(configured).lower(),
+                     100 * LAYOUT_NOISE)
+        log.info("train: %s: a fused group of %d, %.1f s per member, against %.1f s alone (%d side by side): "
+                 "%s (runtime.fuse=auto)", m, t.size, t.group or 0.0, t.alone, slots,
+                 "fused" if m in models else "unfused")

@@ -76,13 +76,15 @@ def _write(ws: Workspace, key: MemberKey, spec: FitSpec, res, choice: FuseChoice
 
 
 def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None = None,
-                 deadline: float | None = None, choice: FuseChoice | None = None) -> dict:
+                 deadline: float | None = None, choice: FuseChoice | None = None,
+                 predict_s: float | None = None) -> dict:
     """Train one member (resuming its checkpoint if any) with ``runtime`` (default: the run's)
-    until ``deadline`` at most, write its files, record it verified in ``ws`` and return its
-    metrics. Raises PipelineError (NaN loss: nothing is cached), DeadlineReached (its checkpoint
-    stays)."""
+    until ``deadline`` at most (its predictions counted at ``predict_s`` seconds per image when
+    timed, :func:`~pipeline.train.engine.check_deadline`), write its files, record it verified in
+    ``ws`` and return its metrics. Raises PipelineError (NaN loss: nothing is cached),
+    DeadlineReached (its checkpoint stays)."""
     out = ws.member_dir(key)
-    spec = member_spec(ws, key, runtime, deadline)
+    spec = member_spec(ws, key, runtime, deadline, predict_s)
     res = fit_member(spec, ws.comp, ws.folds, resume_path=out / RESUME, pseudo=member_pseudo(ws, key))
     m = _write(ws, key, spec, res, choice)
     (out / RESUME).unlink(missing_ok=True)
@@ -90,15 +92,20 @@ def train_member(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None 
 
 
 def train_group(ws: Workspace, keys: list[MemberKey], runtime: RuntimeSettings | None = None,
-                deadline: float | None = None, choice: FuseChoice | None = None) -> list[dict | fused.MemberFailed]:
+                deadline: float | None = None, choice: FuseChoice | None = None,
+                predict_s: float | None = None) -> list[dict | fused.MemberFailed]:
     """Train ``keys`` (members of one model) as one fused group
-    (:func:`pipeline.train.fused.fit_group`), each member continuing its own ``resume.pt`` if any;
-    write every member's ordinary files, record them verified and return their metrics, in order,
-    or a :class:`~pipeline.train.fused.MemberFailed` for a member that diverged and left the group
-    (the others trained on). A group that runs out of GPU memory is halved, each half continuing
-    from its members' end-of-epoch checkpoints (one log line). Raises DeadlineReached (every
-    member's checkpoint stays)."""
-    specs = [member_spec(ws, k, runtime, deadline) for k in keys]
+    (:func:`pipeline.train.fused.fit_group`) in the memory layout ``choice`` measured faster
+    (:meth:`~pipeline.train.probes.FuseChoice.group_runtime`), its predictions counted against
+    ``deadline`` at ``predict_s`` seconds per image when timed, each member continuing its own
+    ``resume.pt`` if any; write every member's ordinary files, record them verified and return
+    their metrics, in order, or a :class:`~pipeline.train.fused.MemberFailed` for a member that
+    diverged and left the group (the others trained on). A group that runs out of GPU memory is
+    halved, each half continuing from its members' end-of-epoch checkpoints (one log line).
+    Raises DeadlineReached (every member's checkpoint stays)."""
+    if choice is not None:
+        runtime = choice.group_runtime(runtime or ws.settings.runtime)
+    specs = [member_spec(ws, k, runtime, deadline, predict_s) for k in keys]
     paths = [ws.member_dir(k) / RESUME for k in keys]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +121,8 @@ def train_group(ws: Workspace, keys: list[MemberKey], runtime: RuntimeSettings |
                  "its members' checkpoints", keys[0].model, len(keys), half, len(keys) - half)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return (train_group(ws, keys[:half], runtime, deadline, choice)
-                + train_group(ws, keys[half:], runtime, deadline, choice))
+        return (train_group(ws, keys[:half], runtime, deadline, choice, predict_s)
+                + train_group(ws, keys[half:], runtime, deadline, choice, predict_s))
     out: list[dict | fused.MemberFailed] = []
     for key, spec, res, path in zip(keys, specs, results, paths):
         if isinstance(res, fused.MemberFailed):  # fit_group logged its line
@@ -153,14 +160,15 @@ def _acquire(ws: Workspace, key: MemberKey) -> FileLock | None:
 
 def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: RuntimeSettings | None = None,
                       deadline: float | None = None, seconds: float = 0.0,
-                      choice: FuseChoice | None = None) -> list[MemberOutcome]:
+                      choice: FuseChoice | None = None, predict_s: float | None = None) -> list[MemberOutcome]:
     """Train the members of ``unit`` (one member, or a fused group of one model's members) under
     all their file locks (taken in key order), except those that are (or, after waiting for
     another process, have become) cached and, with ``runtime.lock=skip``, those another process
     holds; ``force=true`` retrains cached ones. Two or more left train as one fused group, one
     alone. With a ``deadline`` (``budget=``): members that would not end before it (``seconds``
     estimated for the unit) are dropped unstarted, and training stopped by it keeps its
-    checkpoint (outcome STOPPED). Returns one outcome per member of ``unit``, in order."""
+    checkpoint (outcome STOPPED); ``predict_s``: the timed seconds per predicted image that its
+    deadline checks count (None: not timed). Returns one outcome per member of ``unit``, in order."""
     outcomes: dict[MemberKey, MemberOutcome] = {}
     locks, train = [], []
     try:
@@ -191,9 +199,9 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
             train = []
         try:
             if len(train) == 1:
-                outcomes[train[0]].metrics = train_member(ws, train[0], runtime, deadline, choice)
+                outcomes[train[0]].metrics = train_member(ws, train[0], runtime, deadline, choice, predict_s)
             elif train:
-                for key, metrics in zip(train, train_group(ws, train, runtime, deadline, choice)):
+                for key, metrics in zip(train, train_group(ws, train, runtime, deadline, choice, predict_s)):
                     if isinstance(metrics, fused.MemberFailed):
                         outcomes[key] = MemberOutcome(key, Outcome.FAILED, metrics.reason)
                     else:
@@ -232,14 +240,14 @@ def _progress(est: Estimate, done: dict[MemberKey, float]) -> None:
 
 
 def _worker(ws: Workspace, unit: tuple[MemberKey, ...], slot: int, sharing: int, handlers: list,
-            level: int, deadline: float | None = None, seconds: float = 0.0,
-            choice: FuseChoice | None = None) -> tuple[tuple[MemberKey, ...], list[MemberOutcome] | PipelineError]:
+            level: int, deadline: float | None = None, seconds: float = 0.0, choice: FuseChoice | None = None,
+            predict_s: float | None = None) -> tuple[tuple[MemberKey, ...], list[MemberOutcome] | PipelineError]:
     """One side-by-side unit, a member or a fused group (in a joblib worker process,
     :func:`~pipeline.train.workers.enter_worker`; ``sharing``: the units training at once, :func:`side_by_side`).
     Returns its outcomes, or the user error that stopped it (so the other units can finish first)."""
     runtime = enter_worker(ws, slot, sharing, handlers, level)
     try:
-        return unit, train_unit_locked(ws, unit, runtime, deadline, seconds, choice)
+        return unit, train_unit_locked(ws, unit, runtime, deadline, seconds, choice, predict_s)
     except PipelineError as e:
         return unit, e
 
@@ -345,16 +353,18 @@ def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusi
 
     seconds = [sum(est.member_seconds.get(k, 0.0) for k in u) if est is not None else 0.0 for u in units]
     unit_choices = [fusion.choices.get(u[0].model) for u in units]
+    rates = [fusion.predict_s(u[0].model) for u in units]
     if n_jobs == 1:
-        for unit, s, choice in zip(units, seconds, unit_choices):
-            finish(train_unit_locked(ws, unit, None, deadline, s, choice))
+        for unit, s, choice, rate in zip(units, seconds, unit_choices, rates):
+            finish(train_unit_locked(ws, unit, None, deadline, s, choice, rate))
     else:
-        _side_by_side(ws, units, seconds, unit_choices, n_jobs, deadline, finish)
+        _side_by_side(ws, units, seconds, unit_choices, n_jobs, deadline, finish, rates)
 
 
 def _side_by_side(ws: Workspace, units: list[tuple[MemberKey, ...]], seconds: list[float], choices: list,
-                  n_jobs: int, deadline: float | None, finish) -> None:
-    """Train ``units`` in ``n_jobs`` joblib worker processes (:func:`_worker`), calling
+                  n_jobs: int, deadline: float | None, finish, rates: list | None = None) -> None:
+    """Train ``units`` in ``n_jobs`` joblib worker processes (:func:`_worker`; ``rates``: each
+    unit's timed seconds per predicted image, or None), calling
     ``finish(outcomes)`` as each ends. A user error in a worker is raised once the other units
     have finished and kept their files."""
     from joblib import Parallel, delayed
@@ -363,7 +373,8 @@ def _side_by_side(ws: Workspace, units: list[tuple[MemberKey, ...]], seconds: li
     handlers, level = log_handlers(), logging.getLogger().level
     errors, shares = [], side_by_side([u[0].model for u in units], n_jobs)
     for unit, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
-            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadline, seconds[i], choices[i])
+            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadline, seconds[i], choices[i],
+                             rates[i] if rates is not None else None)
             for i, unit in enumerate(units)):
         for key in unit:
             ws.forget(key)  # what the worker wrote, as this process's workspace sees it

@@ -1,0 +1,294 @@
+"""The recipe a screening chose (:mod:`pipeline.screen`): its types, its record under
+``artifacts/screening/``, and how it is applied to a run's config at the run's entry.
+
+A :class:`Recipe` holds the screened dimensions only (:class:`~pipeline.choices.Dim`): the input
+side, the ensemble's architectures, the augmentation preset, class weighting. A dimension the
+command line set (``screen.fixed``, filled from the overrides by :func:`fixed_dims`) is never
+screened, so a recipe never overrides a setting given by hand. :func:`pipeline.config.prepare`
+applies the record that matches the run (:func:`screening_key`) to the config it prepares, so
+every stage after the screening (train, blend, report, predict, export) sees the same recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline.choices import AugPreset, Dim
+from pipeline.errors import ArtifactError, ConfigError
+from pipeline.io import save_json
+from pipeline.paths import Paths
+from pipeline.settings import AugSettings, aug_settings
+
+DEFAULT_AFFINE = {"rotate": 10.0, "scale": 0.1, "shift": 0.1}  # when the configured aug has no affine part
+DEFAULT_ELASTIC = 34.0  # pixels (Simard et al. 2003), when the configured aug has none
+ERASE_P = 0.5           # random erasing's probability in the ``erase`` preset (Zhong et al. 2017 use 0.5)
+_OFF = {"elastic_alpha": 0.0, "hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "erase": 0.0}
+
+
+def preset_values(preset: AugPreset, configured: AugSettings) -> dict[str, float]:
+    """The ``aug`` values of ``preset`` over the ``configured`` augmentation: its affine strengths
+    (or :data:`DEFAULT_AFFINE` when it has none) and its colour jitter kept, every other part off
+    unless the preset adds it. ``dihedral`` draws uniformly from the 8 symmetries of the square
+    (a horizontal flip with probability 0.5, then 0, 90, 180 or 270 degrees)."""
+    affine = {k: float(getattr(configured, k)) for k in DEFAULT_AFFINE}
+    if not any(affine.values()):
+        affine = dict(DEFAULT_AFFINE)
+    if preset is AugPreset.none:
+        return {**dict.fromkeys(DEFAULT_AFFINE, 0.0), **_OFF}
+    extra = {AugPreset.affine: {}, AugPreset.hflip: {"hflip": 0.5},
+             AugPreset.dihedral: {"hflip": 0.5, "rot90": 0.75},
+             AugPreset.elastic: {"elastic_alpha": float(configured.elastic_alpha) or DEFAULT_ELASTIC},
+             AugPreset.erase: {"erase": ERASE_P}}[preset]
+    return {**affine, **_OFF, **extra}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a screening chose; ``None`` / ``()``: that dimension was not screened (fixed, or one
+    candidate only) and stays as configured.
+
+    Attributes:
+        side: ``data.img_size`` in pixels; models: the ensemble's architectures, best first;
+        aug: the augmentation preset of every model of the ensemble; class_weight:
+        ``train.class_weight`` of every model of the ensemble.
+    """
+
+    side: int | None = None
+    models: tuple[str, ...] = ()
+    aug: AugPreset | None = None
+    class_weight: bool | None = None
+
+    def describe(self) -> str:
+        """One line: the chosen values of the screened dimensions."""
+        parts = [f"side {self.side} px" if self.side else None,
+                 f"ensemble [{', '.join(self.models)}]" if self.models else None,
+                 f"aug {self.aug.value}" if self.aug else None,
+                 None if self.class_weight is None else f"class_weight {str(self.class_weight).lower()}"]
+        return ", ".join(p for p in parts if p) or "nothing: every setting as configured"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One screened configuration: a model (a name under ``models``) at ``side`` pixels with the
+    ``aug`` preset (None: the model's configured augmentation) and class weighting."""
+
+    model: str
+    side: int
+    aug: AugPreset | None = None
+    class_weight: bool = False
+
+    def label(self) -> str:
+        aug = self.aug.value if self.aug else "configured"
+        return f"{self.model} {self.side}px aug={aug}{' class-weighted' if self.class_weight else ''}"
+
+
+class TrialState(str, Enum):
+    """How a candidate's trial ended."""
+
+    complete = "complete"   # every epoch of the short schedule
+    pruned = "pruned"       # stopped by successive halving (worse than the others at a rung)
+    stopped = "stopped"     # the screening's share ran out during it
+    skipped = "skipped"     # not started: its timed estimate did not fit in the share left
+    failed = "failed"       # diverged (NaN loss) or did not fit the data
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One row of the screening table: the dimension screened, the candidate, how it ended, its
+    objective on the validation subsample (:func:`pipeline.tune.study.objective_value`; None when
+    it did not complete), its accuracy, the epochs it ran and its wall seconds."""
+
+    dim: Dim
+    candidate: Candidate
+    state: TrialState
+    score: float | None
+    accuracy: float | None
+    epochs: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        c = self.candidate
+        return {"dim": self.dim.value, "model": c.model, "side": c.side, "aug": c.aug.value if c.aug else None,
+                "class_weight": c.class_weight, "state": self.state.value, "score": self.score,
+                "accuracy": self.accuracy, "epochs": self.epochs, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, j: dict) -> "TrialRecord":
+        c = Candidate(str(j["model"]), int(j["side"]), AugPreset(j["aug"]) if j.get("aug") else None,
+                      bool(j["class_weight"]))
+        return cls(Dim(j["dim"]), c, TrialState(j["state"]), _opt_float(j.get("score")),
+                   _opt_float(j.get("accuracy")), int(j["epochs"]), float(j["seconds"]))
+
+
+def _opt_float(v) -> float | None:
+    return None if v is None else float(v)
+
+
+@dataclass(frozen=True)
+class Screening:
+    """``artifacts/screening/<key>.json``: a screening's trials, its choice and why.
+
+    Attributes:
+        key: :func:`screening_key` of the run it was made for; recipe: the choice;
+        trials: the table, in the order run; reasons: one line per screened dimension;
+        share_seconds: the time it was allowed; seconds: the time it took; rows / val_rows:
+        the subsample's training and validation rows; epochs: the short schedule.
+    """
+
+    key: str
+    recipe: Recipe
+    trials: tuple[TrialRecord, ...]
+    reasons: tuple[str, ...]
+    share_seconds: float
+    seconds: float
+    rows: int
+    val_rows: int
+    fixed: tuple[Dim, ...] = field(default=())
+
+    def table(self) -> str:
+        """The screening table as log lines: dimension, candidate, state, score, epochs, seconds."""
+        rows = [f"  {t.dim.value:8s} {t.candidate.label():44s} {t.state.value:9s} "
+                f"{'' if t.score is None else f'{t.score:.4f}':>7s} {t.epochs:3d} ep {t.seconds:6.1f} s"
+                for t in self.trials]
+        head = (f"  (fold 0: {self.rows} training / {self.val_rows} validation rows; "
+                f"{self.seconds:.0f} s of a {self.share_seconds:.0f} s share)")
+        return "\n".join([head, *rows, *(f"  -> {r}" for r in self.reasons), f"  chosen: {self.recipe.describe()}"])
+
+    def to_json(self) -> dict:
+        r = self.recipe
+        return {"key": self.key, "recipe": {"side": r.side, "models": list(r.models),
+                                            "aug": r.aug.value if r.aug else None, "class_weight": r.class_weight},
+                "trials": [t.to_json() for t in self.trials], "reasons": list(self.reasons),
+                "share_seconds": self.share_seconds, "seconds": self.seconds, "rows": self.rows,
+                "val_rows": self.val_rows, "fixed": [d.value for d in self.fixed]}
+
+    @classmethod
+    def from_json(cls, j: dict) -> "Screening":
+        r = j["recipe"]
+        recipe = Recipe(None if r.get("side") is None else int(r["side"]), tuple(map(str, r.get("models") or ())),
+                        AugPreset(r["aug"]) if r.get("aug") else None,
+                        None if r.get("class_weight") is None else bool(r["class_weight"]))
+        return cls(str(j["key"]), recipe, tuple(TrialRecord.from_json(t) for t in j["trials"]),
+                   tuple(map(str, j.get("reasons") or ())), float(j["share_seconds"]), float(j["seconds"]),
+                   int(j["rows"]), int(j["val_rows"]), tuple(Dim(d) for d in j.get("fixed") or ()))
+
+
+def save_screening(path: Path, screening: Screening) -> None:
+    """Write ``screening`` to ``path`` atomically (a temp file renamed)."""
+    save_json(path, screening.to_json())
+
+
+def read_screening(path: Path) -> Screening | None:
+    """The screening at ``path``, or None when there is none. Raises ArtifactError (one line)
+    when it is not a screening this code wrote."""
+    if not path.exists():
+        return None
+    try:
+        return Screening.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: unreadable screening ({type(e).__name__}: {e}); delete it to screen "
+                            f"again") from None
+
+
+# The command line's overrides that fix a dimension (prefixes of the override's key).
+FIXING = {
+    Dim.side: ("data.img_size",),
+    Dim.arch: ("ensemble", "model", "screen.models"),
+    Dim.aug: ("aug",),
+    Dim.balance: ("train.class_weight",),
+}
+
+
+def fixed_dims(overrides: Iterable[str]) -> list[Dim]:
+    """The dimensions a list of Hydra overrides (``key=value``, ``+key=value``, ``group=option``)
+    sets by hand: ``data.img_size`` the side; ``ensemble``, ``model=<name>`` or any
+    ``models.<name>.arch`` the architectures (a model's ``kwargs`` are its settings as a candidate); ``aug`` or ``models.<name>.aug`` the
+    augmentation; ``train.class_weight`` / ``models.<name>.train.class_weight`` the balance."""
+    out = []
+    for raw in overrides:
+        key, _, value = raw.lstrip("+~").partition("=")
+        parts = key.split(".")
+        if parts[0] == "models" and len(parts) >= 3:  # models.<name>.<rest>
+            key = "model" if parts[2] == "arch" else ".".join(parts[2:])
+        for dim, prefixes in FIXING.items():
+            hit = any(key == p or key.startswith(p + ".") for p in prefixes)
+            if dim is Dim.arch and key == "model" and value.strip() == "all":
+                hit = False
+            if hit and dim not in out:
+                out.append(dim)
+    return out
+
+
+def screen_fixed(cfg: DictConfig) -> frozenset[Dim]:
+    """``screen.fixed`` as dimensions. Raises ConfigError naming an unknown one."""
+    try:
+        return frozenset(Dim(str(d)) for d in cfg.screen.fixed)
+    except ValueError:
+        raise ConfigError(f"screen.fixed={list(cfg.screen.fixed)}: expected dimensions among "
+                          f"{', '.join(d.value for d in Dim)}") from None
+
+
+def screen_augs(cfg: DictConfig) -> list[AugPreset]:
+    """``screen.augs`` as presets (the first is the baseline). Raises ConfigError naming an unknown one."""
+    try:
+        augs = [AugPreset(str(a)) for a in cfg.screen.augs]
+    except ValueError:
+        raise ConfigError(f"screen.augs={list(cfg.screen.augs)}: expected presets among "
+                          f"{', '.join(a.value for a in AugPreset)}") from None
+    if not augs:
+        raise ConfigError("screen.augs is empty: give at least one preset, e.g. screen.augs=[affine]")
+    return augs
+
+
+def screening_key(cfg: DictConfig) -> str:
+    """A short digest of what a screening depends on and a recipe does not change: the data and
+    its decoding (the side only when fixed), the folds, the base seed, the ``screen`` settings but
+    its time share, and the screened models' architectures and training settings (the ensemble
+    and augmentation only when fixed). Equal before and after :func:`apply_recipe`, so a rerun (a
+    larger budget, another stage) finds the same record."""
+    fixed = screen_fixed(cfg)
+    data = {k: cfg.data.get(k) for k in ("dir", "format", "id_column", "label_column", "max_img_size",
+                                          "resize", "channels")}
+    if Dim.side in fixed:
+        data["img_size"] = cfg.data.get("img_size")
+    screen = {k: v for k, v in OmegaConf.to_container(cfg.screen, resolve=True).items() if k not in ("share", "seconds",
+                                                                                                  "enabled")}
+    models = {str(m): {k: OmegaConf.to_container(cfg.models[m], resolve=True).get(k) for k in ("arch", "kwargs")}
+              for m in cfg.screen.models if m in cfg.models}
+    parts = {"data": data, "folds": {"k": cfg.folds.k, "seed": cfg.folds.seed}, "seed": cfg.get("seed"),
+             "screen": screen, "models": models,
+             "ensemble": list(cfg.ensemble) if Dim.arch in fixed else None,
+             "aug": OmegaConf.to_container(cfg.aug, resolve=True) if Dim.aug in fixed else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def screened(cfg: DictConfig) -> Screening | None:
+    """The screening made for the run of ``cfg`` (``artifacts/screening/<key>.json``,
+    :func:`screening_key`), or None. Raises ArtifactError for an unreadable one."""
+    return read_screening(Paths.from_cfg(cfg).screening(screening_key(cfg)))
+
+
+def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:
+    """Write ``recipe``'s screened dimensions into ``cfg`` (called by
+    :func:`pipeline.config.prepare` only, on its own copy): ``data.img_size``, ``ensemble``, and
+    for every model of the ensemble its ``aug`` preset (over its own augmentation) and
+    ``train.class_weight``."""
+    with open_dict(cfg):
+        if recipe.side:
+            cfg.data.img_size = int(recipe.side)
+        if recipe.models:
+            cfg.ensemble = list(recipe.models)
+        for name in map(str, cfg.ensemble):
+            node = cfg.models[name]
+            if recipe.aug is not None:
+                node.aug = OmegaConf.merge(node.get("aug") or {}, preset_values(recipe.aug, aug_settings(cfg, name)))
+            if recipe.class_weight is not None:
+                node.train = OmegaConf.merge(node.get("train") or {}, {"class_weight": bool(recipe.class_weight)})
+

@@ -1,0 +1,328 @@
+"""Stage ``screen``: the recipe by measurement, before the k-fold training.
+
+    python run.py profile=quick                      # data, folds, screen, train, blend, report
+    python run.py stage=screen budget=15m            # the screening alone (its share of 15 min)
+
+A bounded share of the budget (``screen.share`` of ``budget=``, or of ``screen.seconds``) trains
+candidates on fold 0 only, on a subsample of its training folds (``screen.rows``) with a short
+one-cycle schedule (``screen.epochs``, at least ``screen.min_steps`` steps), and scores them on
+a subsample of fold 0 (``screen.val_rows``) with the competition's metric. The test set and
+the other folds' labels are never used. One dimension after another (coordinate search), each
+an Optuna study over its candidates with successive-halving pruning (Li et al. 2018, "Massively
+parallel hyperparameter tuning", Optuna's ``SuccessiveHalvingPruner``; the baseline candidate
+first, so the rest are pruned against it):
+
+1. ``side``: the first model of ``screen.models`` at the loaded side, its half and its quarter
+   (each a resized uint8 cache, :func:`pipeline.data.load` at that ``data.img_size``);
+2. ``arch``: every model of ``screen.models`` at the chosen side; the ensemble keeps the best
+   ``screen.keep``;
+3. ``aug``: the presets of ``screen.augs`` (:class:`~pipeline.choices.AugPreset`) on the best model;
+4. ``balance``: when the largest class has ``screen.imbalance`` times the rows of the smallest, a
+   class-weighted loss against none.
+
+A dimension set on the command line (``screen.fixed``) is not screened. A candidate starts only
+when its timed estimate (a few real steps, :func:`pipeline.train.engine.seconds_per_member`) ends
+inside the share; a candidate still training when the share runs out stops after its epoch
+(:class:`~pipeline.train.engine.DeadlineReached`). The result (:class:`pipeline.recipe.Screening`:
+the table, the choice and why) is written to ``artifacts/screening/<key>.json`` and logged; the
+run's config then takes the recipe (:func:`pipeline.config.prepare`), and a rerun of the same
+data and screening settings, with any budget, reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import optuna
+from omegaconf import OmegaConf
+
+from pipeline import data, members
+from pipeline.budget import format_minutes
+from pipeline.choices import AugPreset, Dim, Layout, Metric, Pruner
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.members import MemberKey
+from pipeline.metrics import score
+from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, read_screening,
+                             save_screening, screen_augs, screen_fixed, screening_key)
+from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, seconds_per_member
+from pipeline.tune.study import objective_value
+from pipeline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE = 28        # the smallest candidate side (the zoo's networks need it)
+VALIDATION_SHARE = 0.25  # a trial's estimate adds this fraction for its per-epoch validation and set-up
+
+
+def share_seconds(ws: Workspace) -> float:
+    """The screening's time: ``screen.share`` of ``budget=`` (seconds), else of ``screen.seconds``."""
+    s = ws.settings.screen
+    return s.share * (ws.settings.budget if ws.settings.budget is not None else s.seconds)
+
+
+def candidate_sides(loaded: int, layout: Layout, sides: list) -> list[int]:
+    """The side candidates, largest first: ``sides`` (those up to the ``loaded`` side), else the
+    loaded side, its half and its quarter down to :data:`MIN_SIDE` (multiples of 4). A pixel CSV
+    has one side only (its images are not resized)."""
+    if layout is Layout.pixels:
+        return [loaded]
+    if sides:
+        out = sorted({int(s) for s in sides if MIN_SIDE <= int(s) <= loaded}, reverse=True)
+        return out or [loaded]
+    out = [loaded] + [v for d in (2, 4) if (v := loaded // d // 4 * 4) >= MIN_SIDE]
+    return sorted(set(out), reverse=True)
+
+
+def imbalanced(y: np.ndarray, num_classes: int, ratio: float) -> bool:
+    """Whether the largest class of ``y`` ``(N,)`` int64 has at least ``ratio`` times the rows of
+    the smallest (an absent class counts as one row)."""
+    counts = np.maximum(np.bincount(y, minlength=num_classes), 1)
+    return counts.max() / counts.min() >= ratio
+
+
+def subsample(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, val_rows)``, int64 row indices: at most ``screen.rows`` of fold 0's training
+    folds and ``screen.val_rows`` of fold 0, drawn per class in proportion (stratified) with the
+    run's seed."""
+    s, rng = ws.settings.screen, np.random.default_rng(ws.settings.base_seed)
+
+    def draw(rows: np.ndarray, n: int) -> np.ndarray:
+        if len(rows) <= n:
+            return rows
+        y = ws.comp.y_train[rows]
+        picked = [rng.permutation(rows[y == c])[:max(1, round(n * (y == c).mean()))] for c in np.unique(y)]
+        return np.sort(np.concatenate(picked))
+
+    return draw(np.flatnonzero(ws.folds != 0), s.rows), draw(np.flatnonzero(ws.folds == 0), s.val_rows)
+
+
+class Screen:
+    """One screening: the subsample at each side, the trials run so far and the share's deadline."""
+
+    def __init__(self, ws: Workspace, deadline: float):
+        self.ws, self.deadline, self.s = ws, deadline, ws.settings.screen
+        self.train_rows, self.val_rows = subsample(ws)
+        self.trials: list[TrialRecord] = []
+        self._data: dict[int, tuple] = {}
+        self._estimates: dict[tuple[str, int], float] = {}  # (model, side) -> seconds of a trial
+        self._probe_seconds = 0.0  # the longest timed probe so far
+        self.out_of_time = False
+
+    def estimate(self, c: Candidate, spec: FitSpec, comp, folds) -> float:
+        """Seconds a trial of ``c`` takes: a few real steps of its model at its side, timed once per
+        (model, side) (the augmentation and the loss weights barely change it), plus
+        :data:`VALIDATION_SHARE`. Raises ConfigError when it cannot train on the subsample."""
+        if (c.model, c.side) not in self._estimates:
+            t0 = time.time()
+            if not self._estimates:  # the first steps of a process pay torch's one-time set-up (~6x)
+                seconds_per_member(spec, comp, folds, steps=1, warmup=2)
+            train = seconds_per_member(spec, comp, folds, steps=3, warmup=2)
+            self._estimates[c.model, c.side] = train * (1 + VALIDATION_SHARE)
+            self._probe_seconds = max(self._probe_seconds, time.time() - t0)
+        return self._estimates[c.model, c.side]
+
+    def data_at(self, side: int) -> tuple[data.Competition, np.ndarray]:
+        """The subsample as a competition at ``side`` pixels (the loaded images, or the data loaded
+        again at that ``data.img_size``: a uint8 cache of its own) and its folds (0: validation)."""
+        if side not in self._data:
+            comp = self.ws.comp
+            if side != comp.x_train.shape[-1]:
+                cfg = OmegaConf.merge(OmegaConf.to_container(self.ws.cfg, resolve=True), {"data": {"img_size": side}})
+                comp = data.load(cfg)
+            rows = np.concatenate([self.train_rows, self.val_rows])
+            sub = dataclasses.replace(comp, x_train=np.ascontiguousarray(comp.x_train[rows]),
+                                      y_train=comp.y_train[rows], x_test=comp.x_test[:1], test_ids=comp.test_ids[:1])
+            folds = np.r_[np.ones(len(self.train_rows), np.int64), np.zeros(len(self.val_rows), np.int64)]
+            self._data[side] = (sub, folds)
+        return self._data[side]
+
+    def spec(self, c: Candidate, comp) -> FitSpec:
+        """The fit spec of candidate ``c``: its model's settings with the short schedule, its
+        augmentation preset and class weighting, validated every epoch."""
+        ws, s = self.ws, self.s
+        m = ws.settings.models[c.model]
+        aug = m.aug if c.aug is None else dataclasses.replace(m.aug, **preset_values(c.aug, m.aug))
+        batch = min(m.train.batch_size, max(1, len(self.train_rows) // 2))  # a small competition's subsample
+        train = dataclasses.replace(m.train, epochs=s.epochs, min_steps=s.min_steps, class_weight=c.class_weight,
+                                    batch_size=batch)
+        model = dataclasses.replace(m, train=train, aug=aug, seed_count=1)
+        runtime = dataclasses.replace(ws.settings.runtime, val_every=1, progress=False)
+        settings = dataclasses.replace(ws.settings, models={**ws.settings.models, c.model: model}, runtime=runtime)
+        key = MemberKey(c.model, 0)
+        member_cfg = members.member_config(settings, key, f"{comp.fingerprint}-{c.side}", "screen",
+                                           ws.precision(train.precision))
+        return FitSpec.create(model, runtime, key, member_cfg, deadline=self.deadline)
+
+    def run_trial(self, dim: Dim, c: Candidate, trial: optuna.Trial | None) -> TrialRecord:
+        """Train and score candidate ``c`` (reusing an earlier trial of the same candidate); its
+        row of the table. Successive halving may prune it at an epoch (``trial``)."""
+        done = next((t for t in self.trials if t.candidate == c and t.state is not TrialState.skipped), None)
+        if done is not None:
+            return dataclasses.replace(done, dim=dim, seconds=0.0)  # reused: no time spent
+        t0 = time.time()
+        if (c.model, c.side) not in self._estimates and t0 + self._probe_seconds >= self.deadline:
+            self.out_of_time = True  # not even its timed steps fit
+            return TrialRecord(dim, c, TrialState.skipped, None, None, 0, 0.0)
+        comp, folds = self.data_at(c.side)
+        spec = self.spec(c, comp)
+        epochs_run = [0]
+        try:
+            estimate = self.estimate(c, spec, comp, folds)
+        except ConfigError as e:  # e.g. a batch larger than the subsample
+            log.info("screen: %s: not screened (%s)", c.label(), e)
+            return TrialRecord(dim, c, TrialState.failed, None, None, 0, time.time() - t0)
+        if time.time() + estimate > self.deadline:
+            log.info("screen: %s: skipped, its estimate %s does not fit in the share left", c.label(),
+                     format_minutes(estimate))
+            return TrialRecord(dim, c, TrialState.skipped, None, None, 0, time.time() - t0)
+
+        def report(epoch: int, record: dict) -> None:
+            epochs_run[0] = epoch
+            if trial is not None and "val_acc" in record:
+                trial.report(_step_value(record, self.ws.settings.data.metric), epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+        try:
+            res = fit_member(spec, comp, folds, on_epoch=report, predict_test=False)
+        except optuna.TrialPruned:
+            return TrialRecord(dim, c, TrialState.pruned, None, None, epochs_run[0], time.time() - t0)
+        except DeadlineReached:
+            self.out_of_time = True
+            return TrialRecord(dim, c, TrialState.stopped, None, None, epochs_run[0], time.time() - t0)
+        except PipelineError as e:  # diverged
+            log.info("screen: %s: failed (%s)", c.label(), e)
+            return TrialRecord(dim, c, TrialState.failed, None, None, epochs_run[0], time.time() - t0)
+        y = comp.y_train[res.row_ids]
+        sc = score(y, res.oof)
+        value = objective_value(sc, self.ws.settings.data.metric, len(y))
+        return TrialRecord(dim, c, TrialState.complete, value, sc.accuracy, epochs_run[0], time.time() - t0)
+
+    def study(self, dim: Dim, candidates: list[Candidate]) -> list[TrialRecord]:
+        """Screen ``candidates`` (the first is the baseline) as one Optuna study with
+        ``screen.pruner``; their rows of the table, in order. Stops starting trials once the share
+        is spent."""
+        study = optuna.create_study(direction="maximize", pruner=make_pruner(self.s.pruner, self.s.epochs))
+        rows: list[TrialRecord] = []
+        for i in range(len(candidates)):
+            study.enqueue_trial({"candidate": i})
+
+        def objective(trial: optuna.Trial) -> float:
+            c = candidates[trial.suggest_int("candidate", 0, len(candidates) - 1)]
+            row = self.run_trial(dim, c, trial)
+            rows.append(row)
+            self.trials.append(row)
+            log.info("screen: %-8s %-44s %-9s %s (%d epochs, %.1f s)", dim.value, c.label(), row.state.value,
+                     "" if row.score is None else f"{row.score:.4f}", row.epochs, row.seconds)
+            if row.state is TrialState.pruned:
+                raise optuna.TrialPruned()
+            return row.score if row.score is not None else -math.inf
+
+        for _ in candidates:
+            if self.out_of_time:
+                break
+            study.optimize(objective, n_trials=1)
+        return rows
+
+
+def _step_value(record: dict, metric: Metric) -> float:
+    """An epoch's validation figure for pruning: minus the log loss for ``log_loss``, else the accuracy."""
+    return -float(record["val_loss"]) if metric is Metric.log_loss else float(record["val_acc"])
+
+
+def make_pruner(kind: Pruner, epochs: int) -> optuna.pruners.BasePruner:
+    """The screening's pruner: successive halving with one rung at two thirds of the short
+    schedule where the better half goes on (a candidate's first epoch, in the one-cycle warm-up,
+    ranks augmentations and architectures badly: on the digits every flip and the CNNs lost to the
+    MLP there), Hyperband over ``epochs``, the median rule, or none."""
+    if kind is Pruner.successive_halving:
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, math.ceil(2 * epochs / 3)),
+                                                      reduction_factor=2)
+    if kind is Pruner.hyperband:
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))
+    if kind is Pruner.median:
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def best(rows: list[TrialRecord]) -> TrialRecord | None:
+    """The complete row with the highest score (the earliest among equals), or None."""
+    done = [r for r in rows if r.state is TrialState.complete]
+    return max(done, key=lambda r: r.score) if done else None
+
+
+def ranked(rows: list[TrialRecord]) -> list[TrialRecord]:
+    """Complete rows by score, best first (the earliest among equals)."""
+    return sorted([r for r in rows if r.state is TrialState.complete], key=lambda r: -r.score)
+
+
+def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: str) -> str:
+    if chosen is None:
+        return f"{dim.value}: no candidate completed in the share; kept as configured"
+    others = [r for r in ranked(rows) if r is not chosen][:2]
+    against = "; ".join(f"{r.candidate.label()} {r.score:.4f}" for r in others) or "no other candidate completed"
+    return f"{dim.value}: {what} ({chosen.score:.4f}) against {against}"
+
+
+def screen(ws: Workspace) -> Screening:
+    """Run the screening of ``ws`` (see the module docstring) and return it (not yet saved)."""
+    s, fixed = ws.settings.screen, screen_fixed(ws.cfg)
+    t0 = time.time()
+    share = share_seconds(ws)
+    sc = Screen(ws, t0 + share)
+    models = [str(m) for m in s.models] if Dim.arch not in fixed else [str(ws.cfg.ensemble[0])]
+    augs = screen_augs(ws.cfg) if Dim.aug not in fixed else [None]
+    side = ws.comp.x_train.shape[-1]
+    reasons, recipe = [], Recipe()
+    sides = candidate_sides(side, ws.comp.layout, list(s.sides)) if Dim.side not in fixed else [side]
+    if len(sides) > 1:
+        rows = sc.study(Dim.side, [Candidate(models[0], v, augs[0]) for v in sides])
+        chosen = best(rows)
+        side = chosen.candidate.side if chosen else side
+        recipe = dataclasses.replace(recipe, side=side)
+        reasons.append(_why(Dim.side, rows, chosen, f"{side} px"))
+    if Dim.arch not in fixed:
+        rows = sc.study(Dim.arch, [Candidate(m, side, augs[0]) for m in models])
+        order = [r.candidate.model for r in ranked(rows)][:s.keep]
+        models = order + [m for m in models if m not in order]  # the best first for what follows
+        recipe = dataclasses.replace(recipe, models=tuple(order))
+        reasons.append(_why(Dim.arch, rows, best(rows), f"ensemble [{', '.join(order)}]"))
+    if Dim.aug not in fixed and len(augs) > 1:
+        rows = sc.study(Dim.aug, [Candidate(models[0], side, a) for a in augs])
+        chosen = best(rows)
+        recipe = dataclasses.replace(recipe, aug=chosen.candidate.aug if chosen else None)
+        reasons.append(_why(Dim.aug, rows, chosen, f"preset {chosen.candidate.aug.value if chosen else ''}"))
+    if Dim.balance not in fixed and imbalanced(ws.comp.y_train[sc.train_rows], ws.comp.num_classes, s.imbalance):
+        aug = recipe.aug if recipe.aug is not None else augs[0]
+        rows = sc.study(Dim.balance, [Candidate(models[0], side, aug, w) for w in (False, True)])
+        chosen = best(rows)
+        recipe = dataclasses.replace(recipe, class_weight=chosen.candidate.class_weight if chosen else None)
+        reasons.append(_why(Dim.balance, rows, chosen, f"class_weight {str(recipe.class_weight).lower()}"))
+    return Screening(screening_key(ws.cfg), recipe, tuple(sc.trials), tuple(reasons), share, time.time() - t0,
+                     len(sc.train_rows), len(sc.val_rows), tuple(sorted(fixed, key=list(Dim).index)))
+
+
+def run(cfg, ws: Workspace) -> Screening | None:
+    """Stage ``screen``: with ``screen.enabled``, the screening of this run, reused from
+    ``artifacts/screening/`` when one was made for it, else run and written there; the table,
+    the choice and why are logged either way. Returns it, or None when screening is off.
+    Raises ArtifactError for an unreadable record."""
+    if not ws.settings.screen.enabled:
+        return None
+    path = ws.paths.screening(screening_key(ws.cfg))
+    found = read_screening(path)
+    if found is not None:
+        log.info("screen: reusing %s (made in %.0f s):\n%s", path, found.seconds, found.table())
+        return found
+    log.info("screen: up to %s on fold 0 (%s)", format_minutes(share_seconds(ws)),
+             ", ".join(f"{d.value} fixed" for d in screen_fixed(ws.cfg)) or "nothing fixed")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the screening logs its own rows
+    result = screen(ws)
+    save_screening(path, result)
+    log.info("screen: done in %s -> %s\n%s", format_minutes(result.seconds), path, result.table())
+    return result
+

@@ -151,7 +151,8 @@ def compose(root: Path, data_dir: Path, device: str, *overrides: str):
     from hydra import initialize_config_dir
 
     ov = [f"paths.root={root}", f"data.dir={data_dir}", f"runtime.device={device}", "runtime.progress=false",
-          "pseudo.models=[]", "pseudo.blend=mean", *(DRY_RUN_MODELS if device == "cpu" else []), *overrides]
+          "pseudo.models=[]", "pseudo.blend=mean", "screen.enabled=false",
+          *(DRY_RUN_MODELS if device == "cpu" else []), *overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=ov)
 
@@ -669,7 +670,7 @@ def step_end_to_end(args, work: Path) -> dict:
               "train.epochs=2", "train.min_steps=0", "train.batch_size=32", "models.cnn_deotte.train.epochs=2",
               "models.cnn_deotte.seeds=1",
               "pseudo.models=[]", "pseudo.blend=mean", "runtime.estimate=true", "runtime.progress=false",
-              "ensemble=[cnn_deotte,mlp]", "blend.method=[mean,weighted]"]
+              "ensemble=[cnn_deotte,mlp]", "blend.method=[mean,weighted]", "screen.enabled=false"]
     if args.device == "cpu":
         common += DRY_RUN_MODELS
     img = work / "digit.png"  # a PNG of the first test row

@@ -42,13 +42,14 @@ from omegaconf import OmegaConf
 
 from pipeline import data, members
 from pipeline.budget import format_minutes
-from pipeline.choices import AugPreset, Dim, Layout, Metric, Pruner
+from pipeline.choices import Dim, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.members import MemberKey
 from pipeline.metrics import score
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, read_screening,
                              save_screening, screen_augs, screen_fixed, screening_key)
-from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, seconds_per_member
+from pipeline.settings import TrainSettings
+from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, planned_epochs, seconds_per_member
 from pipeline.tune.study import objective_value
 from pipeline.workspace import Workspace
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 MIN_SIDE = 28        # the smallest candidate side (the zoo's networks need it)
 VALIDATION_SHARE = 0.25  # a trial's estimate adds this fraction for its per-epoch validation and set-up
+PROBE_BATCH = 64         # the timed steps' batch: a 128 px probe at 256 took 45 s on a 2-core CPU
+MIN_BATCHES = 24         # a trial's batch leaves at least this many steps per epoch (2,000-image competitions)
 
 
 def share_seconds(ws: Workspace) -> float:
@@ -113,17 +116,41 @@ class Screen:
         self.out_of_time = False
 
     def estimate(self, c: Candidate, spec: FitSpec, comp, folds) -> float:
-        """Seconds a trial of ``c`` takes: a few real steps of its model at its side, timed once per
-        (model, side) (the augmentation and the loss weights barely change it), plus
-        :data:`VALIDATION_SHARE`. Raises ConfigError when it cannot train on the subsample."""
+        """Seconds a trial of ``c`` takes: two real steps of its model at its side on a batch of
+        at most :data:`PROBE_BATCH` (one warm-up step before them), timed once per (model, side)
+        (the augmentation and the loss weights barely change it), scaled to the trial's images,
+        plus :data:`VALIDATION_SHARE`. Raises ConfigError when it cannot train on the subsample."""
         if (c.model, c.side) not in self._estimates:
             t0 = time.time()
-            if not self._estimates:  # the first steps of a process pay torch's one-time set-up (~6x)
-                seconds_per_member(spec, comp, folds, steps=1, warmup=2)
-            train = seconds_per_member(spec, comp, folds, steps=3, warmup=2)
-            self._estimates[c.model, c.side] = train * (1 + VALIDATION_SHARE)
+            batch = min(PROBE_BATCH, spec.train.batch_size)
+            probe = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=batch, epochs=1,
+                                                                       min_steps=0))
+            if not self._estimates:  # the first steps of a process pay torch's one-time set-up
+                seconds_per_member(probe, comp, folds, steps=1, warmup=1)
+            rows = len(self.train_rows)
+            per_image = seconds_per_member(probe, comp, folds, steps=2, warmup=1) / ((rows // batch) * batch)
+            self._estimates[c.model, c.side] = per_image * self.images(spec.train) * (1 + VALIDATION_SHARE)
             self._probe_seconds = max(self._probe_seconds, time.time() - t0)
         return self._estimates[c.model, c.side]
+
+    def images(self, train: TrainSettings) -> int:
+        """Training images of a trial under ``train`` (the short schedule's epochs x full batches)."""
+        steps = len(self.train_rows) // train.batch_size
+        return planned_epochs(train, steps) * steps * train.batch_size
+
+    def epochs(self, model: str) -> int:
+        """The short schedule's epochs for ``model`` (``screen.epochs``, raised to ``screen.min_steps``)."""
+        train = self.short(model)
+        return planned_epochs(train, len(self.train_rows) // train.batch_size)
+
+    def short(self, model: str, class_weight: bool = False) -> TrainSettings:
+        """``model``'s training settings for a trial: ``screen.epochs`` with at least
+        ``screen.min_steps`` steps, on a batch of at most the subsample's rows over
+        :data:`MIN_BATCHES` (a power of two, at least 16)."""
+        m, s = self.ws.settings.models[model].train, self.s
+        fit = 2 ** int(math.log2(max(16, len(self.train_rows) // MIN_BATCHES)))
+        return dataclasses.replace(m, epochs=s.epochs, min_steps=s.min_steps, class_weight=class_weight,
+                                   batch_size=min(m.batch_size, fit))
 
     def data_at(self, side: int) -> tuple[data.Competition, np.ndarray]:
         """The subsample as a competition at ``side`` pixels (the loaded images, or the data loaded
@@ -143,12 +170,10 @@ class Screen:
     def spec(self, c: Candidate, comp) -> FitSpec:
         """The fit spec of candidate ``c``: its model's settings with the short schedule, its
         augmentation preset and class weighting, validated every epoch."""
-        ws, s = self.ws, self.s
+        ws = self.ws
         m = ws.settings.models[c.model]
         aug = m.aug if c.aug is None else dataclasses.replace(m.aug, **preset_values(c.aug, m.aug))
-        batch = min(m.train.batch_size, max(1, len(self.train_rows) // 2))  # a small competition's subsample
-        train = dataclasses.replace(m.train, epochs=s.epochs, min_steps=s.min_steps, class_weight=c.class_weight,
-                                    batch_size=batch)
+        train = self.short(c.model, c.class_weight)
         model = dataclasses.replace(m, train=train, aug=aug, seed_count=1)
         runtime = dataclasses.replace(ws.settings.runtime, val_every=1, progress=False)
         settings = dataclasses.replace(ws.settings, models={**ws.settings.models, c.model: model}, runtime=runtime)
@@ -206,7 +231,8 @@ class Screen:
         """Screen ``candidates`` (the first is the baseline) as one Optuna study with
         ``screen.pruner``; their rows of the table, in order. Stops starting trials once the share
         is spent."""
-        study = optuna.create_study(direction="maximize", pruner=make_pruner(self.s.pruner, self.s.epochs))
+        pruner = make_pruner(self.s.pruner, self.epochs(candidates[0].model))
+        study = optuna.create_study(direction="maximize", pruner=pruner)
         rows: list[TrialRecord] = []
         for i in range(len(candidates)):
             study.enqueue_trial({"candidate": i})
@@ -222,9 +248,12 @@ class Screen:
                 raise optuna.TrialPruned()
             return row.score if row.score is not None else -math.inf
 
-        for _ in candidates:
-            if self.out_of_time:
-                break
+        for c in candidates:
+            if self.out_of_time:  # the share is spent: the rest are listed, not run
+                row = TrialRecord(dim, c, TrialState.skipped, None, None, 0, 0.0)
+                rows.append(row)
+                self.trials.append(row)
+                continue
             study.optimize(objective, n_trials=1)
         return rows
 
@@ -249,23 +278,44 @@ def make_pruner(kind: Pruner, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def best(rows: list[TrialRecord]) -> TrialRecord | None:
-    """The complete row with the highest score (the earliest among equals), or None."""
+def noise(rows: list[TrialRecord], n_val: int, metric: Metric) -> float:
+    """How far apart two candidates' scores may be by chance: one standard error of the
+    difference of two accuracies on the same ``n_val`` validation rows, ``sqrt(2 p (1 - p) / n_val)``
+    at the best complete row's accuracy ``p`` (binomial); 0 for another metric."""
+    done = [r.accuracy for r in rows if r.state is TrialState.complete and r.accuracy is not None]
+    if metric is not Metric.accuracy or not done:
+        return 0.0
+    p = max(done)
+    return math.sqrt(2 * p * (1 - p) / max(1, n_val))
+
+
+def best(rows: list[TrialRecord], margin: float = 0.0) -> TrialRecord | None:
+    """The baseline (the study's first candidate, when it completed) unless another complete row
+    scores more than ``margin`` above it; then the highest (the earliest among equals). None when
+    none completed."""
     done = [r for r in rows if r.state is TrialState.complete]
-    return max(done, key=lambda r: r.score) if done else None
+    if not done:
+        return None
+    top = max(done, key=lambda r: r.score)
+    base = rows[0] if rows[0].state is TrialState.complete else top
+    return top if top.score - base.score > margin else base
 
 
-def ranked(rows: list[TrialRecord]) -> list[TrialRecord]:
-    """Complete rows by score, best first (the earliest among equals)."""
-    return sorted([r for r in rows if r.state is TrialState.complete], key=lambda r: -r.score)
+def ranked(rows: list[TrialRecord], margin: float = 0.0) -> list[TrialRecord]:
+    """Complete rows, :func:`best` first, then by score (the earliest among equals)."""
+    first = best(rows, margin)
+    rest = sorted([r for r in rows if r.state is TrialState.complete and r is not first], key=lambda r: -r.score)
+    return [first, *rest] if first is not None else []
 
 
-def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: str) -> str:
+def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: str, margin: float) -> str:
     if chosen is None:
         return f"{dim.value}: no candidate completed in the share; kept as configured"
     others = [r for r in ranked(rows) if r is not chosen][:2]
     against = "; ".join(f"{r.candidate.label()} {r.score:.4f}" for r in others) or "no other candidate completed"
-    return f"{dim.value}: {what} ({chosen.score:.4f}) against {against}"
+    kept = " (the baseline: nothing beat it by more than the noise, %.4f)" % margin if (
+        chosen is rows[0] and any(r.score > chosen.score for r in others)) else ""
+    return f"{dim.value}: {what} ({chosen.score:.4f}) against {against}{kept}"
 
 
 def screen(ws: Workspace) -> Screening:
@@ -279,29 +329,31 @@ def screen(ws: Workspace) -> Screening:
     side = ws.comp.x_train.shape[-1]
     reasons, recipe = [], Recipe()
     sides = candidate_sides(side, ws.comp.layout, list(s.sides)) if Dim.side not in fixed else [side]
-    if len(sides) > 1:
-        rows = sc.study(Dim.side, [Candidate(models[0], v, augs[0]) for v in sides])
-        chosen = best(rows)
+    metric, n_val = ws.settings.data.metric, len(sc.val_rows)
+    if len(sides) > 1:  # the smallest side is the baseline: a larger one must pay for its cost
+        rows = sc.study(Dim.side, [Candidate(models[0], v, augs[0]) for v in sorted(sides)])
+        chosen = best(rows, margin := noise(rows, n_val, metric))
         side = chosen.candidate.side if chosen else side
         recipe = dataclasses.replace(recipe, side=side)
-        reasons.append(_why(Dim.side, rows, chosen, f"{side} px"))
+        reasons.append(_why(Dim.side, rows, chosen, f"{side} px", margin))
     if Dim.arch not in fixed:
         rows = sc.study(Dim.arch, [Candidate(m, side, augs[0]) for m in models])
-        order = [r.candidate.model for r in ranked(rows)][:s.keep]
+        margin = noise(rows, n_val, metric)
+        order = [r.candidate.model for r in ranked(rows, margin)][:s.keep]
         models = order + [m for m in models if m not in order]  # the best first for what follows
         recipe = dataclasses.replace(recipe, models=tuple(order))
-        reasons.append(_why(Dim.arch, rows, best(rows), f"ensemble [{', '.join(order)}]"))
+        reasons.append(_why(Dim.arch, rows, best(rows, margin), f"ensemble [{', '.join(order)}]", margin))
     if Dim.aug not in fixed and len(augs) > 1:
         rows = sc.study(Dim.aug, [Candidate(models[0], side, a) for a in augs])
-        chosen = best(rows)
+        chosen = best(rows, margin := noise(rows, n_val, metric))
         recipe = dataclasses.replace(recipe, aug=chosen.candidate.aug if chosen else None)
-        reasons.append(_why(Dim.aug, rows, chosen, f"preset {chosen.candidate.aug.value if chosen else ''}"))
+        reasons.append(_why(Dim.aug, rows, chosen, f"preset {chosen.candidate.aug.value if chosen else ''}", margin))
     if Dim.balance not in fixed and imbalanced(ws.comp.y_train[sc.train_rows], ws.comp.num_classes, s.imbalance):
         aug = recipe.aug if recipe.aug is not None else augs[0]
         rows = sc.study(Dim.balance, [Candidate(models[0], side, aug, w) for w in (False, True)])
-        chosen = best(rows)
+        chosen = best(rows, margin := noise(rows, n_val, metric))
         recipe = dataclasses.replace(recipe, class_weight=chosen.candidate.class_weight if chosen else None)
-        reasons.append(_why(Dim.balance, rows, chosen, f"class_weight {str(recipe.class_weight).lower()}"))
+        reasons.append(_why(Dim.balance, rows, chosen, f"class_weight {str(recipe.class_weight).lower()}", margin))
     return Screening(screening_key(ws.cfg), recipe, tuple(sc.trials), tuple(reasons), share, time.time() - t0,
                      len(sc.train_rows), len(sc.val_rows), tuple(sorted(fixed, key=list(Dim).index)))
 

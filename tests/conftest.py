@@ -33,6 +33,7 @@ TINY = [
     "models.cnn_deotte.seeds=1",  # the competition profile's seeds and pseudo-label round: off
     "pseudo.models=[]",
     "pseudo.blend=mean",
+    "screen.enabled=false",  # the profiles' recipe screening (tests/test_screen.py turns it on)
 ]
 
 

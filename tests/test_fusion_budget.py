@@ -22,6 +22,24 @@ from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
 
 
+@pytest.fixture(autouse=True)
+def whole_probe_groups(monkeypatch):
+    """These tests check the GPU's logic on the CPU: the probe times a model's whole group, as on
+    a GPU (on a CPU it times at most ``probes.CPU_PROBE_GROUP`` members,
+    :func:`test_a_cpu_probe_times_a_group_of_two`)."""
+    monkeypatch.setattr(probes, "CPU_PROBE_GROUP", 64)
+
+
+def test_a_cpu_probe_times_a_group_of_two(tiny_cfg, monkeypatch):
+    """On the CPU a model's fused group is probed with at most 2 of its members (a group of 8 at
+    64 px took minutes to time on the 2-core EPYC); its alone probe is one member."""
+    monkeypatch.setattr(probes, "CPU_PROBE_GROUP", 2)
+    ws = Workspace.load(tiny_cfg("ensemble=[mlp]", "seeds=2"))
+    keys = ws.keys("mlp")
+    found = sorted(p.size for p in probes._probes(ws, [tuple(keys)], []))
+    assert len(keys) == 4 and found == [1, 2]
+
+
 def _simulate(units: list[tuple], seconds: list[float], jobs: int, available: float) -> tuple[float, list[tuple]]:
     """What the scheduler does with ``units`` on ``jobs`` slots: each unit starts on the first free
     slot and is dropped when its seconds would end after ``available`` (train_unit_locked's start

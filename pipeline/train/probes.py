@@ -141,6 +141,8 @@ class Probe:
         return len(self.keys)
 
 
+CPU_PROBE_GROUP = 2  # members of a fused group timed on the CPU: its steps cost the group's size (a group
+# of 8 at 64 px took minutes to time on a 2-core EPYC), and a CPU gains nothing from larger groups
 LAYOUT_NOISE = 0.05  # runtime.fuse=auto: a memory layout counts as faster when its timed steps took 5% less
 
 
@@ -248,8 +250,10 @@ class FuseChoice:
 def _probes(ws: Workspace, units: list[tuple[MemberKey, ...]], later: list[MemberKey]) -> list[Probe]:
     """Per pending model, one member alone and, when ``units`` fuse some of its members, its
     largest group; a pseudo-label round's (``later``) is one member of its model without the
-    pseudo rows, which do not exist yet."""
+    pseudo rows, which do not exist yet. On the CPU the group probed is at most
+    :data:`CPU_PROBE_GROUP` members (the plan prices larger groups at its per-member share)."""
     out: dict[tuple[str, int], Probe] = {}
+    cpu = select_device(ws.settings.runtime.device).type == "cpu"
 
     def probe(unit) -> Probe:
         return Probe(unit, tuple(member_spec(ws, k) for k in unit), tuple(member_pseudo(ws, k) for k in unit))
@@ -257,6 +261,7 @@ def _probes(ws: Workspace, units: list[tuple[MemberKey, ...]], later: list[Membe
     for unit in sorted(units, key=len, reverse=True):
         model = unit[0].model
         if len(unit) > 1 and not any(m == model for m, _ in out):
+            unit = unit[:CPU_PROBE_GROUP] if cpu else unit
             out[(model, len(unit))] = probe(unit)
         if (model, 1) not in out:
             out[(model, 1)] = probe(unit[:1])

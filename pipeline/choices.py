@@ -140,6 +140,6 @@ class AugPreset(str, Enum):
     none = "none"          # no augmentation
     affine = "affine"      # rotation, zoom, shift (aug.rotate / scale / shift as configured)
     hflip = "hflip"        # affine + horizontal flips (objects, clothing)
-    dihedral = "dihedral"  # affine + horizontal and vertical flips + 90-degree rotations (cells, aerial)
+    dihedral = "dihedral"  # affine + the 8 flips and 90-degree rotations of the square (cells, aerial)
     elastic = "elastic"    # affine + elastic distortion (Simard et al. 2003)
     erase = "erase"        # affine + random erasing (Zhong et al. 2017)

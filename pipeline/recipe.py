@@ -200,7 +200,7 @@ def read_screening(path: Path) -> Screening | None:
 # The command line's overrides that fix a dimension (prefixes of the override's key).
 FIXING = {
     Dim.side: ("data.img_size",),
-    Dim.arch: ("ensemble", "model", "screen.models"),
+    Dim.arch: ("ensemble", "model"),
     Dim.aug: ("aug",),
     Dim.balance: ("train.class_weight",),
 }

@@ -237,7 +237,8 @@ class SubmitSettings:
 GROUPS: dict[str, type] = {
     "train": TrainSettings, "aug": AugSettings, "tta": TTASettings, "runtime": RuntimeSettings,
     "folds": FoldsSettings, "data": DataSettings, "blend": BlendSettings, "tune": TuneSettings,
-    "predict": PredictSettings, "pseudo": PseudoSettings, "screen": ScreenSettings, "export": ExportSettings, "submit": SubmitSettings,
+    "predict": PredictSettings, "pseudo": PseudoSettings, "screen": ScreenSettings, "export": ExportSettings,
+    "submit": SubmitSettings,
 }
 MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space", "ranges")
 BUILD_OFFLINE = ("auto", "true", "false")

@@ -60,7 +60,7 @@ def test_a_flip_loses_the_screening_on_digits(tiny_cfg):
 
 def test_overrides_fix_their_dimensions():
     assert fixed_dims(["profile=quick", "data.dir=x", "budget=15m", "model=all", "models.mlp.kwargs.hidden=64",
-                       "models.cnn_deotte.train.lr=0.01"]) == []
+                       "models.cnn_deotte.train.lr=0.01", "screen.models=[mlp,resnet9]"]) == []
     assert fixed_dims(["data.img_size=64"]) == [Dim.side]
     assert fixed_dims(["ensemble=[mlp]"]) == fixed_dims(["model=mlp"]) == [Dim.arch]
     assert fixed_dims(["aug.hflip=0.5"]) == fixed_dims(["aug=none"]) == fixed_dims(["+models.mlp.aug.rotate=3"]) \

@@ -141,26 +141,33 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
     if stage in NO_WORKSPACE:
         return STAGE_FUNCTIONS[stage](cfg, settings if stage is Stage.submit else None)
     ws = Workspace.load(cfg, settings)
-    if stage is Stage.train and settings.screen.enabled and screened(cfg) is None:
-        cfg, ws = _screen_first(raw, ws)  # stage=train alone screens first, as stage=all does
+    if stage is Stage.train:
+        cfg, ws = _screen_first(raw, cfg, ws)  # stage=train alone screens first, as stage=all does
     if stage is not Stage.all:
         return STAGE_FUNCTIONS[stage](cfg, ws)
     result = None
     for s in ALL:
         if s is Stage.screen:
-            if settings.screen.enabled and screened(cfg) is None:
-                cfg, ws = _screen_first(raw, ws)
+            cfg, ws = _screen_first(raw, cfg, ws)
             continue
         out = STAGE_FUNCTIONS[s](cfg, ws)
         result = out if s is Stage.blend else result
     return result
 
 
-def _screen_first(raw: DictConfig, ws) -> tuple[DictConfig, Any]:
-    """Run the screening on ``ws``, then prepare ``raw`` again (which applies the recipe, its
-    side too) and load its workspace; the run's entry time is kept."""
+def _screen_first(raw: DictConfig, cfg: DictConfig, ws) -> tuple[DictConfig, Any]:
+    """The screening before training (``stage=train``, ``stage=all``) when ``screen.enabled``:
+    one made for this run is reused (``cfg`` already carries its recipe; its table is logged),
+    else it runs on ``ws``, then ``raw`` is prepared again (which applies the recipe, its side
+    too) and its workspace loaded; the run's entry time is kept. Returns the config and
+    workspace to train on."""
     from pipeline.workspace import Workspace
 
+    if not ws.settings.screen.enabled:
+        return cfg, ws
+    if screened(cfg) is not None:
+        _screen(cfg, ws)  # logs the record it reuses
+        return cfg, ws
     _screen(ws.cfg, ws)
     cfg, settings = prepare(raw)
     return cfg, Workspace.load(cfg, dataclasses.replace(settings, started=ws.settings.started))

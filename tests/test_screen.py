@@ -172,3 +172,32 @@ def test_class_weights_balance_the_loss_and_reach_the_training_step(tiny_cfg, mo
     from pipeline.train.probes import fusable_models
 
     assert fusable_models(ws, [MemberKey("mlp", 0), MemberKey("mlp", 1)]) == frozenset()
+
+
+def test_a_rerun_with_a_larger_budget_reuses_the_screening_and_the_members(tiny_cfg, caplog, monkeypatch):
+    """``stage=train budget=3m`` screens, plans one seed of the chosen mlp (its costs pinned at 20 s
+    an epoch, so the plans depend on the budget alone) and trains it; the same command with
+    ``budget=10m`` reuses the screening (no trial runs again), keeps the members' 2 epochs (the
+    range would otherwise plan 4 and retrain), finds seed 0's members cached and trains seed 1."""
+    from pipeline.budget import Cost, read_record
+    from pipeline.stages import run_stage
+    from pipeline.train import budgeted
+    from pipeline.train.scheduler import Outcome
+
+    monkeypatch.setattr(budgeted, "costs", lambda ws, timed, fused, models, k: {m: Cost(20.0, 0.0, k) for m in models})
+    args = ("stage=train", "screen.enabled=true", "screen.models=[mlp]", "screen.augs=[affine,none]",
+            "screen.epochs=2", "screen.min_steps=1", "runtime.fuse=off", "+models.mlp.train.epochs=2",
+            "+models.mlp.ranges.epochs=[2,4]", "+models.mlp.ranges.seeds=[1,2]")
+    with caplog.at_level(logging.INFO):
+        first = run_stage(tiny_cfg(*args, "budget=3m"))
+    assert "screen: done" in caplog.text
+    assert {(o.key.seed_index, o.outcome) for o in first} == {(0, Outcome.TRAINED)} and len(first) == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        second = run_stage(tiny_cfg(*args, "budget=10m"))
+    assert "screen: reusing" in caplog.text and "screen: done" not in caplog.text
+    assert "mlp              2 seed(s) x 2 epochs" in caplog.text
+    assert sorted((o.key.seed_index, o.key.fold, o.outcome) for o in second) == [
+        (0, 0, Outcome.CACHED), (0, 1, Outcome.CACHED), (1, 0, Outcome.TRAINED), (1, 1, Outcome.TRAINED)]
+    record = read_record(_ws(tiny_cfg(*args, "budget=10m")).paths.budget_plan)
+    assert record.complete == {"mlp": 2}

@@ -197,6 +197,7 @@ class ScreenSettings:
     augs: list = field(default_factory=lambda: ["affine", "none", "hflip", "dihedral", "elastic", "erase"])
     sides: list = field(default_factory=list)  # candidate sides; [] = the loaded side, its half and quarter (>= 28 px)
     keep: int = _f(2, ge=1)                    # architectures the ensemble keeps, best first
+    keep_within: float = _f(2.0, ge=0)         # ...each within this many times the noise of the best
     rows: int = _f(6000, ge=100)               # training rows of the subsample (fold 0's training folds)
     val_rows: int = _f(3000, ge=100)           # validation rows (fold 0)
     epochs: int = _f(3, ge=1)                  # the short schedule of every candidate

@@ -157,18 +157,19 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
 
 def _screen_first(raw: DictConfig, cfg: DictConfig, ws) -> tuple[DictConfig, Any]:
     """The screening before training (``stage=train``, ``stage=all``) when ``screen.enabled``:
-    one made for this run is reused (``cfg`` already carries its recipe; its table is logged),
-    else it runs on ``ws``, then ``raw`` is prepared again (which applies the recipe, its side
-    too) and its workspace loaded; the run's entry time is kept. Returns the config and
-    workspace to train on."""
+    one made for this run is reused (``cfg`` already carries its recipe; the screen stage logs
+    its table), else it runs on ``ws``, then ``raw`` is prepared again (which applies the recipe,
+    its side too) and its workspace loaded; the run's entry time is kept. Returns the config and
+    workspace to train on. Raises ArtifactError for an unreadable record, and what
+    :meth:`pipeline.workspace.Workspace.load` raises for the data at the chosen side."""
     from pipeline.workspace import Workspace
 
     if not ws.settings.screen.enabled:
         return cfg, ws
-    if screened(cfg) is not None:
-        _screen(cfg, ws)  # logs the record it reuses
-        return cfg, ws
+    found = screened(cfg)
     _screen(ws.cfg, ws)
+    if found is not None:
+        return cfg, ws
     cfg, settings = prepare(raw)
     return cfg, Workspace.load(cfg, dataclasses.replace(settings, started=ws.settings.started))
 

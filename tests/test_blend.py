@@ -179,15 +179,19 @@ def test_ensemble_selection_and_means_on_real_members(trained_cfg):
     np.testing.assert_allclose(g, expect / expect.sum(1, keepdims=True))
 
 
-def test_every_blender_round_trips_through_the_store(trained_cfg):
+@pytest.mark.parametrize("overrides, methods", [
+    (["blend.method=all"], set(BlendMethod)),
+    (["blend.method=stack", "blend.stack_meta=hgb", "blend.stack_max_iter=20", "blend.stack_entropy=true"],
+     {BlendMethod.stack}),
+])
+def test_every_blender_round_trips_through_the_store(trained_cfg, overrides, methods):
     """All methods, stack with HistGradientBoosting (saved with skops, no pickle) too: the saved
     blender predicts exactly like the fitted one."""
-    for extra in ([], ["blend.stack_meta=hgb", "blend.stack_max_iter=20", "blend.stack_entropy=true"]):
-        cfg = trained_cfg("blend.method=all", *extra)
-        out = blend.run(cfg)
-        assert set(out.blends) == set(BlendMethod)
-        ws, X, _ = _oof(cfg)
-        saved = store.load(Paths.from_cfg(cfg))
-        for method, result in out.blends.items():
-            np.testing.assert_array_equal(saved.blender(method).predict_proba(X), result.blender.predict_proba(X))
-            np.testing.assert_array_equal(saved.probabilities(method, "test"), result.test.astype(np.float32))
+    cfg = trained_cfg(*overrides)
+    out = blend.run(cfg)
+    assert set(out.blends) == methods
+    ws, X, _ = _oof(cfg)
+    saved = store.load(Paths.from_cfg(cfg))
+    for method, result in out.blends.items():
+        np.testing.assert_array_equal(saved.blender(method).predict_proba(X), result.blender.predict_proba(X))
+        np.testing.assert_array_equal(saved.probabilities(method, "test"), result.test.astype(np.float32))

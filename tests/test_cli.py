@@ -95,7 +95,8 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     assert (tmp_path / "artifacts" / "report" / "index.html").exists()  # stage=all ends with the report
 
 
-@pytest.mark.parametrize("args, message", [
+# A user error: (the command's arguments, what its one line must say).
+USER_ERRORS = [
     (["stage=data", "data.dir={tmp}/nowhere"], "does not exist"),
     (["stage=train", "model=lenet"], "unknown model 'lenet'"),
     (["stage=train", "fold=9"], "fold=9: expected 'all' or an integer 0..1"),
@@ -107,8 +108,35 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     (["stage=train", "train.precision=fp8"], "train.precision=fp8: Invalid value 'fp8'"),
     (["stage=train", "pseudo.models=[lenet]"], "pseudo.models: unknown model 'lenet'"),
     (["stage=train", "pseudo.models=[mlp]", "model=mlp_pl"], "pseudo-labels of fold 0 need cnn_deotte fold 0"),
-])
-def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, args, message):
+]
+
+
+@pytest.mark.parametrize("args, message", USER_ERRORS)
+def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, capsys, args, message):
+    """Every user error through the command line's own handler (``pipeline.stages.run_command``,
+    what ``run.py`` calls with Hydra's composed config), in this process: exit code 2 and one
+    line on stderr. Outside ``run.py`` Hydra has no run (``HydraConfig``), so no override fixes a
+    screening dimension here (``with_fixed``: tests/test_screen.py); ``run.py`` itself, in a
+    subprocess: the test after this one."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.stages import run_command
+
+    overrides = [f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, *[a.format(tmp=tmp_path) for a in args]]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_command(cfg)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("args, message", [USER_ERRORS[0], USER_ERRORS[6]])
+def test_run_py_prints_a_user_error_as_one_line_and_exits_2(tmp_path, digits_dir, args, message):
+    """``run.py`` as a user runs it (a subprocess): nothing but the one line on stderr, no
+    traceback, exit code 2; a data error and a setting error."""
     args = [a.format(tmp=tmp_path) for a in args]
     res = run_cli(f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, *args, cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr

@@ -126,6 +126,7 @@ def test_a_rerun_reuses_the_screening(tiny_cfg, caplog):
     assert again == first and "screen: reusing" in caplog.text
     assert read_screening(bigger.paths.screening(key)) == first
     assert screening_key(_ws(tiny_cfg(*args, "screen.rows=150")).cfg) != key  # another subsample: screened again
+    assert screening_key(_ws(tiny_cfg(*args, "screen.keep_within=1")).cfg) != key  # another rule for the ensemble
 
 
 def test_candidate_sides_are_the_loaded_side_its_half_and_quarter():
@@ -180,6 +181,7 @@ def test_a_rerun_with_a_larger_budget_reuses_the_screening_and_the_members(tiny_
     ``budget=10m`` reuses the screening (no trial runs again), keeps the members' 2 epochs (the
     range would otherwise plan 4 and retrain), finds seed 0's members cached and trains seed 1."""
     from pipeline.budget import Cost, read_record
+    from pipeline.paths import Paths
     from pipeline.stages import run_stage
     from pipeline.train import budgeted
     from pipeline.train.scheduler import Outcome
@@ -199,5 +201,31 @@ def test_a_rerun_with_a_larger_budget_reuses_the_screening_and_the_members(tiny_
     assert "mlp              2 seed(s) x 2 epochs" in caplog.text
     assert sorted((o.key.seed_index, o.key.fold, o.outcome) for o in second) == [
         (0, 0, Outcome.CACHED), (0, 1, Outcome.CACHED), (1, 0, Outcome.TRAINED), (1, 1, Outcome.TRAINED)]
-    record = read_record(_ws(tiny_cfg(*args, "budget=10m")).paths.budget_plan)
+    record = read_record(Paths.from_cfg(tiny_cfg(*args, "budget=10m")).budget_plan)
     assert record.complete == {"mlp": 2}
+
+
+@pytest.mark.parametrize("scores, n_val, expected, strict", [  # strict: within=0
+    ({"cnn_deotte": 0.8053, "resnet9": 0.8647}, 3000, ["resnet9"], ["resnet9"]),  # Fashion-MNIST's screening
+    ({"cnn_deotte": 0.9164, "resnet9": 0.9492}, 1555, ["resnet9"], ["resnet9"]),  # the animal silhouettes'
+    ({"cnn_deotte": 0.9830, "resnet9": 0.9857}, 3001, ["cnn_deotte", "resnet9"],  # the digits': within the noise
+     ["cnn_deotte", "resnet9"]),                                                   # (the baseline stays first)
+    ({"cnn_deotte": 0.6833, "resnet9": 0.6357}, 420, ["cnn_deotte", "resnet9"], ["cnn_deotte"]),  # ELPV's: 1.5 x
+])
+def test_a_clearly_weaker_architecture_leaves_the_ensemble(scores, n_val, expected, strict):
+    """The ensemble keeps the best ``screen.keep`` architectures, but one more than 2 x the noise
+    below the best leaves (its time goes to the best); the screenings measured on four
+    competitions (docs/results.md)."""
+    from pipeline.choices import Metric
+    from pipeline.screen import kept, noise
+    from pipeline.recipe import TrialRecord
+
+    rows = [TrialRecord(Dim.arch, Candidate(m, 28), TrialState.complete, v, v, 3, 10.0) for m, v in scores.items()]
+    rows.append(TrialRecord(Dim.arch, Candidate("cnn_keras", 28), TrialState.pruned, None, None, 2, 4.0))
+    margin = noise(rows, n_val, Metric.accuracy)
+    models, weaker = kept(rows, margin, keep=2, within=2.0)
+    assert models == expected
+    assert [r.candidate.model for r in weaker] == [m for m in scores if m not in expected]
+    assert kept(rows, 0.0, keep=2, within=2.0)[0] == sorted(scores, key=lambda m: -scores[m])  # no noise estimate
+    assert kept(rows, margin, keep=1, within=2.0)[0] == expected[:1]
+    assert kept(rows, margin, keep=2, within=0.0)[0] == strict  # the chosen one always stays

@@ -2,22 +2,27 @@
 measured on this machine so that the run fits, and the deadline it must not pass.
 
 The planner is a pure function of (budget, measured costs, ranges): :func:`plan`. Its policy,
-from what was measured on the Digit Recognizer (README, docs/results.md): a second seed of the
-strongest model paid more (+0.0004 OOF) than a weak extra member (``mlp`` and ``cnn_keras`` added
-nothing to the blend), and a member's first epochs pay the most (``cnn_deotte``: 7 epochs 0.99498,
-8 epochs 0.99500). So, starting from every model at its lowest seeds and epochs, it takes these
-steps in this fixed order, as long as the next one fits:
+from what was measured (README, docs/results.md): a member's first epochs pay the most
+(``cnn_deotte`` on the digits: 7 epochs 0.99498, 8 epochs 0.99500), a second seed of the
+strongest model paid more (+0.0004 OOF) than a weak extra member, and a second network trained
+for half the epochs of the first cost it more than it added (fold 0 of the digits: ``resnet9``
+0.9948 after 4 epochs, 0.9956 after 8, ``cnn_deotte`` 0.9939 after 4; Fashion-MNIST and the
+animal silhouettes: the blend without the second network as good as with it). So, starting from
+the first model of ``ensemble`` (the strongest: the screening orders it by score) at its lowest
+seeds and epochs, with every model whose members already exist, it takes these steps in this
+fixed order, as long as the next one fits:
 
-1. raise the epochs, one epoch of one model at a time (models in ``ensemble`` order, round-robin),
-   up to each model's configured ``train.epochs``;
-2. add seeds to the first model of ``ensemble`` (the strongest by convention) up to its highest
-   seeds, then to the next model, and so on;
+1. raise the first model's epochs, one at a time, up to its configured ``train.epochs`` (its
+   knee); then the next model joins (one seed at its lowest epochs) and its epochs rise to its
+   knee; and so on down ``ensemble``;
+2. add seeds to the first model up to its highest seeds, then to the next model, and so on;
 3. raise the epochs further, round-robin, up to each model's highest epochs.
 
 The plan is the longest prefix of that sequence that fits, so it never plans more than the budget,
-and a larger budget never plans fewer member-epochs (the prefix only grows). A model whose members
-already exist (cached or checkpointed) keeps its epochs, so that re-running with a larger budget
-continues them instead of starting over.
+and a larger budget never plans fewer member-epochs (the prefix only grows). A model that has not
+joined when the budget runs out is left out (0 seeds; the log and the plan's table say so). A
+model whose members already exist (cached or checkpointed) keeps its epochs, so that re-running
+with a larger budget continues them instead of starting over.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class Plan:
     def table(self) -> str:
         """The plan as log lines: model, seeds, epochs, estimated minutes; then the reserve."""
         rows = [f"  {m.model:16s} {m.seeds} seed(s) x {m.epochs} epochs, {format_minutes(m.seconds)} of member time"
+                if m.seeds else f"  {m.model:16s} left out: the models before it did not reach their train.epochs"
                 for m in self.models]
         return "\n".join(rows + [f"  training about {format_minutes(self.seconds)} of {format_minutes(self.available)}"
                                  f" available; {format_minutes(self.reserve)} reserved for prediction, blend"
@@ -218,14 +224,15 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         group_of: ``(model, seed, fold) -> hashable | None``: the fused group a member may join
             (None: it trains alone; default: every member alone); fuse_max: the largest group.
     Returns:
-        a :class:`Plan` whose ``seconds`` is at most ``available``.
+        a :class:`Plan` whose ``seconds`` is at most ``available``; a model that did not join has
+        0 seeds.
     Raises:
-        ConfigError: one seed of each model at its lowest epochs does not fit; the message gives
-            the smallest budget that would.
+        ConfigError: one seed of the first model (and of each model with existing members) at its
+            lowest epochs does not fit; the message gives the smallest budget that would.
     """
     fixed = dict(fixed_epochs or {})
     epochs = {m: fixed.get(m, ranges[m].epochs_lo) for m in order}
-    seeds = {m: ranges[m].seeds_lo for m in order}
+    seeds = {m: ranges[m].seeds_lo if i == 0 or m in fixed else 0 for i, m in enumerate(order)}  # 0: not joined
     folds = {m: costs[m].folds for m in order}
 
     def units() -> list[tuple]:
@@ -237,13 +244,15 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     need = total()
     if need > available:
         smallest = need + (budget - available)
-        least = ", ".join(f"{seeds[m]} seed of {m} at {epochs[m]} epoch(s)" for m in order)
+        least = ", ".join(f"{seeds[m]} seed of {m} at {epochs[m]} epoch(s)" for m in order if seeds[m])
         raise ConfigError(f"budget={format_minutes(budget)}: too small; {least} need about {format_minutes(need)} "
                           f"of training here; expected budget >= {math.ceil(smallest / 60)}m")
     for kind, model in _steps(order, ranges, fixed):
         before = (seeds[model], epochs[model])
         if kind == "epoch":
             epochs[model] += 1
+        elif kind == "join":
+            seeds[model] = ranges[model].seeds_lo
         else:
             seeds[model] += 1
         if total() > available:
@@ -256,21 +265,26 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
 
 
 def _steps(order: list[str], ranges: dict[str, Range], fixed: dict[str, int]):
-    """The fixed sequence of ``("epoch" | "seed", model)`` steps (the module docstring's 1-3)."""
+    """The fixed sequence of ``("join" | "epoch" | "seed", model)`` steps (the module docstring's
+    1-3): the first model and those with existing members (``fixed``) have joined at the start."""
     epochs = {m: fixed.get(m, ranges[m].epochs_lo) for m in order}
-    for limit in ("knee", "epochs_hi"):
-        if limit == "epochs_hi":
-            for m in order:  # step 2 between the two epoch phases
-                for _ in range(ranges[m].seeds_hi - ranges[m].seeds_lo):
-                    yield "seed", m
-        raising = True
-        while raising:
-            raising = False
-            for m in order:
-                if m not in fixed and epochs[m] < getattr(ranges[m], limit):
-                    epochs[m] += 1
-                    raising = True
-                    yield "epoch", m
+    for i, m in enumerate(order):  # step 1: each model in turn, up to its knee
+        if i > 0 and m not in fixed:
+            yield "join", m
+        while m not in fixed and epochs[m] < ranges[m].knee:
+            epochs[m] += 1
+            yield "epoch", m
+    for m in order:  # step 2
+        for _ in range(ranges[m].seeds_hi - ranges[m].seeds_lo):
+            yield "seed", m
+    raising = True  # step 3
+    while raising:
+        raising = False
+        for m in order:
+            if m not in fixed and epochs[m] < ranges[m].epochs_hi:
+                epochs[m] += 1
+                raising = True
+                yield "epoch", m
 
 
 @dataclass(frozen=True)

@@ -319,7 +319,8 @@ def _budget_rows(record, rows: list[dict]) -> list[list]:
     out = []
     for m in record.plan.models:
         mine = [r for r in rows if r["model"] == m.model]
-        out.append([m.model, f"{m.seeds} x {m.epochs}", f"{m.seconds / 60:.1f}", record.complete.get(m.model, 0),
+        planned = f"{m.seeds} x {m.epochs}" if m.seeds else "left out"  # did not join (pipeline.budget)
+        out.append([m.model, planned, f"{m.seconds / 60:.1f}", record.complete.get(m.model, 0),
                     len(mine), f"{sum(r['minutes'] for r in mine):.1f}"])
     return out
 

@@ -15,7 +15,8 @@ first, so the rest are pruned against it):
 1. ``side``: the first model of ``screen.models`` at the loaded side, its half and its quarter
    (each a resized uint8 cache, :func:`pipeline.data.load` at that ``data.img_size``);
 2. ``arch``: every model of ``screen.models`` at the chosen side; the ensemble keeps the best
-   ``screen.keep``, each within ``screen.keep_within`` x the noise of the best (:func:`kept`);
+   ``screen.keep``, best score first, each within ``screen.keep_within`` x the noise of the best
+   (:func:`kept`);
 3. ``aug``: the presets of ``screen.augs`` (:class:`~pipeline.choices.AugPreset`) on the best model;
 4. ``balance``: when the largest class has ``screen.imbalance`` times the rows of the smallest, a
    class-weighted loss against none.
@@ -308,22 +309,22 @@ def ranked(rows: list[TrialRecord], margin: float = 0.0) -> list[TrialRecord]:
     return [first, *rest] if first is not None else []
 
 
-def kept(rows: list[TrialRecord], margin: float, keep: int, within: float) -> tuple[list[str], list[TrialRecord]]:
-    """The architectures the ensemble keeps: the first ``keep`` of :func:`ranked` (best first),
-    less those whose score is below the best complete row's by more than ``within`` x ``margin``
-    (the noise, :func:`noise`; none left out when it is 0, a metric without a noise estimate);
-    the first of :func:`ranked` (the chosen architecture) always stays:
-    a clearly weaker second network would take half the budget's training from the best and add
-    little to the blend (measured, docs/results.md: on Fashion-MNIST and the animal silhouettes
-    the blend without ``cnn_deotte``, 0.06 and 0.03 behind ``resnet9`` in the screening, scored as
-    well as with it; on the digits and ELPV, within 2 x the noise, the second network added
-    0.0003 and 0.018). Returns the kept model names and the rows left out."""
-    order = ranked(rows, margin)[:keep]
+def kept(rows: list[TrialRecord], margin: float, keep: int, within: float) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """The architectures the ensemble keeps, best score first (the earliest among equals; the
+    budget's planner gives the first its epochs before the next joins, :mod:`pipeline.budget`):
+    the best ``keep`` complete rows, less those whose score is below the best's by more than
+    ``within`` x ``margin`` (the noise, :func:`noise`; none left out when it is 0, a metric without
+    a noise estimate). A clearly weaker second network would take half the budget's training
+    from the best and add little to the blend (measured, docs/results.md: on Fashion-MNIST and
+    the animal silhouettes the blend without ``cnn_deotte``, 0.06 and 0.03 behind ``resnet9`` in
+    the screening, scored as well as with it; on ELPV, 1.5 x the noise apart, the second network
+    added 0.011). Returns the kept rows and the rows left out."""
+    done = [r for r in rows if r.state is TrialState.complete]
+    order = sorted(done, key=lambda r: -r.score)[:keep]
     if not order or margin <= 0:
-        return [r.candidate.model for r in order], []
-    top = max(r.score for r in order)
-    weaker = [r for r in order[1:] if r.score < top - within * margin]
-    return [r.candidate.model for r in order if r not in weaker], weaker
+        return order, []
+    weaker = [r for r in order[1:] if r.score < order[0].score - within * margin]
+    return [r for r in order if r not in weaker], weaker
 
 
 def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: str, margin: float) -> str:
@@ -357,12 +358,14 @@ def screen(ws: Workspace) -> Screening:
     if Dim.arch not in fixed:
         rows = sc.study(Dim.arch, [Candidate(m, side, augs[0]) for m in models])
         margin = noise(rows, n_val, metric)
-        order, weaker = kept(rows, margin, s.keep, s.keep_within)
+        chosen, weaker = kept(rows, margin, s.keep, s.keep_within)
+        order = [r.candidate.model for r in chosen]
         models = order + [m for m in models if m not in order]  # the best first for what follows
         recipe = dataclasses.replace(recipe, models=tuple(order))
         left = "".join(f"; left out {r.candidate.model} {r.score:.4f}, more than {s.keep_within:g} x the noise "
                        f"below the best" for r in weaker)
-        reasons.append(_why(Dim.arch, rows, best(rows, margin), f"ensemble [{', '.join(order)}]", margin) + left)
+        reasons.append(_why(Dim.arch, rows, chosen[0] if chosen else None, f"ensemble [{', '.join(order)}]",
+                            margin) + left)
     if Dim.aug not in fixed and len(augs) > 1:
         rows = sc.study(Dim.aug, [Candidate(models[0], side, a) for a in augs])
         chosen = best(rows, margin := noise(rows, n_val, metric))

@@ -45,9 +45,10 @@ def test_the_plan_never_exceeds_the_budget_and_grows_with_it():
         assert epochs >= previous, (available, p)
         previous = epochs
         seen.add(tuple((m.seeds, m.epochs) for m in p.models))
-        for m in p.models:
+        for i, m in enumerate(p.models):
             r = RANGES[m.model]
-            assert r.seeds_lo <= m.seeds <= r.seeds_hi and r.epochs_lo <= m.epochs <= r.epochs_hi
+            assert (i > 0 and m.seeds == 0) or r.seeds_lo <= m.seeds <= r.seeds_hi  # 0: not joined yet
+            assert r.epochs_lo <= m.epochs <= r.epochs_hi
     assert ((3, 12), (1, 15)) in seen  # a large budget reaches the top of every range
     assert len(seen) >= 12  # every step of the sequence is a plan of some budget
 
@@ -60,6 +61,24 @@ def test_the_policy_epochs_to_the_knee_then_seeds_of_the_strongest_then_more_epo
     second_seed = knee + 5 * COSTS["cnn_deotte"].member(8)
     p = plan(second_seed + 100, second_seed + 1, COSTS, RANGES, ORDER, jobs=1)
     assert [(m.seeds, m.epochs) for m in p.models] == [(2, 8), (1, 10)]
+
+
+def test_the_next_model_joins_only_once_the_first_reaches_its_knee():
+    """Step 1 in order: the first model's epochs rise to its knee before the second model joins
+    (one seed at its lowest epochs); a model that has not joined is left out (0 seeds), and the
+    plan's table says so. A model with existing members has joined from the start. (One slot:
+    on two, the second model's first members fill the slot the first model's odd fold leaves.)"""
+    first_at = {e: makespan([COSTS["cnn_deotte"].member(e)] * 5, 1) for e in (4, 8)}
+    p = plan(first_at[4] + 60, first_at[4] + 1, COSTS, RANGES, ORDER, jobs=1)
+    assert [(m.seeds, m.epochs) for m in p.models] == [(1, 4), (0, 3)]
+    assert "mlp              left out" in p.table()
+    joined = makespan([COSTS["cnn_deotte"].member(8)] * 5 + [COSTS["mlp"].member(3)] * 5, 1)
+    p = plan(joined + 60, joined, COSTS, RANGES, ORDER, jobs=1)
+    assert [(m.seeds, m.epochs) for m in p.models] == [(1, 8), (1, 3)] and p.seconds <= joined
+    assert [(m.seeds, m.epochs) for m in plan(joined + 60, joined - 1, COSTS, RANGES, ORDER, jobs=1).models] == [
+        (1, 8), (0, 3)]
+    p = plan(first_at[4] + 60, first_at[4] + 1, COSTS, RANGES, ORDER, fixed_epochs={"mlp": 5}, jobs=1)
+    assert p.models[1].seeds == 1 and p.models[1].epochs == 5
 
 
 def test_a_model_with_existing_members_keeps_its_epochs():

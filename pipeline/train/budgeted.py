@@ -150,7 +150,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     stages that follow (``stage=all``).
 
     Returns one outcome per planned member. Pseudo-label rounds are not planned (left out, with
-    one log line). Raises ConfigError for a budget too small for one seed of each model at its
+    one log line). Raises ConfigError for a budget too small for one seed of the first model at its
     lowest epochs.
     """
     rounds = [m for m in selected_models(cfg) if round_base(cfg, m) is not None]

@@ -20,19 +20,19 @@ def _ws(cfg):
 
 
 def test_the_screening_never_exceeds_its_share(tiny_cfg):
-    """A share too small for every candidate (20 s for 3 architectures x 6 presets of 10 epochs,
+    """A share too small for every candidate (10 s for 3 architectures x 6 presets of 10 epochs,
     about 60 s here): the trials that would not fit are skipped or stopped at an epoch's end, the
     screening's wall time stays within its share (10% and a second for the last epoch's and the
     timed steps' spread), and whatever did complete still makes a choice."""
     from pipeline.screen import screen, share_seconds
 
-    cfg = tiny_cfg("screen.enabled=true", "screen.seconds=40", "screen.share=0.5",
+    cfg = tiny_cfg("screen.enabled=true", "screen.seconds=20", "screen.share=0.5",
                    "screen.models=[mlp,cnn_deotte,resnet9]", "screen.epochs=10", "screen.min_steps=1",
                    "screen.pruner=none")
     ws = _ws(cfg)
     result = screen(ws)
     share = share_seconds(ws)
-    assert share == 20.0 and result.share_seconds == 20.0
+    assert share == 10.0 and result.share_seconds == 10.0
     assert result.seconds <= share * 1.1 + 1.0, result.table()
     assert sum(t.seconds for t in result.trials) <= result.seconds
     states = {t.state for t in result.trials}

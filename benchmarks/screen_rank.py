@@ -12,12 +12,12 @@ one run, one after another:
     every screening trial: 256 on the digits, the profile's own): what a k-fold member trains.
 
 The candidates are those :mod:`pipeline.screen` screens: the input sides (when the layout has
-more than one), every architecture of ``screen.models`` with its configured augmentation, and
-every preset of ``screen.augs`` on the first model. Printed per dimension: each candidate's
-accuracy and seconds in both passes, the two rankings, Kendall's tau between them, and the noise
-of each pass (one standard error of a difference of two accuracies on its validation rows,
-:func:`pipeline.screen.noise`), so that a swap between two candidates closer than the noise reads
-as what it is. The hardware is printed with the figures. Measured figures: docs/results.md.
+more than one), every architecture of ``screen.models`` with the baseline preset (the first of
+``screen.augs``) at the smallest side, and every preset of ``screen.augs`` on the first model.
+Printed per dimension: each candidate's accuracy and seconds in both passes, the two rankings,
+Kendall's tau between them, and the noise of each pass (one standard error of a difference of two
+accuracies on its validation rows, :func:`pipeline.screen.noise`), so that a swap between two
+candidates closer than the noise reads as what it is. The hardware is printed with the figures. Measured figures: docs/results.md.
 
     python benchmarks/screen_rank.py                                  # digits, profile=quick
     python benchmarks/screen_rank.py --data data/fashion --epochs 4 --out /tmp/rank_fashion
@@ -90,8 +90,8 @@ def run_pass(ws, todo: list[tuple], name: str) -> tuple[dict, int]:
         sc.trials.append(r)
         rows[dim, c] = r
         acc = "" if r.accuracy is None else f"{r.accuracy:.4f}"
-        print(f"{name:5s} {dim.value:7s} {c.label():44s} {r.state.value:9s} {acc} ({r.epochs} epochs, {r.seconds:.1f} s)",
-              flush=True)
+        print(f"{name:5s} {dim.value:7s} {c.label():44s} {r.state.value:9s} {acc} "
+              f"({r.epochs} epochs, {r.seconds:.1f} s)", flush=True)
     return rows, len(sc.val_rows)
 
 
@@ -115,8 +115,9 @@ def compare(short: dict, full: dict, n_short: int, n_full: int, metric) -> None:
                   f"{full[k].accuracy or 0:7.4f} {rank_b[k]:4d} {full[k].seconds:7.1f}")
         if len(keys) > 1:
             tau = kendalltau(a, b).statistic
-            print(f"  Kendall's tau between the rankings: {tau:.2f}; the full pass's best: {max(keys, key=lambda k: b[keys.index(k)])[1].label()}"
-                  f"; the short pass's best: {max(keys, key=lambda k: a[keys.index(k)])[1].label()}")
+            best_a, best_b = keys[a.index(max(a))][1].label(), keys[b.index(max(b))][1].label()
+            print(f"  Kendall's tau between the rankings: {tau:.2f}; the full pass's best: {best_b}; "
+                  f"the short pass's best: {best_a}")
 
 
 def main(argv=None) -> None:
@@ -130,7 +131,8 @@ def main(argv=None) -> None:
     from pipeline.device import select_device
 
     short_ws = workspace(args)  # builds the offline default and the folds when missing
-    print(hardware(select_device(short_ws.settings.runtime.device)), f"\nprofile={args.profile}, data: {args.data or 'the offline digits'}, "
+    print(hardware(select_device(short_ws.settings.runtime.device)),
+          f"\nprofile={args.profile}, data: {args.data or 'the offline digits'}, "
           f"{len(short_ws.comp.x_train)} training images", flush=True)
     todo = candidates(short_ws)
     t0 = time.time()

@@ -309,7 +309,8 @@ def ranked(rows: list[TrialRecord], margin: float = 0.0) -> list[TrialRecord]:
     return [first, *rest] if first is not None else []
 
 
-def kept(rows: list[TrialRecord], margin: float, keep: int, within: float) -> tuple[list[TrialRecord], list[TrialRecord]]:
+def kept(rows: list[TrialRecord], margin: float, keep: int,
+         within: float) -> tuple[list[TrialRecord], list[TrialRecord]]:
     """The architectures the ensemble keeps, best score first (the earliest among equals; the
     budget's planner gives the first its epochs before the next joins, :mod:`pipeline.budget`):
     the best ``keep`` complete rows, less those whose score is below the best's by more than

@@ -96,20 +96,30 @@ class Cost:
     side as will train so): one member trained alone, ``per_epoch`` for each epoch and ``fixed``
     once (set-up, final prediction); ``folds`` members per seed. A model that trains fused also has
     ``group_per_epoch``, one member's share of an epoch of a fused group of ``group_size``
-    (:func:`unit_seconds` sizes any other group from the two)."""
+    (:func:`unit_seconds` sizes any other group from the two). ``solo_per_epoch``: an epoch of one
+    member with the whole machine to itself (the odd last member of a round,
+    :func:`side_by_side`), timed with one process where the others were timed side by side; None
+    when not timed (then ``per_epoch``)."""
 
     per_epoch: float
     fixed: float
     folds: int
     group_per_epoch: float | None = None
     group_size: int = 1
+    solo_per_epoch: float | None = None
 
-    def unit(self, size: int, epochs: int) -> float:
-        """Seconds of a unit of ``size`` members (one member, or a fused group) of ``epochs`` epochs."""
+    def unit(self, size: int, epochs: int, sharing: int | None = None) -> float:
+        """Seconds of a unit of ``size`` members (one member, or a fused group) of ``epochs``
+        epochs, trained with ``sharing`` units on the machine at once (:func:`side_by_side`; None:
+        as many as were timed). One member alone on the machine (``sharing`` 1) costs
+        ``solo_per_epoch`` per epoch when it was timed; every other unit its side-by-side price
+        (a tail of several units shares the machine less than timed: at most that)."""
+        if size == 1 and sharing == 1 and self.solo_per_epoch is not None:
+            return epochs * self.solo_per_epoch + self.fixed
         return epochs * unit_seconds(self.per_epoch, self.group_per_epoch, self.group_size, size) + size * self.fixed
 
     def member(self, epochs: int) -> float:
-        """Seconds of one member of ``epochs`` epochs trained alone."""
+        """Seconds of one member of ``epochs`` epochs trained alone, side by side with others."""
         return self.unit(1, epochs)
 
 
@@ -154,6 +164,20 @@ def makespan(durations: list[float], jobs: int) -> float:
         i = free.index(min(free))
         free[i] += d
     return max(free)
+
+
+def side_by_side(models: list[str], n_jobs: int) -> list[int]:
+    """How many units share the machine while each unit trains, ``n_jobs`` at a time, for the
+    units' model names ``models`` in dispatch order: ``n_jobs`` for every full round and the
+    remainder for the last round when every unit is of one model (equal lengths, so the rounds
+    run in step): the odd 5th member of 5 on 2 jobs gets every core instead of half of them.
+    With several models the rounds drift apart and a tail member would overlap a longer one
+    (measured: a 3 s ``mlp`` member took 13.7 s on 2 threads beside a ``cnn_deotte`` on 1), so
+    every unit keeps ``n_jobs``. Returns one share per unit, each in ``1..n_jobs``. The one rule
+    ``stage=train``'s scheduler gives each worker its threads by and the planner prices by."""
+    pending = len(models)
+    tail = pending % n_jobs if len(set(models)) == 1 else 0
+    return [n_jobs if i < pending - tail else tail for i in range(pending)]
 
 
 @dataclass(frozen=True)
@@ -219,8 +243,9 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         fixed_epochs: models whose members already exist, with their epochs (kept).
         jobs: units trained side by side; the plan's wall seconds are the :func:`makespan` of its
             units (:func:`form_units` of its members in :func:`dispatch` order), each costing
-            :meth:`Cost.unit` at its size: exactly the units and seconds ``stage=train``'s scheduler
-            will run and check against the deadline.
+            :meth:`Cost.unit` at its size and its share of the machine (:func:`side_by_side`: the
+            odd last member of one model trains alone): exactly the units and seconds
+            ``stage=train``'s scheduler will run and check against the deadline.
         group_of: ``(model, seed, fold) -> hashable | None``: the fused group a member may join
             (None: it trains alone; default: every member alone); fuse_max: the largest group.
     Returns:
@@ -238,8 +263,12 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     def units() -> list[tuple]:
         return form_units(dispatch(order, seeds, folds), group_of or (lambda key: None), fuse_max, jobs)
 
+    def seconds(units: list[tuple]) -> list[float]:
+        shares = side_by_side([u[0][0] for u in units], min(jobs, max(1, len(units))))
+        return [costs[u[0][0]].unit(len(u), epochs[u[0][0]], share) for u, share in zip(units, shares)]
+
     def total() -> float:
-        return makespan([costs[u[0][0]].unit(len(u), epochs[u[0][0]]) for u in units()], jobs)
+        return makespan(seconds(units()), jobs)
 
     need = total()
     if need > available:
@@ -259,7 +288,8 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
             seeds[model], epochs[model] = before
             break
     final = units()
-    models = tuple(ModelPlan(m, seeds[m], epochs[m], sum(costs[m].unit(len(u), epochs[m]) for u in final if u[0][0] == m))
+    spent = seconds(final)
+    models = tuple(ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(final, spent) if u[0][0] == m))
                    for m in order)
     return Plan(budget, available, reserve_seconds(budget), models, total())
 

@@ -113,7 +113,7 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
     monkeypatch.setattr(scheduler, "fold_jobs", lambda setting, device, pending: min(4, pending))
     monkeypatch.setattr(budgeted, "fold_jobs", lambda setting, device, pending: min(4, pending))
 
-    def gpu_like(ws, units, n_jobs, later=()):
+    def gpu_like(ws, units, n_jobs, later=(), solo=frozenset()):
         size = max(len(u) for u in units)
         return {"cnn_deotte": ModelTiming(alone=40.0 * 2, group=5.0 * 2, size=size, predict_s=1e-5)}
 
@@ -138,7 +138,7 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
 
 
 def _fused_timing(faster: bool):
-    def timed(ws, units, n_jobs, later=()):
+    def timed(ws, units, n_jobs, later=(), solo=frozenset()):
         size = max(len(u) for u in units)
         return {m: ModelTiming(alone=10.0, group=5.0 if faster else 20.0, size=size, predict_s=1e-4)
                 for m in {u[0].model for u in units}}
@@ -220,6 +220,36 @@ def test_the_plans_prediction_cost_is_timed_on_a_batch(tiny_cfg):
         assert cost.group_per_epoch is None
 
 
+def test_the_first_model_is_timed_with_the_machine_to_itself(tiny_cfg):
+    """Probes in 2 side-by-side worker processes, then the lone member of each ``solo`` model
+    once more in one worker with every core (the threads the odd last member of a round trains
+    with): its ``solo`` figure reaches the plan's cost (``solo_per_epoch``); a model not asked
+    for has none, and with one process nothing is timed twice (``alone`` is that figure)."""
+    ws = Workspace.load(tiny_cfg("ensemble=[mlp,cnn_keras]", "runtime.fuse=off"))
+    keys = [k for m in ("mlp", "cnn_keras") for k in ws.keys(m)]
+    timed = probes.time_models(ws, [(k,) for k in keys], 2, solo=frozenset({"mlp"}))
+    assert timed["mlp"].solo > 0 and timed["mlp"].alone > 0 and timed["cnn_keras"].solo is None
+    costs = budgeted.costs(ws, timed, frozenset(), ["mlp", "cnn_keras"], 2)
+    knee = ws.settings.models["mlp"].ranges.knee
+    assert costs["mlp"].solo_per_epoch - costs["mlp"].per_epoch == pytest.approx(
+        budgeted.MARGIN * (timed["mlp"].solo - timed["mlp"].alone) / knee)
+    assert costs["cnn_keras"].solo_per_epoch is None
+    assert probes.time_models(ws, [(k,) for k in ws.keys("mlp")], 1, solo=frozenset({"mlp"}))["mlp"].solo is None
+
+
+def test_the_scheduler_checks_the_odd_last_member_at_its_planned_price(tiny_cfg):
+    """Under a budget the scheduler's start check uses the plan's price for each unit at its
+    share of the machine: the 5th member of 5 on 2 slots (alone on every core) at its solo
+    price, the others at their side-by-side price, so a plan that counted the cheaper tail never
+    drops the member that completes the seed."""
+    ws = Workspace.load(tiny_cfg("ensemble=[mlp]", "folds.k=5"))
+    keys = ws.keys("mlp")
+    planned = scheduler.UnitPlan(probes.Fusion(frozenset(), {}, 1), lambda unit, sharing: 60.0 if sharing == 1 else 100.0)
+    _, units, est = scheduler._units(ws, keys, [], 2, torch.device("cpu"), time.time() + 600, planned)
+    assert len(units) == 5 and est.n_jobs == 2
+    assert [est.member_seconds[k] for k in keys] == [100.0] * 4 + [60.0]
+
+
 def test_form_units_keeps_dispatch_order_and_fills_the_slots():
     keys = [(m, s, f) for s in range(2) for m in ("a", "b") for f in range(3)]
     units = form_units(keys, lambda k: k[0] if k[0] == "a" else None, 15, 2)
@@ -238,7 +268,7 @@ def test_a_gpus_memory_sizes_the_groups(tiny_cfg, monkeypatch, caplog):
     assert group_memory_limit(1.2 * 2**30, 11 * 2**30, 2) == 3
     assert group_memory_limit(1.2 * 2**30, 11 * 2**30, 1) == 6 and group_memory_limit(50 * 2**30, 2**30, 1) == 1
 
-    def measured(ws, units, n_jobs, later=()):
+    def measured(ws, units, n_jobs, later=(), solo=frozenset()):
         return {"cnn_deotte": ModelTiming(10.0, 2.0, max(len(u) for u in units), 1e-4, 1.2 * 2**30, 11 * 2**30)}
 
     monkeypatch.setattr(probes, "time_models", measured)

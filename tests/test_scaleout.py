@@ -14,7 +14,7 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, REPO, TINY, trained
-from pipeline import blend, device, train
+from pipeline import blend, budget, device, train
 from pipeline.paths import MEMBER_FILES, Paths
 from pipeline.train import runtime
 from pipeline.members import MemberKey
@@ -156,13 +156,13 @@ def test_last_odd_member_gets_every_core(monkeypatch):
     """The members of the last, incomplete round of side-by-side jobs of one model share the
     machine among themselves only: the 5th member on 2 jobs trains on both cores, not on half of
     them. Members of several models (unequal lengths) keep their share."""
-    assert runtime.side_by_side(["cnn"] * 5, 2) == [2, 2, 2, 2, 1]
-    assert runtime.side_by_side(["cnn"] * 4, 2) == [2, 2, 2, 2]
-    assert runtime.side_by_side(["cnn"] * 7, 3) == [3, 3, 3, 3, 3, 3, 1]
-    assert runtime.side_by_side(["cnn"] * 8, 3) == [3, 3, 3, 3, 3, 3, 2, 2]
-    assert runtime.side_by_side(["cnn"] * 10 + ["mlp"] * 5, 2) == [2] * 15
+    assert budget.side_by_side(["cnn"] * 5, 2) == [2, 2, 2, 2, 1]
+    assert budget.side_by_side(["cnn"] * 4, 2) == [2, 2, 2, 2]
+    assert budget.side_by_side(["cnn"] * 7, 3) == [3, 3, 3, 3, 3, 3, 1]
+    assert budget.side_by_side(["cnn"] * 8, 3) == [3, 3, 3, 3, 3, 3, 2, 2]
+    assert budget.side_by_side(["cnn"] * 10 + ["mlp"] * 5, 2) == [2] * 15
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
-    assert [runtime.core_share(n) for n in runtime.side_by_side(["cnn_pl"] * 5, 2)] == [1, 1, 1, 1, 2]
+    assert [runtime.core_share(n) for n in budget.side_by_side(["cnn_pl"] * 5, 2)] == [1, 1, 1, 1, 2]
 
 
 def test_side_by_side_jobs_spread_over_gpus(monkeypatch):

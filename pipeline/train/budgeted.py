@@ -61,7 +61,8 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
     its knee epochs with the units side by side), times :data:`MARGIN`: per epoch, those seconds
     / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once per member,
     2 s of set-up and the final prediction of its fold and the test set in every TTA view, at the
-    seconds per image timed for a prediction batch (``ModelTiming.predict_s``)."""
+    seconds per image timed for a prediction batch (``ModelTiming.predict_s``). A model timed with
+    the machine to itself too (``ModelTiming.solo``) gets its ``solo_per_epoch`` likewise."""
     out = {}
     n_train, n_test = len(ws.comp.x_train), len(ws.comp.x_test)
     for m in models:
@@ -69,7 +70,8 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
         validation = t.predict_s * n_train / k / max(1, ws.settings.runtime.val_every)
         final = t.predict_s * len(tta_views(s.tta)) * (n_train / k + n_test)
         group = MARGIN * (t.group / s.ranges.knee + validation) if m in fused_models and t.group is not None else None
-        out[m] = Cost(MARGIN * (t.alone / s.ranges.knee + validation), MARGIN * (final + 2.0), k, group, t.size)
+        solo = MARGIN * (t.solo / s.ranges.knee + validation) if t.solo is not None else None
+        out[m] = Cost(MARGIN * (t.alone / s.ranges.knee + validation), MARGIN * (final + 2.0), k, group, t.size, solo)
     return out
 
 
@@ -131,7 +133,8 @@ def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str,
     device = select_device(rt.device)
     keys = [k for m in models for k in wide.keys(m)]
     slots = fold_jobs(rt.fold_jobs, device, len(keys))
-    fusion = decide_fusion(wide, keys, slots, device, measure=True)
+    # the first model is the one that can train alone in a round's tail (the others join it)
+    fusion = decide_fusion(wide, keys, slots, device, measure=True, solo=frozenset(models[:1]))
     fixed = {m: e for m in models if (e := existing_epochs(ws, m)) is not None}
     ranges = {m: ws.settings.models[m].ranges for m in models}
     reserve = reserve_seconds(budget)
@@ -140,7 +143,7 @@ def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str,
     p = plan(budget, available, measured, ranges, models, fixed, slots,
              lambda t: group_key(ws, MemberKey(t[0], t[2], t[1]), fusion.models), fusion.fuse_max)
     epochs = {m.model: m.epochs for m in p.models}
-    units = UnitPlan(fusion, lambda u: measured[u[0].model].unit(len(u), epochs[u[0].model]))
+    units = UnitPlan(fusion, lambda u, sharing: measured[u[0].model].unit(len(u), epochs[u[0].model], sharing))
     return BudgetRecord(p, started, started + budget), measured, units
 
 
@@ -160,6 +163,10 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
                  "budget= to train them)", ", ".join(rounds))
     record, measured, units = make_plan(ws, models)
     p = record.plan
+    log.info("budget: a member-epoch, timed here (+%.0f%%): %s", 100 * (MARGIN - 1), "; ".join(
+        f"{m} {c.per_epoch:.1f} s" + (f" ({c.solo_per_epoch:.1f} s as a round's odd last member, alone on the "
+                                       f"machine)" if c.solo_per_epoch is not None else "")
+        for m, c in measured.items()))
     log.info("budget: %s from the command's start; the plan, from steps timed here:\n%s",
              format_minutes(p.budget), p.table())
     planned = ws.with_settings(ws.settings.planned(p))

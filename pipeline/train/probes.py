@@ -27,7 +27,7 @@ from pipeline.settings import AugBackend, FuseMode, RuntimeSettings, round_base
 from pipeline.train import fused
 from pipeline.train.engine import FitSpec, fresh_model, seconds_per_member
 from pipeline.train.inference import predict_probs
-from pipeline.train.runtime import barrier, fold_jobs
+from pipeline.train.runtime import barrier, configure_threads, fold_jobs
 from pipeline.train.workers import enter_worker, log_handlers
 from pipeline.workspace import Workspace
 
@@ -166,7 +166,10 @@ class ModelTiming:
     to predict one image in one test-time view (a prediction batch timed). With
     ``runtime.fuse=auto`` the group is timed in both memory layouts: ``layouts`` holds a member's
     share in ``(contiguous, channels_last)`` and ``channels_last`` the layout chosen
-    (:meth:`with_layout`; None: not measured, the configured one)."""
+    (:meth:`with_layout`; None: not measured, the configured one). ``solo``: one member alone with
+    the whole machine to itself (as the odd last member of a round trains,
+    :func:`pipeline.budget.side_by_side`), timed after the side-by-side probes where those ran in
+    several processes and asked for (None: not timed; with one process ``alone`` is that)."""
 
     alone: float
     group: float | None = None
@@ -176,6 +179,7 @@ class ModelTiming:
     free_bytes: float | None = None  # CUDA: the device's free memory before the probe
     layouts: tuple[float, float] | None = None  # fuse=auto: the group's seconds per member, contiguous / channels_last
     channels_last: bool | None = None  # fuse=auto: the group's layout, chosen from ``layouts``
+    solo: float | None = None  # one member with the machine to itself (one process), seconds
 
     @property
     def fused_is_faster(self) -> bool:
@@ -203,8 +207,9 @@ class ModelTiming:
         free = None if self.free_bytes is None else min(self.free_bytes, other.free_bytes or self.free_bytes)
         layouts = None if self.layouts is None or other.layouts is None else \
             (max(self.layouts[0], other.layouts[0]), max(self.layouts[1], other.layouts[1]))
+        solo = max((s for s in (self.solo, other.solo) if s is not None), default=None)
         return ModelTiming(max(self.alone, other.alone), group, min(self.size, other.size),
-                           max(self.predict_s, other.predict_s), memory, free, layouts, self.channels_last)
+                           max(self.predict_s, other.predict_s), memory, free, layouts, self.channels_last, solo)
 
 
 @dataclass(frozen=True)
@@ -346,26 +351,39 @@ def _time_group(ws: Workspace, p: Probe, after_warmup) -> dict:
 
 
 def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, handlers: list,
-                    level: int, folder: str) -> tuple[int, dict[str, ModelTiming]]:
+                    level: int, folder: str, solo: frozenset[str] = frozenset()) -> tuple[int, dict[str, ModelTiming]]:
     """In a side-by-side worker: time every probe on the worker's device and threads, in step
-    with the other ``n_jobs - 1`` workers. Returns ``(pid, each model's timing)``."""
+    with the other ``n_jobs - 1`` workers; then, once every worker is done, worker 0 times the
+    lone member of each of ``solo`` again with the whole machine (``ModelTiming.solo``: the
+    threads the scheduler gives the odd last member of a round). Returns ``(pid, each model's
+    timing)``."""
     runtime = enter_worker(ws, slot, n_jobs, handlers, level)
     probes = [Probe(p.keys, tuple(dataclasses.replace(s, runtime=runtime) for s in p.specs), p.pseudo)
               for p in probes]
     log.debug("train: timing %d probe(s) on %s", len(probes), runtime.device)
-    return os.getpid(), time_probes(ws, probes, barrier(folder, slot, n_jobs))
+    wait = barrier(folder, slot, n_jobs)
+    timed = time_probes(ws, probes, wait)
+    alone = [p for p in probes if p.size == 1 and p.model in solo]
+    if alone:
+        wait()  # every worker's timed steps are over: worker 0 has the machine to itself
+        if slot == 0:
+            configure_threads(runtime.threads, select_device(runtime.device), 1)
+            timed |= {p.model: dataclasses.replace(timed[p.model], solo=seconds_per_member(
+                p.specs[0], ws.comp, ws.folds, pseudo=p.pseudo[0])) for p in alone}
+    return os.getpid(), timed
 
 
 def time_models(ws: Workspace, units: list[tuple[MemberKey, ...]], n_jobs: int,
-                later: list[MemberKey] = ()) -> dict[str, ModelTiming]:
+                later: list[MemberKey] = (), solo: frozenset[str] = frozenset()) -> dict[str, ModelTiming]:
     """Time a few training steps of each pending model where its members will train: one member
     alone and, when ``units`` fuse some of its members, its largest group (:func:`_probes`).
 
     With ``n_jobs`` side-by-side units the steps are timed in ``n_jobs`` worker processes at once
     (the pool that then trains the members; this process opens no GPU context and compiles
     nothing), each with the device and threads its members will have, so every figure is
-    measured under that concurrency; the slowest worker's figures are kept. With one job they
-    are timed here, where the members train."""
+    measured under that concurrency; the slowest worker's figures are kept. The lone member of
+    each model of ``solo`` is then timed once more in one worker with the whole machine
+    (:attr:`ModelTiming.solo`). With one job they are timed here, where the members train."""
     probes = _probes(ws, units, list(later))
     if n_jobs == 1:
         return time_probes(ws, probes)
@@ -374,7 +392,7 @@ def time_models(ws: Workspace, units: list[tuple[MemberKey, ...]], n_jobs: int,
     handlers, level = log_handlers(), logging.getLogger().level
     with tempfile.TemporaryDirectory(prefix="kfold-estimate-") as folder:
         timed = Parallel(n_jobs=n_jobs, backend="loky")(
-            delayed(_time_in_worker)(ws, probes, slot, n_jobs, handlers, level, folder)
+            delayed(_time_in_worker)(ws, probes, slot, n_jobs, handlers, level, folder, frozenset(solo))
             for slot in range(n_jobs))
     out = dict(timed[0][1])
     for _, t in timed[1:]:
@@ -418,7 +436,7 @@ class Fusion:
 
 
 def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, measure: bool,
-                  later: list[MemberKey] = ()) -> Fusion:
+                  later: list[MemberKey] = (), solo: frozenset[str] = frozenset()) -> Fusion:
     """Which models of ``pending`` train fused (``runtime.fuse``), in groups of how many.
 
     ``off``: none. ``on``: every fusable model (:func:`fusable_models`). ``auto``: with
@@ -430,7 +448,8 @@ def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, m
     every figure (:func:`_log_measured`). Without ``measure`` ``auto`` fuses
     nothing (one log line). With ``measure`` every pending model is timed (the estimate), and on
     CUDA the groups are capped at what the probe's peak memory says fits
-    (:func:`pipeline.device.group_memory_limit`, one log line)."""
+    (:func:`pipeline.device.group_memory_limit`, one log line); the models of ``solo`` are also
+    timed with the machine to themselves (:func:`time_models`)."""
     rt = ws.settings.runtime
     candidates = fusable_models(ws, pending) if rt.fuse is not FuseMode.off else frozenset()
     if not measure:
@@ -439,7 +458,7 @@ def decide_fusion(ws: Workspace, pending: list[MemberKey], slots: int, device, m
                      ", ".join(sorted(candidates)))
         models = candidates if rt.fuse is FuseMode.on else frozenset()
         return Fusion(models, {m: FuseChoice(rt.fuse, m in models) for m in candidates}, rt.fuse_max)
-    timed = time_models(ws, plan_units(ws, pending, device, candidates, slots), slots, later)
+    timed = time_models(ws, plan_units(ws, pending, device, candidates, slots), slots, later, solo)
     models = candidates if rt.fuse is FuseMode.on else frozenset(m for m in candidates if timed[m].fused_is_faster)
     if rt.fuse is FuseMode.auto:
         _log_measured(timed, candidates, models, slots, rt.channels_last)

@@ -61,19 +61,6 @@ def core_share(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
-def side_by_side(models: list[str], n_jobs: int) -> list[int]:
-    """How many members share the machine while each member trains, ``n_jobs`` at a time, for
-    the pending members' model names ``models`` in dispatch order: ``n_jobs`` for every full
-    round and the remainder for the last round when every member is of one model (equal lengths,
-    so the rounds run in step): the odd 5th member of 5 on 2 jobs gets every core instead of half
-    of them. With several models the rounds drift apart and a tail member would overlap a longer
-    one (measured: a 3 s ``mlp`` member took 13.7 s on 2 threads beside a ``cnn_deotte`` on 1),
-    so every member keeps ``n_jobs``. Returns one share per member, each in ``1..n_jobs``."""
-    pending = len(models)
-    tail = pending % n_jobs if len(set(models)) == 1 else 0
-    return [n_jobs if i < pending - tail else tail for i in range(pending)]
-
-
 def configure_threads(setting, device: torch.device, parallel: int | None = None) -> int:
     """Set torch's intra-op threads: ``setting`` when given, else (CPU training with ``parallel``
     jobs side by side; default: the parallel Hydra multirun's job count) :func:`core_share`, so

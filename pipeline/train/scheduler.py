@@ -20,6 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from pipeline import members
+from pipeline.budget import side_by_side
 from pipeline.device import device_name, select_device, use_device
 from pipeline.errors import PipelineError
 from pipeline.members import MemberKey, MemberStatus
@@ -29,7 +30,7 @@ from pipeline.train import fused
 from pipeline.train.engine import DeadlineReached, FitSpec, fit_member
 from pipeline.train.probes import (Estimate, FuseChoice, Fusion, decide_fusion, estimate, member_pseudo, member_spec,
                                    plan_units)
-from pipeline.train.runtime import configure_threads, fold_jobs, side_by_side
+from pipeline.train.runtime import configure_threads, fold_jobs
 from pipeline.train.workers import enter_worker, log_handlers
 from pipeline.workspace import Workspace
 
@@ -268,12 +269,13 @@ def _pending(ws: Workspace, keys: list[MemberKey]) -> tuple[dict[MemberKey, Memb
 @dataclass(frozen=True)
 class UnitPlan:
     """What a budget's plan (:mod:`pipeline.train.budgeted`) fixed before :func:`schedule`: the
-    fusion decision and ``seconds(unit)``, the planned seconds of a unit
-    (:meth:`pipeline.budget.Cost.unit`), so that the scheduler checks each unit against the
+    fusion decision and ``seconds(unit, sharing)``, the planned seconds of a unit trained with
+    ``sharing`` units at once (:meth:`pipeline.budget.Cost.unit`,
+    :func:`~pipeline.budget.side_by_side`), so that the scheduler checks each unit against the
     deadline with the seconds the plan counted."""
 
     fusion: Fusion
-    seconds: Callable[[tuple[MemberKey, ...]], float]
+    seconds: Callable[[tuple[MemberKey, ...], int], float]
 
 
 def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), deadline: float | None = None,
@@ -324,8 +326,10 @@ def _units(ws: Workspace, pending: list[MemberKey], later: list[MemberKey], slot
     if planned is not None:
         fusion = planned.fusion
         units = plan_units(ws, pending, device, fusion.models, slots, fusion.fuse_max)
-        return fusion, units, Estimate({k: planned.seconds(u) / len(u) for u in units for k in u},
-                                       min(slots, max(1, len(units))))
+        n_jobs = min(slots, max(1, len(units)))
+        shares = side_by_side([u[0].model for u in units], n_jobs)
+        return fusion, units, Estimate({k: planned.seconds(u, share) / len(u) for u, share in zip(units, shares)
+                                        for k in u}, n_jobs)
     rt = ws.settings.runtime
     measure = bool(pending) and (rt.estimate or deadline is not None)
     fusion = decide_fusion(ws, pending, slots, device, measure, list(later))

@@ -37,6 +37,20 @@ TINY = [
 ]
 
 
+def command_error(capsys, *overrides: str) -> tuple[int, list[str]]:
+    """Run the command line's own handler (``pipeline.stages.run_command``, what ``run.py``
+    calls with Hydra's composed config) in this process on ``overrides``, expecting a user error:
+    its exit code and its stderr lines. ``run.py`` itself in a subprocess: tests/test_cli.py."""
+    from pipeline.stages import run_command
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_command(cfg)
+    return exited.value.code, capsys.readouterr().err.strip().splitlines()
+
+
 def compose_cfg(root: Path, overrides: list[str] = (), data_dir: Path | None = None):
     """The real config (``pipeline/conf``) with every output under ``root``, its pseudo-label
     rounds added as models (what :func:`pipeline.config.prepare` does first; the rest of

@@ -123,13 +123,11 @@ def test_too_small_a_budget_names_the_smallest_that_fits():
 # --------------------------------------------------------------------------- the deadline, for real
 
 import dataclasses  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from conftest import REPO, TINY  # noqa: E402
+from conftest import TINY, command_error  # noqa: E402
 
 
 def test_a_member_stopped_by_the_deadline_resumes_from_its_checkpoint(tiny_cfg):
@@ -240,14 +238,11 @@ def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, 
     assert '<td class="l">cnn_deotte</td><td class="">2 x 3</td>' in page
 
 
-def test_a_budget_too_small_is_one_line_and_exit_2(tmp_path, digits_dir):
-    args = [sys.executable, str(REPO / "run.py"), "stage=train", f"paths.root={tmp_path}", f"data.dir={digits_dir}",
-            *TINY, "ensemble=[cnn_deotte]", "budget=2s"]
-    r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={"PYTHONPATH": str(REPO), "PATH": ""})
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "budget=2 s: too small" in lines[0] and "expected budget >= " in lines[0]
+def test_a_budget_too_small_is_one_line_and_exit_2(tmp_path, digits_dir, capsys):
+    code, lines = command_error(capsys, "stage=train", f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY,
+                                "ensemble=[cnn_deotte]", "budget=2s")
+    assert code == 2 and len(lines) == 1, lines
+    assert "budget=2 s: too small" in lines[0] and "expected budget >= " in lines[0]
     assert not list(tmp_path.glob("artifacts/cnn_deotte/*/model.safetensors"))
 
 

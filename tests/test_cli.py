@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import CONF_DIR, REPO, TINY, compose_cfg
+from conftest import CONF_DIR, REPO, TINY, command_error, compose_cfg
 from pipeline.stages import STAGES
 
 
@@ -136,10 +136,11 @@ def test_user_errors_exit_2_with_one_line(tmp_path, digits_dir, capsys, args, me
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-@pytest.mark.parametrize("args, message", [USER_ERRORS[0], USER_ERRORS[6]])
+@pytest.mark.parametrize("args, message", [USER_ERRORS[6]])
 def test_run_py_prints_a_user_error_as_one_line_and_exits_2(tmp_path, digits_dir, args, message):
     """``run.py`` as a user runs it (a subprocess): nothing but the one line on stderr, no
-    traceback, exit code 2; a data error and a setting error."""
+    traceback, exit code 2 (a setting error; every other user error runs through the same
+    handler in process, :func:`test_user_errors_exit_2_with_one_line`)."""
     args = [a.format(tmp=tmp_path) for a in args]
     res = run_cli(f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, *args, cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -148,13 +149,12 @@ def test_run_py_prints_a_user_error_as_one_line_and_exits_2(tmp_path, digits_dir
     assert "Traceback" not in res.stderr
 
 
-def test_bad_csv_exits_2_and_writes_nothing(tmp_path, digits_dir):
+def test_bad_csv_exits_2_and_writes_nothing(tmp_path, digits_dir, capsys):
     lines = (digits_dir / "train.csv").read_text().splitlines()
     lines[10] = lines[10] + ",0"
     (digits_dir / "train.csv").write_text("\n".join(lines) + "\n")
-    res = run_cli("stage=all", f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, cwd=tmp_path)
-    assert res.returncode == 2
-    assert res.stderr.strip() == (f"error: {digits_dir / 'train.csv'} line 11: 786 fields, "
-                                  f"expected 785 fields")
+    code, err = command_error(capsys, "stage=all", f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY)
+    assert code == 2
+    assert err == [f"error: {digits_dir / 'train.csv'} line 11: 786 fields, expected 785 fields"]
     for out in ("folds", "artifacts", "submissions"):
         assert not (tmp_path / out).exists() or not any((tmp_path / out).rglob("*"))

@@ -298,8 +298,8 @@ def test_a_budget_too_small_for_every_member_leaves_out_the_least_valuable(pixel
 # --------------------------------------------------------------------------- bad input
 
 
-def test_export_refuses_without_a_blend_or_with_a_member_file_that_does_not_match(pixels, tmp_path):
-    from test_cli import run_cli
+def test_export_refuses_without_a_blend_or_with_a_member_file_that_does_not_match(pixels, tmp_path, capsys):
+    from conftest import command_error
 
     root = tmp_path / "run"
     for name in ("artifacts", "folds", "digits"):
@@ -307,8 +307,7 @@ def test_export_refuses_without_a_blend_or_with_a_member_file_that_does_not_matc
     args = [*TRAINED, "stage=export", f"paths.root={root}", f"data.dir={root / 'digits'}", "export.wheels=false"]
     ckpt = root / "artifacts" / "mlp" / "fold1" / "model.safetensors"
     ckpt.unlink()
-    res = run_cli(*args, cwd=tmp_path)
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: mlp fold 1: missing {ckpt}"]
+    assert command_error(capsys, *args) == (2, [f"error: mlp fold 1: missing {ckpt}"])
     assert not (root / "export").exists() and not (root / "export.zip").exists()
     shutil.copy2(pixels["root"] / "artifacts" / "mlp" / "fold1" / "model.safetensors", ckpt)
     config = root / "artifacts" / "cnn_deotte" / "fold0" / "config.yaml"
@@ -327,8 +326,8 @@ def _export_copy(pixels: dict, tmp_path: Path) -> Path:
     return dst
 
 
-def test_submit_refuses_a_tampered_blend_json_in_one_line(pixels, tmp_path):
-    from test_cli import run_cli
+def test_submit_refuses_a_tampered_blend_json_in_one_line(pixels, tmp_path, capsys):
+    from conftest import command_error
 
     copy = _export_copy(pixels, tmp_path)
     path = copy / "artifacts" / "blend" / "blend.json"
@@ -337,11 +336,10 @@ def test_submit_refuses_a_tampered_blend_json_in_one_line(pixels, tmp_path):
     path.write_text(json.dumps(record))
     out = tmp_path / "submission.csv"
     out.write_text("stale\n")
-    res = run_cli(*TRAINED, "stage=submit", f"export.dir={copy}", f"data.dir={pixels['rerun']}",
-                  f"submit.output={out}", f"paths.root={tmp_path}", cwd=tmp_path)
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+    assert command_error(capsys, *TRAINED, "stage=submit", f"export.dir={copy}", f"data.dir={pixels['rerun']}",
+                         f"submit.output={out}", f"paths.root={tmp_path}") == (2, [
         f"error: {path}: does not match its sha256 in kfold_export.json (modified after the export?); run: python "
-        f"run.py stage=export, and upload the whole folder"]
+        f"run.py stage=export, and upload the whole folder"])
     assert not out.exists()
 
 

@@ -4,6 +4,7 @@ stand-ins for the timed steps where a test says so."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -223,18 +224,22 @@ def test_the_plans_prediction_cost_is_timed_on_a_batch(tiny_cfg):
 def test_the_first_model_is_timed_with_the_machine_to_itself(tiny_cfg):
     """Probes in 2 side-by-side worker processes, then the lone member of each ``solo`` model
     once more in one worker with every core (the threads the odd last member of a round trains
-    with): its ``solo`` figure reaches the plan's cost (``solo_per_epoch``); a model not asked
-    for has none, and with one process nothing is timed twice (``alone`` is that figure)."""
-    ws = Workspace.load(tiny_cfg("ensemble=[mlp,cnn_keras]", "runtime.fuse=off"))
-    keys = [k for m in ("mlp", "cnn_keras") for k in ws.keys(m)]
-    timed = probes.time_models(ws, [(k,) for k in keys], 2, solo=frozenset({"mlp"}))
-    assert timed["mlp"].solo > 0 and timed["mlp"].alone > 0 and timed["cnn_keras"].solo is None
-    costs = budgeted.costs(ws, timed, frozenset(), ["mlp", "cnn_keras"], 2)
+    with): its ``solo`` figure reaches the plan's cost (``solo_per_epoch``) and survives merging
+    with another worker's timing (which has none); with one process nothing is timed twice
+    (``alone`` is that figure) and the cost has no solo rate."""
+    ws = Workspace.load(tiny_cfg("ensemble=[mlp]", "runtime.fuse=off"))
+    units = [(k,) for k in ws.keys("mlp")]
+    timed = probes.time_models(ws, units, 2, solo=frozenset({"mlp"}))
+    assert timed["mlp"].solo > 0 and timed["mlp"].alone > 0
+    costs = budgeted.costs(ws, timed, frozenset(), ["mlp"], 2)
     knee = ws.settings.models["mlp"].ranges.knee
     assert costs["mlp"].solo_per_epoch - costs["mlp"].per_epoch == pytest.approx(
         budgeted.MARGIN * (timed["mlp"].solo - timed["mlp"].alone) / knee)
-    assert costs["cnn_keras"].solo_per_epoch is None
-    assert probes.time_models(ws, [(k,) for k in ws.keys("mlp")], 1, solo=frozenset({"mlp"}))["mlp"].solo is None
+    assert budgeted.costs(ws, {"mlp": timed["mlp"].slower(dataclasses.replace(timed["mlp"], solo=None))},
+                          frozenset(), ["mlp"], 2)["mlp"].solo_per_epoch == costs["mlp"].solo_per_epoch
+    assert probes.time_models(ws, units, 1, solo=frozenset({"mlp"}))["mlp"].solo is None
+    assert budgeted.costs(ws, {"mlp": dataclasses.replace(timed["mlp"], solo=None)}, frozenset(), ["mlp"],
+                          2)["mlp"].solo_per_epoch is None
 
 
 def test_the_scheduler_checks_the_odd_last_member_at_its_planned_price(tiny_cfg):

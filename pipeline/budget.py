@@ -263,12 +263,8 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     def units() -> list[tuple]:
         return form_units(dispatch(order, seeds, folds), group_of or (lambda key: None), fuse_max, jobs)
 
-    def seconds(units: list[tuple]) -> list[float]:
-        shares = side_by_side([u[0][0] for u in units], min(jobs, max(1, len(units))))
-        return [costs[u[0][0]].unit(len(u), epochs[u[0][0]], share) for u, share in zip(units, shares)]
-
     def total() -> float:
-        return makespan(seconds(units()), jobs)
+        return makespan(priced(units(), costs, epochs, jobs), jobs)
 
     need = total()
     if need > available:
@@ -288,10 +284,18 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
             seeds[model], epochs[model] = before
             break
     final = units()
-    spent = seconds(final)
+    spent = priced(final, costs, epochs, jobs)
     models = tuple(ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(final, spent) if u[0][0] == m))
                    for m in order)
     return Plan(budget, available, reserve_seconds(budget), models, total())
+
+
+def priced(units: list[tuple], costs: dict[str, Cost], epochs: dict[str, int], jobs: int) -> list[float]:
+    """Seconds of each of ``units`` (tuples of ``(model, seed, fold)``, in dispatch order) at its
+    model's ``epochs``, each at its share of the machine on ``jobs`` slots (:func:`side_by_side`,
+    :meth:`Cost.unit`)."""
+    shares = side_by_side([u[0][0] for u in units], min(jobs, max(1, len(units))))
+    return [costs[u[0][0]].unit(len(u), epochs[u[0][0]], share) for u, share in zip(units, shares)]
 
 
 def _steps(order: list[str], ranges: dict[str, Range], fixed: dict[str, int]):

@@ -119,7 +119,7 @@ class Cost:
         return epochs * unit_seconds(self.per_epoch, self.group_per_epoch, self.group_size, size) + size * self.fixed
 
     def member(self, epochs: int) -> float:
-        """Seconds of one member of ``epochs`` epochs trained alone, side by side with others."""
+        """Seconds of one member of ``epochs`` epochs trained unfused at the side-by-side rate."""
         return self.unit(1, epochs)
 
 

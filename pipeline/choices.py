@@ -42,6 +42,25 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class FitMethod(str, Enum):
+    """``train.fit``: how a member learns. ``gradient``: the network end to end by AdamW (from
+    scratch, or fine-tuning a pretrained backbone); ``linear_probe``: a pretrained backbone kept
+    frozen, its pooled features computed once and cached, and a regularised logistic regression
+    fitted on them (:mod:`pipeline.train.probe`)."""
+
+    gradient = "gradient"
+    linear_probe = "linear_probe"
+
+
+class HeadInit(str, Enum):
+    """``train.head_init``: a pretrained backbone's new classifier starts ``random`` (timm's
+    init), or as the ``probe``: the logistic regression of the backbone's frozen features on the
+    member's training rows (linear probing then fine-tuning, LP-FT: Kumar et al. 2022)."""
+
+    random = "random"
+    probe = "probe"
+
+
 class AugBackend(str, Enum):
     """``aug.backend``: batched on the training device, or per sample (the reference)."""
 
@@ -143,3 +162,4 @@ class AugPreset(str, Enum):
     dihedral = "dihedral"  # affine + the 8 flips and 90-degree rotations of the square (cells, aerial)
     elastic = "elastic"    # affine + elastic distortion (Simard et al. 2003)
     erase = "erase"        # affine + random erasing (Zhong et al. 2017)
+    photo = "photo"        # photos: affine with a wider zoom, horizontal flips and colour jitter (timm's create_transform)

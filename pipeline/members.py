@@ -332,7 +332,7 @@ def load_model(out_dir: Path) -> tuple["nn.Module", dict]:
         meta = {"arch": raw["arch"], "kwargs": json.loads(raw["kwargs"]),
                 **{k: int(raw[k]) for k in ("num_classes", "in_chans", "img_size")}}
         model = create_model(meta["arch"], meta["num_classes"], meta["in_chans"], meta["img_size"],
-                             **meta["kwargs"])
+                             load_weights=False, **meta["kwargs"])
         model.load_state_dict(state)
     except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{path}: cannot load the checkpoint ({type(e).__name__}: "

@@ -30,7 +30,7 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, img_size: int = 28,
-                 **kwargs) -> nn.Module:
+                 load_weights: bool = True, **kwargs) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -38,17 +38,23 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, img_size: int =
         num_classes: C, the number of output logits.
         in_chans: input channels (1 for grayscale).
         img_size: input side S in pixels.
-        **kwargs: the model's own options (e.g. ``width``, ``dropout``).
+        load_weights: False builds a pretrained backbone without loading its ImageNet weights
+            (a checkpoint's tensors replace them); ignored by models trained from scratch.
+        **kwargs: the model's own options (e.g. ``width``, ``dropout``, ``pretrained``).
     Returns:
         an ``nn.Module`` mapping ``(B, in_chans, S, S)`` float32 to ``(B, C)`` logits.
     Raises:
-        ConfigError: ``name`` is not registered (the message lists the known names).
+        ConfigError: ``name`` is not registered (the message lists the known names), or a
+            pretrained backbone's weights are missing (:func:`pipeline.pretrained.resolve_weights`).
     """
     if name not in _REGISTRY:
         from pipeline.errors import ConfigError
 
         raise ConfigError(f"unknown model '{name}'; known models: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    factory = _REGISTRY[name]
+    if "load_weights" in inspect.signature(factory).parameters:
+        kwargs["load_weights"] = load_weights
+    return factory(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
 
 
 def _ch(base: int, width: float) -> int:
@@ -212,39 +218,135 @@ class Normalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float,
-          pretrained_file: str | None, timm_kwargs: dict,
-          adapt: Callable[[nn.Module], None] | None = None) -> nn.Module:
-    """``timm.create_model``; with ``pretrained_file`` (a local ``.safetensors``/``.pth`` of the
-    backbone's ImageNet weights; timm reads it with ``weights_only=True``) the weights come from
-    that file through ``pretrained_cfg_overlay``, never from a hub, timm adapts the stem to
-    ``in_chans`` and drops the classifier, and the model normalises its input with the weights'
-    mean/std (averaged over RGB for 1 channel). ``adapt(model)`` edits it before wrapping."""
+class Pretrained(nn.Module):
+    """A pretrained timm backbone ``net`` behind the input normalisation its weights expect
+    (``norm``): maps ``(N, in_chans, S, S)`` float32 in [0, 1] to ``(N, C)`` logits. It names its
+    layer groups from the stem (0) to the classifier (the last) with timm's ``group_matcher``,
+    for layer-wise learning rates and freezing (:func:`parameter_groups`, :func:`freeze`)."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.norm = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.norm(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, F)`` pooled features (timm's ``pre_logits``): what the classifier takes."""
+        return self.net.forward_head(self.net.forward_features(self.norm(x)), pre_logits=True)
+
+    def body_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer but the classifier's: what fixes the features."""
+        head = {id(t) for t in self.net.get_classifier().parameters()}
+        return {n: t for n, t in [*self.named_parameters(), *self.named_buffers()] if id(t) not in head}
+
+    def layer_ids(self) -> dict[str, int]:
+        """``{parameter name: layer group}``: 0 = the stem ... the classifier's group last."""
+        from timm.models import group_parameters
+
+        if not hasattr(self.net, "group_matcher"):  # every timm family has one; a safe fallback
+            head = {n for n, _ in self.net.get_classifier().named_parameters()}
+            return {f"net.{n}": (1 if n.split(".", 1)[-1] in head else 0) for n, _ in self.net.named_parameters()}
+        groups = group_parameters(self.net, self.net.group_matcher(coarse=True), reverse=True)
+        top = max(groups.values()) + 1
+        classifier = {f"{n}" for n, _ in _classifier_params(self.net)}
+        raw = {f"net.{n}": (top if n in classifier else groups.get(n, top)) for n, _ in self.net.named_parameters()}
+        dense = {v: i for i, v in enumerate(sorted(set(raw.values())))}  # numbered 0..n-1, no gaps
+        return {n: dense[v] for n, v in raw.items()}
+
+
+def _classifier_params(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    head = net.get_classifier()
+    ids = {id(p) for p in head.parameters()}
+    return [(n, p) for n, p in net.named_parameters() if id(p) in ids]
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW's parameter groups of ``model``: one group of every parameter for a network trained
+    from scratch; for a :class:`Pretrained` backbone one group per layer group, its peak learning
+    rate ``lr x layer_decay ** (depth below the classifier)`` (layer-wise learning-rate decay:
+    Clark et al. 2020, ELECTRA; Bao et al. 2021, BEiT; the discriminative learning rates of Howard
+    & Ruder 2018, ULMFiT). Each group has ``params``, ``lr`` (its peak) and ``weight_decay``."""
+    if not isinstance(model, Pretrained) or layer_decay == 1.0:
+        return [{"params": [p for p in model.parameters()], "lr": lr, "weight_decay": weight_decay}]
+    ids = model.layer_ids()
+    top = max(ids.values())
+    groups: dict[int, list] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(ids.get(name, top), []).append(p)
+    return [{"params": ps, "lr": lr * layer_decay ** (top - i), "weight_decay": weight_decay}
+            for i, ps in sorted(groups.items())]
+
+
+def freeze(model: nn.Module, head_only: bool, frozen_fraction: float = 0.0, frozen_bn: bool = False) -> None:
+    """Set which parameters of ``model`` train (``requires_grad``): every one of a network
+    trained from scratch; of a :class:`Pretrained` backbone the classifier alone when
+    ``head_only`` (the new head on a frozen body first: fastai's ``fine_tune``, Howard & Ruder
+    2018), else all but the lowest ``frozen_fraction`` of its layer groups (the stem first). The
+    BatchNorm layers of the frozen part go to eval mode (their running statistics stay the
+    pretrained ones: a small batch's statistics would shift the features the head learns on);
+    with ``frozen_bn`` every BatchNorm normalises with its running statistics (its scale and
+    shift still train: a "frozen BN" as in Detectron2 and timm's ``freeze_batch_norm_2d``). Call
+    it after ``model.train()``."""
+    if not isinstance(model, Pretrained):
+        return
+    ids = model.layer_ids()
+    top = max(ids.values())
+    lowest = round(frozen_fraction * top)
+    for name, p in model.named_parameters():
+        layer = ids.get(name, top)
+        p.requires_grad_(layer == top if head_only else layer >= lowest)
+    for module in model.modules():  # a frozen BatchNorm keeps its ImageNet statistics too
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (frozen_bn or not any(
+                p.requires_grad for p in module.parameters(recurse=False))):
+            module.eval()
+
+
+def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float, pretrained: bool,
+          pretrained_file: str | None, timm_kwargs: dict, adapt: Callable[[nn.Module], None] | None = None,
+          load_weights: bool = True) -> nn.Module:
+    """``timm.create_model``. With ``pretrained`` (or a ``pretrained_file``) the ImageNet weights
+    come from the first source of :func:`pipeline.pretrained.resolve_weights` that has them
+    (a local file, packaged weights, timm's hub), timm adapts the stem to ``in_chans`` (summing
+    the RGB filters for one channel) and drops the 1000-class head, and the model is a
+    :class:`Pretrained` that normalises its input with the weights' mean/std (averaged over RGB
+    for 1 channel). ``load_weights=False`` builds the same module without loading any (a
+    checkpoint's tensors replace them: :func:`pipeline.members.load_model`). ``adapt(model)``
+    edits it before wrapping. Raises ConfigError for an unknown name or missing weights."""
     import timm
 
     from pipeline.errors import ConfigError
+    from pipeline.pretrained import WeightsSource, missing_message, resolve_weights
 
     for key in ("channels", "layers"):
         if timm_kwargs.get(key) is not None:
             timm_kwargs[key] = tuple(timm_kwargs[key])
-    if pretrained_file and not Path(pretrained_file).is_file():
-        raise ConfigError(f"kwargs.pretrained_file={pretrained_file}: file not found (a local copy of "
-                          f"the {timm_name} weights; nothing is downloaded)")
+    pretrained = bool(pretrained or pretrained_file)
+    options = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs)
     try:
-        model = timm.create_model(timm_name, pretrained=bool(pretrained_file), num_classes=num_classes,
-                                  in_chans=in_chans, drop_rate=drop_rate,
-                                  pretrained_cfg_overlay=dict(file=str(pretrained_file)) if pretrained_file else None,
-                                  **timm_kwargs)
+        if pretrained and load_weights:
+            cfg = timm.get_pretrained_cfg(timm_name)
+            weights = resolve_weights(timm_name, pretrained_file, getattr(cfg, "hf_hub_id", None) if cfg else None)
+            try:
+                model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=weights.overlay or None,
+                                          **options)
+            except Exception as e:  # the hub unreachable (requests' or httpx's errors), a download cut short
+                if weights.source is not WeightsSource.hub or isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"{missing_message(timm_name)} (the hub failed: {type(e).__name__})") from None
+        else:
+            model = timm.create_model(timm_name, pretrained=False, **options)
     except RuntimeError as e:
         raise ConfigError(f"timm_name={timm_name}: {str(e).splitlines()[0]}") from None
     if adapt is not None:
         adapt(model)
-    if not pretrained_file:
+    if not pretrained:
         return model
     mean, std = model.pretrained_cfg.get("mean", IMAGENET_MEAN), model.pretrained_cfg.get("std", IMAGENET_STD)
     if in_chans != len(mean):
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return nn.Sequential(Normalize(tuple(mean), tuple(std)), model)
+    return Pretrained(model, tuple(mean), tuple(std))
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -253,33 +355,38 @@ SMALL_INPUT = 64  # below this side a ResNet's stride-4 stem leaves too little r
 
 @register_model
 def resnet_timm(num_classes: int, in_chans: int = 1, img_size: int = 28, timm_name: str = "resnet18",
-                drop_rate: float = 0.1, pretrained_file: str | None = None, **timm_kwargs) -> nn.Module:
+                drop_rate: float = 0.1, pretrained: bool = False, pretrained_file: str | None = None,
+                load_weights: bool = True, **timm_kwargs) -> nn.Module:
     """A timm ResNet (``timm.create_model``) at any input size and channel count.
 
     Below 64 px the 7x7 stride-2 stem and the max-pool would shrink the image 4x before the first
     block (28 px to 7); they are replaced by a 3x3 stride-1 conv and no pool (as for CIFAR
     ResNets, He et al. 2016), so the stages run at 28/14/7/4 px (a pretrained stem is then not
-    used). From 64 px on, timm's own stem is kept. ``pretrained_file``: see :func:`_timm`.
-    ``timm_kwargs`` go to timm (e.g. ``channels=[32,64,128,256]``, ``layers=[1,1,1,1]``).
+    used). From 64 px on, timm's own stem is kept. ``pretrained``, ``pretrained_file``,
+    ``load_weights``: see :func:`_timm`. ``timm_kwargs`` go to timm (e.g.
+    ``channels=[32,64,128,256]``, ``layers=[1,1,1,1]``).
     """
     def small_stem(model: nn.Module) -> None:
         if img_size < SMALL_INPUT:
             model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
             model.maxpool = nn.Identity()
 
-    return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained_file, timm_kwargs, small_stem)
+    return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained, pretrained_file, timm_kwargs, small_stem,
+                 load_weights)
 
 
 @register_model
 def timm_backbone(num_classes: int, in_chans: int = 3, img_size: int = 224, timm_name: str = "resnet18",
-                  drop_rate: float = 0.0, pretrained_file: str | None = None, **timm_kwargs) -> nn.Module:
-    """Any timm architecture by name (``timm_name``: e.g. ``efficientnet_b0``, ``convnext_nano``),
-    unchanged, at any input size and channel count; ImageNet weights from a local
-    ``pretrained_file`` (see :func:`_timm`). ``img_size`` is passed to timm for models that take
-    one (vision transformers)."""
+                  drop_rate: float = 0.0, pretrained: bool = False, pretrained_file: str | None = None,
+                  load_weights: bool = True, **timm_kwargs) -> nn.Module:
+    """Any timm architecture by name (``timm_name``: e.g. ``tf_efficientnet_lite0``,
+    ``convnext_nano``), unchanged, at any input size and channel count; with ``pretrained`` its
+    ImageNet weights from a local file, packaged weights or timm's hub (see :func:`_timm`).
+    ``img_size`` is passed to timm for models that take one (vision transformers)."""
     if timm_name.startswith(("vit", "deit", "swin", "beit", "eva")):  # transformers fix their grid
         timm_kwargs.setdefault("img_size", img_size)
-    return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained_file, timm_kwargs)
+    return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained, pretrained_file, timm_kwargs,
+                 load_weights=load_weights)
 
 
 def _definition(fn: Callable | type) -> str:

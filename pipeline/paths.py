@@ -16,6 +16,7 @@ Layout (relative to ``paths.root``)::
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +56,16 @@ class Paths:
             submissions_dir=Path(p.submissions_dir),
         )
 
-    def parsed_cache(self, data_dir: str | Path) -> Path:
-        """Directory of the parsed ``.npy`` arrays for the competition in ``data_dir``."""
+    def parsed_cache(self, data_dir: str | Path, decoding: dict | None = None) -> Path:
+        """Directory of the parsed ``.npy`` arrays for the competition in ``data_dir``, one
+        sub-directory per ``decoding`` (side, its cap, channels, resize), so the screening's sides
+        are decoded once each and never overwrite the run's."""
         key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
-        return self.cache_dir / f"parsed-{key}"
+        base = self.cache_dir / f"parsed-{key}"
+        if not decoding:
+            return base
+        digest = hashlib.sha1(json.dumps(decoding, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return base / f"decoded-{digest}"
 
     @property
     def wheel_dir(self) -> Path:
@@ -92,6 +99,10 @@ class Paths:
         """``artifacts/budget/plan.json``: the last ``budget=`` run's plan and what it completed
         (:mod:`pipeline.budget`), read by the blend and the report."""
         return self.artifacts_dir / "budget" / "plan.json"
+
+    def features_dir(self) -> Path:
+        """``artifacts/features/``: linear probes' cached backbone features (pipeline/train/probe.py)."""
+        return self.artifacts_dir / "features"
 
     def screening(self, key: str) -> Path:
         """``artifacts/screening/<key>.json``: the recipe a screening chose for the runs of

@@ -29,6 +29,8 @@ from pipeline.settings import AugSettings, aug_settings
 DEFAULT_AFFINE = {"rotate": 10.0, "scale": 0.1, "shift": 0.1}  # when the configured aug has no affine part
 DEFAULT_ELASTIC = 34.0  # pixels (Simard et al. 2003), when the configured aug has none
 ERASE_P = 0.5           # random erasing's probability in the ``erase`` preset (Zhong et al. 2017 use 0.5)
+PHOTO = {"scale": 0.25, "hflip": 0.5, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}  # the photo preset: a
+# random-resized-crop-like zoom, flips and colour jitter (timm's create_transform: RandomResizedCrop, hflip, ColorJitter 0.4)
 _OFF = {"elastic_alpha": 0.0, "hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "erase": 0.0}
 
 
@@ -36,7 +38,8 @@ def preset_values(preset: AugPreset, configured: AugSettings) -> dict[str, float
     """The ``aug`` values of ``preset`` over the ``configured`` augmentation: its affine strengths
     (or :data:`DEFAULT_AFFINE` when it has none) and its colour jitter kept, every other part off
     unless the preset adds it. ``dihedral`` draws uniformly from the 8 symmetries of the square
-    (a horizontal flip with probability 0.5, then 0, 90, 180 or 270 degrees)."""
+    (a horizontal flip with probability 0.5, then 0, 90, 180 or 270 degrees); ``photo`` widens
+    the zoom and adds flips and colour jitter (:data:`PHOTO`)."""
     affine = {k: float(getattr(configured, k)) for k in DEFAULT_AFFINE}
     if not any(affine.values()):
         affine = dict(DEFAULT_AFFINE)
@@ -45,7 +48,7 @@ def preset_values(preset: AugPreset, configured: AugSettings) -> dict[str, float
     extra = {AugPreset.affine: {}, AugPreset.hflip: {"hflip": 0.5},
              AugPreset.dihedral: {"hflip": 0.5, "rot90": 0.75},
              AugPreset.elastic: {"elastic_alpha": float(configured.elastic_alpha) or DEFAULT_ELASTIC},
-             AugPreset.erase: {"erase": ERASE_P}}[preset]
+             AugPreset.erase: {"erase": ERASE_P}, AugPreset.photo: PHOTO}[preset]
     return {**affine, **_OFF, **extra}
 
 

@@ -43,13 +43,15 @@ from omegaconf import OmegaConf
 
 from pipeline import data, members
 from pipeline.budget import format_minutes
-from pipeline.choices import Dim, Layout, Metric, Pruner
+from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.members import MemberKey
 from pipeline.metrics import score
+from pipeline.pretrained import weights_available
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, read_screening,
                              save_screening, screen_augs, screen_fixed, screening_key)
 from pipeline.settings import TrainSettings
+from pipeline.train import probe
 from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, planned_epochs, seconds_per_member
 from pipeline.tune.study import objective_value
 from pipeline.workspace import Workspace
@@ -60,12 +62,16 @@ MIN_SIDE = 28        # the smallest candidate side (the zoo's networks need it)
 VALIDATION_SHARE = 0.25  # a trial's estimate adds this fraction for its per-epoch validation and set-up
 PROBE_BATCH = 64         # the timed steps' batch: a 128 px probe at 256 took 45 s on a 2-core CPU
 MIN_BATCHES = 24         # a trial's batch leaves at least this many steps per epoch (2,000-image competitions)
+MIN_PRETRAINED_SIDE = 64  # pretrained candidates are screened from this side (an ImageNet net at 28 px sees 1x1 maps)
 
 
-def share_seconds(ws: Workspace) -> float:
-    """The screening's time: ``screen.share`` of ``budget=`` (seconds), else of ``screen.seconds``."""
+def share_seconds(ws: Workspace, pretrained: bool = False) -> float:
+    """The screening's time: ``screen.share`` of ``budget=`` (seconds), else of ``screen.seconds``;
+    ``screen.pretrained_share`` instead when ``pretrained`` candidates are screened too (their
+    trials cost more)."""
     s = ws.settings.screen
-    return s.share * (ws.settings.budget if ws.settings.budget is not None else s.seconds)
+    fraction = max(s.share, s.pretrained_share) if pretrained else s.share
+    return fraction * (ws.settings.budget if ws.settings.budget is not None else s.seconds)
 
 
 def candidate_sides(loaded: int, layout: Layout, sides: list) -> list[int]:
@@ -121,15 +127,19 @@ class Screen:
         at most :data:`PROBE_BATCH` (one warm-up step before them), timed once per (model, side)
         (the augmentation and the loss weights barely change it), scaled to the trial's images,
         plus :data:`VALIDATION_SHARE`. Raises ConfigError when it cannot train on the subsample."""
+        if (c.model, c.side) not in self._estimates and spec.train.fit is FitMethod.linear_probe:
+            t0 = time.time()  # features of every subsample image, then the regression's fits
+            self._estimates[c.model, c.side] = probe.seconds_per_member(spec, comp, folds, share=1.0)
+            self._probe_seconds = max(self._probe_seconds, time.time() - t0)
         if (c.model, c.side) not in self._estimates:
             t0 = time.time()
             batch = min(PROBE_BATCH, spec.train.batch_size)
-            probe = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=batch, epochs=1,
+            timed = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=batch, epochs=1,
                                                                        min_steps=0))
             if not self._estimates:  # the first steps of a process pay torch's one-time set-up
-                seconds_per_member(probe, comp, folds, steps=1, warmup=1)
+                seconds_per_member(timed, comp, folds, steps=1, warmup=1)
             rows = len(self.train_rows)
-            per_image = seconds_per_member(probe, comp, folds, steps=2, warmup=1) / ((rows // batch) * batch)
+            per_image = seconds_per_member(timed, comp, folds, steps=2, warmup=1) / ((rows // batch) * batch)
             self._estimates[c.model, c.side] = per_image * self.images(spec.train) * (1 + VALIDATION_SHARE)
             self._probe_seconds = max(self._probe_seconds, time.time() - t0)
         return self._estimates[c.model, c.side]
@@ -181,7 +191,8 @@ class Screen:
         key = MemberKey(c.model, 0)
         member_cfg = members.member_config(settings, key, f"{comp.fingerprint}-{c.side}", "screen",
                                            ws.precision(train.precision))
-        return FitSpec.create(model, runtime, key, member_cfg, deadline=self.deadline)
+        return FitSpec.create(model, runtime, key, member_cfg, deadline=self.deadline,
+                              features_dir=ws.paths.features_dir())  # a probe's and an LP-FT head's, shared
 
     def run_trial(self, dim: Dim, c: Candidate, trial: optuna.Trial | None) -> TrialRecord:
         """Train and score candidate ``c`` (reusing an earlier trial of the same candidate); its
@@ -205,6 +216,9 @@ class Screen:
             log.info("screen: %s: skipped, its estimate %s does not fit in the share left", c.label(),
                      format_minutes(estimate))
             return TrialRecord(dim, c, TrialState.skipped, None, None, 0, time.time() - t0)
+
+        if c.model in self.s.pretrained:  # a head-only first epoch is no fair rung against nets from scratch
+            trial = None
 
         def report(epoch: int, record: dict) -> None:
             epochs_run[0] = epoch
@@ -329,24 +343,79 @@ def kept(rows: list[TrialRecord], margin: float, keep: int,
 
 
 def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: str, margin: float) -> str:
+    unmeasured = [r for r in rows if r.state in (TrialState.skipped, TrialState.stopped)]
+    missed = ("; not measured (the share ran out), so deciding nothing: "
+              + ", ".join(f"{r.candidate.label()} {r.state.value}" for r in unmeasured)) if unmeasured else ""
     if chosen is None:
-        return f"{dim.value}: no candidate completed in the share; kept as configured"
+        return f"{dim.value}: no candidate completed in the share; kept as configured{missed}"
     others = [r for r in ranked(rows) if r is not chosen][:2]
     against = "; ".join(f"{r.candidate.label()} {r.score:.4f}" for r in others) or "no other candidate completed"
     kept = " (the baseline: nothing beat it by more than the noise, %.4f)" % margin if (
         chosen is rows[0] and any(r.score > chosen.score for r in others)) else ""
-    return f"{dim.value}: {what} ({chosen.score:.4f}) against {against}{kept}"
+    return f"{dim.value}: {what} ({chosen.score:.4f}) against {against}{kept}{missed}"
+
+
+def pretrained_candidates(ws: Workspace, loaded: int, fixed: frozenset[Dim]) -> list[Candidate]:
+    """The pretrained candidates of the arch study (``screen.pretrained``), each at its family's
+    side: the loaded side, at most ``screen.pretrained_side``, with its configured augmentation;
+    none when the architectures are fixed, the side is fixed at another, or the side is below
+    :data:`MIN_PRETRAINED_SIDE` (a pixel CSV's 28 px digits: logged); a candidate whose weights
+    no source has (:func:`pipeline.pretrained.weights_available`: offline, a hub-only backbone)
+    is left out with one log line."""
+    s = ws.settings.screen
+    names = [str(m) for m in s.pretrained]
+    if not names or Dim.arch in fixed:
+        return []
+    side = loaded if Dim.side in fixed else min(loaded, s.pretrained_side)
+    if side < MIN_PRETRAINED_SIDE:
+        log.info("screen: pretrained candidates (%s) not screened: %d px, below %d px", ", ".join(names), side,
+                 MIN_PRETRAINED_SIDE)
+        return []
+    out = []
+    for m in names:
+        try:
+            weights_available(ws.settings.models[m].kwargs)
+        except ConfigError as e:
+            log.info("screen: %s not screened: %s", m, e)
+            continue
+        out.append(Candidate(m, side, None))
+    return out
+
+
+def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candidate], reasons: list[str]):
+    """The arch study: ``models`` at ``side`` (from scratch, ``aug``) and the ``pretrained``
+    candidates at theirs. The best row's side becomes the ensemble's (one side for all); the
+    ensemble keeps the best ``screen.keep`` rows screened at that side (:func:`kept`). Returns
+    ``(ordered models, side, kept model names)``."""
+    s, metric, n_val = sc.s, sc.ws.settings.data.metric, len(sc.val_rows)
+    rows = sc.study(Dim.arch, [Candidate(m, side, aug) for m in models] + pretrained)
+    margin = noise(rows, n_val, metric)
+    top = best(rows, margin)
+    side = top.candidate.side if top is not None else side
+    same_side = [r for r in rows if r.candidate.side == side]
+    chosen, weaker = kept(same_side, margin, s.keep, s.keep_within)
+    if top is not None and chosen and chosen[0] is not top:  # the baseline rule decided: it goes first
+        chosen = [top, *[r for r in chosen if r is not top]][:s.keep]
+    order = [r.candidate.model for r in chosen]
+    left = "".join(f"; left out {r.candidate.model} {r.score:.4f}, more than {s.keep_within:g} x the noise "
+                   f"below the best" for r in weaker)
+    other = sorted({r.candidate.model for r in rows if r.candidate.side != side and r.state is TrialState.complete})
+    left += f"; left out {', '.join(other)}: screened at another side than the best's {side} px" if other else ""
+    reasons.append(_why(Dim.arch, rows, chosen[0] if chosen else None, f"ensemble [{', '.join(order)}]",
+                        margin) + left)
+    return order + [m for m in models if m not in order], side, order
 
 
 def screen(ws: Workspace) -> Screening:
     """Run the screening of ``ws`` (see the module docstring) and return it (not yet saved)."""
     s, fixed = ws.settings.screen, screen_fixed(ws.cfg)
     t0 = time.time()
-    share = share_seconds(ws)
+    loaded = side = ws.comp.x_train.shape[-1]
+    pretrained = pretrained_candidates(ws, loaded, fixed)
+    share = share_seconds(ws, bool(pretrained))
     sc = Screen(ws, t0 + share)
     models = [str(m) for m in s.models] if Dim.arch not in fixed else [str(ws.cfg.ensemble[0])]
     augs = screen_augs(ws.cfg) if Dim.aug not in fixed else [None]
-    side = ws.comp.x_train.shape[-1]
     reasons, recipe = [], Recipe()
     sides = candidate_sides(side, ws.comp.layout, list(s.sides)) if Dim.side not in fixed else [side]
     metric, n_val = ws.settings.data.metric, len(sc.val_rows)
@@ -357,23 +426,21 @@ def screen(ws: Workspace) -> Screening:
         recipe = dataclasses.replace(recipe, side=side)
         reasons.append(_why(Dim.side, rows, chosen, f"{side} px", margin))
     if Dim.arch not in fixed:
-        rows = sc.study(Dim.arch, [Candidate(m, side, augs[0]) for m in models])
-        margin = noise(rows, n_val, metric)
-        chosen, weaker = kept(rows, margin, s.keep, s.keep_within)
-        order = [r.candidate.model for r in chosen]
-        models = order + [m for m in models if m not in order]  # the best first for what follows
+        models, side, order = _arch(sc, models, side, augs[0], pretrained, reasons)
         recipe = dataclasses.replace(recipe, models=tuple(order))
-        left = "".join(f"; left out {r.candidate.model} {r.score:.4f}, more than {s.keep_within:g} x the noise "
-                       f"below the best" for r in weaker)
-        reasons.append(_why(Dim.arch, rows, chosen[0] if chosen else None, f"ensemble [{', '.join(order)}]",
-                            margin) + left)
-    if Dim.aug not in fixed and len(augs) > 1:
-        rows = sc.study(Dim.aug, [Candidate(models[0], side, a) for a in augs])
+    recipe = dataclasses.replace(recipe, side=side if side != loaded else None)  # the loaded side: nothing to decode again
+    trained = [m for m in models if ws.settings.models[m].train.fit is FitMethod.gradient]
+    augmented = trained[0] if trained else models[0]  # a linear probe's features see no augmentation
+    if augmented in s.pretrained and Dim.aug not in fixed:  # its configured augmentation is the baseline
+        augs = [None, *(AugPreset(str(a)) for a in s.pretrained_augs)]
+    if Dim.aug not in fixed and len(augs) > 1 and trained:
+        rows = sc.study(Dim.aug, [Candidate(augmented, side, a) for a in augs])
         chosen = best(rows, margin := noise(rows, n_val, metric))
         recipe = dataclasses.replace(recipe, aug=chosen.candidate.aug if chosen else None)
-        reasons.append(_why(Dim.aug, rows, chosen, f"preset {chosen.candidate.aug.value if chosen else ''}", margin))
+        label = (chosen.candidate.aug.value if chosen.candidate.aug else "as configured") if chosen else ""
+        reasons.append(_why(Dim.aug, rows, chosen, f"preset {label}", margin))
     if Dim.balance not in fixed and imbalanced(ws.comp.y_train[sc.train_rows], ws.comp.num_classes, s.imbalance):
-        aug = recipe.aug if recipe.aug is not None else augs[0]
+        aug = recipe.aug if recipe.aug is not None else (None if models[0] in s.pretrained else augs[0])
         rows = sc.study(Dim.balance, [Candidate(models[0], side, aug, w) for w in (False, True)])
         chosen = best(rows, margin := noise(rows, n_val, metric))
         recipe = dataclasses.replace(recipe, class_weight=chosen.candidate.class_weight if chosen else None)
@@ -394,7 +461,7 @@ def run(cfg, ws: Workspace) -> Screening | None:
     if found is not None:
         log.info("screen: reusing %s (made in %.0f s):\n%s", path, found.seconds, found.table())
         return found
-    log.info("screen: up to %s on fold 0 (%s)", format_minutes(share_seconds(ws)),
+    log.info("screen: up to %s on fold 0 (%s)", format_minutes(share_seconds(ws, bool(ws.settings.screen.pretrained))),
              ", ".join(f"{d.value} fixed" for d in screen_fixed(ws.cfg)) or "nothing fixed")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the screening logs its own rows
     result = screen(ws)

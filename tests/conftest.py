@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test downloads: pretrained weights come from packages or files
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "pipeline" / "conf"

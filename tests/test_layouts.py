@@ -225,7 +225,7 @@ def test_pretrained_weights_come_from_a_local_file(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     for arch, size, chans in (("timm_backbone", 64, 3), ("resnet_timm", 96, 1)):
         model = create_model(arch, 5, chans, size, timm_name="resnet18", pretrained_file=str(path), **kw)
-        norm, net = model[0], model[1]
+        norm, net = model.norm, model.net
         assert isinstance(norm, Normalize) and norm.mean.shape == (1, chans, 1, 1)
         assert torch.equal(net.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
         expect = src.conv1.weight if chans == 3 else src.conv1.weight.sum(1, keepdim=True)

@@ -231,3 +231,85 @@ def test_a_clearly_weaker_architecture_leaves_the_ensemble(scores, n_val, expect
     assert names(kept(rows, 0.0, keep=2, within=2.0)[0]) == sorted(scores, key=lambda m: -scores[m])  # no noise
     assert names(kept(rows, margin, keep=1, within=2.0)[0]) == expected[:1]
     assert names(kept(rows, margin, keep=2, within=0.0)[0]) == strict  # the best always stays
+
+
+class _Study:
+    """A stand-in for :class:`pipeline.screen.Screen` whose studies return given rows: the choice
+    logic alone, on constructed scores."""
+
+    def __init__(self, rows, keep=2, pretrained=("lite0", "lite0_probe")):
+        from types import SimpleNamespace
+
+        from pipeline.choices import Metric
+
+        self.rows = rows
+        self.s = SimpleNamespace(keep=keep, keep_within=2.0, pretrained=list(pretrained))
+        self.ws = SimpleNamespace(settings=SimpleNamespace(data=SimpleNamespace(metric=Metric.accuracy)))
+        self.val_rows = list(range(420))
+
+    def study(self, dim, candidates):
+        return [r for r in self.rows if r.candidate in candidates]
+
+
+def _row(model, side, state, score, dim=Dim.arch):
+    from pipeline.recipe import TrialRecord
+
+    return TrialRecord(dim, Candidate(model, side, AugPreset.affine if side == 32 else None), TrialState(state),
+                       score, score, 3, 1.0)
+
+
+def test_a_pretrained_winner_brings_its_side_and_the_ensemble_keeps_its_family():
+    """Pretrained candidates at 128 px beat the networks from scratch at 32 px: the ensemble's side
+    becomes 128 px and it keeps the rows screened there, best first; the 32 px networks are left
+    out with the reason."""
+    from pipeline.screen import _arch
+
+    rows = [_row("cnn_deotte", 32, "complete", 0.70), _row("resnet9", 32, "complete", 0.68),
+            _row("lite0_probe", 128, "complete", 0.76), _row("lite0", 128, "complete", 0.81)]
+    reasons = []
+    pretrained = [r.candidate for r in rows[2:]]
+    models, side, order = _arch(_Study(rows), ["cnn_deotte", "resnet9"], 32, AugPreset.affine, pretrained, reasons)
+    assert side == 128 and order == ["lite0", "lite0_probe"] and models[:2] == order
+    assert "screened at another side" in reasons[0] and "cnn_deotte" in reasons[0]
+
+
+def test_an_unmeasured_candidate_never_decides_and_is_reported():
+    """The fine-tuned candidate did not fit in the share: it is never chosen, whatever its
+    configured promise, and the reason line names it as not measured; the measured best decides."""
+    from pipeline.screen import _arch, best
+
+    rows = [_row("cnn_deotte", 32, "complete", 0.70), _row("lite0_probe", 128, "complete", 0.69),
+            _row("lite0", 128, "skipped", None)]
+    reasons = []
+    models, side, order = _arch(_Study(rows), ["cnn_deotte"], 32, AugPreset.affine,
+                                [r.candidate for r in rows[1:]], reasons)
+    assert side == 32 and order == ["cnn_deotte"]
+    assert "not measured" in reasons[0] and "lite0 128px aug=configured skipped" in reasons[0]
+    sides = [_row("resnet9", 32, "complete", 0.60, Dim.side), _row("resnet9", 64, "stopped", None, Dim.side),
+             _row("resnet9", 128, "skipped", None, Dim.side)]
+    assert best(sides).candidate.side == 32
+
+
+def test_pretrained_candidates_skip_sides_below_64_px(tiny_cfg, caplog):
+    """The digits are 28 px (a pixel CSV is never resized): an ImageNet network is not screened
+    there, and says so."""
+    from pipeline.screen import pretrained_candidates
+
+    ws = _ws(tiny_cfg("screen.enabled=true", "screen.pretrained=[lite0_probe]"))
+    with caplog.at_level(logging.INFO, logger="pipeline.screen"):
+        assert pretrained_candidates(ws, 28, frozenset()) == []
+    assert "not screened: 28 px, below 64 px" in caplog.text
+    assert [c.side for c in pretrained_candidates(ws, 300, frozenset())] == [min(300, ws.settings.screen.pretrained_side)]
+    assert pretrained_candidates(ws, 300, frozenset({Dim.arch})) == []
+
+
+def test_a_hub_only_candidate_is_left_out_when_offline(tiny_cfg, caplog, monkeypatch):
+    """With the hub offline and nothing in its cache, the competition profile's hub backbone is
+    not screened (one log line naming the three ways to give its weights); the packaged one is."""
+    from pipeline.screen import pretrained_candidates
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ws = _ws(tiny_cfg("screen.enabled=true", "screen.pretrained=[lite0_probe,convnext_nano]"))
+    with caplog.at_level(logging.INFO, logger="pipeline.screen"):
+        assert [c.model for c in pretrained_candidates(ws, 300, frozenset())] == ["lite0_probe"]
+    assert "convnext_nano not screened" in caplog.text and "pretrained_file" in caplog.text

@@ -191,7 +191,8 @@ def load(cfg: DictConfig) -> Competition:
     n_cls = d.num_classes
     opts = {k: d.get(k) for k in ("format", "id_column", "label_column", "img_size", "max_img_size",
                                   "resize", "channels", "submission", "decode_jobs")}
-    return load_competition(data_dir, Paths.from_cfg(cfg).parsed_cache(data_dir),
+    decoding = {k: opts[k] for k in ("img_size", "max_img_size", "resize", "channels")}
+    return load_competition(data_dir, Paths.from_cfg(cfg).parsed_cache(data_dir, decoding),
                             None if n_cls is None else int(n_cls), **opts)
 
 

@@ -49,11 +49,13 @@ def swa_epochs(train: TrainSettings, epochs: int, where: str = "train") -> int:
 
 def one_cycle(opt: torch.optim.Optimizer, train: TrainSettings, cycle_steps: int,
               for_swa: bool) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The one-cycle schedule over ``cycle_steps`` optimizer steps, peaking at ``train.lr`` after
+    """The one-cycle schedule over ``cycle_steps`` optimizer steps, peaking at each parameter
+    group's ``lr`` as the optimizer was built (``train.lr``; layer-wise decayed below a pretrained
+    backbone's head, :func:`pipeline.models.parameter_groups`) after
     ``train.warmup_frac`` of them; it ends at ``lr / 25 / 1e4`` (OneCycleLR's default), or at
     ``train.swa_lr_scale * lr`` when ``for_swa`` (the SWA learning rate, held afterwards)."""
     end = {"final_div_factor": 1.0 / (DIV_FACTOR * train.swa_lr_scale)} if for_swa else {}
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=cycle_steps,
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=cycle_steps,
                                                pct_start=train.warmup_frac, div_factor=DIV_FACTOR, **end)
 
 

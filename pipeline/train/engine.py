@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from pipeline.data import Competition
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.metrics import score
-from pipeline.models import create_model
+from pipeline.models import create_model, freeze, parameter_groups
 from pipeline.runsettings import ModelSettings
-from pipeline.settings import AugSettings, Precision, RuntimeSettings, TrainSettings, TTASettings
+from pipeline.settings import AugSettings, FitMethod, HeadInit, Precision, RuntimeSettings, TrainSettings, TTASettings
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
+from pipeline.train import probe
 from pipeline.train.batches import make_batches, set_epoch, training_set
 from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
@@ -167,20 +168,22 @@ class FitSpec:
     precision: Precision = Precision.fp32  # resolved for the training device (never auto)
     deadline: float | None = None  # time.time() by which training stops (budget=), None = none
     predict_seconds_per_image: float | None = None  # timed by the probe (budget=); None: INFERENCE_COST
+    features_dir: Path | None = None  # a linear probe's feature cache (artifacts/features/); None: in memory
 
     @classmethod
     def create(cls, model: ModelSettings, runtime: RuntimeSettings, key: MemberKey,
                member_cfg: DictConfig, deadline: float | None = None,
-               predict_seconds_per_image: float | None = None) -> "FitSpec":
+               predict_seconds_per_image: float | None = None, features_dir: Path | None = None) -> "FitSpec":
         """The spec of member ``key`` of ``model`` (the run's typed settings,
         :class:`pipeline.runsettings.ModelSettings`), whose cache key is ``member_cfg`` (it holds the
         resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with ``runtime``
         and stopped at ``deadline`` (:func:`check_deadline`, its predictions counted at
-        ``predict_seconds_per_image`` seconds per image in one view, when timed)."""
+        ``predict_seconds_per_image`` seconds per image in one view, when timed); a linear probe
+        caches its features in ``features_dir``."""
         precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
         return cls(key, model.arch, dict(model.kwargs), model.train, model.aug, model.tta, runtime,
                    int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision, deadline,
-                   predict_seconds_per_image)
+                   predict_seconds_per_image, features_dir)
 
 
 @dataclass
@@ -272,19 +275,23 @@ def fresh_model(spec: FitSpec, comp: Competition, device: torch.device, state: d
     return model
 
 
-def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None) -> TrainingLoop:
+def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None, init_head: bool = True) -> TrainingLoop:
     """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
     device made current and its numerics set (:func:`~pipeline.device.configure_numerics`),
     seeded, the model placed (and compiled with ``runtime.compile``), AdamW, the one-cycle
     schedule, the weight average and fp16's gradient scaler (:func:`optimisation`), and with
-    ``train.class_weight`` the loss weights of the rows' classes (:func:`class_weights`). Raises
-    ConfigError when the batch size exceeds the rows."""
+    ``train.class_weight`` the loss weights of the rows' classes (:func:`class_weights`). With
+    ``train.head_init=probe`` (and ``init_head``) a pretrained backbone's classifier starts as the
+    linear probe of the rows (:func:`pipeline.train.probe.init_head`). Raises ConfigError when the
+    batch size exceeds the rows."""
     device = select_device(spec.runtime.device)
     use_device(device)
     configure_numerics(device, spec.precision, spec.runtime.deterministic)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches, model = member_parts(spec, comp, tr_idx, device, pseudo)
+    if init_head and spec.train.head_init is HeadInit.probe:
+        probe.init_head(model, spec, comp, tr_idx, device)
     loop = optimisation(model, spec, batches, device)
     if spec.train.class_weight:
         loop.class_weight = torch.from_numpy(class_weights(comp.y_train[tr_idx], comp.num_classes)).to(device)
@@ -300,13 +307,16 @@ def adamw_options(device: torch.device) -> dict:
 
 def optimisation(model: nn.Module, spec: FitSpec, batches, device: torch.device) -> TrainingLoop:
     """``model``'s training state for ``spec``'s settings over ``batches`` (one epoch's steps):
-    the ``torch.compile`` wrapper with ``runtime.compile``, AdamW (:func:`adamw_options`), the one-cycle schedule over
+    the ``torch.compile`` wrapper with ``runtime.compile``, AdamW (:func:`adamw_options`; a
+    pretrained backbone's layer groups at layer-wise decayed learning rates with
+    ``train.layer_decay``, :func:`pipeline.models.parameter_groups`), the one-cycle schedule over
     :func:`planned_epochs` (compressed before SWA's epochs), the EMA / SWA and fp16's gradient
     scaler. The same for one member and for a fused group's network (every one of these acts per
     element, so fused members never mix). Raises ConfigError for a SWA fraction leaving no epoch."""
     t = spec.train
     net = torch.compile(model) if spec.runtime.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **adamw_options(device))
+    groups = parameter_groups(model, t.lr, t.weight_decay, t.layer_decay)
+    opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **adamw_options(device))
     epochs = planned_epochs(t, len(batches))
     averaged = swa_epochs(t, epochs, f"models.{spec.key.model}.train")
     cycle = (epochs - averaged) * len(batches)
@@ -380,12 +390,22 @@ def save_state(loop: TrainingLoop, cache_key: str, path: Path, epoch: int, secon
     loop_state(loop, cache_key, epoch, seconds).save(path)
 
 
+def train_mode(model: nn.Module, spec: FitSpec, epoch: int) -> None:
+    """``model`` in training mode for epoch ``epoch``: a pretrained backbone's head alone in the
+    first ``train.freeze_epochs``, then all but its lowest ``train.frozen_layers``, its BatchNorm
+    frozen with ``train.frozen_bn`` (:func:`pipeline.models.freeze`)."""
+    model.train()
+    freeze(model, epoch <= spec.train.freeze_epochs, spec.train.frozen_layers, spec.train.frozen_bn)
+
+
 def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, float]:
     """One pass over the batches of epoch ``epoch`` (1-based; reseeded from it): the epoch
-    function of ``stage=train``. Reads the loss and accuracy back from the device once, at the
+    function of ``stage=train``. A pretrained backbone trains its new head alone on the frozen
+    body for the first ``train.freeze_epochs`` epochs, then every layer group but the lowest
+    ``train.frozen_layers`` (:func:`pipeline.models.freeze`; fastai's ``fine_tune``). Reads the loss and accuracy back from the device once, at the
     end (and every 25 steps when a progress bar shows). Returns ``(mean train loss, train
     accuracy)``."""
-    loop.model.train()
+    train_mode(loop.model, spec, epoch)
     set_epoch(loop.batches, spec.training_seed, epoch)
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.int64)
@@ -440,9 +460,15 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
     ``warmup``) of its model, batches and augmentation on its device, times the steps of its
     :func:`planned_epochs` (validation excluded; ``pseudo`` rows counted). Trains a throw-away
     copy; nothing is written. ``after_warmup()`` runs between the warm-up and the timed steps
-    (side-by-side probes wait there for each other, so that their timed steps overlap)."""
-    loop = setup_loop(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo)
-    loop.model.train()
+    (side-by-side probes wait there for each other, so that their timed steps overlap). A linear
+    probe is timed by :func:`pipeline.train.probe.seconds_per_member`, and so is the probe that
+    starts a head with ``train.head_init=probe`` (added)."""
+    if spec.train.fit is FitMethod.linear_probe:
+        if after_warmup is not None:
+            after_warmup()
+        return probe.seconds_per_member(spec, comp, folds)
+    loop = setup_loop(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo, init_head=False)
+    train_mode(loop.model, spec, spec.train.freeze_epochs + 1)  # the steady state: past any head-only epochs
     it = iter(loop.batches)
 
     def step() -> None:
@@ -451,7 +477,8 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
                    spec.runtime.channels_last, spec.precision, loop.scaler)
 
     per_step = seconds_per_step(step, loop.device, min(len(loop.batches), warmup + steps), warmup, after_warmup)
-    return per_step * len(loop.batches) * loop.epochs
+    head = probe.seconds_per_member(spec, comp, folds) if spec.train.head_init is HeadInit.probe else 0.0
+    return per_step * len(loop.batches) * loop.epochs + head
 
 
 def seconds_per_step(step: Callable[[], None], device: torch.device, n: int, warmup: int,
@@ -492,12 +519,24 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     With ``pseudo`` (:class:`pipeline.pseudo.PseudoRows` of this fold) its test rows train with
     their pseudo-labels beside the training rows; the validated fold is never among them.
 
+    With ``train.fit=linear_probe`` the member is a linear probe of a frozen pretrained backbone
+    (:func:`pipeline.train.probe.fit_probe`; no epochs, nothing to resume: its features are cached).
+
     Raises:
         PipelineError: the loss became NaN/inf (the resume checkpoint is removed).
-        ConfigError: the batch size exceeds the fold's training rows.
+        ConfigError: the batch size exceeds the fold's training rows; a linear probe of a network
+            that is not pretrained, or with pseudo-labels.
         DeadlineReached: ``spec.deadline`` (``budget=``) came; the last end-of-epoch checkpoint
             stays (with ``resume_path``).
     """
+    if spec.train.fit is FitMethod.linear_probe:
+        if pseudo is not None:
+            raise ConfigError(f"models.{spec.key.model}: a pseudo-label round of a linear probe is not supported "
+                              f"(train.fit=linear_probe)")
+        result = FitResult(*probe.fit_probe(spec, comp, folds, spec.features_dir))
+        if on_epoch is not None:
+            on_epoch(1, result.metrics["history"][0])
+        return result
     t0 = time.perf_counter()
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
     loop = setup_loop(spec, comp, tr_idx, pseudo)

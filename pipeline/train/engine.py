@@ -275,7 +275,8 @@ def fresh_model(spec: FitSpec, comp: Competition, device: torch.device, state: d
     return model
 
 
-def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None, init_head: bool = True) -> TrainingLoop:
+def setup_loop(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, pseudo=None,
+               init_head: bool = True) -> TrainingLoop:
     """The live state of one member's training on the rows ``tr_idx`` (and ``pseudo`` rows): its
     device made current and its numerics set (:func:`~pipeline.device.configure_numerics`),
     seeded, the model placed (and compiled with ``runtime.compile``), AdamW, the one-cycle
@@ -400,11 +401,9 @@ def train_mode(model: nn.Module, spec: FitSpec, epoch: int) -> None:
 
 def train_epoch(loop: TrainingLoop, spec: FitSpec, epoch: int) -> tuple[float, float]:
     """One pass over the batches of epoch ``epoch`` (1-based; reseeded from it): the epoch
-    function of ``stage=train``. A pretrained backbone trains its new head alone on the frozen
-    body for the first ``train.freeze_epochs`` epochs, then every layer group but the lowest
-    ``train.frozen_layers`` (:func:`pipeline.models.freeze`; fastai's ``fine_tune``). Reads the loss and accuracy back from the device once, at the
-    end (and every 25 steps when a progress bar shows). Returns ``(mean train loss, train
-    accuracy)``."""
+    function of ``stage=train``, the model set up for it by :func:`train_mode`. Reads the loss
+    and accuracy back from the device once, at the end (and every 25 steps when a progress bar
+    shows). Returns ``(mean train loss, train accuracy)``."""
     train_mode(loop.model, spec, epoch)
     set_epoch(loop.batches, spec.training_seed, epoch)
     loss_sum = torch.zeros((), device=loop.device)

@@ -105,12 +105,14 @@ def _hub_cached(hub_id: str) -> str | None:
     return None
 
 
-def resolve_weights(timm_name: str, pretrained_file: str | None, hub_id: str | None) -> Weights:
+def resolve_weights(timm_name: str, pretrained_file: str | None, hub_id: str | None,
+                    convert: bool = True) -> Weights:
     """The weights of timm backbone ``timm_name`` in the order of the module docstring.
 
     Args:
         pretrained_file: a local weights file, or None.
         hub_id: the backbone's Hugging Face hub id (``model.pretrained_cfg['hf_hub_id']``), or None.
+        convert: False only says where the weights are (packaged weights are not read).
     Returns:
         :class:`Weights`; the choice is logged (one line).
     Raises:
@@ -128,7 +130,7 @@ def resolve_weights(timm_name: str, pretrained_file: str | None, hub_id: str | N
     if path is not None and path.is_file():
         log.info("pretrained: %s from the packaged weights %s (%s)", timm_name, packaged.distribution, path)
         return Weights(WeightsSource.packaged, f"{packaged.distribution} ({path.name})",
-                       {"state_dict": packaged_state_dict(timm_name, path)})
+                       {"state_dict": packaged_state_dict(timm_name, path)} if convert else {})
     if hub_id:
         cached = _hub_cached(hub_id)
         if cached is not None:
@@ -150,11 +152,8 @@ def weights_available(kwargs: dict) -> Weights | None:
 
     name = str(kwargs.get("timm_name"))
     cfg = timm.get_pretrained_cfg(name)
-    file = kwargs.get("pretrained_file")
-    packaged = PACKAGED.get(name)
-    if not file and packaged is not None and packaged.path() is not None:
-        return Weights(WeightsSource.packaged, packaged.distribution, {})
-    return resolve_weights(name, file, getattr(cfg, "hf_hub_id", None) if cfg else None)
+    return resolve_weights(name, kwargs.get("pretrained_file"), getattr(cfg, "hf_hub_id", None) if cfg else None,
+                           convert=False)
 
 
 # --------------------------------------------------------------------------- conversion

@@ -217,7 +217,7 @@ class Screen:
                      format_minutes(estimate))
             return TrialRecord(dim, c, TrialState.skipped, None, None, 0, time.time() - t0)
 
-        if c.model in self.s.pretrained:  # a head-only first epoch is no fair rung against nets from scratch
+        if c.model in self.s.pretrained:  # a probe's one fit or a short fine-tuning: no fair rung against scratch nets
             trial = None
 
         def report(epoch: int, record: dict) -> None:

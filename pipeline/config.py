@@ -18,9 +18,11 @@ import copy
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.device import select_device
 from pipeline.errors import ConfigError
-from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_fixed, screened
+from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_fixed
 from pipeline.runsettings import RunSettings, run_settings
+from pipeline.workspace import screening_for
 from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, blend_methods, blend_models,
                                pseudo_settings, round_name, selected_folds, selected_models)
 
@@ -44,7 +46,7 @@ def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunS
 
         apply(out)
         settings = validate(out)
-    if out.screen.enabled and (found := screened(out)) is not None:
+    if out.screen.enabled and (found := screening_for(out, settings)) is not None:
         apply_recipe(out, found.recipe)
         settings = validate(out)
     OmegaConf.set_readonly(out, True)
@@ -113,6 +115,7 @@ def validate(cfg: DictConfig) -> RunSettings:
             raise ConfigError(f"models.{name}.arch={node.get('arch')}: unknown architecture; "
                               f"known: {', '.join(list_models())}")
     settings = run_settings(cfg)
+    select_device(settings.runtime.device)  # cuda asked for without CUDA: one line now, not inside a trial
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
 

@@ -159,6 +159,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def device_kind(name: str = "auto") -> str:
+    """The kind of device ``runtime.device`` resolves to here, for keying what was measured on
+    it: ``cpu (<cores> cores)`` or ``cuda (<GPU name> x <count>)``. Raises ConfigError as
+    :func:`select_device` does."""
+    device = select_device(name, slot=0)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)} x {torch.cuda.device_count()})"
+    return f"{device.type} ({os.cpu_count()} cores)"
+
+
 # The share of a GPU's free memory that fused groups may plan for: the rest is headroom for the
 # CUDA context, cuDNN workspaces, the allocator's fragmentation and a validation batch.
 GROUP_MEMORY_SHARE = 0.7

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -24,7 +25,9 @@ from pipeline.choices import AugPreset, Dim
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.io import save_json
 from pipeline.paths import Paths
-from pipeline.settings import AugSettings, aug_settings
+from pipeline.settings import AugSettings, ScreenSettings, aug_settings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_AFFINE = {"rotate": 10.0, "scale": 0.1, "shift": 0.1}  # when the configured aug has no affine part
 DEFAULT_ELASTIC = 34.0  # pixels (Simard et al. 2003), when the configured aug has none
@@ -143,7 +146,9 @@ class Screening:
         key: :func:`screening_key` of the run it was made for; recipe: the choice;
         trials: the table, in the order run; reasons: one line per screened dimension;
         share_seconds: the time it was allowed; seconds: the time it took; rows / val_rows:
-        the subsample's training and validation rows; epochs: the short schedule.
+        the subsample's training and validation rows; fixed: the dimensions set by hand;
+        pretrained: whether pretrained candidates were screened (its share was
+        ``screen.pretrained_share``, :func:`screen_share`).
     """
 
     key: str
@@ -155,6 +160,12 @@ class Screening:
     rows: int
     val_rows: int
     fixed: tuple[Dim, ...] = field(default=())
+    pretrained: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """Every trial ran to its end or was pruned: none stopped or skipped when the share ran out."""
+        return not any(t.state in (TrialState.stopped, TrialState.skipped) for t in self.trials)
 
     def table(self) -> str:
         """The screening table as log lines: dimension, candidate, state, score, epochs, seconds."""
@@ -171,7 +182,7 @@ class Screening:
                                             "aug": r.aug.value if r.aug else None, "class_weight": r.class_weight},
                 "trials": [t.to_json() for t in self.trials], "reasons": list(self.reasons),
                 "share_seconds": self.share_seconds, "seconds": self.seconds, "rows": self.rows,
-                "val_rows": self.val_rows, "fixed": [d.value for d in self.fixed]}
+                "val_rows": self.val_rows, "fixed": [d.value for d in self.fixed], "pretrained": self.pretrained}
 
     @classmethod
     def from_json(cls, j: dict) -> "Screening":
@@ -181,7 +192,8 @@ class Screening:
                         None if r.get("class_weight") is None else bool(r["class_weight"]))
         return cls(str(j["key"]), recipe, tuple(TrialRecord.from_json(t) for t in j["trials"]),
                    tuple(map(str, j.get("reasons") or ())), float(j["share_seconds"]), float(j["seconds"]),
-                   int(j["rows"]), int(j["val_rows"]), tuple(Dim(d) for d in j.get("fixed") or ()))
+                   int(j["rows"]), int(j["val_rows"]), tuple(Dim(d) for d in j.get("fixed") or ()),
+                   bool(j.get("pretrained", False)))
 
 
 def save_screening(path: Path, screening: Screening) -> None:
@@ -251,15 +263,26 @@ def screen_augs(cfg: DictConfig) -> list[AugPreset]:
     return augs
 
 
-def screening_key(cfg: DictConfig) -> str:
-    """A short digest of what a screening depends on and a recipe does not change: the data and
-    its decoding (the side only when fixed), the folds, the base seed, the ``screen`` settings but
-    its time share, and the screened models' architectures and training settings (the ensemble
-    and augmentation only when fixed). Equal before and after :func:`apply_recipe`, so a rerun (a
-    larger budget, another stage) finds the same record."""
+@dataclass(frozen=True)
+class MeasuredOn:
+    """What a screening's numbers depend on beyond its settings: the competition's input files
+    (``data``: :func:`pipeline.data.source_digest`) and the kind of device it timed and trained
+    on (``device``: :func:`pipeline.device.device_kind`)."""
+
+    data: str
+    device: str
+
+
+def screening_key(cfg: DictConfig, on: MeasuredOn) -> str:
+    """A short digest of what a screening depends on and a recipe does not change: the data's
+    files and their decoding (the side only when fixed), the metric it scored by, the device kind
+    it measured on (``on``), the folds, the base seed, the ``screen`` settings but its time share,
+    and the screened models' architectures and training settings (the ensemble and augmentation
+    only when fixed). Equal before and after :func:`apply_recipe`, so a rerun (another stage, a
+    larger budget after a complete screening) finds the same record."""
     fixed = screen_fixed(cfg)
     data = {k: cfg.data.get(k) for k in ("dir", "format", "id_column", "label_column", "max_img_size",
-                                          "resize", "channels")}
+                                          "resize", "channels", "metric")}
     if Dim.side in fixed:
         data["img_size"] = cfg.data.get("img_size")
     screen = {k: v for k, v in OmegaConf.to_container(cfg.screen, resolve=True).items() if k not in ("share", "seconds",
@@ -267,16 +290,35 @@ def screening_key(cfg: DictConfig) -> str:
     models = {str(m): {k: OmegaConf.to_container(cfg.models[m], resolve=True).get(k) for k in ("arch", "kwargs")}
               for m in cfg.screen.models if m in cfg.models}
     parts = {"data": data, "folds": {"k": cfg.folds.k, "seed": cfg.folds.seed}, "seed": cfg.get("seed"),
-             "screen": screen, "models": models,
+             "screen": screen, "models": models, "files": on.data, "device": on.device,
              "ensemble": list(cfg.ensemble) if Dim.arch in fixed else None,
              "aug": OmegaConf.to_container(cfg.aug, resolve=True) if Dim.aug in fixed else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def screened(cfg: DictConfig) -> Screening | None:
+def screen_share(screen: ScreenSettings, budget: float | None, pretrained: bool) -> float:
+    """A screening's time in seconds: ``screen.share`` of ``budget=`` (seconds), else of
+    ``screen.seconds``; ``screen.pretrained_share`` instead when ``pretrained`` candidates are
+    screened too (their trials cost more)."""
+    fraction = max(screen.share, screen.pretrained_share) if pretrained else screen.share
+    return fraction * (budget if budget is not None else screen.seconds)
+
+
+def screened(cfg: DictConfig, screen: ScreenSettings, budget: float | None, on: MeasuredOn) -> Screening | None:
     """The screening made for the run of ``cfg`` (``artifacts/screening/<key>.json``,
-    :func:`screening_key`), or None. Raises ArtifactError for an unreadable one."""
-    return read_screening(Paths.from_cfg(cfg).screening(screening_key(cfg)))
+    :func:`screening_key` on ``on``), or None: also when that screening was cut short (a trial
+    stopped or skipped, :attr:`Screening.complete`) and this run's share (:func:`screen_share` of
+    ``screen`` and ``budget``) is larger than the one it had: such a run screens again (one log
+    line says so). Raises ArtifactError for an unreadable one."""
+    path = Paths.from_cfg(cfg).screening(screening_key(cfg, on))
+    found = read_screening(path)
+    if found is not None and not found.complete:
+        share = screen_share(screen, budget, found.pretrained)
+        if share > found.share_seconds + 1.0:
+            log.info("screen: %s was cut short in a %.0f s share; this run's %.0f s share screens again", path,
+                     found.share_seconds, share)
+            return None
+    return found
 
 
 def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:

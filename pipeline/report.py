@@ -42,10 +42,10 @@ from omegaconf import DictConfig  # noqa: E402
 from pipeline.blend import store  # noqa: E402
 from pipeline.budget import format_minutes  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
-from pipeline.recipe import Screening, TrialRecord, TrialState, screened  # noqa: E402
+from pipeline.recipe import Screening, TrialRecord, TrialState  # noqa: E402
 from pipeline.settings import BlendMethod, round_base  # noqa: E402
 from pipeline.members import BlendMember, read_metrics  # noqa: E402
-from pipeline.workspace import Workspace  # noqa: E402
+from pipeline.workspace import Workspace, screening_for  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     """
     ws = ws or Workspace.load(cfg)
     budget = ws.apply_budget_record()
-    screening = screened(ws.cfg) if ws.settings.screen.enabled else None
+    screening = screening_for(ws.cfg, ws.settings) if ws.settings.screen.enabled else None
     saved = store.load(ws.paths)
     store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
     rows = fold_table(ws, saved.members)

@@ -48,13 +48,13 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.members import MemberKey
 from pipeline.metrics import score
 from pipeline.pretrained import weights_available
-from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, read_screening,
-                             save_screening, screen_augs, screen_fixed, screening_key)
+from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, save_screening,
+                             screen_augs, screen_fixed, screen_share)
 from pipeline.settings import TrainSettings
 from pipeline.train import probe
 from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, planned_epochs, seconds_per_member
 from pipeline.tune.study import objective_value
-from pipeline.workspace import Workspace
+from pipeline.workspace import Workspace, screening_for
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,8 @@ MIN_PRETRAINED_SIDE = 64  # pretrained candidates are screened from this side (a
 
 
 def share_seconds(ws: Workspace, pretrained: bool = False) -> float:
-    """The screening's time: ``screen.share`` of ``budget=`` (seconds), else of ``screen.seconds``;
-    ``screen.pretrained_share`` instead when ``pretrained`` candidates are screened too (their
-    trials cost more)."""
-    s = ws.settings.screen
-    fraction = max(s.share, s.pretrained_share) if pretrained else s.share
-    return fraction * (ws.settings.budget if ws.settings.budget is not None else s.seconds)
+    """The screening's time in seconds (:func:`pipeline.recipe.screen_share` of ``ws``'s settings)."""
+    return screen_share(ws.settings.screen, ws.settings.budget, pretrained)
 
 
 def candidate_sides(loaded: int, layout: Layout, sides: list) -> list[int]:
@@ -443,8 +439,8 @@ def screen(ws: Workspace) -> Screening:
         chosen = best(rows, margin := noise(rows, n_val, metric))
         recipe = dataclasses.replace(recipe, class_weight=chosen.candidate.class_weight if chosen else None)
         reasons.append(_why(Dim.balance, rows, chosen, f"class_weight {str(recipe.class_weight).lower()}", margin))
-    return Screening(screening_key(ws.cfg), recipe, tuple(sc.trials), tuple(reasons), share, time.time() - t0,
-                     len(sc.train_rows), len(sc.val_rows), tuple(sorted(fixed, key=list(Dim).index)))
+    return Screening(ws.screening_key(), recipe, tuple(sc.trials), tuple(reasons), share, time.time() - t0,
+                     len(sc.train_rows), len(sc.val_rows), tuple(sorted(fixed, key=list(Dim).index)), bool(pretrained))
 
 
 def run(cfg, ws: Workspace) -> Screening | None:
@@ -454,8 +450,8 @@ def run(cfg, ws: Workspace) -> Screening | None:
     Raises ArtifactError for an unreadable record."""
     if not ws.settings.screen.enabled:
         return None
-    path = ws.paths.screening(screening_key(ws.cfg))
-    found = read_screening(path)
+    path = ws.paths.screening(ws.screening_key())
+    found = screening_for(ws.cfg, ws.settings)
     if found is not None:
         log.info("screen: reusing %s (made in %.0f s):\n%s", path, found.seconds, found.table())
         return found

@@ -18,7 +18,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.config import prepare, with_fixed
-from pipeline.recipe import screened
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,7 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
     ``run.py`` passes the command's start; default: now, this call's entry (a notebook's kernel
     may have started hours earlier). Raises ConfigError naming the known stages for an unknown
     one, or for any bad setting (before any work)."""
-    from pipeline.workspace import Workspace
+    from pipeline.workspace import Workspace, screening_for
 
     try:
         stage = Stage(str(cfg.stage))
@@ -162,11 +161,11 @@ def _screen_first(raw: DictConfig, cfg: DictConfig, ws) -> tuple[DictConfig, Any
     its side too) and its workspace loaded; the run's entry time is kept. Returns the config and
     workspace to train on. Raises ArtifactError for an unreadable record, and what
     :meth:`pipeline.workspace.Workspace.load` raises for the data at the chosen side."""
-    from pipeline.workspace import Workspace
+    from pipeline.workspace import Workspace, screening_for
 
     if not ws.settings.screen.enabled:
         return cfg, ws
-    found = screened(cfg)
+    found = screening_for(cfg, ws.settings)
     _screen(ws.cfg, ws)
     if found is not None:
         return cfg, ws

@@ -19,15 +19,29 @@ from omegaconf import DictConfig
 
 from pipeline import data, members
 from pipeline.budget import BudgetRecord, read_record
-from pipeline.device import resolve_precision, select_device
+from pipeline.device import device_kind, resolve_precision, select_device
 from pipeline.errors import ArtifactError
 from pipeline.folds import ensure_folds, folds_digest
 from pipeline.io import sha256_file
 from pipeline.members import BlendMember, MemberKey, MemberPredictions, MemberStatus, Verification
 from pipeline.metrics import check_metric
 from pipeline.paths import Paths
+from pipeline.recipe import MeasuredOn, Screening, screened, screening_key
 from pipeline.runsettings import RunSettings, run_settings
 from pipeline.settings import BlendMethod, Precision, PseudoLabels, pseudo_sources
+
+
+def measured_on(settings: RunSettings) -> MeasuredOn:
+    """What a screening under ``settings`` measures on: the data's files
+    (:func:`pipeline.data.source_digest`) and the device kind (:func:`pipeline.device.device_kind`).
+    Raises ConfigError for a device this machine does not have."""
+    return MeasuredOn(data.source_digest(settings.data.dir, settings.data.format), device_kind(settings.runtime.device))
+
+
+def screening_for(cfg: DictConfig, settings: RunSettings) -> Screening | None:
+    """The screening made for the run of ``cfg`` and ``settings`` (:func:`pipeline.recipe.screened`
+    on :func:`measured_on`), or None (none, or one cut short in a smaller share)."""
+    return screened(cfg, settings.screen, settings.budget, measured_on(settings))
 
 
 @dataclass
@@ -63,6 +77,10 @@ class Workspace:
         check_metric(settings.data.metric, comp.num_classes)
         folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
         return cls(cfg, settings, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
+
+    def screening_key(self) -> str:
+        """This run's screening key (:func:`pipeline.recipe.screening_key` on :func:`measured_on`)."""
+        return screening_key(self.cfg, measured_on(self.settings))
 
     def with_settings(self, settings: RunSettings) -> "Workspace":
         """This workspace (the same config, competition and folds) under other ``settings`` (e.g.

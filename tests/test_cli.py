@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import CONF_DIR, REPO, TINY, command_error, compose_cfg
 from pipeline.stages import STAGES
@@ -167,3 +168,17 @@ def test_bad_csv_exits_2_and_writes_nothing(tmp_path, digits_dir, capsys):
     assert err == [f"error: {digits_dir / 'train.csv'} line 11: 786 fields, expected 785 fields"]
     for out in ("folds", "artifacts", "submissions"):
         assert not (tmp_path / out).exists() or not any((tmp_path / out).rglob("*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_stops_at_the_entry_before_any_screening(tmp_path, digits_dir):
+    """``profile=quick runtime.device=cuda`` on a machine without CUDA: the one line and exit 2
+    from the entry's checks, before the screening starts (no Optuna trial, no traceback, nothing
+    written under artifacts/)."""
+    res = run_cli("profile=quick", f"paths.root={tmp_path}", f"data.dir={digits_dir}", "runtime.device=cuda",
+                  cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["error: runtime.device=cuda, but CUDA is not available here (use auto or cpu)"], res.stderr
+    assert "Trial" not in res.stdout + res.stderr and "Traceback" not in res.stdout + res.stderr
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*"))

@@ -139,8 +139,9 @@ PROBE = TINY + ["ensemble=[lite0_probe,mlp]", "blend.method=[mean,ensemble_selec
 
 @pytest.mark.slow
 def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
-    """The probe computes its features once (fold 0) and every later fold reads them; a member
-    lost after the run (deleted) is refitted from the cache alone; the probe's checkpoint
+    """The probe computes its features once (fold 0) and every later fold reads them; each fold's
+    regression is kept beside them; a member lost after the run (deleted) is refitted from the
+    cache alone; the probe's checkpoint
     predicts its own test probabilities; the blend takes it like any member."""
     from pipeline import blend, train
     from pipeline.members import load_model, read_test, recorded_precision
@@ -152,8 +153,9 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
     cfg = tiny_cfg(*PROBE)
     with caplog.at_level(logging.INFO):
         train.run(cfg)
-    features = list(Paths.from_cfg(cfg).features_dir().glob("*.npz"))
-    assert len(features) == 1
+    cached = list(Paths.from_cfg(cfg).features_dir().glob("*.npz"))
+    assert len([f for f in cached if ".fit-" not in f.name]) == 1
+    assert len([f for f in cached if ".fit-" in f.name]) == 2  # one fitted regression per fold
     assert caplog.text.count("features from") == 1  # fold 1 read fold 0's features
     member = Paths.from_cfg(cfg).member_dir("lite0_probe", 1)
     before = read_test(member)
@@ -163,6 +165,7 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
     with caplog.at_level(logging.INFO):
         train.run(cfg)
     assert "features from" in caplog.text and "features of" not in caplog.text
+    assert "fitted probe from" in caplog.text  # refitted from the cache: no regression fitted again
     np.testing.assert_allclose(read_test(member), before, atol=1e-6)
     model, meta = load_model(member)
     assert meta["kwargs"]["pretrained"] is True

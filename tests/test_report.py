@@ -69,7 +69,7 @@ def _screening(cfg):
     one side only; ``aug=none`` set by hand, so fixed; balanced classes: no balance study), whose
     recipe is that run's ensemble, so the members the report reads are the recipe's."""
     from pipeline.choices import Dim
-    from pipeline.recipe import Candidate, Recipe, Screening, TrialRecord, TrialState, screening_key
+    from pipeline.recipe import Candidate, Recipe, Screening, TrialRecord, TrialState
 
     def trial(model, state, score, acc, epochs, seconds):
         return TrialRecord(Dim.arch, Candidate(model, 28), state, score, acc, epochs, seconds)
@@ -79,8 +79,17 @@ def _screening(cfg):
               trial("resnet9", TrialState.pruned, None, None, 1, 18.7),
               trial("cnn_keras", TrialState.skipped, None, None, 0, 0.0))
     reasons = ("arch: ensemble [cnn_deotte, mlp] (0.8712) against mlp 28px aug=configured 0.8203",)
-    return Screening(screening_key(cfg), Recipe(models=("cnn_deotte", "mlp")), trials, reasons, 75.0, 58.4,
+    return Screening(_key(cfg), Recipe(models=("cnn_deotte", "mlp")), trials, reasons, 360.0, 58.4,
                      200, 100, (Dim.aug,))
+
+
+def _key(cfg) -> str:
+    """The run's screening key (the data's files and this machine's device kind included)."""
+    from pipeline.recipe import screening_key
+    from pipeline.runsettings import run_settings
+    from pipeline.workspace import measured_on
+
+    return screening_key(cfg, measured_on(run_settings(cfg)))
 
 
 def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
@@ -88,12 +97,12 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
     chosen ones in bold), why, the chosen recipe, its share and subsample, and the plan after it;
     without one (or with screening off) the section is absent."""
     from pipeline.budget import BudgetRecord, ModelPlan, Plan, save_record
-    from pipeline.recipe import save_screening, screening_key
+    from pipeline.recipe import save_screening
 
     cfg = blended_cfg(*SCREENED)
     paths = Paths.from_cfg(cfg)
     assert "Recipe screening" not in report.run(cfg).read_text()  # enabled, but no record yet
-    record = paths.screening(screening_key(cfg))
+    record = paths.screening(_key(cfg))
     try:
         save_screening(record, _screening(cfg))
         text = report.run(cfg).read_text()
@@ -112,11 +121,16 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
         assert "<li>arch: ensemble [cnn_deotte, mlp] (0.8712) against mlp 28px aug=configured 0.8203</li>" in text
         assert "<p>Chosen recipe: <b>ensemble [cnn_deotte, mlp]</b>.</p>" in text
         assert "200 training and 100 validation rows" in text
-        assert "took 58 s of a 1.2 min share; fixed by hand (not screened): aug." in text
+        assert "took 58 s of a 6.0 min share; fixed by hand (not screened): aug." in text
         # no budget=: what the chosen models trained with, from their metrics.json
         assert "cnn_deotte 1 seed(s) x 6 epochs (2 members, " in text and "mlp 1 seed(s) x 6 epochs" in text
         assert text.index("<h2>CV scores</h2>") < text.index("Recipe screening") < text.index("What each member adds")
-        # under budget=, the plan follows the screening and the screening links to it
+        # under budget=, the plan follows the screening and the screening links to it (a complete one:
+        # one cut short in a smaller share is screened again, not shown)
+        import dataclasses
+
+        assert "Recipe screening" not in report.run(blended_cfg(*SCREENED, "budget=2h")).read_text()
+        save_screening(record, dataclasses.replace(_screening(cfg), trials=_screening(cfg).trials[:3]))
         plan = Plan(7200.0, 6900.0, 308.0, (ModelPlan("cnn_deotte", 1, 6, 40.0), ModelPlan("mlp", 1, 6, 8.0)), 48.0)
         save_record(paths.budget_plan, BudgetRecord(plan, 0.0, 7200.0, {"cnn_deotte": 1, "mlp": 1},
                                                     train_seconds=50.0))

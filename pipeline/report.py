@@ -308,6 +308,10 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     rows = fold_table(ws, saved.members)
     pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
     page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget, screening))
+    if screening is not None:
+        every, rest = selection_scores(ws, saved)
+        log.info("report: fold 0 chose the recipe; the blend's OOF %s is %.5f on all folds, %.5f on folds 1-%d alone",
+                 ws.settings.data.metric.value, every, rest, ws.settings.folds.k - 1)
     log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), saved.best.value,
              saved.record["methods"][saved.best.value]["accuracy"])
     return page
@@ -378,6 +382,36 @@ def _trained_as(rows: list[dict], models: list[str]) -> str:
     return "; ".join(out) or "none"
 
 
+def _split(ws: Workspace) -> str:
+    """How the folds were split: stratified, and grouped by ``folds.group`` when set."""
+    group = ws.settings.folds.group
+    return "stratified" if group is None else f"stratified, each group of {group} in one fold"
+
+
+def selection_scores(ws: Workspace, saved: store.SavedBlend) -> tuple[float, float]:
+    """The submitted blend's OOF score by the competition's metric (``data.metric``) on every fold
+    and on the folds but fold 0 alone: the screening chose the recipe on fold 0's rows, which
+    the first figure also counts; the second took no part in the choice."""
+    from pipeline.metrics import score
+
+    metric, y, oof = ws.settings.data.metric, ws.comp.y_train, saved.probabilities(saved.best, "oof")
+    rest = ws.folds != 0
+    return score(y, oof).value(metric), score(y[rest], oof[rest]).value(metric)
+
+
+def _selection_part(ws: Workspace, saved: store.SavedBlend, screening: Screening | None) -> list[str]:
+    """Beside the CV scores, with a screening: that fold 0 chose the recipe, and the submitted
+    blend's OOF score without fold 0 (:func:`selection_scores`)."""
+    if screening is None:
+        return []
+    every, rest = selection_scores(ws, saved)
+    k, metric = ws.settings.folds.k, ws.settings.data.metric.value
+    return [f"<p>Fold 0 chose the recipe (the <a href=\"#screening\">screening</a> trained and scored its "
+            f"candidates on fold 0's rows), and its rows count in the CV scores above: the submitted blend's OOF "
+            f"{html.escape(metric)} is <b>{every:.5f}</b> on all {k} folds and <b>{rest:.5f}</b> on folds 1-{k - 1} "
+            f"alone, which took no part in the choice.</p>"]
+
+
 def _screening_part(screening: Screening | None, metric: str, budget, rows: list[dict], names: list[str]) -> list[str]:
     """The report's recipe screening section (none without a screening for this run), followed
     by the budget section it leads to."""
@@ -424,11 +458,12 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
         "<h1>kfold-stack report</h1>",
         f"<p>Data fingerprint <code>{html.escape(comp.fingerprint)}</code>, {len(comp.y_train)} train / "
         f"{len(comp.x_test)} test images ({comp.side}x{comp.side}x{comp.channels}), {comp.num_classes} classes, "
-        f"{int(blend['k'])} folds; metric <b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the "
+        f"{int(blend['k'])} folds ({html.escape(_split(ws))}); metric <b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the "
         f"submission. Every number is out-of-fold (OOF): no test label is used anywhere.</p>",
         "<h2>CV scores</h2>",
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
                 "blend"], summary, {best_row}),
+        *_selection_part(ws, saved, screening),
         *_screening_part(screening, ws.settings.data.metric.value, budget, rows, names),
         *_budget_part(budget, rows),
         "<h2>What each member adds</h2>",

@@ -75,7 +75,7 @@ class Workspace:
         settings = settings or run_settings(cfg)
         comp = data.load(cfg)
         check_metric(settings.data.metric, comp.num_classes)
-        folds = ensure_folds(cfg, comp.y_train, comp.fingerprint)
+        folds = ensure_folds(cfg, comp.y_train, comp.fingerprint, data.train_groups(cfg))
         return cls(cfg, settings, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
 
     def screening_key(self) -> str:

@@ -121,6 +121,12 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
         assert "<li>arch: ensemble [cnn_deotte, mlp] (0.8712) against mlp 28px aug=configured 0.8203</li>" in text
         assert "<p>Chosen recipe: <b>ensemble [cnn_deotte, mlp]</b>.</p>" in text
         assert "200 training and 100 validation rows" in text
+        from pipeline.blend import store
+
+        every, rest = report.selection_scores(Workspace.load(cfg), store.load(paths))
+        assert every != rest  # the folds without fold 0 score otherwise
+        assert (f"is <b>{every:.5f}</b> on all 2 folds and <b>{rest:.5f}</b> on folds 1-1 alone, which took no part "
+                "in the choice") in text
         assert "took 58 s of a 6.0 min share; fixed by hand (not screened): aug." in text
         # no budget=: what the chosen models trained with, from their metrics.json
         assert "cnn_deotte 1 seed(s) x 6 epochs (2 members, " in text and "mlp 1 seed(s) x 6 epochs" in text

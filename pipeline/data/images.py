@@ -4,8 +4,9 @@
   column and a label column, images ``train/<id>`` or ``train/<id>.<ext>``, test images in
   ``test/``, and ``sample_submission.csv`` giving the test ids (first column), the submission's
   header and its row order.
-* ``folders`` (Plant Seedlings): ``train/<class name>/*.<ext>``, ``test/*.<ext>``, and
-  ``sample_submission.csv`` whose first column is the test file name.
+* ``folders`` (Plant Seedlings): ``train/<class name>/*.<ext>`` (sub-folders of a class folder,
+  e.g. one per patient, included: ``folds.group=folder`` keeps each in one fold), ``test/*.<ext>``,
+  and ``sample_submission.csv`` whose first column is the test file name.
 
 Images are decoded once, in parallel (joblib processes, a progress bar), converted to 1 or 3
 channels, resized to a square side (:func:`to_array`: ``stretch``, ``pad`` or ``crop``), and written
@@ -150,7 +151,7 @@ def scan_folders(data_dir: Path) -> ImageSet:
         raise DataError(f"{train}: no class folders (expected train/<class name>/*.png ...)")
     files, labels = [], []
     for c in classes:
-        imgs = _images_in(c)
+        imgs = sorted(p for p in c.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not imgs:
             raise DataError(f"{c}: empty class folder (no {', '.join(IMAGE_EXTENSIONS[:4])} images)")
         files += imgs
@@ -158,6 +159,44 @@ def scan_folders(data_dir: Path) -> ImageSet:
     test_ids, columns = _sample_ids(data_dir)
     test_files = _match_files(data_dir / "test", test_ids, data_dir / "sample_submission.csv", columns[0])
     return ImageSet(files, labels, test_files, test_ids, columns)
+
+
+GROUP_FOLDER = "folder"  # folds.group of the folders layout: the sub-folder below each class folder
+
+
+def train_groups(data_dir: Path, layout_files: bool, group: str, id_column: str | None,
+                 label_column: str | None) -> np.ndarray:
+    """``(N,)`` str group of each training image, in the competition's row order, for group folds:
+    the ``files`` layout's ``train.csv`` column ``group``; the ``folders`` layout's sub-folder of
+    each image below its class folder (``group="folder"``: ``train/<class>/<group>/...``; one name
+    across classes is one group, e.g. a patient with images in two classes).
+
+    Raises:
+        DataError: no such column (naming train.csv's columns), an empty group cell (its line), or
+            an image directly in its class folder (naming it).
+    """
+    if layout_files:
+        path = data_dir / "train.csv"
+        df = _read_csv(path)
+        if group not in df.columns:
+            raise DataError(f"{path} line 1: no column '{group}' for folds.group (columns: {', '.join(df.columns)})")
+        empty = np.flatnonzero(df[group].str.strip() == "")
+        if len(empty):
+            raise DataError(f"{path} line {empty[0] + 2}, column {group}: missing group")
+        scan_files(data_dir, id_column, label_column)  # the rows the competition loads, checked alike
+        return df[group].to_numpy(dtype=str)
+    if group != GROUP_FOLDER:
+        raise DataError(f"{data_dir / 'train'}: folds.group={group}: the folders layout groups by sub-folder only "
+                        f"(folds.group={GROUP_FOLDER}: train/<class>/<group>/<image>)")
+    files = scan_folders(data_dir).train_files
+    out = []
+    for f in files:
+        parts = f.relative_to(data_dir / "train").parts
+        if len(parts) < 3:
+            raise DataError(f"{f}: folds.group={GROUP_FOLDER} needs train/<class>/<group>/<image>; this image is "
+                            f"directly in its class folder")
+        out.append(parts[1])
+    return np.array(out, dtype=str)
 
 
 def scan_test(data_dir: Path) -> ImageSet:

@@ -216,6 +216,11 @@ class Plan:
                                  f" and report"])
 
 
+# The first model's first seed is the submission: the plan keeps it within the time available
+# even if the machine runs this much slower after the timing (its steps timed +10% already).
+FIRST_SEED_GUARD = 1.3
+
+
 def reserve_seconds(budget: float) -> float:
     """Seconds a budget keeps for what follows training (the last members' test prediction, the
     blend, the report) and for the run's start-up: 20 s + 4% of the budget."""
@@ -231,7 +236,7 @@ def dispatch(order: list[str], seeds: dict[str, int], folds: dict[str, int]) -> 
 
 def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[str, Range],
          order: list[str], fixed_epochs: dict[str, int] | None = None, jobs: int = 1,
-         group_of=None, fuse_max: int = 1) -> Plan:
+         group_of=None, fuse_max: int = 1, guard: float = 1.0) -> Plan:
     """The seeds and epochs of each model of ``order`` that fit in ``available`` seconds (see the
     module docstring for the policy).
 
@@ -248,6 +253,9 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
             ``stage=train``'s scheduler will run and check against the deadline.
         group_of: ``(model, seed, fold) -> hashable | None``: the fused group a member may join
             (None: it trains alone; default: every member alone); fuse_max: the largest group.
+        guard: the first model's first seed (the submission) must end within ``available`` even
+            ``guard`` times slower than timed (beyond its lowest epochs): ``stage=train`` passes
+            :data:`FIRST_SEED_GUARD`; 1: no more than the whole plan's own limit.
     Returns:
         a :class:`Plan` whose ``seconds`` is at most ``available``; a model that did not join has
         0 seeds.
@@ -266,6 +274,11 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     def total() -> float:
         return makespan(priced(units(), costs, epochs, jobs), jobs)
 
+    def first_seed() -> float:  # its units lead the dispatch order
+        us = units()
+        mine = [u for u in us if all(k[0] == order[0] and k[1] == 0 for k in u)]
+        return makespan(priced(us, costs, epochs, jobs)[: len(mine)], jobs)
+
     need = total()
     if need > available:
         smallest = need + (budget - available)
@@ -280,7 +293,7 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
             seeds[model] = ranges[model].seeds_lo
         else:
             seeds[model] += 1
-        if total() > available:
+        if total() > available or (guard > 1.0 and model == order[0] and first_seed() * guard > available):
             seeds[model], epochs[model] = before
             break
     final = units()

@@ -41,15 +41,16 @@ class Score:
         return (-self.value(metric), self.log_loss)
 
 
-def score(y: np.ndarray, probs: np.ndarray) -> Score:
-    """:class:`Score` of ``(N, C)`` probabilities against labels ``(N,)`` int."""
+def score(y: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> Score:
+    """:class:`Score` of ``(N, C)`` probabilities against labels ``(N,)`` int; with ``weights``
+    ``(N,)``, each row weighted (e.g. toward the test: :mod:`pipeline.adversarial`)."""
     p = np.clip(probs, EPS, 1)
     p = p / p.sum(1, keepdims=True)
     auc = None
     if probs.shape[1] == 2 and len(np.unique(y)) == 2:
-        auc = float(roc_auc_score(y, probs[:, 1]))
-    return Score(float((probs.argmax(1) == y).mean()),
-                 float(log_loss(y, p, labels=np.arange(p.shape[1]))), auc)
+        auc = float(roc_auc_score(y, probs[:, 1], sample_weight=weights))
+    return Score(float(np.average(probs.argmax(1) == y, weights=weights)),
+                 float(log_loss(y, p, labels=np.arange(p.shape[1]), sample_weight=weights)), auc)
 
 
 def check_metric(metric: Metric, num_classes: int) -> None:

@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from pipeline.adversarial import SHIFT_AUC, AdversarialResult, adversarial_validation  # noqa: E402
 from pipeline.blend import store  # noqa: E402
 from pipeline.budget import format_minutes  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
@@ -307,7 +308,9 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
     rows = fold_table(ws, saved.members)
     pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
-    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget, screening))
+    shift = adversarial_validation(ws.comp.x_train, ws.comp.x_test, int(cfg.seed))
+    _log_shift(ws, saved, shift)
+    page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget, screening, shift))
     if screening is not None:
         every, rest = selection_scores(ws, saved)
         log.info("report: fold 0 chose the recipe; the blend's OOF %s is %.5f on all folds, %.5f on folds 1-%d alone",
@@ -382,6 +385,48 @@ def _trained_as(rows: list[dict], models: list[str]) -> str:
     return "; ".join(out) or "none"
 
 
+def shift_scores(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult) -> tuple[float, float]:
+    """The submitted blend's OOF score by ``data.metric`` on the training rows the adversarial
+    classifier scored: as is, and weighted toward the test (importance weights ``p / (1 - p)``,
+    :meth:`pipeline.adversarial.AdversarialResult.weights`)."""
+    from pipeline.metrics import score
+
+    metric, rows = ws.settings.data.metric, shift.rows
+    y, oof = ws.comp.y_train[rows], saved.probabilities(saved.best, "oof")[rows]
+    return score(y, oof).value(metric), score(y, oof, shift.weights()).value(metric)
+
+
+def _log_shift(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult) -> None:
+    plain, weighted = shift_scores(ws, saved, shift)
+    line = (f"adversarial validation: train against test ROC AUC {shift.auc:.3f} ({shift.source}, {shift.n_train} / "
+            f"{shift.n_test} images); the blend's OOF {ws.settings.data.metric.value} {plain:.5f}, weighted toward "
+            f"the test {weighted:.5f}")
+    if shift.shifted:
+        log.warning("report: %s: the test is distinguishable from train (AUC above %.1f), so the CV score likely "
+                    "overstates the leaderboard; group folds (folds.group) may show it", line, SHIFT_AUC)
+    else:
+        log.info("report: %s: no shift seen", line)
+
+
+def _shift_part(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult | None) -> list[str]:
+    """The report's train / test shift section (adversarial validation)."""
+    if shift is None:
+        return []
+    plain, weighted = shift_scores(ws, saved, shift)
+    metric = html.escape(ws.settings.data.metric.value)
+    verdict = (f"<b>The test is distinguishable from train</b> (AUC above {SHIFT_AUC}): the CV score likely "
+               f"overstates the leaderboard. Keep what differs (patient, day, site) out of the validation folds "
+               f"with <code>folds.group</code>, and trust the weighted score more than the plain one."
+               if shift.shifted else "No shift seen: the CV score estimates the leaderboard.")
+    return ['<h2 id="shift">Train / test shift (adversarial validation)</h2>',
+            f"<p>A classifier of test against training images ({html.escape(shift.source)} and each image's mean "
+            f"and spread, gradient boosting, {shift.n_train:,} training and {shift.n_test:,} test images, "
+            f"cross-validated): ROC AUC <b>{shift.auc:.3f}</b> (0.5: indistinguishable). {verdict}</p>",
+            f"<p>The submitted blend's OOF {metric} on those training rows: {plain:.5f}; weighted toward the test "
+            f"(each row by the classifier's odds that it is a test image): <b>{weighted:.5f}</b>. The training rows "
+            f"that look most like the test: {', '.join(map(str, shift.most_test_like()))}.</p>"]
+
+
 def _split(ws: Workspace) -> str:
     """How the folds were split: stratified, and grouped by ``folds.group`` when set."""
     group = ws.settings.folds.group
@@ -442,10 +487,10 @@ def _screening_part(screening: Screening | None, metric: str, budget, rows: list
 
 
 def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[str, Path], budget=None,
-          screening: Screening | None = None) -> str:
-    """The report's HTML: the CV table, the recipe screening (with ``screen.enabled``), the
-    budget's plan against what happened (under ``budget=``), what each member adds, pseudo-label
-    rounds, per-member scores and the figures."""
+          screening: Screening | None = None, shift: AdversarialResult | None = None) -> str:
+    """The report's HTML: the CV table, the train / test shift (adversarial validation), the recipe
+    screening (with ``screen.enabled``), the budget's plan against what happened (under
+    ``budget=``), what each member adds, pseudo-label rounds, per-member scores and the figures."""
     comp, blend, names, best = ws.comp, saved.record, saved.members, saved.best.value
     auc = blend["model_scores"][names[0]].get("roc_auc") is not None
     summary, best_row = _score_rows(saved, rows, auc)
@@ -464,6 +509,7 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",
                 "blend"], summary, {best_row}),
         *_selection_part(ws, saved, screening),
+        *_shift_part(ws, saved, shift),
         *_screening_part(screening, ws.settings.data.metric.value, budget, rows, names),
         *_budget_part(budget, rows),
         "<h2>What each member adds</h2>",

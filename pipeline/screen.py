@@ -113,6 +113,7 @@ class Screen:
         self.ws, self.deadline, self.s = ws, deadline, ws.settings.screen
         self.train_rows, self.val_rows = subsample(ws)
         self.trials: list[TrialRecord] = []
+        self.predictions: dict[Candidate, tuple[np.ndarray, np.ndarray]] = {}  # complete trials' validation
         self._data: dict[int, tuple] = {}
         self._estimates: dict[tuple[str, int], float] = {}  # (model, side) -> seconds of a trial
         self._probe_seconds = 0.0  # the longest timed probe so far
@@ -234,6 +235,7 @@ class Screen:
             log.info("screen: %s: failed (%s)", c.label(), e)
             return TrialRecord(dim, c, TrialState.failed, None, None, epochs_run[0], time.time() - t0)
         y = comp.y_train[res.row_ids]
+        self.predictions[c] = (y, res.oof)  # for the paired noise (:func:`noise`)
         sc = score(y, res.oof)
         value = objective_value(sc, self.ws.settings.data.metric, len(y))
         return TrialRecord(dim, c, TrialState.complete, value, sc.accuracy, epochs_run[0], time.time() - t0)
@@ -289,15 +291,60 @@ def make_pruner(kind: Pruner, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def noise(rows: list[TrialRecord], n_val: int, metric: Metric) -> float:
+def noise(rows: list[TrialRecord], n_val: int, metric: Metric,
+          predictions: dict[Candidate, tuple[np.ndarray, np.ndarray]] | None = None) -> float:
     """How far apart two candidates' scores may be by chance: one standard error of the
-    difference of two accuracies on the same ``n_val`` validation rows, ``sqrt(2 p (1 - p) / n_val)``
-    at the best complete row's accuracy ``p`` (binomial); 0 for another metric."""
-    done = [r.accuracy for r in rows if r.state is TrialState.complete and r.accuracy is not None]
-    if metric is not Metric.accuracy or not done:
+    difference between the best complete row and the baseline (the first row; when the baseline
+    is the best, its runner-up).
+
+    With their validation ``predictions`` (``{candidate: (labels (n,) int64, probabilities
+    (n, C) float32)}``, the same rows), the estimate is paired, as the two were measured on the
+    same rows: for accuracy the standard error of the mean per-row difference of correctness
+    (the variance behind McNemar's test, McNemar 1947), for log loss that of the per-row
+    difference of log losses, for ROC AUC a paired bootstrap (:data:`BOOTSTRAP` resamples of the
+    rows). Without them: for accuracy ``sqrt(2 p (1 - p) / n_val)`` at the best accuracy ``p``
+    (two independent binomials: it overstates the noise of a paired comparison), 0 for another
+    metric."""
+    done = [r for r in rows if r.state is TrialState.complete]
+    if not done:
         return 0.0
-    p = max(done)
+    top = max(done, key=lambda r: r.score)
+    base = rows[0] if rows[0].state is TrialState.complete else top
+    if base is top:
+        rest = sorted((r for r in done if r is not top), key=lambda r: -r.score)
+        base = rest[0] if rest else top
+    pair = [predictions.get(r.candidate) for r in (top, base)] if predictions else [None, None]
+    if base is not top and all(x is not None for x in pair):
+        return paired_se(pair[0][0], pair[0][1], pair[1][1], metric)
+    accuracies = [r.accuracy for r in done if r.accuracy is not None]
+    if metric is not Metric.accuracy or not accuracies:
+        return 0.0
+    p = max(accuracies)
     return math.sqrt(2 * p * (1 - p) / max(1, n_val))
+
+
+BOOTSTRAP = 200  # resamples of a paired bootstrap (ROC AUC)
+
+
+def paired_se(y: np.ndarray, a: np.ndarray, b: np.ndarray, metric: Metric, seed: int = 0) -> float:
+    """One standard error of the difference of ``metric`` between two candidates' ``(n, C)``
+    probabilities ``a`` and ``b`` on the same rows with labels ``y`` ``(n,)`` (see :func:`noise`)."""
+    n = len(y)
+    if metric is Metric.roc_auc:
+        from sklearn.metrics import roc_auc_score
+
+        rng, diffs = np.random.default_rng(seed), []
+        for _ in range(BOOTSTRAP):
+            i = rng.integers(0, n, n)
+            if len(np.unique(y[i])) == 2:
+                diffs.append(roc_auc_score(y[i], a[i, 1]) - roc_auc_score(y[i], b[i, 1]))
+        return float(np.std(diffs)) if len(diffs) > 1 else 0.0
+    if metric is Metric.log_loss:
+        rows = np.arange(n)
+        d = -np.log(np.clip(a[rows, y], 1e-7, 1)) + np.log(np.clip(b[rows, y], 1e-7, 1))
+    else:
+        d = (a.argmax(1) == y).astype(np.float64) - (b.argmax(1) == y)
+    return float(np.std(d) / math.sqrt(max(1, n)))
 
 
 def best(rows: list[TrialRecord], margin: float = 0.0) -> TrialRecord | None:
@@ -385,7 +432,7 @@ def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candid
     ``(ordered models, side, kept model names)``."""
     s, metric, n_val = sc.s, sc.ws.settings.data.metric, len(sc.val_rows)
     rows = sc.study(Dim.arch, [Candidate(m, side, aug) for m in models] + pretrained)
-    margin = noise(rows, n_val, metric)
+    margin = noise(rows, n_val, metric, getattr(sc, "predictions", None))
     top = kept(rows, margin, 1, s.keep_within)[0]  # the best score (the earliest among equals)
     side = top[0].candidate.side if top else side
     chosen, weaker = kept([r for r in rows if r.candidate.side == side], margin, s.keep, s.keep_within)
@@ -414,7 +461,7 @@ def screen(ws: Workspace) -> Screening:
     metric, n_val = ws.settings.data.metric, len(sc.val_rows)
     if len(sides) > 1:  # the smallest side is the baseline: a larger one must pay for its cost
         rows = sc.study(Dim.side, [Candidate(models[0], v, augs[0]) for v in sorted(sides)])
-        chosen = best(rows, margin := noise(rows, n_val, metric))
+        chosen = best(rows, margin := noise(rows, n_val, metric, sc.predictions))
         side = chosen.candidate.side if chosen else side
         recipe = dataclasses.replace(recipe, side=side)
         reasons.append(_why(Dim.side, rows, chosen, f"{side} px", margin))
@@ -429,14 +476,14 @@ def screen(ws: Workspace) -> Screening:
         augs = [None, *(AugPreset(str(a)) for a in s.pretrained_augs)]
     if Dim.aug not in fixed and len(augs) > 1 and trained:
         rows = sc.study(Dim.aug, [Candidate(augmented, side, a) for a in augs])
-        chosen = best(rows, margin := noise(rows, n_val, metric))
+        chosen = best(rows, margin := noise(rows, n_val, metric, sc.predictions))
         recipe = dataclasses.replace(recipe, aug=chosen.candidate.aug if chosen else None)
         label = (chosen.candidate.aug.value if chosen.candidate.aug else "as configured") if chosen else ""
         reasons.append(_why(Dim.aug, rows, chosen, f"preset {label}", margin))
     if Dim.balance not in fixed and imbalanced(ws.comp.y_train[sc.train_rows], ws.comp.num_classes, s.imbalance):
         aug = recipe.aug if recipe.aug is not None else (None if models[0] in s.pretrained else augs[0])
         rows = sc.study(Dim.balance, [Candidate(models[0], side, aug, w) for w in (False, True)])
-        chosen = best(rows, margin := noise(rows, n_val, metric))
+        chosen = best(rows, margin := noise(rows, n_val, metric, sc.predictions))
         recipe = dataclasses.replace(recipe, class_weight=chosen.candidate.class_weight if chosen else None)
         reasons.append(_why(Dim.balance, rows, chosen, f"class_weight {str(recipe.class_weight).lower()}", margin))
     return Screening(ws.screening_key(), recipe, tuple(sc.trials), tuple(reasons), share, time.time() - t0,

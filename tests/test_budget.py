@@ -260,3 +260,52 @@ def test_pseudo_label_rounds_are_left_out_of_a_budget(tiny_cfg, caplog):
     assert "budget: pseudo-label rounds are not planned under a budget; mlp_pl left out" in caplog.text
     out = blend.run(tiny_cfg(*run))
     assert set(out.members) == {"mlp"}
+
+
+def test_the_first_seed_fits_even_on_a_machine_that_slows_after_the_timing():
+    """The first model's first seed is the submission: with ``guard`` (stage=train passes
+    FIRST_SEED_GUARD, 1.3), however the budget falls, the plan keeps it within the time available
+    at 1.3 times its timed cost, beyond its lowest epochs; without, it may fill the time."""
+    from pipeline.budget import FIRST_SEED_GUARD, form_units, priced
+
+    costs = {"cnn_deotte": COSTS["cnn_deotte"]}
+    ranges = {"cnn_deotte": Range(epochs_lo=1, knee=8, epochs_hi=30, seeds_lo=1, seeds_hi=1)}
+    units = form_units(dispatch(["cnn_deotte"], {"cnn_deotte": 1}, {"cnn_deotte": 5}), lambda k: None, 1, JOBS)
+    unguarded = 0
+    for available in range(600, 6000, 113):
+        p = plan(available + 60, available, costs, ranges, ["cnn_deotte"], jobs=JOBS, guard=FIRST_SEED_GUARD)
+        first = makespan(priced(units, costs, {"cnn_deotte": p.models[0].epochs}, JOBS), JOBS)
+        assert first * FIRST_SEED_GUARD <= available or p.models[0].epochs == 1, (available, p)
+        assert p.seconds <= available
+        loose = plan(available + 60, available, costs, ranges, ["cnn_deotte"], jobs=JOBS)
+        unguarded += makespan(priced(units, costs, {"cnn_deotte": loose.models[0].epochs}, JOBS), JOBS) * \
+            FIRST_SEED_GUARD > available
+    assert unguarded > 10  # without the guard a 30% slowdown would cut the only seed short
+
+
+def test_the_observed_slowdown_scales_what_is_left():
+    from pipeline.members import MemberKey
+    from pipeline.train.scheduler import observed_slowdown
+
+    a, b, c = (MemberKey("mlp", f, 0) for f in range(3))
+    planned = {a: 10.0, b: 10.0, c: 10.0}
+    assert observed_slowdown({}, planned) == 1.0
+    assert observed_slowdown({a: 13.0, b: 13.0}, planned) == pytest.approx(1.3)
+    assert observed_slowdown({a: 7.0}, planned) == 1.0  # a faster machine keeps the plan
+
+
+def test_the_submissions_unit_starts_where_another_is_dropped(tiny_cfg):
+    """A unit whose estimate ends after the deadline is dropped unstarted, unless it is the first
+    model's first seed (protected): that one trains (and would stop at its own deadline)."""
+    import time
+
+    from pipeline.members import MemberKey
+    from pipeline.train.scheduler import Outcome, train_unit_locked
+    from pipeline.workspace import Workspace
+
+    ws = Workspace.load(tiny_cfg("model=mlp", "train.epochs=1"))
+    deadline = time.time() + 300
+    dropped = train_unit_locked(ws, (MemberKey("mlp", 0, 0),), deadline=deadline, seconds=1000.0)
+    assert [o.outcome for o in dropped] == [Outcome.DROPPED]
+    kept = train_unit_locked(ws, (MemberKey("mlp", 0, 0),), deadline=deadline, seconds=1000.0, protect=True)
+    assert [o.outcome for o in kept] == [Outcome.TRAINED] and ws.verify(MemberKey("mlp", 0, 0)).ok

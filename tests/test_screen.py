@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 
+from conftest import DIGITS
+from pipeline import data
 from pipeline.choices import AugPreset, Dim
 from pipeline.recipe import Candidate, Recipe, TrialState, fixed_dims, read_screening
 
@@ -362,3 +365,36 @@ def test_a_hub_only_candidate_is_left_out_when_offline(tiny_cfg, caplog, monkeyp
     with caplog.at_level(logging.INFO, logger="pipeline.screen"):
         assert [c.model for c in pretrained_candidates(ws, 300, frozenset())] == ["lite0_probe"]
     assert "convnext_nano not screened" in caplog.text and "pretrained_file" in caplog.text
+
+
+def test_paired_noise_sees_a_gain_the_independent_formula_calls_chance():
+    """Two candidates on the same 100 validation rows (the fixture's real labels): the baseline
+    right on 90, the candidate right on the same 90 and 3 more. Treated as independent binomials
+    the 0.03 gain is within one standard error (0.036) and the baseline stays; paired (McNemar's
+    variance: only 3 discordant rows) it is 1.8 x its standard error and the candidate wins. For log
+    loss and ROC AUC the paired estimate is a positive noise, not 0."""
+    from pipeline.choices import Metric
+    from pipeline.recipe import TrialRecord
+    from pipeline.screen import best, noise, paired_se
+
+    y = data.load_competition(DIGITS).y_train[:100]
+    base = np.full((100, 10), 0.05, np.float32)
+    base[np.arange(100), y] = 0.55
+    wrong = np.flatnonzero(np.arange(100) % 10 == 0)  # 10 rows the baseline gets wrong
+    base[wrong, y[wrong]] = 0.05
+    base[wrong, (y[wrong] + 1) % 10] = 0.55
+    cand = base.copy()
+    fixed = wrong[:3]
+    cand[fixed, (y[fixed] + 1) % 10] = 0.05
+    cand[fixed, y[fixed]] = 0.55
+    a, b = Candidate("mlp", 28), Candidate("cnn_keras", 28)
+    rows = [TrialRecord(Dim.arch, a, TrialState.complete, 0.90, 0.90, 3, 1.0),
+            TrialRecord(Dim.arch, b, TrialState.complete, 0.93, 0.93, 3, 1.0)]
+    independent = noise(rows, 100, Metric.accuracy)
+    paired = noise(rows, 100, Metric.accuracy, {a: (y, base), b: (y, cand)})
+    assert independent == pytest.approx((2 * 0.93 * 0.07 / 100) ** 0.5) and best(rows, independent).candidate == a
+    assert paired == pytest.approx(np.std(np.r_[np.ones(3), np.zeros(97)]) / 10) and best(rows, paired).candidate == b
+    assert paired_se(y, cand, base, Metric.log_loss) > 0 and noise(rows, 100, Metric.log_loss) == 0.0
+    yb = (y % 2).astype(np.int64)
+    pa, pb = np.stack([1 - base[:, 0], base[:, 0]], 1), np.stack([1 - cand[:, 1], cand[:, 1]], 1)
+    assert paired_se(yb, pa, pb, Metric.roc_auc) > 0

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import members
-from pipeline.budget import (BudgetRecord, Cost, ModelPlan, Plan, Range, format_minutes, plan, reserve_seconds,
-                            save_record)
+from pipeline.budget import (FIRST_SEED_GUARD, BudgetRecord, Cost, ModelPlan, Plan, Range, format_minutes, plan,
+                             reserve_seconds, save_record)
 from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
@@ -124,7 +124,8 @@ def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str,
     scheduler will train (:func:`pipeline.budget.plan` with the scheduler's own grouping,
     :func:`~pipeline.train.probes.group_key`). Returns the record (no results yet), each
     model's measured cost, and the fusion decision with the unit seconds the scheduler checks
-    against the deadline. Raises ConfigError when even the smallest plan does not fit (one line
+    against the deadline; the first model's first seed (the submission) protected: never
+    dropped, stopped only half-way into the reserve. Raises ConfigError when even the smallest plan does not fit (one line
     naming the budget that would)."""
     ws = step_ranges(ws, models)
     budget, rt = ws.settings.budget, ws.settings.runtime
@@ -141,9 +142,11 @@ def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str,
     available = started + budget - reserve - time.time()
     measured = costs(ws, fusion.timed, fusion.models, models, ws.settings.folds.k)
     p = plan(budget, available, measured, ranges, models, fixed, slots,
-             lambda t: group_key(ws, MemberKey(t[0], t[2], t[1]), fusion.models), fusion.fuse_max)
+             lambda t: group_key(ws, MemberKey(t[0], t[2], t[1]), fusion.models), fusion.fuse_max, FIRST_SEED_GUARD)
     epochs = {m.model: m.epochs for m in p.models}
-    units = UnitPlan(fusion, lambda u, sharing: measured[u[0].model].unit(len(u), epochs[u[0].model], sharing))
+    first = frozenset(MemberKey(models[0], f, 0) for f in range(ws.settings.folds.k))
+    units = UnitPlan(fusion, lambda u, sharing: measured[u[0].model].unit(len(u), epochs[u[0].model], sharing),
+                     first, started + budget - p.reserve / 2)  # the submission may use half the reserve
     return BudgetRecord(p, started, started + budget), measured, units
 
 

@@ -161,7 +161,8 @@ def _acquire(ws: Workspace, key: MemberKey) -> FileLock | None:
 
 def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: RuntimeSettings | None = None,
                       deadline: float | None = None, seconds: float = 0.0,
-                      choice: FuseChoice | None = None, predict_s: float | None = None) -> list[MemberOutcome]:
+                      choice: FuseChoice | None = None, predict_s: float | None = None,
+                      protect: bool = False) -> list[MemberOutcome]:
     """Train the members of ``unit`` (one member, or a fused group of one model's members) under
     all their file locks (taken in key order), except those that are (or, after waiting for
     another process, have become) cached and, with ``runtime.lock=skip``, those another process
@@ -169,7 +170,9 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
     alone. With a ``deadline`` (``budget=``): members that would not end before it (``seconds``
     estimated for the unit) are dropped unstarted, and training stopped by it keeps its
     checkpoint (outcome STOPPED); ``predict_s``: the timed seconds per predicted image that its
-    deadline checks count (None: not timed). Returns one outcome per member of ``unit``, in order."""
+    deadline checks count (None: not timed); ``protect``: the unit is part of the submission (the
+    first model's first seed) and starts even when its estimate ends after the deadline. Returns
+    one outcome per member of ``unit``, in order."""
     outcomes: dict[MemberKey, MemberOutcome] = {}
     locks, train = [], []
     try:
@@ -192,7 +195,11 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
             outcomes[key] = MemberOutcome(key, outcome, "force=true" if v.ok else v.reason)
             train.append(key)
         train = [k for k in unit if k in train]  # the unit's order: the group's seeds follow it
-        if train and deadline is not None and time.time() + seconds > deadline:
+        late = train and deadline is not None and time.time() + seconds > deadline
+        if late and protect:
+            log.info("train: %s: starts although about %.1f min of training may end after the budget's deadline: "
+                     "the first model's first seed is the submission", ", ".join(map(str, train)), seconds / 60)
+        elif late:
             for key in train:
                 log.info("train: %s: dropped, not started: about %.1f min of training would end after the "
                          "budget's deadline", key, seconds / 60)
@@ -242,13 +249,14 @@ def _progress(est: Estimate, done: dict[MemberKey, float]) -> None:
 
 def _worker(ws: Workspace, unit: tuple[MemberKey, ...], slot: int, sharing: int, handlers: list,
             level: int, deadline: float | None = None, seconds: float = 0.0, choice: FuseChoice | None = None,
+            protect: bool = False,
             predict_s: float | None = None) -> tuple[tuple[MemberKey, ...], list[MemberOutcome] | PipelineError]:
     """One side-by-side unit, a member or a fused group (in a joblib worker process,
     :func:`~pipeline.train.workers.enter_worker`; ``sharing``: the units training at once, :func:`side_by_side`).
     Returns its outcomes, or the user error that stopped it (so the other units can finish first)."""
     runtime = enter_worker(ws, slot, sharing, handlers, level)
     try:
-        return unit, train_unit_locked(ws, unit, runtime, deadline, seconds, choice, predict_s)
+        return unit, train_unit_locked(ws, unit, runtime, deadline, seconds, choice, predict_s, protect)
     except PipelineError as e:
         return unit, e
 
@@ -276,6 +284,8 @@ class UnitPlan:
 
     fusion: Fusion
     seconds: Callable[[tuple[MemberKey, ...], int], float]
+    protected: frozenset = frozenset()  # the submission's members: the first model's first seed
+    protected_deadline: float | None = None  # theirs: later than the others' (into the reserve)
 
 
 def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), deadline: float | None = None,
@@ -309,7 +319,7 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
         return [done[k] for k in keys]
     if est is not None and planned is None:
         _announce(ws, est, device)
-    _train_units(ws, units, fusion, est, n_jobs, deadline, done)
+    _train_units(ws, units, fusion, est, n_jobs, deadline, done, planned)
     failed = [done[k] for k in keys if done[k].outcome is Outcome.FAILED]
     if failed:  # every other member has trained and kept its files
         raise PipelineError(failed[0].reason if len(failed) == 1 else
@@ -340,11 +350,24 @@ def _units(ws: Workspace, pending: list[MemberKey], later: list[MemberKey], slot
     return fusion, units, est
 
 
+def observed_slowdown(finished: dict[MemberKey, float], planned: dict[MemberKey, float]) -> float:
+    """How much slower the members trained so far ran than planned: their seconds (``finished``)
+    over their planned seconds, at least 1 (a faster machine keeps the plan). 1 before any."""
+    keys = [k for k in finished if planned.get(k, 0.0) > 0]
+    if not keys:
+        return 1.0
+    return max(1.0, sum(finished[k] for k in keys) / sum(planned[k] for k in keys))
+
+
 def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusion, est: Estimate | None,
-                 n_jobs: int, deadline: float | None, done: dict[MemberKey, MemberOutcome]) -> None:
+                 n_jobs: int, deadline: float | None, done: dict[MemberKey, MemberOutcome],
+                 planned: UnitPlan | None = None) -> None:
     """Train ``units``, ``n_jobs`` side by side (:func:`_side_by_side`) or one after the other
-    here, each with its fusion choice and estimated seconds; put every member's outcome in
-    ``done`` and log the progress (:func:`_progress`) as each unit ends."""
+    here, each with its fusion choice and estimated seconds, scaled before it starts by the
+    slowdown observed so far (:func:`observed_slowdown`): on a machine that slowed after the
+    timing, later units are dropped rather than the submission's. ``planned``'s protected units
+    (the first model's first seed) are never dropped and stop at its later deadline. Puts every
+    member's outcome in ``done`` and logs the progress (:func:`_progress`) as each unit ends."""
     finished: dict[MemberKey, float] = {}
 
     def finish(outcomes: list[MemberOutcome]) -> None:
@@ -355,30 +378,40 @@ def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusi
         if est is not None:
             _progress(est, finished)
 
+    def slowdown() -> float:
+        return observed_slowdown(finished, est.member_seconds) if est is not None else 1.0
+
     seconds = [sum(est.member_seconds.get(k, 0.0) for k in u) if est is not None else 0.0 for u in units]
     unit_choices = [fusion.choices.get(u[0].model) for u in units]
     rates = [fusion.predict_s(u[0].model) for u in units]
+    protect = [planned is not None and any(k in planned.protected for k in u) for u in units]
+    deadlines = [planned.protected_deadline if p and planned.protected_deadline is not None else deadline
+                 for p in protect]
     if n_jobs == 1:
-        for unit, s, choice, rate in zip(units, seconds, unit_choices, rates):
-            finish(train_unit_locked(ws, unit, None, deadline, s, choice, rate))
+        for unit, s, choice, rate, p, d in zip(units, seconds, unit_choices, rates, protect, deadlines):
+            finish(train_unit_locked(ws, unit, None, d, s * slowdown(), choice, rate, p))
     else:
-        _side_by_side(ws, units, seconds, unit_choices, n_jobs, deadline, finish, rates)
+        _side_by_side(ws, units, [lambda s=s: s * slowdown() for s in seconds], unit_choices, n_jobs, deadlines,
+                      finish, rates, protect)
 
 
-def _side_by_side(ws: Workspace, units: list[tuple[MemberKey, ...]], seconds: list[float], choices: list,
-                  n_jobs: int, deadline: float | None, finish, rates: list | None = None) -> None:
+def _side_by_side(ws: Workspace, units: list[tuple[MemberKey, ...]], seconds: list[Callable[[], float]],
+                  choices: list, n_jobs: int, deadlines: list[float | None], finish, rates: list | None = None,
+                  protect: list[bool] | None = None) -> None:
     """Train ``units`` in ``n_jobs`` joblib worker processes (:func:`_worker`; ``rates``: each
-    unit's timed seconds per predicted image, or None), calling
-    ``finish(outcomes)`` as each ends. A user error in a worker is raised once the other units
-    have finished and kept their files."""
+    unit's timed seconds per predicted image, or None), calling ``finish(outcomes)`` as each ends.
+    Each unit's estimate (``seconds[i]()``) is read when it is dispatched, one unit ahead of the
+    free worker, so it sees the slowdown of the units finished by then. A user error in a worker
+    is raised once the other units have finished and kept their files."""
     from joblib import Parallel, delayed
     from joblib.externals.loky import get_reusable_executor
 
     handlers, level = log_handlers(), logging.getLogger().level
     errors, shares = [], side_by_side([u[0].model for u in units], n_jobs)
-    for unit, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
-            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadline, seconds[i], choices[i],
-                             rates[i] if rates is not None else None)
+    protect = protect or [False] * len(units)
+    for unit, r in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered", pre_dispatch="n_jobs")(
+            delayed(_worker)(ws, unit, i % n_jobs, shares[i], handlers, level, deadlines[i], seconds[i](), choices[i],
+                             protect[i], rates[i] if rates is not None else None)
             for i, unit in enumerate(units)):
         for key in unit:
             ws.forget(key)  # what the worker wrote, as this process's workspace sees it

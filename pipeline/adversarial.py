@@ -1,0 +1,105 @@
+"""Adversarial validation: can a classifier tell the test images from the training images?
+
+A Kaggle staple (e.g. "Adversarial validation", FastML 2016; Pan et al. 2020, "Adversarial
+Validation Approach to Concept Drift Problem in User Targeting Automation Systems at Uber"): label
+every training image 0 and every test image 1, fit a classifier, and read its cross-validated ROC
+AUC. Near 0.5 the two sides come from one distribution and the CV score estimates the
+leaderboard; well above it (:data:`SHIFT_AUC`) the test differs (other days, devices, sites, or
+patients), and the CV overstates the leaderboard.
+
+The images are described by their pixels downsampled to :data:`GRID` x :data:`GRID` per channel
+(area means) and each image's mean and standard deviation: cheap, and enough to see shifts of
+exposure, colour, framing and resolution. The classifier is scikit-learn's
+``HistGradientBoostingClassifier``, cross-validated over at most :data:`MAX_ROWS` images of each
+side. Its out-of-fold probability ``p`` of "test" for each scored training row gives the rows
+that look most like the test and importance weights ``p / (1 - p)`` (the density ratio of test
+to train, Shimodaira 2000), with which an OOF score can be weighted toward the test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SHIFT_AUC = 0.7   # above this cross-validated AUC the test is called distinguishable from train
+GRID = 8          # the downsampled side of the pixel description
+MAX_ROWS = 4000   # images per side the classifier sees (a stratified random subsample above it)
+FOLDS = 3         # the cross-validation of the adversarial classifier
+CHUNK = 256       # images described at a time
+
+
+@dataclass(frozen=True)
+class AdversarialResult:
+    """What the adversarial classifier found.
+
+    Attributes:
+        auc: its cross-validated ROC AUC of test against train (0.5: indistinguishable).
+        n_train, n_test: the images of each side it scored.
+        rows: ``(n_train,)`` int64 training rows it scored (all, or a random subsample).
+        p_test: ``(n_train,)`` float64 out-of-fold probability that each of ``rows`` is a test image.
+        source: what described the images (e.g. ``pixels 8x8``).
+    """
+
+    auc: float
+    n_train: int
+    n_test: int
+    rows: np.ndarray
+    p_test: np.ndarray
+    source: str
+
+    @property
+    def shifted(self) -> bool:
+        """The test is distinguishable from train (:data:`SHIFT_AUC`)."""
+        return self.auc > SHIFT_AUC
+
+    def most_test_like(self, n: int = 10) -> np.ndarray:
+        """``(n,)`` int64 training rows that look most like the test, the most first."""
+        return self.rows[np.argsort(-self.p_test, kind="stable")[:n]]
+
+    def weights(self) -> np.ndarray:
+        """``(n_train,)`` float64 importance weights ``p / (1 - p)`` of :attr:`rows`, mean 1."""
+        p = np.clip(self.p_test, 1e-3, 1 - 1e-3)
+        w = p / (1 - p)
+        return w / w.mean()
+
+
+def describe(images: np.ndarray) -> np.ndarray:
+    """``(N, C * GRID * GRID + 2)`` float32 description of ``(N, C, S, S)`` uint8 images: each
+    channel's area means over a :data:`GRID` x :data:`GRID` grid (the side cropped to a multiple
+    of it), then each image's mean and standard deviation, all in [0, 1]. Raises ValueError for
+    images smaller than the grid."""
+    n, c, s, _ = images.shape
+    if s < GRID:
+        raise ValueError(f"images of {s} px: smaller than the {GRID} px grid")
+    cell, out = s // GRID, []
+    for i in range(0, n, CHUNK):  # a chunk at a time: large images never all in float32
+        x = np.asarray(images[i: i + CHUNK, :, : cell * GRID, : cell * GRID], dtype=np.float32) / 255.0
+        grid = x.reshape(len(x), c, GRID, cell, GRID, cell).mean((3, 5)).reshape(len(x), -1)
+        flat = x.reshape(len(x), -1)
+        out.append(np.concatenate([grid, flat.mean(1, keepdims=True), flat.std(1, keepdims=True)], 1))
+    return np.concatenate(out) if out else np.zeros((0, c * GRID * GRID + 2), np.float32)
+
+
+def adversarial_validation(x_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> AdversarialResult:
+    """Cross-validated train-against-test classification (module docstring) of ``(N, C, S, S)``
+    uint8 training and ``(M, C, S, S)`` uint8 test images: at most :data:`MAX_ROWS` of each side,
+    :data:`FOLDS`-fold stratified, scikit-learn's ``HistGradientBoostingClassifier`` on
+    :func:`describe`. Deterministic for a ``seed``. Raises ValueError for images smaller than
+    :data:`GRID` px or an empty side."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise ValueError("adversarial validation needs training and test images")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.permutation(len(x_train))[:MAX_ROWS])
+    test_rows = np.sort(rng.permutation(len(x_test))[:MAX_ROWS])
+    x = np.concatenate([describe(x_train[rows]), describe(x_test[test_rows])])
+    y = np.r_[np.zeros(len(rows), dtype=np.int64), np.ones(len(test_rows), dtype=np.int64)]
+    clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, random_state=seed)
+    cv = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
+    p = cross_val_predict(clf, x, y, cv=cv, method="predict_proba")[:, 1]
+    return AdversarialResult(float(roc_auc_score(y, p)), len(rows), len(test_rows), rows.astype(np.int64),
+                             p[: len(rows)].astype(np.float64), f"pixels {GRID}x{GRID}")

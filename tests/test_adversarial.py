@@ -1,0 +1,45 @@
+"""Adversarial validation: near 0.5 where train and test come from one source, high on a shift."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import DIGITS
+from pipeline import data
+from pipeline.adversarial import SHIFT_AUC, adversarial_validation, describe
+
+
+def test_the_digits_own_train_and_test_are_indistinguishable():
+    """The fixture's real MNIST rows, split at random into train and test: AUC near 0.5."""
+    comp = data.load_competition(DIGITS)
+    res = adversarial_validation(comp.x_train, comp.x_test, seed=0)
+    assert abs(res.auc - 0.5) < 0.1 and not res.shifted, res.auc
+    assert res.n_train == len(comp.x_train) and res.p_test.shape == res.rows.shape
+    np.testing.assert_allclose(res.weights().mean(), 1.0)
+
+
+def test_a_test_side_from_another_source_is_found():
+    """Train: the fixture's MNIST digits; test: scikit-learn's own handwritten digits (8x8, 16
+    grey levels, another scanner and writers), upsampled to 28 px: the classifier tells them
+    apart, and the test-like training rows are the ones it scores highest."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    comp = data.load_competition(DIGITS)
+    other = load_digits().images[:300]
+    test = np.stack([np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR))
+                     for im in other])[:, None]
+    res = adversarial_validation(comp.x_train, test, seed=0)
+    assert res.auc > 0.95 and res.shifted and SHIFT_AUC < res.auc, res.auc
+    top = res.most_test_like(5)
+    assert set(top) <= set(res.rows) and res.p_test[np.searchsorted(res.rows, top[0])] == res.p_test.max()
+
+
+def test_describe_is_a_grid_of_means_and_two_moments():
+    img = np.zeros((1, 1, 16, 16), np.uint8)
+    img[0, 0, :8] = 255  # the top half white
+    d = describe(img)
+    assert d.shape == (1, 66)
+    np.testing.assert_allclose(d[0, :64].reshape(8, 8)[:4], 1.0)
+    np.testing.assert_allclose(d[0, :64].reshape(8, 8)[4:], 0.0)
+    np.testing.assert_allclose(d[0, 64:], [0.5, 0.5])

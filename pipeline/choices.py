@@ -100,6 +100,8 @@ class Metric(str, Enum):
     accuracy = "accuracy"
     log_loss = "log_loss"
     roc_auc = "roc_auc"  # binary competitions
+    balanced_accuracy = "balanced_accuracy"  # the mean of the per-class recalls (scikit-learn's)
+    macro_f1 = "macro_f1"                    # the unweighted mean of the per-class F1 scores
 
 
 class BlendMethod(str, Enum):

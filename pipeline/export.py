@@ -51,7 +51,7 @@ from pipeline.blend import store
 from pipeline.choices import Layout, Metric, Resize, SubmissionKind
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.io import atomic_folder, save_json, save_npz, save_text, sha256_file, write_with
-from pipeline.metrics import score
+from pipeline.metrics import SCORE_FIELDS, score
 from pipeline.notebook import notebook_json, script_text
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, MANIFEST, Paths
 from pipeline.settings import ExportSettings, export_settings
@@ -440,7 +440,7 @@ def _record(tmp: Path, s: ExportSettings, ws, saved: store.SavedBlend, nets: lis
         "format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "kfold_stack": _version(), "preprocessing": prep.to_json(),
         "members": saved.members, "best": saved.best.value,
-        "oof_score": {k: v for k, v in saved.typed.methods[saved.best].items() if k in ("accuracy", "log_loss", "roc_auc")},
+        "oof_score": {k: v for k, v in saved.typed.methods[saved.best].items() if k in SCORE_FIELDS},
         "marginal_values": store.marginal_values(saved.typed, prep.metric),
         "networks": [{"member": n.member, "model": n.key.model, "fold": n.key.fold, "seed_index": n.key.seed_index,
                       "dir": export_paths(Path("."), ws.paths).member_dir(n.key.model, n.key.fold, n.key.seed_index).as_posix(),

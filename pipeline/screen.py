@@ -46,7 +46,7 @@ from pipeline.budget import format_minutes
 from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.members import MemberKey
-from pipeline.metrics import score
+from pipeline.metrics import DECISION_METRICS, label_metric, score
 from pipeline.pretrained import weights_available
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, save_screening,
                              screen_augs, screen_fixed, screen_share)
@@ -301,8 +301,8 @@ def noise(rows: list[TrialRecord], n_val: int, metric: Metric,
     (n, C) float32)}``, the same rows), the estimate is paired, as the two were measured on the
     same rows: for accuracy the standard error of the mean per-row difference of correctness
     (the variance behind McNemar's test, McNemar 1947), for log loss that of the per-row
-    difference of log losses, for ROC AUC a paired bootstrap (:data:`BOOTSTRAP` resamples of the
-    rows). Without them: for accuracy ``sqrt(2 p (1 - p) / n_val)`` at the best accuracy ``p``
+    difference of log losses, for ROC AUC, balanced accuracy and macro-F1 a paired bootstrap
+    (:data:`BOOTSTRAP` resamples of the rows). Without them: for accuracy ``sqrt(2 p (1 - p) / n_val)`` at the best accuracy ``p``
     (two independent binomials: it overstates the noise of a paired comparison), 0 for another
     metric."""
     done = [r for r in rows if r.state is TrialState.complete]
@@ -330,14 +330,19 @@ def paired_se(y: np.ndarray, a: np.ndarray, b: np.ndarray, metric: Metric, seed:
     """One standard error of the difference of ``metric`` between two candidates' ``(n, C)``
     probabilities ``a`` and ``b`` on the same rows with labels ``y`` ``(n,)`` (see :func:`noise`)."""
     n = len(y)
-    if metric is Metric.roc_auc:
+    if metric in (Metric.roc_auc, *DECISION_METRICS):  # not a mean over rows: a paired bootstrap
         from sklearn.metrics import roc_auc_score
+
+        def value(i: np.ndarray, p: np.ndarray) -> float:
+            if metric is Metric.roc_auc:
+                return roc_auc_score(y[i], p[i, 1])
+            return label_metric(y[i], p[i].argmax(1), p.shape[1], metric)
 
         rng, diffs = np.random.default_rng(seed), []
         for _ in range(BOOTSTRAP):
             i = rng.integers(0, n, n)
-            if len(np.unique(y[i])) == 2:
-                diffs.append(roc_auc_score(y[i], a[i, 1]) - roc_auc_score(y[i], b[i, 1]))
+            if metric is not Metric.roc_auc or len(np.unique(y[i])) == 2:
+                diffs.append(value(i, a) - value(i, b))
         return float(np.std(diffs)) if len(diffs) > 1 else 0.0
     if metric is Metric.log_loss:
         rows = np.arange(n)

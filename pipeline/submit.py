@@ -44,10 +44,10 @@ from pipeline import data, export, predict
 from pipeline.blend import store
 from pipeline.blend.blenders import cross_val_oof
 from pipeline.budget import format_minutes, reserve_seconds
-from pipeline.choices import Layout
+from pipeline.choices import Layout, SubmissionKind
 from pipeline.errors import ConfigError
 from pipeline.io import save_text
-from pipeline.metrics import Score, score
+from pipeline.metrics import SCORE_FIELDS, Score, score
 from pipeline.paths import CHECKPOINT, CONFIG, Paths
 from pipeline.runsettings import RunSettings, run_settings
 from pipeline.settings import submit_settings
@@ -230,6 +230,9 @@ def run(cfg: DictConfig, settings: RunSettings | None = None) -> SubmitOutcome:
         seconds = time.perf_counter() - t0
     blender, oof_score = _blender(ens, plan, kept)
     probs = blender.predict_proba(np.stack([per_member[m] for m in kept], 1))  # float64, as stage=blend wrote them
+    weights = saved.decision_weights()  # balanced accuracy / macro-F1: the labels' per-class weights
+    if weights is not None and test.submission is SubmissionKind.label:
+        probs = probs * weights
     text = data.submission_text(probs, test.test_ids, list(prep.class_names), test.submission, list(test.columns),
                                 prep.layout is Layout.pixels, str(output), test.default_cells)
     save_text(output, text)
@@ -275,7 +278,7 @@ def _blender(ens: export.ExportedEnsemble, plan: SubmitPlan | None, kept: list[s
     """The blender to apply and its OOF score: the submitted one when every member is kept, else
     the submitted method refitted on ``kept`` (:func:`refit`, one log line of what was given up)."""
     saved, metric = ens.saved, ens.prep.metric
-    full = Score(**{k: ens.record["oof_score"].get(k) for k in ("accuracy", "log_loss", "roc_auc")})
+    full = Score(**{k: ens.record["oof_score"].get(k) for k in SCORE_FIELDS})
     if plan is not None and plan.dropped:
         blender, oof_score = refit(ens, kept)
         values = store.marginal_values(saved.typed, metric)

@@ -195,3 +195,56 @@ def test_every_blender_round_trips_through_the_store(trained_cfg, overrides, met
     for method, result in out.blends.items():
         np.testing.assert_array_equal(saved.blender(method).predict_proba(X), result.blender.predict_proba(X))
         np.testing.assert_array_equal(saved.probabilities(method, "test"), result.test.astype(np.float32))
+
+
+def _imbalanced_oof():
+    """OOF probabilities of a real model on imbalanced real data: a logistic regression of the
+    fixture's digit pixels, cross-validated, after keeping a fifth of the rows of classes 0-4 (so
+    the majority classes pull its most probable class)."""
+    from conftest import DIGITS
+    from pipeline import data
+
+    comp = data.load_competition(DIGITS)
+    y = comp.y_train
+    keep = np.flatnonzero((y >= 5) | (np.arange(len(y)) % 5 == 0))
+    x, y = comp.x_train[keep].reshape(len(keep), -1) / 255.0, y[keep]
+    folds = np.arange(len(y)) % 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probs = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=200)), x, y,
+                                  cv=PredefinedSplit(folds), method="predict_proba")
+    return y, probs, folds
+
+
+def test_balanced_accuracy_and_macro_f1_are_scikit_learns_and_their_decision_is_fitted_out_of_fold():
+    """The two metrics of predicted classes equal scikit-learn's; per-class weights fitted on
+    other folds' OOF predictions raise each on held-out folds above the most probable class."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from pipeline.metrics import cross_fitted_decision, label_metric, score
+    from pipeline.settings import Metric
+
+    y, probs, folds = _imbalanced_oof()
+    s, pred = score(y, probs), probs.argmax(1)
+    assert s.balanced_accuracy == pytest.approx(balanced_accuracy_score(y, pred))
+    assert s.macro_f1 == pytest.approx(f1_score(y, pred, average="macro"))
+    assert label_metric(y, pred, 10, Metric.macro_f1) == pytest.approx(s.macro_f1)
+    for metric in (Metric.balanced_accuracy, Metric.macro_f1):
+        weights, fitted, plain = cross_fitted_decision(y, probs, folds, metric)
+        assert plain == pytest.approx(s.value(metric)) and fitted > plain, (metric, fitted, plain)
+        assert weights.shape == (10,) and weights.max() == 1.0 and weights[:5].mean() > weights[5:].mean()
+
+
+def test_a_balanced_accuracy_blend_submits_the_weighted_decision(trained_cfg):
+    """data.metric=balanced_accuracy: the blend is picked by it, the record keeps the decision
+    (or none when it does not beat the most probable class out of fold), and submission.csv's
+    labels are the argmax of the submitted blend's test probabilities times those weights."""
+    out = blend.run(trained_cfg("data.metric=balanced_accuracy"))
+    saved = out.saved
+    assert saved.record["metric"] == "balanced_accuracy"
+    weights = saved.decision_weights()
+    test = saved.probabilities(saved.best, "test")
+    expected = (test * (weights if weights is not None else 1.0)).argmax(1)
+    sub = pd.read_csv(Paths.from_cfg(trained_cfg()).submission("submission"))
+    assert (sub["Label"].to_numpy() == expected).all()
+    assert saved.record["decision"] is None or saved.record["decision"]["oof"] > saved.record["decision"]["argmax_oof"]

@@ -121,8 +121,10 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
     monkeypatch.setattr(probes, "time_models", gpu_like)
     seen = {}
 
-    def pool(ws, units, seconds, choices, n_jobs, deadline, finish, rates=None):
-        wall, dropped = _simulate(units, seconds, n_jobs, deadline - time.time())
+    def pool(ws, units, seconds, choices, n_jobs, deadlines, finish, rates=None, protect=None):
+        seconds = [s() for s in seconds]  # each read at its dispatch (the observed slowdown: none here)
+        wall, dropped = _simulate(units, seconds, n_jobs, min(deadlines) - time.time())  # the unprotected units'
+        assert any(protect) and not all(protect)  # the first seed's units are the submission's
         seen.update(units=units, seconds=seconds, wall=wall, dropped=dropped, jobs=n_jobs, rates=rates)
         finish([scheduler.MemberOutcome(k, Outcome.TRAINED) for u in units for k in u])
 

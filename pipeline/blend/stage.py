@@ -24,10 +24,10 @@ from omegaconf import DictConfig
 
 from pipeline.blend import store
 from pipeline.blend.blenders import cross_val_oof, make_blender
-from pipeline.data import submission_csv
+from pipeline.data import SubmissionKind, submission_csv
 from pipeline.errors import ArtifactError
 from pipeline.io import save_text
-from pipeline.metrics import Score, score
+from pipeline.metrics import DECISION_METRICS, Score, cross_fitted_decision, score
 from pipeline.settings import BlendMethod, BlendSeeds, Metric, blend_methods, blend_models, blend_settings
 from pipeline.members import BlendMember, read_metrics
 from pipeline.workspace import Workspace
@@ -96,6 +96,22 @@ def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMe
     }
 
 
+def _decision(ws: Workspace, metric: Metric, best: BlendResult) -> dict | None:
+    """For a metric of the predicted classes (balanced accuracy, macro-F1) and a label
+    submission: per-class weights on the submitted blend's probabilities fitted on its OOF
+    predictions (:func:`pipeline.metrics.cross_fitted_decision`), kept when their cross-fitted
+    OOF score beats the plain argmax; ``{weights, oof, argmax_oof}`` or None."""
+    if metric not in DECISION_METRICS or ws.comp.submission is not SubmissionKind.label:
+        return None
+    weights, fitted, plain = cross_fitted_decision(ws.comp.y_train, best.oof, ws.folds, metric)
+    log.info("blend: %s of the predicted classes: per-class weights fitted on the OOF predictions give OOF %.5f "
+             "(fitted on the other folds), the most probable class %.5f%s", metric.value, fitted, plain,
+             "; the submission uses them" if fitted > plain else "; the submission keeps the most probable class")
+    if fitted <= plain:
+        return None
+    return {"weights": weights.tolist(), "oof": fitted, "argmax_oof": plain}
+
+
 def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
     auc = any(s.roc_auc is not None for s in outcome.members.values())
 
@@ -147,12 +163,16 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
     best = min(results, key=lambda m: results[m].score.rank(metric))
     csvs = {m.value: submission_csv(ws.comp, r.test, str(ws.paths.submission(m.value)))
             for m, r in results.items()}
+    decision = _decision(ws, metric, results[best])
+    if decision is not None:
+        csvs[best.value] = submission_csv(ws.comp, results[best].test * np.asarray(decision["weights"]),
+                                          str(ws.paths.submission(best.value)))
     sha = hashlib.sha256(csvs[best.value].encode()).hexdigest()
     loo = leave_one_out(best, X, y, ws.folds, names, cfg)
     for n, s in loo.items():
         log.info("blend: %s without %s: OOF acc %.5f (%+.5f), log loss %.4f", best.value, n, s.accuracy,
                  results[best].score.accuracy - s.accuracy, s.log_loss)
-    saved = store.save(ws.paths, _record(ws, names, preds, results, best, sha, loo),
+    saved = store.save(ws.paths, {**_record(ws, names, preds, results, best, sha, loo), "decision": decision},
                        {m: (r.oof, r.test, r.blender.state()) for m, r in results.items()})
     for method, text in csvs.items():
         save_text(ws.paths.submission(method), text)

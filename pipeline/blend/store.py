@@ -136,6 +136,19 @@ class SavedBlend:
         method = method or self.best
         return BLENDERS[method](**self.typed.methods[method]["params"])
 
+    def decision_weights(self) -> np.ndarray | None:
+        """``(C,)`` float64 per-class weights of the submission's labels (``argmax(probs * w)``,
+        fitted on the OOF predictions for balanced accuracy or macro-F1, ``stage=blend``), or None:
+        the most probable class. Raises ArtifactError when they do not fit the classes."""
+        d = self.record.get("decision")
+        if d is None:
+            return None
+        w = np.asarray(d.get("weights") if isinstance(d, dict) else None, dtype=np.float64)
+        if w.shape != (self.typed.num_classes,) or not np.all(np.isfinite(w)) or (w <= 0).any():
+            raise ArtifactError(f"{self.folder / RECORD}: 'decision' weights do not fit {self.typed.num_classes} "
+                                f"classes; run: python run.py stage=blend")
+        return w
+
     def probabilities(self, method: BlendMethod, split: str) -> np.ndarray:
         """``(N, C)`` OOF (``split="oof"``) or ``(M, C)`` test probabilities of ``method``."""
         return np.load(self.folder / f"{method.value}_{split}.npy", allow_pickle=False)

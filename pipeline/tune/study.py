@@ -54,12 +54,13 @@ def objective_value(s: Score, metric: Metric, n_val: int) -> float:
     """What the study maximises: for ``accuracy``, OOF accuracy with ties broken by log loss,
     ``accuracy - min(log_loss, 50) / (100 n_val)`` (accuracy moves in steps of ``1 / n_val``; the
     log-loss term is below half a step, so it only orders trials of equal accuracy); for
-    ``log_loss``, minus the log loss (capped at 50); for ``roc_auc``, the AUC."""
+    ``log_loss``, minus the log loss (capped at 50); for ``roc_auc``, the AUC; for
+    ``balanced_accuracy`` and ``macro_f1``, their value with the same tie-break as accuracy."""
     if metric is Metric.log_loss:
         return -float(min(s.log_loss, LOG_LOSS_CAP))
     if metric is Metric.roc_auc:
         return s.value(metric)
-    return float(s.accuracy - min(s.log_loss, LOG_LOSS_CAP) / (100.0 * max(n_val, 1)))
+    return float(s.value(metric) - min(s.log_loss, LOG_LOSS_CAP) / (100.0 * max(n_val, 1)))
 
 
 def tune_folds(cfg: DictConfig) -> list[int]:

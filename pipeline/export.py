@@ -18,7 +18,7 @@ rerun needs and nothing more, so that ``submit.ipynb`` installs and submits with
       oof.npz                       probs (N, M, C) float32 OOF of the M blend members, y (N,)
                                     int64, folds (N,) int64: refitting the blend without a member
                                     (``budget=`` at submit time) needs them
-      wheels/*.whl                  kfold-stack's wheel and those of ``export.dependencies``
+      wheels/*.whl                  kfold-stack's wheel and those of every requirement not in ``export.image``
       submit.ipynb, submit.py       install offline, then ``python -m pipeline.submit``
       dataset-metadata.json         for ``kaggle datasets create -p export/ --dir-mode zip``
 
@@ -261,6 +261,39 @@ def project_wheel(out: Path) -> Path:
         return Path(shutil.copy2(wheel, out / wheel.name))
 
 
+def shipped(image: list[str], extra: list[str] = ()) -> list[str]:
+    """The requirements an export ships as wheels: the transitive closure of kfold-stack's
+    requirements (its installed metadata, markers evaluated here, extras left out), walking no
+    further than a package the target ``image`` provides (``name>=min`` strings: such a package
+    and what it requires are the image's), plus ``extra``; sorted names. Raises ConfigError when
+    a requirement on the way is not installed here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    provided = {_normalise(Requirement(r).name) for r in image}
+    seen: dict[str, str] = {}
+    todo = [PROJECT, *extra]
+    for n in extra:
+        seen[_normalise(n)] = n
+    while todo:
+        name = todo.pop()
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            raise ConfigError(f"export: '{name}' is not installed here, so its wheel cannot be shipped (expected "
+                              f"kfold-stack's requirements installed: pip install -e .)") from None
+        for r in map(Requirement, reqs):
+            if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+                continue  # an extra's, or another platform's
+            n = _normalise(r.name)
+            if n in provided or n in seen or n == _normalise(PROJECT):
+                continue
+            seen[n] = r.name
+            todo.append(r.name)
+    return sorted(seen.values(), key=str.lower)
+
+
 def dependency_wheels(names: list[str], out: Path, cache: Path) -> list[Path]:
     """Wheels of ``names`` at the versions installed here, into ``out``: taken from ``cache``
     (``data/cache/wheels/``) when there, else built with ``pip wheel --no-deps`` from the
@@ -278,7 +311,7 @@ def dependency_wheels(names: list[str], out: Path, cache: Path) -> list[Path]:
             wanted[n] = metadata.version(n)
         except metadata.PackageNotFoundError:
             raise ConfigError(f"export.dependencies: '{n}' is not installed here (expected kfold-stack's "
-                              f"requirements that Kaggle's image lacks)") from None
+                              f"requirements that the image lacks, export.image)") from None
 
     def cached(n: str, v: str) -> Path | None:
         hits = [p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{_normalise(n)}-{v}-".lower())]
@@ -420,8 +453,8 @@ def _write_files(tmp: Path, s: ExportSettings, ws, saved: store.SavedBlend, nets
     save_npz(tmp / OOF_FILE, probs=oof, y=ws.comp.y_train.astype(np.int64), folds=ws.folds.astype(np.int64))
     wheels = []
     if s.wheels:
-        wheels = [project_wheel(tmp / WHEELS)] + dependency_wheels(list(s.dependencies), tmp / WHEELS,
-                                                                    ws.paths.wheel_dir)
+        wheels = [project_wheel(tmp / WHEELS)] + dependency_wheels(shipped(list(s.image), list(s.dependencies)),
+                                                                    tmp / WHEELS, ws.paths.wheel_dir)
     save_text(tmp / SCRIPT, script_text())
     save_text(tmp / NOTEBOOK, json.dumps(notebook_json(), indent=1) + "\n")
     save_json(tmp / METADATA, dataset_metadata(s, saved, ws.comp.fingerprint))
@@ -448,7 +481,7 @@ def _record(tmp: Path, s: ExportSettings, ws, saved: store.SavedBlend, nets: lis
         "data_fingerprint": comp.fingerprint, "folds_digest": ws.folds_digest, "n_train": int(len(comp.y_train)),
         "training_submission_sha256": saved.record.get("submission_sha256"),
         "runtime": {"eval_batch_size": runtime.eval_batch_size, "channels_last": runtime.channels_last},
-        "wheels": [w.name for w in wheels], "environment": environment(list(s.dependencies) if s.wheels else []),
+        "wheels": [w.name for w in wheels], "environment": environment(shipped(list(s.image), list(s.dependencies)) if s.wheels else []),
         "files": files,
     }
 

@@ -228,15 +228,22 @@ class PredictSettings:
     preprocess: str = _f("auto", choices=("auto", "mnist", "resize"))
 
 
+# The packages (and minimum versions) an export expects the target image (Kaggle's Python image)
+# to provide; stage=export ships the wheels of every other requirement of kfold-stack, transitively.
+KAGGLE_IMAGE = ("torch>=2.2", "timm>=1.0", "albumentations>=2.0", "scikit-learn>=1.3", "scipy>=1.10", "numpy>=1.25",
+                "pandas>=2.0", "optuna>=4.0", "joblib>=1.4", "filelock>=3.12", "tqdm>=4.60", "matplotlib>=3.7",
+                "pillow>=10", "safetensors>=0.4", "PyYAML>=5.1", "packaging>=17")
+
+
 @dataclass
 class ExportSettings:
     """``export``: the folder ``stage=export`` writes and ``stage=submit`` reads (pipeline/export.py)."""
 
     dir: str = "export"                # the export folder (a Kaggle dataset); stage=submit reads it
     zip: bool = True                   # also write <dir>.zip (upload it as the dataset)
-    wheels: bool = True                # build <dir>/wheels: kfold-stack's wheel and `dependencies`
-    dependencies: list = field(default_factory=lambda: [  # wheels of what Kaggle's image lacks, at the versions here
-        "hydra-core", "omegaconf", "antlr4-python3-runtime", "hydra-joblib-launcher", "skops", "prettytable"])
+    wheels: bool = True                # build <dir>/wheels: kfold-stack's wheel and every requirement not in `image`
+    image: list = field(default_factory=lambda: list(KAGGLE_IMAGE))  # what the target image provides (name>=min)
+    dependencies: list = field(default_factory=list)  # more wheels to ship beyond that closure
     dataset_id: Optional[str] = None   # dataset-metadata.json id <user>/<slug>; null: INSERT_USERNAME/kfold-stack-<data>
     title: Optional[str] = None        # the dataset's title (6-50 characters); null: from the members
 

@@ -111,7 +111,7 @@ def test_export_holds_the_submitted_ensemble_and_nothing_more(pixels):
     if pixels["wheels_error"] is None:
         wheels = sorted(p.name.split("-")[0].lower() for p in (folder / "wheels").glob("*.whl"))
         assert wheels == sorted(["kfold_stack", "hydra_core", "omegaconf", "antlr4_python3_runtime",
-                                 "hydra_joblib_launcher", "skops", "prettytable"])
+                                 "hydra_joblib_launcher", "skops", "prettytable", "wcwidth"])
         assert set(record["environment"]["assumed"]) >= {"torch", "timm", "numpy", "pandas", "scikit-learn",
                                                          "pillow", "safetensors"}
 
@@ -150,13 +150,14 @@ def _kaggle_like_python(root: Path, shipped: list[str]) -> tuple[Path, dict]:
 @pytest.mark.slow
 def test_offline_install_in_a_fresh_venv_then_submit_writes_the_training_runs_file(pixels, tmp_path):
     """export -> a fresh venv (the test environment's packages stand in for Kaggle's image, without
-    kfold-stack, Hydra, OmegaConf, antlr4, skops ...) -> submit.py: pip --no-index from
-    export/wheels, then stage=submit on a folder holding only test.csv and sample_submission.csv."""
+    kfold-stack and every package the export ships: Hydra, OmegaConf, antlr4, skops, prettytable and
+    its wcwidth ...) -> submit.py: pip --no-index from export/wheels, then stage=submit on a folder
+    holding only test.csv and sample_submission.csv."""
     if pixels["wheels_error"]:
         pytest.skip(f"the export could not build its dependency wheels here: {pixels['wheels_error']}")
     from pipeline.settings import ExportSettings
 
-    py, env = _kaggle_like_python(tmp_path, ExportSettings().dependencies)
+    py, env = _kaggle_like_python(tmp_path, export.shipped(list(ExportSettings().image)))
     hidden = subprocess.run([py, "-c", "import hydra"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert hidden.returncode == 1 and "No module named 'hydra'" in hidden.stderr  # pip must install it
     out = tmp_path / "working" / "submission.csv"
@@ -165,7 +166,7 @@ def test_offline_install_in_a_fresh_venv_then_submit_writes_the_training_runs_fi
                           "--output", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     installed = next(ln for ln in res.stdout.splitlines() if ln.startswith("Successfully installed"))
-    for name in ("kfold-stack-0.1.0", "hydra-core", "omegaconf", "antlr4-python3-runtime", "skops"):
+    for name in ("kfold-stack-0.1.0", "hydra-core", "omegaconf", "antlr4-python3-runtime", "skops", "wcwidth"):
         assert name in installed
     where = subprocess.run([py, "-c", "import pipeline; print(pipeline.__file__)"], capture_output=True, text=True,
                            env=env, cwd=tmp_path, check=True).stdout
@@ -396,3 +397,19 @@ def test_dependency_wheels_not_installed_or_not_fetchable_is_one_line(tmp_path, 
     with pytest.raises(ArtifactError, match=r"^export: wheels of hydra-core==[\d.]+ \(offline\? put them in .*cache\): "
                                             r"pip failed \(ERROR: No matching distribution found"):
         export.dependency_wheels(["hydra-core"], tmp_path / "out", tmp_path / "cache")
+
+
+def test_the_export_ships_the_closure_of_what_the_image_lacks():
+    """The wheels shipped are kfold-stack's requirements walked transitively up to what the
+    declared image provides: prettytable's wcwidth is among them (an image may lack it), no
+    package of the image is, nor anything only an image package requires (timm's torchvision)."""
+    from packaging.requirements import Requirement
+
+    from pipeline.settings import ExportSettings
+
+    image = list(ExportSettings().image)
+    names = {export._normalise(n) for n in export.shipped(image)}
+    assert {"hydra_core", "omegaconf", "antlr4_python3_runtime", "skops", "prettytable", "wcwidth"} <= names
+    assert not names & {export._normalise(Requirement(r).name) for r in image}
+    assert "torchvision" not in names and "kfold_stack" not in names
+    assert "wcwidth" not in {export._normalise(n) for n in export.shipped(image + ["wcwidth>=0.2"])}

@@ -398,3 +398,44 @@ def test_paired_noise_sees_a_gain_the_independent_formula_calls_chance():
     yb = (y % 2).astype(np.int64)
     pa, pb = np.stack([1 - base[:, 0], base[:, 0]], 1), np.stack([1 - cand[:, 1], cand[:, 1]], 1)
     assert paired_se(yb, pa, pb, Metric.roc_auc) > 0
+
+
+def test_a_rung_prunes_beyond_the_noise_only_and_a_reused_baseline_reports_its_epochs(tiny_cfg):
+    """Successive halving with its rung at epoch 2 of 3: a candidate 0.001 behind the baseline
+    there goes on (within the rung's noise), one 0.05 behind is pruned, and bare successive
+    halving would have pruned both. A baseline reused from an earlier study reports its recorded
+    epochs into the new study, so its rung has the baseline to compare with."""
+    import optuna
+
+    from pipeline.choices import Pruner
+    from pipeline.recipe import TrialRecord
+    from pipeline.screen import Screen, make_pruner, rung_noise
+
+    def rung(pruner, values):
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        out = []
+        for v in values:
+            t = study.ask()
+            t.report(v, 2)
+            out.append(t.should_prune())
+            study.tell(t, v)
+        return out
+
+    tolerance = rung_noise(900)
+    assert tolerance == pytest.approx(0.01414, abs=1e-5)
+    assert rung(make_pruner(Pruner.successive_halving, 3, tolerance), [0.900, 0.899, 0.850]) == [False, False, True]
+    assert rung(make_pruner(Pruner.successive_halving, 3), [0.900, 0.899, 0.850])[1:] == [True, True]
+
+    ws = _ws(tiny_cfg())
+    sc = Screen(ws, deadline=1e12)
+    base = Candidate("mlp", 28)
+    sc.trials.append(TrialRecord(Dim.arch, base, TrialState.complete, 0.8, 0.8, 3, 5.0))
+    sc.curves[base] = {1: 0.5, 2: 0.7, 3: 0.8}
+    seen = []
+
+    class Recorder:
+        def report(self, value, step):
+            seen.append((step, value))
+
+    row = sc.run_trial(Dim.aug, base, Recorder())
+    assert row.dim is Dim.aug and row.seconds == 0.0 and seen == [(1, 0.5), (2, 0.7), (3, 0.8)]

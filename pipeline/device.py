@@ -159,6 +159,18 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in MiB: ``peak_rss_mb`` (its peak resident set, the
+    kernel's ``ru_maxrss``; a process that trained earlier members counts them too) and, on CUDA,
+    ``peak_gpu_memory_mb`` (the allocator's peak on ``device`` since its last reset)."""
+    import resource
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.type == "cuda":
+        out["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 def device_kind(name: str = "auto") -> str:
     """The kind of device ``runtime.device`` resolves to here, for keying what was measured on
     it: ``cpu (<cores> cores)`` or ``cuda (<GPU name> x <count>)``. Raises ConfigError as

@@ -274,6 +274,7 @@ class MemberMetrics:
         history: one record per epoch (``train_loss``, ``train_acc``, ``lr``, ``seconds`` and,
             on validated epochs, ``val_loss`` / ``val_acc``).
         tta, ema, swa: ``{views | settings..., accuracy_without, log_loss_without}`` or None.
+        peak_rss_mb / peak_gpu_memory_mb: the training process's peak memory (MiB), or None.
         raw: the whole file.
     """
 
@@ -292,6 +293,8 @@ class MemberMetrics:
     swa: dict | None
     n_pseudo: int
     raw: dict
+    peak_rss_mb: float | None = None
+    peak_gpu_memory_mb: float | None = None
 
 
 def read_metrics(out_dir: Path) -> MemberMetrics:
@@ -306,7 +309,8 @@ def read_metrics(out_dir: Path) -> MemberMetrics:
         return MemberMetrics(str(m["model"]), int(m["fold"]), int(m.get("seed_index", 0)), float(m["accuracy"]),
                              float(m["log_loss"]), int(m["epochs"]), float(m["seconds"]), str(m["device"]),
                              m.get("precision"), list(m.get("history") or []), m.get("tta"), m.get("ema"),
-                             m.get("swa"), int(m.get("n_pseudo", 0)), m)
+                             m.get("swa"), int(m.get("n_pseudo", 0)), m, m.get("peak_rss_mb"),
+                             m.get("peak_gpu_memory_mb"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{path}: unreadable member metrics ({type(e).__name__}: {e}); run: python run.py "
                             f"stage=train force=true") from None

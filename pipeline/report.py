@@ -62,8 +62,16 @@ def fold_table(ws: Workspace, names: list[str]) -> list[dict]:
             rows.append({"model": name, "fold": key.fold, "seed": key.seed_index, "accuracy": m.accuracy,
                          "log_loss": m.log_loss, "epochs": m.epochs, "minutes": m.seconds / 60, "device": m.device,
                          "tta": m.tta if (m.tta or {}).get("views", 1) > 1 else None,
-                         "ema": m.ema, "swa": m.swa, "n_pseudo": m.n_pseudo, "history": m.history})
+                         "ema": m.ema, "swa": m.swa, "n_pseudo": m.n_pseudo, "history": m.history,
+                         "memory": _memory(m)})
     return rows
+
+
+def _memory(m) -> str:
+    """A member's peak memory for the table: the process's resident set, and the GPU's, in MiB."""
+    parts = [f"{m.peak_rss_mb:,.0f}" if m.peak_rss_mb is not None else "",
+             f"GPU {m.peak_gpu_memory_mb:,.0f}" if m.peak_gpu_memory_mb is not None else ""]
+    return " / ".join(p for p in parts if p)
 
 
 def _pseudo_rows(ws: Workspace, names: list[str], rows: list[dict], record: dict) -> list[list]:
@@ -495,7 +503,7 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
     auc = blend["model_scores"][names[0]].get("roc_auc") is not None
     summary, best_row = _score_rows(saved, rows, auc)
     fold_rows = [[r["model"], r["fold"], r["seed"], f"{r['accuracy']:.5f}", f"{r['log_loss']:.4f}", r["epochs"],
-                  f"{r['minutes']:.2f}", r["device"]] for r in rows]
+                  f"{r['minutes']:.2f}", r["device"], r["memory"]] for r in rows]
     pseudo_rows = _pseudo_rows(ws, names, rows, blend)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kfold-stack report</title>",
@@ -526,7 +534,8 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
             _table(["round", "base", "test rows added per fold", "OOF accuracy", "base OOF accuracy",
                     "gain"], pseudo_rows)] if pseudo_rows else []),
         "<h2>Per member</h2>",
-        _table(["model", "fold", "seed", "accuracy", "log loss", "epochs", "minutes", "device"], fold_rows),
+        _table(["model", "fold", "seed", "accuracy", "log loss", "epochs", "minutes", "device",
+                "peak memory (MiB: process / GPU)"], fold_rows),
         "<h2>Learning curves</h2>",
         *[_img(pngs[f"curves_{n}"], f"learning curves of {n}") for n in names],
         "<h2>Confusion matrix (submitted blend, OOF)</h2>", _img(pngs["confusion"], "confusion matrix"),

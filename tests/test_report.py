@@ -122,6 +122,7 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
         assert "<p>Chosen recipe: <b>ensemble [cnn_deotte, mlp]</b>.</p>" in text
         assert "200 training and 100 validation rows" in text
         assert '<h2 id="shift">Train / test shift (adversarial validation)</h2>' in text and "No shift seen" in text
+        assert "peak memory (MiB: process / GPU)" in text  # each member's, from its metrics.json
         from pipeline.blend import store
 
         every, rest = report.selection_scores(Workspace.load(cfg), store.load(paths))

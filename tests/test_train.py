@@ -291,3 +291,12 @@ def test_min_steps_raises_the_epochs_of_a_small_competition(tiny_cfg):
              / estimate(short, [(k,) for k in short.keys("mlp")], 1,
                         torch.device("cpu")).member_seconds[MemberKey("mlp", 1)])
     assert 1.5 < ratio < 4.5  # 5 vs 2 epochs, timed separately on a shared machine
+
+
+def test_a_member_records_its_peak_memory(tiny_cfg):
+    """metrics.json gives the training process's peak resident memory (MiB; a Python process with
+    torch holds well over 100 MiB) and, on a CPU, no GPU figure."""
+    from conftest import fit
+
+    res = fit(tiny_cfg("train.epochs=1"), "mlp", 0, predict_test=False)
+    assert 100 < res.metrics["peak_rss_mb"] < 24 * 1024 and "peak_gpu_memory_mb" not in res.metrics

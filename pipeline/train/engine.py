@@ -37,8 +37,8 @@ from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
 from pipeline.members import MemberKey
 from pipeline.train.resume import ResumeState, read_state, rng_state, set_rng_state
-from pipeline.device import (autocast, configure_numerics, device_name, grad_scaler, resolve_precision,
-                             select_device, use_device)
+from pipeline.device import (autocast, configure_numerics, device_name, grad_scaler, peak_memory_mb,
+                             resolve_precision, select_device, use_device)
 from pipeline.train.runtime import num_workers, seed_everything
 
 log = logging.getLogger(__name__)
@@ -604,8 +604,7 @@ def member_metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: 
         "accuracy": oof.accuracy, "log_loss": oof.log_loss,
         "epochs": loop.epochs, "seconds": loop.seconds_before + time.perf_counter() - t0,
         "device": device_name(loop.device), "precision": spec.precision.value,
-        **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(loop.device) / 2**20, 1)}
-           if loop.device.type == "cuda" else {}),
+        **peak_memory_mb(loop.device),
         "history": loop.history, "resumed_after_epoch": loop.start - 1 if loop.start > 1 else None,
         "tta": {"views": len(views), "accuracy_without": plain.accuracy, "log_loss_without": plain.log_loss},
     }

@@ -28,7 +28,8 @@ import torch.nn as nn
 from filelock import FileLock
 
 from pipeline.augment import tta_views
-from pipeline.device import autocast, configure_numerics, device_name, select_device, use_device
+from pipeline.device import (autocast, configure_numerics, device_name, peak_memory_mb, select_device,
+                             use_device)
 from pipeline.errors import ConfigError
 from pipeline.io import save_npz
 from pipeline.metrics import score
@@ -264,6 +265,7 @@ def fit_probe(spec, comp, folds: np.ndarray, cache_dir: Path | None = None):
     metrics = {"model": spec.key.model, "fold": spec.key.fold, "seed_index": spec.key.seed_index,
                "accuracy": oof.accuracy, "log_loss": oof.log_loss, "epochs": 1, "seconds": seconds,
                "device": device_name(device), "precision": spec.precision.value, "history": [record],
+               **peak_memory_mb(device),
                "resumed_after_epoch": None, "n_train": int(len(tr)), "n_val": int(len(va)), "n_pseudo": 0,
                "tta": {"views": views, "accuracy_without": plain.accuracy, "log_loss_without": plain.log_loss},
                "probe": {"C": c, "features": int(train_f.shape[-1]), "views": views,

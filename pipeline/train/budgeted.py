@@ -27,7 +27,7 @@ from pipeline.budget import (FIRST_SEED_GUARD, BudgetRecord, Cost, ModelPlan, Pl
 from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
-from pipeline.settings import round_base, selected_folds, selected_models
+from pipeline.settings import FitMethod, round_base, selected_folds, selected_models
 from pipeline.augment import tta_views
 from pipeline.train.engine import planned_epochs
 from pipeline.train.resume import resume_cache_keys
@@ -61,7 +61,8 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
     its knee epochs with the units side by side), times :data:`MARGIN`: per epoch, those seconds
     / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once per member,
     2 s of set-up and the final prediction of its fold and the test set in every TTA view, at the
-    seconds per image timed for a prediction batch (``ModelTiming.predict_s``). A model timed with
+    seconds per image timed for a prediction batch (``ModelTiming.predict_s``; none for a linear
+    probe, whose timing counts its share of the cached features' one pass). A model timed with
     the machine to itself too (``ModelTiming.solo``) gets its ``solo_per_epoch`` likewise."""
     out = {}
     n_train, n_test = len(ws.comp.x_train), len(ws.comp.x_test)
@@ -69,6 +70,8 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
         s, t = ws.settings.models[m], timed[m]
         validation = t.predict_s * n_train / k / max(1, ws.settings.runtime.val_every)
         final = t.predict_s * len(tta_views(s.tta)) * (n_train / k + n_test)
+        if s.train.fit is FitMethod.linear_probe:  # its timing holds its share of every feature pass already
+            validation = final = 0.0
         group = MARGIN * (t.group / s.ranges.knee + validation) if m in fused_models and t.group is not None else None
         solo = MARGIN * (t.solo / s.ranges.knee + validation) if t.solo is not None else None
         out[m] = Cost(MARGIN * (t.alone / s.ranges.knee + validation), MARGIN * (final + 2.0), k, group, t.size, solo)

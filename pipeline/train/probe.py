@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 C_GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # inverse L2 strengths tried on the standardised features
 INNER_FOLDS = 3                   # the cross-validation that picks C, inside the training folds
 MAX_ITER = 300                    # lbfgs iterations per fit
+FIT_SECONDS = 0.2  # seconds of one fit per thousand rows and view: ELPV's 13 fits of 3,358 rows took 4.7 s
+                   # on one core of the 2-core CPU (0.11), the screening's 12 s (0.27 with features beside)
 
 
 def backbone(spec, comp, device: torch.device) -> Pretrained:
@@ -280,8 +282,7 @@ def seconds_per_member(spec, comp, folds: np.ndarray, batch: int = 32, share: fl
     backbone (after one warm-up batch) scaled to the features it computes, ``share`` of every
     image in every view (None: 1 / k, the folds sharing the cached features; the screening
     computes all of its subsample's: 1.0), plus the regression's fits (:data:`C_GRID` x
-    :data:`INNER_FOLDS` + 1, priced at 0.35 s per thousand rows and view, a conservative figure
-    of a 2-core CPU)."""
+    :data:`INNER_FOLDS` + 1, priced at :data:`FIT_SECONDS` per thousand rows and view)."""
     device = select_device(spec.runtime.device)
     use_device(device)
     configure_numerics(device, spec.precision, spec.runtime.deterministic)
@@ -296,5 +297,5 @@ def seconds_per_member(spec, comp, folds: np.ndarray, batch: int = 32, share: fl
     share = 1 / k if share is None else share
     views = len(tta_views(spec.tta))
     rows = (len(comp.x_train) * (k - 1) / k) * views
-    fits = (len(C_GRID) * INNER_FOLDS + 1) * 0.35 * rows / 1000
+    fits = (len(C_GRID) * INNER_FOLDS + 1) * FIT_SECONDS * rows / 1000
     return per_image * (len(comp.x_train) + len(comp.x_test)) * share + fits

@@ -276,9 +276,9 @@ class MeasuredOn:
 def screening_key(cfg: DictConfig, on: MeasuredOn) -> str:
     """A short digest of what a screening depends on and a recipe does not change: the data's
     files and their decoding (the side only when fixed), the metric it scored by, the device kind
-    it measured on (``on``), the folds, the base seed, the ``screen`` settings but its time share,
-    and the screened models' architectures and training settings (the ensemble and augmentation
-    only when fixed). Equal before and after :func:`apply_recipe`, so a rerun (another stage, a
+    it measured on (``on``), the folds (their grouping too), the base seed, the ``screen``
+    settings but its time share, and the screened models' architectures and training settings
+    (the ensemble and augmentation only when fixed). Equal before and after :func:`apply_recipe`, so a rerun (another stage, a
     larger budget after a complete screening) finds the same record."""
     fixed = screen_fixed(cfg)
     data = {k: cfg.data.get(k) for k in ("dir", "format", "id_column", "label_column", "max_img_size",
@@ -289,7 +289,8 @@ def screening_key(cfg: DictConfig, on: MeasuredOn) -> str:
                                                                                                   "enabled")}
     models = {str(m): {k: OmegaConf.to_container(cfg.models[m], resolve=True).get(k) for k in ("arch", "kwargs")}
               for m in cfg.screen.models if m in cfg.models}
-    parts = {"data": data, "folds": {"k": cfg.folds.k, "seed": cfg.folds.seed}, "seed": cfg.get("seed"),
+    parts = {"data": data, "folds": {"k": cfg.folds.k, "seed": cfg.folds.seed, "group": cfg.folds.get("group")},
+             "seed": cfg.get("seed"),
              "screen": screen, "models": models, "files": on.data, "device": on.device,
              "ensemble": list(cfg.ensemble) if Dim.arch in fixed else None,
              "aug": OmegaConf.to_container(cfg.aug, resolve=True) if Dim.aug in fixed else None}

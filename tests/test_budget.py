@@ -288,10 +288,15 @@ def test_the_observed_slowdown_scales_what_is_left():
     from pipeline.train.scheduler import observed_slowdown
 
     a, b, c = (MemberKey("mlp", f, 0) for f in range(3))
-    planned = {a: 10.0, b: 10.0, c: 10.0}
-    assert observed_slowdown({}, planned) == 1.0
-    assert observed_slowdown({a: 13.0, b: 13.0}, planned) == pytest.approx(1.3)
-    assert observed_slowdown({a: 7.0}, planned) == 1.0  # a faster machine keeps the plan
+    probe = MemberKey("lite0_probe", 0, 0)
+    planned = {a: 10.0, b: 10.0, c: 10.0, probe: 18.0}
+    assert observed_slowdown({}, planned, "mlp") == 1.0
+    assert observed_slowdown({a: 13.0, b: 13.0}, planned, "mlp") == pytest.approx(1.3)
+    assert observed_slowdown({a: 7.0}, planned, "mlp") == 1.0  # a faster machine keeps the plan
+    # ELPV: the probe's first member held its whole feature pass (68 s against 18 s planned): that
+    # says nothing of another model's members
+    assert observed_slowdown({probe: 68.0}, planned, "mlp") == 1.0
+    assert observed_slowdown({probe: 68.0}, planned, "lite0_probe") == pytest.approx(68 / 18)
 
 
 def test_the_submissions_unit_starts_where_another_is_dropped(tiny_cfg):

@@ -138,11 +138,14 @@ def test_the_screening_key_follows_the_metric_the_files_and_the_device(tiny_cfg,
     import os
 
     from pipeline import workspace
+    from pipeline.recipe import MeasuredOn, screening_key
 
     args = ("screen.enabled=true", "screen.models=[mlp]")
     key = _ws(tiny_cfg(*args)).screening_key()
     assert _ws(tiny_cfg(*args)).screening_key() == key
     assert _ws(tiny_cfg(*args, "data.metric=log_loss")).screening_key() != key
+    assert screening_key(tiny_cfg(*args, "folds.group=site"), MeasuredOn("d", "cpu")) != screening_key(
+        tiny_cfg(*args), MeasuredOn("d", "cpu"))  # other folds: fold 0 holds other rows
     st = (digits_dir / "train.csv").stat()
     os.utime(digits_dir / "train.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same name, other files
     touched = _ws(tiny_cfg(*args)).screening_key()

@@ -350,10 +350,12 @@ def _units(ws: Workspace, pending: list[MemberKey], later: list[MemberKey], slot
     return fusion, units, est
 
 
-def observed_slowdown(finished: dict[MemberKey, float], planned: dict[MemberKey, float]) -> float:
-    """How much slower the members trained so far ran than planned: their seconds (``finished``)
-    over their planned seconds, at least 1 (a faster machine keeps the plan). 1 before any."""
-    keys = [k for k in finished if planned.get(k, 0.0) > 0]
+def observed_slowdown(finished: dict[MemberKey, float], planned: dict[MemberKey, float], model: str) -> float:
+    """How much slower ``model``'s members trained so far ran than planned: their seconds
+    (``finished``) over their planned seconds, at least 1 (a faster machine keeps the plan); 1
+    before any. Per model: another model's members say nothing of this one's price (a linear
+    probe's first members hold its whole feature pass, planned as a share per member)."""
+    keys = [k for k in finished if k.model == model and planned.get(k, 0.0) > 0]
     if not keys:
         return 1.0
     return max(1.0, sum(finished[k] for k in keys) / sum(planned[k] for k in keys))
@@ -364,8 +366,8 @@ def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusi
                  planned: UnitPlan | None = None) -> None:
     """Train ``units``, ``n_jobs`` side by side (:func:`_side_by_side`) or one after the other
     here, each with its fusion choice and estimated seconds, scaled before it starts by the
-    slowdown observed so far (:func:`observed_slowdown`): on a machine that slowed after the
-    timing, later units are dropped rather than the submission's. ``planned``'s protected units
+    slowdown observed so far on its model's members (:func:`observed_slowdown`): on a machine that
+    slowed after the timing, later units are dropped rather than the submission's. ``planned``'s protected units
     (the first model's first seed) are never dropped and stop at its later deadline. Puts every
     member's outcome in ``done`` and logs the progress (:func:`_progress`) as each unit ends."""
     finished: dict[MemberKey, float] = {}
@@ -378,8 +380,8 @@ def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusi
         if est is not None:
             _progress(est, finished)
 
-    def slowdown() -> float:
-        return observed_slowdown(finished, est.member_seconds) if est is not None else 1.0
+    def slowdown(model: str) -> float:
+        return observed_slowdown(finished, est.member_seconds, model) if est is not None else 1.0
 
     seconds = [sum(est.member_seconds.get(k, 0.0) for k in u) if est is not None else 0.0 for u in units]
     unit_choices = [fusion.choices.get(u[0].model) for u in units]
@@ -389,10 +391,10 @@ def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusi
                  for p in protect]
     if n_jobs == 1:
         for unit, s, choice, rate, p, d in zip(units, seconds, unit_choices, rates, protect, deadlines):
-            finish(train_unit_locked(ws, unit, None, d, s * slowdown(), choice, rate, p))
+            finish(train_unit_locked(ws, unit, None, d, s * slowdown(unit[0].model), choice, rate, p))
     else:
-        _side_by_side(ws, units, [lambda s=s: s * slowdown() for s in seconds], unit_choices, n_jobs, deadlines,
-                      finish, rates, protect)
+        _side_by_side(ws, units, [lambda s=s, m=u[0].model: s * slowdown(m) for s, u in zip(seconds, units)],
+                      unit_choices, n_jobs, deadlines, finish, rates, protect)
 
 
 def _side_by_side(ws: Workspace, units: list[tuple[MemberKey, ...]], seconds: list[Callable[[], float]],

@@ -274,33 +274,32 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     def total() -> float:
         return makespan(priced(units(), costs, epochs, jobs), jobs)
 
-    def first_seed() -> float:  # its units lead the dispatch order
-        us = units()
-        mine = [u for u in us if all(k[0] == order[0] and k[1] == 0 for k in u)]
-        return makespan(priced(us, costs, epochs, jobs)[: len(mine)], jobs)
+    def guarded(model: str) -> bool:
+        return guard <= 1.0 or model != order[0] or first_seed(units(), costs, epochs, jobs) * guard <= available
 
     need = total()
     if need > available:
-        smallest = need + (budget - available)
         least = ", ".join(f"{seeds[m]} seed of {m} at {epochs[m]} epoch(s)" for m in order if seeds[m])
         raise ConfigError(f"budget={format_minutes(budget)}: too small; {least} need about {format_minutes(need)} "
-                          f"of training here; expected budget >= {math.ceil(smallest / 60)}m")
+                          f"of training here; expected budget >= {math.ceil((need + budget - available) / 60)}m")
     for kind, model in _steps(order, ranges, fixed):
         before = (seeds[model], epochs[model])
-        if kind == "epoch":
-            epochs[model] += 1
-        elif kind == "join":
-            seeds[model] = ranges[model].seeds_lo
-        else:
-            seeds[model] += 1
-        if total() > available or (guard > 1.0 and model == order[0] and first_seed() * guard > available):
+        _take(kind, model, seeds, epochs, ranges)
+        if total() > available or not guarded(model):
             seeds[model], epochs[model] = before
             break
-    final = units()
-    spent = priced(final, costs, epochs, jobs)
-    models = tuple(ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(final, spent) if u[0][0] == m))
-                   for m in order)
-    return Plan(budget, available, reserve_seconds(budget), models, total())
+    spent = priced(units(), costs, epochs, jobs)
+    return Plan(budget, available, reserve_seconds(budget), tuple(
+        ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(units(), spent) if u[0][0] == m)) for m in order),
+        total())
+
+
+def first_seed(units: list[tuple], costs: dict[str, Cost], epochs: dict[str, int], jobs: int) -> float:
+    """Wall seconds until the first model's first seed ends: the :func:`makespan` of the units
+    that lead the dispatch order (``units``, tuples of ``(model, seed, fold)``) and hold it."""
+    first = units[0][0][0] if units else None
+    mine = [u for u in units if all(k[0] == first and k[1] == 0 for k in u)]
+    return makespan(priced(units, costs, epochs, jobs)[: len(mine)], jobs)
 
 
 def priced(units: list[tuple], costs: dict[str, Cost], epochs: dict[str, int], jobs: int) -> list[float]:
@@ -309,6 +308,16 @@ def priced(units: list[tuple], costs: dict[str, Cost], epochs: dict[str, int], j
     :meth:`Cost.unit`)."""
     shares = side_by_side([u[0][0] for u in units], min(jobs, max(1, len(units))))
     return [costs[u[0][0]].unit(len(u), epochs[u[0][0]], share) for u, share in zip(units, shares)]
+
+
+def _take(kind: str, model: str, seeds: dict[str, int], epochs: dict[str, int], ranges: dict[str, Range]) -> None:
+    """Apply one step of :func:`_steps` to the plan's ``seeds`` and ``epochs`` (in place)."""
+    if kind == "epoch":
+        epochs[model] += 1
+    elif kind == "join":
+        seeds[model] = ranges[model].seeds_lo
+    else:
+        seeds[model] += 1
 
 
 def _steps(order: list[str], ranges: dict[str, Range], fixed: dict[str, int]):

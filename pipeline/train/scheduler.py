@@ -195,16 +195,7 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
             outcomes[key] = MemberOutcome(key, outcome, "force=true" if v.ok else v.reason)
             train.append(key)
         train = [k for k in unit if k in train]  # the unit's order: the group's seeds follow it
-        late = train and deadline is not None and time.time() + seconds > deadline
-        if late and protect:
-            log.info("train: %s: starts although about %.1f min of training may end after the budget's deadline: "
-                     "the first model's first seed is the submission", ", ".join(map(str, train)), seconds / 60)
-        elif late:
-            for key in train:
-                log.info("train: %s: dropped, not started: about %.1f min of training would end after the "
-                         "budget's deadline", key, seconds / 60)
-                outcomes[key] = MemberOutcome(key, Outcome.DROPPED, "would end after the budget's deadline")
-            train = []
+        train = _start_or_drop(train, outcomes, deadline, seconds, protect)
         try:
             if len(train) == 1:
                 outcomes[train[0]].metrics = train_member(ws, train[0], runtime, deadline, choice, predict_s)
@@ -223,6 +214,24 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
         for lock in locks:
             lock.release()
     return [outcomes[k] for k in unit]
+
+
+def _start_or_drop(train: list[MemberKey], outcomes: dict[MemberKey, MemberOutcome], deadline: float | None,
+                   seconds: float, protect: bool) -> list[MemberKey]:
+    """The members of ``train`` that start: all, unless their ``seconds`` would end after the
+    ``deadline`` (then each is DROPPED in ``outcomes``) and they are not ``protect``-ed (the
+    submission's, which start anyway, with one log line)."""
+    if not train or deadline is None or time.time() + seconds <= deadline:
+        return train
+    if protect:
+        log.info("train: %s: starts although about %.1f min of training may end after the budget's deadline: "
+                 "the first model's first seed is the submission", ", ".join(map(str, train)), seconds / 60)
+        return train
+    for key in train:
+        log.info("train: %s: dropped, not started: about %.1f min of training would end after the "
+                 "budget's deadline", key, seconds / 60)
+        outcomes[key] = MemberOutcome(key, Outcome.DROPPED, "would end after the budget's deadline")
+    return []
 
 
 def _announce(ws: Workspace, est: Estimate, device) -> None:

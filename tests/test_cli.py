@@ -182,3 +182,18 @@ def test_cuda_without_cuda_stops_at_the_entry_before_any_screening(tmp_path, dig
     assert lines == ["error: runtime.device=cuda, but CUDA is not available here (use auto or cpu)"], res.stderr
     assert "Trial" not in res.stdout + res.stderr and "Traceback" not in res.stdout + res.stderr
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*"))
+
+
+def test_a_user_error_inside_a_tuning_trial_ends_the_study_in_one_line(tmp_path, digits_dir):
+    """A sampled value its setting refuses (a negative learning rate) is a user error met inside
+    an Optuna trial: the study stops there, the trial is failed without a traceback, and the run
+    ends with the one error line and exit 2."""
+    res = run_cli(f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY, "stage=tune", "model=mlp",
+                  "tune.n_trials=3", f"tune.storage=sqlite:///{tmp_path}/tune.db",
+                  "models.mlp.space.train.lr={type:float,low:-2.0,high:-1.0,log:false}",
+                  "models.mlp.space.train.epochs={type:int,low:1,high:1}", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith("error: models.mlp.train.lr=-") and err[-1].endswith(": expected > 0")
+    assert "Traceback" not in res.stdout + res.stderr
+    assert "Trial 1" not in res.stdout + res.stderr  # stopped at the first

@@ -83,8 +83,20 @@ class Objective:
         self.cfg, self.name, self.space = cfg, name, space
         self.ws, self.fold_list = ws, fold_list
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.user_error: ConfigError | None = None  # a bad setting met in a trial: the study stops on it
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """The trial's objective (:func:`objective_value`). A user error (ConfigError, e.g. a
+        sampled value its setting refuses) is kept in :attr:`user_error` and stops the study,
+        the trial failing without a traceback; :func:`run` raises it as the run's one line."""
+        try:
+            return self._objective(trial)
+        except ConfigError as e:
+            self.user_error = e
+            trial.study.stop()
+            return float("nan")  # Optuna marks the trial failed, with one warning line
+
+    def _objective(self, trial: optuna.Trial) -> float:
         params = {path: suggest(trial, path, dist) for path, dist in self.space.items()}
         trial.set_user_attr("worker", self.worker)
         cfg = with_params(self.cfg, self.name, params)
@@ -298,13 +310,16 @@ def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
                      "sampled)", name, len(base), len(space))
     if done < target:
         timeout = None if cfg.tune.timeout is None else float(cfg.tune.timeout)
+        objective = Objective(cfg, name, space, ws, fold_list)
         study.optimize(
-            Objective(cfg, name, space, ws, fold_list), n_trials=target - done,
+            objective, n_trials=target - done,
             timeout=timeout, catch=(PipelineError,), gc_after_trial=True,
             show_progress_bar=bool(cfg.runtime.progress),
             callbacks=[optuna.study.MaxTrialsCallback(
                 target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)),
                 log_trial])
+        if objective.user_error is not None:
+            raise objective.user_error
 
     counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
     log.info("tune: %s: %d trials (%s)", name, len(study.trials),

@@ -274,8 +274,8 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     def total() -> float:
         return makespan(priced(units(), costs, epochs, jobs), jobs)
 
-    def guarded(model: str) -> bool:
-        return guard <= 1.0 or model != order[0] or first_seed(units(), costs, epochs, jobs) * guard <= available
+    def guarded() -> bool:  # any step may change the first seed's price (a join shares the odd last round)
+        return guard <= 1.0 or first_seed(units(), costs, epochs, jobs) * guard <= available
 
     need = total()
     if need > available:
@@ -285,20 +285,22 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     for kind, model in _steps(order, ranges, fixed):
         before = (seeds[model], epochs[model])
         _take(kind, model, seeds, epochs, ranges)
-        if total() > available or not guarded(model):
+        if total() > available or not guarded():
             seeds[model], epochs[model] = before
             break
-    spent = priced(units(), costs, epochs, jobs)
+    final = units()
+    spent = priced(final, costs, epochs, jobs)
     return Plan(budget, available, reserve_seconds(budget), tuple(
-        ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(units(), spent) if u[0][0] == m)) for m in order),
-        total())
+        ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(final, spent) if u[0][0] == m)) for m in order),
+        makespan(spent, jobs))
 
 
 def first_seed(units: list[tuple], costs: dict[str, Cost], epochs: dict[str, int], jobs: int) -> float:
     """Wall seconds until the first model's first seed ends: the :func:`makespan` of the units
-    that lead the dispatch order (``units``, tuples of ``(model, seed, fold)``) and hold it."""
+    that lead the dispatch order (``units``, tuples of ``(model, seed, fold)``) and hold any of
+    its members."""
     first = units[0][0][0] if units else None
-    mine = [u for u in units if all(k[0] == first and k[1] == 0 for k in u)]
+    mine = [u for u in units if any(k[0] == first and k[1] == 0 for k in u)]
     return makespan(priced(units, costs, epochs, jobs)[: len(mine)], jobs)
 
 

@@ -481,7 +481,8 @@ def _record(tmp: Path, s: ExportSettings, ws, saved: store.SavedBlend, nets: lis
         "data_fingerprint": comp.fingerprint, "folds_digest": ws.folds_digest, "n_train": int(len(comp.y_train)),
         "training_submission_sha256": saved.record.get("submission_sha256"),
         "runtime": {"eval_batch_size": runtime.eval_batch_size, "channels_last": runtime.channels_last},
-        "wheels": [w.name for w in wheels], "environment": environment(shipped(list(s.image), list(s.dependencies)) if s.wheels else []),
+        "wheels": [w.name for w in wheels],
+        "environment": environment(shipped(list(s.image), list(s.dependencies)) if s.wheels else []),
         "files": files,
     }
 

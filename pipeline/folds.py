@@ -112,6 +112,7 @@ def ensure_folds(cfg: DictConfig, labels: np.ndarray, data: str, groups: np.ndar
         return read_folds(path, labels, k)
     folds = make_folds(labels, k, seed, groups)
     write_folds(path, labels, folds)
-    how = "stratified" if groups is None else f"stratified, grouped by {cfg.folds.group}: {len(np.unique(groups))} groups"
+    how = ("stratified" if groups is None
+           else f"stratified, grouped by {cfg.folds.group}: {len(np.unique(groups))} groups")
     log.info("folds: wrote %s (%d folds, %s, seed %d)", path, k, how, seed)
     return folds

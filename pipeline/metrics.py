@@ -21,8 +21,9 @@ EPS = 1e-7
 
 @dataclass(frozen=True)
 class Score:
-    """OOF accuracy, log loss, (binary, both classes present) ROC AUC, else ``None``, balanced
-    accuracy and macro-F1 (``None`` where not computed)."""
+    """OOF accuracy, log loss, balanced accuracy and macro-F1 of the most probable class, and ROC
+    AUC (binary, both classes present). ``None``: not computed (ROC AUC of more classes; a score
+    recorded before the last two existed)."""
 
     accuracy: float
     log_loss: float

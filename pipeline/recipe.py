@@ -278,8 +278,9 @@ def screening_key(cfg: DictConfig, on: MeasuredOn) -> str:
     files and their decoding (the side only when fixed), the metric it scored by, the device kind
     it measured on (``on``), the folds (their grouping too), the base seed, the ``screen``
     settings but its time share, and the screened models' architectures and training settings
-    (the ensemble and augmentation only when fixed). Equal before and after :func:`apply_recipe`, so a rerun (another stage, a
-    larger budget after a complete screening) finds the same record."""
+    (the ensemble and augmentation only when fixed). Equal before and after
+    :func:`apply_recipe`, so a rerun (another stage, a larger budget after a complete screening)
+    finds the same record."""
     fixed = screen_fixed(cfg)
     data = {k: cfg.data.get(k) for k in ("dir", "format", "id_column", "label_column", "max_img_size",
                                           "resize", "channels", "metric")}

@@ -432,7 +432,8 @@ def _shift_part(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult
             f"cross-validated): ROC AUC <b>{shift.auc:.3f}</b> (0.5: indistinguishable). {verdict}</p>",
             f"<p>The submitted blend's OOF {metric} on those training rows: {plain:.5f}; weighted toward the test "
             f"(each row by the classifier's odds that it is a test image): <b>{weighted:.5f}</b>. The training rows "
-            f"that look most like the test: {', '.join(map(str, shift.most_test_like()))}.</p>"]
+            f"that look most like the test (0-based rows of train.csv): "
+            f"{', '.join(map(str, shift.most_test_like()))}.</p>"]
 
 
 def _split(ws: Workspace) -> str:
@@ -511,7 +512,8 @@ def _page(ws: Workspace, saved: store.SavedBlend, rows: list[dict], pngs: dict[s
         "<h1>kfold-stack report</h1>",
         f"<p>Data fingerprint <code>{html.escape(comp.fingerprint)}</code>, {len(comp.y_train)} train / "
         f"{len(comp.x_test)} test images ({comp.side}x{comp.side}x{comp.channels}), {comp.num_classes} classes, "
-        f"{int(blend['k'])} folds ({html.escape(_split(ws))}); metric <b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the "
+        f"{int(blend['k'])} folds ({html.escape(_split(ws))}); metric "
+        f"<b>{html.escape(blend.get('metric', 'accuracy'))}</b> picks the "
         f"submission. Every number is out-of-fold (OOF): no test label is used anywhere.</p>",
         "<h2>CV scores</h2>",
         _table(["", "OOF accuracy", "OOF log loss", *(["OOF ROC AUC"] if auc else []), "train minutes",

@@ -288,7 +288,9 @@ def _step_value(record: dict, metric: Metric) -> float:
 def rung_noise(n_val: int, p: float = 0.9) -> float:
     """The tolerance at a pruning rung: one standard error of a difference of two accuracies near
     ``p`` on ``n_val`` validation rows, ``sqrt(2 p (1 - p) / n_val)`` (no per-row predictions
-    exist mid-trial to pair; 0.014 at 0.9 on 900 rows)."""
+    exist mid-trial to pair; 0.014 at 0.9 on 900 rows). A rung compares validation accuracies,
+    except under ``data.metric=log_loss`` (minus the log loss: this figure is then a rough
+    stand-in of the same order)."""
     return math.sqrt(2 * p * (1 - p) / max(1, n_val))
 
 
@@ -344,9 +346,9 @@ def noise(rows: list[TrialRecord], n_val: int, metric: Metric,
     same rows: for accuracy the standard error of the mean per-row difference of correctness
     (the variance behind McNemar's test, McNemar 1947), for log loss that of the per-row
     difference of log losses, for ROC AUC, balanced accuracy and macro-F1 a paired bootstrap
-    (:data:`BOOTSTRAP` resamples of the rows). Without them: for accuracy ``sqrt(2 p (1 - p) / n_val)`` at the best accuracy ``p``
-    (two independent binomials: it overstates the noise of a paired comparison), 0 for another
-    metric."""
+    (:data:`BOOTSTRAP` resamples of the rows). Without them: for accuracy
+    ``sqrt(2 p (1 - p) / n_val)`` at the best accuracy ``p`` (two independent binomials: it
+    overstates the noise of a paired comparison), 0 for another metric."""
     done = [r for r in rows if r.state is TrialState.complete]
     if not done:
         return 0.0
@@ -365,7 +367,7 @@ def noise(rows: list[TrialRecord], n_val: int, metric: Metric,
     return math.sqrt(2 * p * (1 - p) / max(1, n_val))
 
 
-BOOTSTRAP = 200  # resamples of a paired bootstrap (ROC AUC)
+BOOTSTRAP = 200  # resamples of a paired bootstrap (ROC AUC, balanced accuracy, macro-F1)
 
 
 def paired_se(y: np.ndarray, a: np.ndarray, b: np.ndarray, metric: Metric, seed: int = 0) -> float:

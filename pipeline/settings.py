@@ -130,7 +130,7 @@ class RuntimeSettings:
 class FoldsSettings:
     k: int = _f(5, ge=2)
     seed: int = 42
-    group: Optional[str] = None # a train.csv column, or "folder" (folders layout): StratifiedGroupKFold
+    group: Optional[str] = None  # a train.csv column, or "folder" (folders layout): StratifiedGroupKFold
 
 
 @dataclass

@@ -127,9 +127,10 @@ def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str,
     scheduler will train (:func:`pipeline.budget.plan` with the scheduler's own grouping,
     :func:`~pipeline.train.probes.group_key`). Returns the record (no results yet), each
     model's measured cost, and the fusion decision with the unit seconds the scheduler checks
-    against the deadline; the first model's first seed (the submission) protected: never
-    dropped, stopped only half-way into the reserve. Raises ConfigError when even the smallest plan does not fit (one line
-    naming the budget that would)."""
+    against the deadline; the first model's first seed (the submission) protected: planned to
+    fit :data:`~pipeline.budget.FIRST_SEED_GUARD` times slower, never dropped, stopped only
+    half-way into the reserve. Raises ConfigError when even the smallest plan does not fit (one
+    line naming the budget that would)."""
     ws = step_ranges(ws, models)
     budget, rt = ws.settings.budget, ws.settings.runtime
     started = ws.settings.started

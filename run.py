@@ -6,8 +6,13 @@ Python's ``logging`` (Hydra shows it and writes it to the run's ``.log`` file). 
 file, and exit with code 2.
 """
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
+
+# config.yaml's search path names ./conf (your conf/competition/<name>.yaml); its absence is normal
+warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=conf is not available")
 
 
 @hydra.main(version_base="1.3", config_path="pipeline/conf", config_name="config")

@@ -8,8 +8,13 @@ code-competition notebook (``submit.ipynb``, :mod:`pipeline.submit`) runs
 It is ``run.py``'s entry point: the same config, the same dispatch, one-line user errors (exit 2).
 """
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
+
+# config.yaml's search path names ./conf (your conf/competition/<name>.yaml); its absence is normal
+warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=conf is not available")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

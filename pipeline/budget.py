@@ -1,13 +1,10 @@
 """A time budget (``budget=20m``): how many seeds and epochs each model gets, planned from costs
 measured on this machine so that the run fits, and the deadline it must not pass.
 
-The planner is a pure function of (budget, measured costs, ranges): :func:`plan`. Its policy,
-from what was measured (README, docs/results.md): a member's first epochs pay the most
-(``cnn_deotte`` on the digits: 7 epochs 0.99498, 8 epochs 0.99500), a second seed of the
-strongest model paid more (+0.0004 OOF) than a weak extra member, and a second network trained
-for half the epochs of the first cost it more than it added (fold 0 of the digits: ``resnet9``
-0.9948 after 4 epochs, 0.9956 after 8, ``cnn_deotte`` 0.9939 after 4; Fashion-MNIST and the
-animal silhouettes: the blend without the second network as good as with it). So, starting from
+The planner is a pure function of (budget, measured costs, ranges): :func:`plan`. Its policy
+follows what the measurements showed (docs/results.md, "a time budget"): a member's first epochs
+pay the most, a second seed of the strongest model pays more than a weak extra member, and a
+second network trained for half the epochs of the first costs it more than it adds. So, starting from
 the first model of ``ensemble`` (the strongest: the screening orders it by score) at its lowest
 seeds and epochs, with every model whose members already exist, it takes these steps in this
 fixed order, as long as the next one fits:

@@ -15,6 +15,8 @@ Everything below reads that copy and never writes it (OmegaConf refuses a write 
 from __future__ import annotations
 
 import copy
+from importlib import resources
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -65,6 +67,39 @@ def with_fixed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     with open_dict(out):
         out.screen.fixed = [*map(str, cfg.screen.fixed), *extra]
     return out
+
+
+def competition_overrides(name: str | None, sources: list[dict]) -> list[str]:
+    """The settings of ``competition=<name>``'s file as ``key=value`` overrides, so that what a
+    competition file sets counts as set by hand, as on the command line (:func:`with_fixed`).
+    ``sources``: Hydra's config sources in search order (``HydraConfig.get().runtime.config_sources``,
+    each ``{"path", "schema"}``); the first holding ``competition/<name>.yaml`` is read (values
+    unresolved: only the keys matter). ``name`` None: no competition, ``[]``.
+
+    Raises:
+        ConfigError: no config source holds ``competition/<name>.yaml``.
+    """
+    if not name:
+        return []
+    for source in sources:
+        if source.get("schema") == "file":
+            path = Path(str(source["path"])) / "competition" / f"{name}.yaml"
+        elif source.get("schema") == "pkg":
+            path = Path(str(resources.files(str(source["path"]).replace("/", ".")))) / "competition" / f"{name}.yaml"
+        else:
+            continue
+        if path.is_file():
+            flat = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            return [f"{k}={v}" for k, v in _flatten(flat)]
+    raise ConfigError(f"competition={name}: no conf/competition/{name}.yaml in the folder you run from "
+                      "or among the shipped ones")
+
+
+def _flatten(node: object, prefix: str = "") -> list[tuple[str, object]]:
+    """``{"a": {"b": 1}, "c": [2]}`` -> ``[("a.b", 1), ("c", [2])]``: dict keys joined by dots."""
+    if not isinstance(node, dict):
+        return [(prefix, node)]
+    return [kv for k, v in node.items() for kv in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def expand_pseudo_rounds(cfg: DictConfig) -> None:

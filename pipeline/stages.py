@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.config import prepare, with_fixed
+from pipeline.config import competition_overrides, prepare, with_fixed
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -184,15 +184,19 @@ def _log_to_files(message: str) -> None:
 def run_command(cfg: DictConfig) -> None:
     """The command line's run of ``cfg.stage`` (``run.py`` and ``python -m pipeline``): ``budget=``
     counts from the process's start (:func:`pipeline.budget.process_start`); the dimensions its
-    overrides set by hand are not screened (:func:`pipeline.config.with_fixed`); a user error
+    overrides and its ``competition=`` file set by hand are not screened (:func:`pipeline.config.with_fixed`); a user error
     (:class:`~pipeline.errors.PipelineError`) is written to the run's log file and as one line on
     stderr, and the process exits with code 2."""
     from hydra.core.hydra_config import HydraConfig
 
     from pipeline.budget import process_start
 
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     try:
+        overrides = []
+        if HydraConfig.initialized():  # a competition file's settings count as set by hand, as the command line's
+            runtime = HydraConfig.get().runtime
+            overrides = [*competition_overrides(runtime.choices.get("competition"), list(runtime.config_sources)),
+                         *HydraConfig.get().overrides.task]
         run_stage(with_fixed(cfg, overrides), started=process_start())
     except PipelineError as e:
         _log_to_files(f"error: {e}")

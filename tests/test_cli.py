@@ -93,9 +93,22 @@ def test_profiles_blend_several_members(tmp_path):
 
 
 @pytest.mark.slow
+def _competition_file(folder: Path, name: str, *settings: str) -> None:
+    """``folder/conf/competition/<name>.yaml``: ``settings`` (overrides) as a user's competition file."""
+    from omegaconf import OmegaConf
+
+    path = folder / "conf" / "competition" / f"{name}.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text("# @package _global_\n" + OmegaConf.to_yaml(OmegaConf.from_dotlist([s.lstrip("+") for s in settings])))
+
+
 def test_stage_all_end_to_end(tmp_path, digits_dir):
-    res = run_cli("stage=all", f"paths.root={tmp_path}", f"data.dir={digits_dir}",
-                  "ensemble=[cnn_keras,mlp]", *TINY, cwd=tmp_path)
+    """``stage=all`` through ``run.py`` with the competition's settings in the user's own
+    ``conf/competition/mine.yaml`` (nothing else on the command line), then ``stage=blend`` of the
+    same competition finds the same members and writes the same submission."""
+    _competition_file(tmp_path, "mine", f"paths.root={tmp_path}", f"data.dir={digits_dir}",
+                      "ensemble=[cnn_keras,mlp]", *TINY)
+    res = run_cli("competition=mine", "stage=all", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "blend: submissions/submission.csv =" in res.stdout + res.stderr
     logs = list((tmp_path / "logs" / "runs").glob("*/run.log"))  # Hydra's job log holds the run
@@ -106,6 +119,31 @@ def test_stage_all_end_to_end(tmp_path, digits_dir):
     assert len(list((tmp_path / "folds").glob("folds_k2_seed42_*.csv"))) == 1
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["blend", "cnn_keras", "mlp", "report"]
     assert (tmp_path / "artifacts" / "report" / "index.html").exists()  # stage=all ends with the report
+    again = run_cli("competition=mine", "stage=blend", cwd=tmp_path)
+    assert again.returncode == 0 and "train:" not in again.stdout + again.stderr, again.stderr[-2000:]
+    assert pd.read_csv(tmp_path / "submissions" / "submission.csv").equals(sub)
+
+
+def test_a_competition_files_settings_count_as_set_by_hand(tmp_path):
+    """What a competition file sets is trained as set (``screen.fixed``), like the command line's;
+    the shipped competitions compose and pass every check."""
+    from pipeline.config import competition_overrides, validate, with_fixed
+    from pipeline.errors import ConfigError
+
+    _competition_file(tmp_path, "mine", "data.dir=/x", "data.img_size=64", "ensemble=[resnet9]")
+    sources = [{"path": "pkg.absent", "schema": "structured"}, {"path": str(tmp_path / "conf"), "schema": "file"}]
+    overrides = competition_overrides("mine", sources)
+    assert sorted(overrides) == ["data.dir=/x", "data.img_size=64", "ensemble=['resnet9']"]
+    cfg = with_fixed(compose_cfg(tmp_path, ["profile=quick"]), overrides)
+    assert set(cfg.screen.fixed) == {"side", "arch"}
+    assert competition_overrides(None, sources) == []
+    with pytest.raises(ConfigError, match="competition=theirs: no conf/competition/theirs.yaml"):
+        competition_overrides("theirs", sources)
+    for name in _options("competition"):
+        cfg = compose_cfg(tmp_path, [f"competition={name}"])
+        validate(cfg)
+        assert cfg.folds.k == 5 and not with_fixed(cfg, competition_overrides(name, [
+            {"path": str(CONF_DIR), "schema": "file"}])).screen.fixed  # data and folds only: nothing fixed
 
 
 # A user error: (the command's arguments, what its one line must say).

@@ -1,6 +1,8 @@
-"""Training numerics: one step, prediction, batches, and the fit loop of one member.
+"""Training numerics: one step, prediction, batches, and the one epoch loop of a unit of training.
 
-The fit loop trains a member on every fold but its own with AdamW and a one-cycle LR schedule
+A unit is M members that train together (:class:`Unit`): a member alone (:class:`MemberUnit`) or
+a fused group of a model's members (:class:`pipeline.train.fused.GroupLoop`); :func:`run_epochs`
+trains either. The fit loop trains a member on every fold but its own with AdamW and a one-cycle LR schedule
 (Smith & Topin 2017, ``OneCycleLR``), validates on its fold after every ``runtime.val_every``-th
 epoch and after the last, and keeps the final-epoch weights (no early stopping on the OOF fold, so
 the OOF score stays honest), or an average of the weights, EMA or SWA
@@ -15,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -37,9 +39,9 @@ from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
 from pipeline.members import MemberKey
 from pipeline.train.resume import ResumeState, read_state, rng_state, set_rng_state
-from pipeline.device import (autocast, configure_numerics, device_name, grad_scaler, peak_memory_mb,
-                             resolve_precision, select_device, use_device)
-from pipeline.train.runtime import num_workers, seed_everything
+from pipeline.device import (ImagePlacement, autocast, configure_numerics, device_name, grad_scaler, image_placement,
+                             peak_memory_mb, resolve_precision, select_device, use_device)
+from pipeline.train.runtime import fold_jobs, num_workers, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +250,26 @@ def member_parts(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, device: t
     batches. Raises ConfigError when the batch size exceeds the rows."""
     seed_everything(spec.training_seed)
     data = training_set(comp, tr_idx, pseudo)
+    place = placement(spec, comp, len(data.rows), device)
+    (log.info if place.streamed else log.debug)("train: %s: %s", spec.key, place.describe())
     batches = make_batches(data, spec.train.batch_size, device, spec.aug, spec.training_seed,
-                           num_workers(spec.runtime.num_workers, device))
+                           num_workers(spec.runtime.num_workers, device), stream=place.streamed)
     if len(batches) == 0:
         raise ConfigError(f"{spec.key}: train.batch_size={spec.train.batch_size} is larger than the "
                           f"{len(data.rows)} training rows of the fold")
     return batches, member_model(spec, comp, device)
+
+
+def placement(spec: FitSpec, comp: Competition, rows: int, device: torch.device) -> ImagePlacement:
+    """Where a member's ``rows`` training images of ``comp`` live (``runtime.stream``,
+    :func:`pipeline.device.image_placement`): its share of the device's memory is
+    ``runtime.memory_share`` of what is available, divided by the members training side by side
+    on that device (``runtime.fold_jobs``)."""
+    jobs = fold_jobs(spec.runtime.fold_jobs, device, 1 << 30)
+    per_device = math.ceil(jobs / max(1, torch.cuda.device_count() if device.type == "cuda" and device.index is None
+                                      else 1))
+    image_bytes = rows * int(np.prod(comp.x_train.shape[1:])) * comp.x_train.dtype.itemsize
+    return image_placement(image_bytes, device, spec.runtime.stream, spec.runtime.memory_share, per_device)
 
 
 def member_model(spec: FitSpec, comp: Competition, device: torch.device) -> nn.Module:
@@ -383,12 +399,6 @@ def loop_state(loop: TrainingLoop, cache_key: str, epoch: int, seconds: float) -
                        loop.history, seconds, rng_state(loop.device),
                        avg.average.state_dict() if avg is not None else None, avg.kind if avg is not None else None,
                        loop.scaler.state_dict() if loop.scaler is not None else None)
-
-
-def save_state(loop: TrainingLoop, cache_key: str, path: Path, epoch: int, seconds: float) -> None:
-    """Write ``loop``'s end-of-epoch state (:func:`loop_state`; no pickle) for ``cache_key`` to
-    ``path`` (a temp file renamed, :func:`pipeline.train.resume.save_resume`)."""
-    loop_state(loop, cache_key, epoch, seconds).save(path)
 
 
 def train_mode(model: nn.Module, spec: FitSpec, epoch: int) -> None:
@@ -542,8 +552,13 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     if (resume_path is not None and resume_path.exists()
             and not resume_from(loop, spec.cache_key, str(spec.key), resume_path)):
         loop = setup_loop(spec, comp, tr_idx, pseudo)
-    views = _run_epochs(loop, spec, comp.x_train[va_idx], comp.y_train[va_idx], t0, on_epoch, resume_path,
-                        len(comp.x_test) if predict_test else 0)
+    unit, _, views, failed = run_epochs(MemberUnit(spec, loop), comp, folds, t0,
+                                        None if on_epoch is None else lambda e, records: on_epoch(e, records[0]),
+                                        {spec.key: resume_path} if resume_path is not None else None,
+                                        len(comp.x_test) if predict_test else 0)
+    if unit is None:
+        raise failed[0].error()
+    views = views[0]
     test = average_views(predict_member(loop, spec, comp.x_test, tta=True)) if predict_test else None
     metrics = member_metrics(loop, spec, views, comp.x_train[va_idx], comp.y_train[va_idx], t0)
     metrics |= {"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
@@ -552,44 +567,168 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
     return FitResult(weights, average_views(views), va_idx.astype(np.int64), test, metrics)
 
 
-def _run_epochs(loop: TrainingLoop, spec: FitSpec, x_val: np.ndarray, y_val: np.ndarray, t0: float,
-                on_epoch: EpochCallback | None, resume_path: Path | None, n_test: int = 0) -> np.ndarray:
-    """The epochs left of ``loop``, each recorded (validated every ``runtime.val_every``-th and
-    the last) and checkpointed; returns the final ``(V, n_val, C)`` OOF probabilities per
-    test-time view (the last epoch's validation is their identity view). Raises PipelineError
-    when the loss becomes NaN/inf (the checkpoint is removed), and :class:`DeadlineReached` after an
-    epoch's checkpoint when the next epoch and the final prediction (of the fold and ``n_test``
-    test images) would end after ``spec.deadline``."""
-    views = None
-    for epoch in range(loop.start, loop.epochs + 1):
+@dataclass(frozen=True)
+class MemberFailed:
+    """A member whose training diverged; the other members of its unit went on.
+
+    Attributes:
+        key: the member.
+        epoch: the epoch (1-based) after which it left.
+        reason: one line naming the member, the epoch and what to try (the message of
+            :meth:`error`). Its ``resume.pt`` was removed; nothing of it is cached.
+    """
+
+    key: MemberKey
+    epoch: int
+    reason: str
+
+    def error(self) -> PipelineError:
+        """The project's one-line user error for it."""
+        return PipelineError(self.reason)
+
+
+class Unit(Protocol):
+    """A unit of training: M members that train together, epoch by epoch, in :func:`run_epochs`.
+    A member alone is a unit of one (:class:`MemberUnit`); a fused group of M members
+    (:class:`pipeline.train.fused.GroupLoop`) is a unit of M. Lists are per member, in order."""
+
+    specs: list[FitSpec]
+    loop: TrainingLoop
+
+    @property
+    def name(self) -> str:
+        """For log lines and errors."""
+
+    @property
+    def histories(self) -> list[list]:
+        """Each member's epoch records so far (appended to in place)."""
+
+    def train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
+        """One epoch (1-based): each member's mean train loss (non-finite when it diverged) and accuracy."""
+
+    def leavers(self, losses: list[float], epoch: int) -> dict[int, str]:
+        """The members that must leave after ``epoch``: index -> one-line reason."""
+
+    def without(self, comp: Competition, leave: dict[int, str], epoch: int,
+                paths: dict[MemberKey, Path] | None) -> tuple["Unit | None", list[MemberFailed]]:
+        """The unit without the members ``leave`` names (their checkpoints removed), None when none is left."""
+
+    def validate(self, comp: Competition, val_rows: list[np.ndarray]) -> list[np.ndarray]:
+        """Each member's ``(n_val, C)`` float32 probabilities of its validation rows, mid-training."""
+
+    def split(self, comp: Competition) -> list[TrainingLoop]:
+        """Each member as its own loop, which predicts exactly as its checkpoint will."""
+
+    def states(self, epoch: int, seconds: float) -> list[ResumeState]:
+        """Each member's own end-of-epoch state (its ``resume.pt``)."""
+
+
+@dataclass
+class MemberUnit:
+    """A member trained alone: a :class:`Unit` of one (its network is the member's own)."""
+
+    spec: FitSpec
+    loop: TrainingLoop
+
+    @property
+    def specs(self) -> list[FitSpec]:
+        return [self.spec]
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.key)
+
+    @property
+    def histories(self) -> list[list]:
+        return [self.loop.history]
+
+    def train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
+        loss, acc = train_epoch(self.loop, self.spec, epoch)
+        return [loss], [acc]
+
+    def leavers(self, losses: list[float], epoch: int) -> dict[int, str]:
+        if math.isfinite(losses[0]):
+            return {}
+        return {0: f"{self.spec.key}: training loss became {losses[0]} in epoch {epoch}; "
+                   f"nothing was cached (try a lower train.lr)"}
+
+    def without(self, comp, leave, epoch, paths):
+        if paths is not None:
+            paths[self.spec.key].unlink(missing_ok=True)
+        return None, [MemberFailed(self.spec.key, epoch, leave[0])]
+
+    def validate(self, comp: Competition, val_rows: list[np.ndarray]) -> list[np.ndarray]:
+        return [predict_member(self.loop, self.spec, comp.x_train[val_rows[0]])]
+
+    def split(self, comp: Competition) -> list[TrainingLoop]:
+        return [self.loop]
+
+    def states(self, epoch: int, seconds: float) -> list[ResumeState]:
+        return [loop_state(self.loop, self.spec.cache_key, epoch, seconds)]
+
+
+def run_epochs(unit: Unit, comp: Competition, folds: np.ndarray, t0: float,
+               on_epoch: Callable[[int, list[dict]], None] | None, paths: dict[MemberKey, Path] | None,
+               n_test: int = 0) -> tuple[Unit | None, list[TrainingLoop], list[np.ndarray], list[MemberFailed]]:
+    """The one epoch loop: the epochs left of ``unit`` (a member alone or a fused group), each
+    member's epoch recorded (validated every ``runtime.val_every``-th epoch and the last) and
+    checkpointed to ``paths`` (each member's ``resume.pt``); ``on_epoch(epoch, records)`` after
+    each, with the records of the members still training. A member that diverges leaves
+    (:meth:`Unit.leavers`, :meth:`Unit.without`).
+
+    Returns ``(unit, loops, views, failed)``: the unit that finished (None when no member did),
+    its members' final loops (:meth:`Unit.split`), each one's final ``(V, n_val, C)`` OOF
+    probabilities per test-time view, and the members that left. ``t0``: ``time.perf_counter()``
+    at the fit's start (seconds are counted from it after the checkpoints' own).
+
+    Raises:
+        DeadlineReached: after an epoch's checkpoints, when the next epoch and the final
+            predictions (the folds and ``n_test`` test images in every view) would end after the
+            members' ``deadline``; or mid-epoch when the deadline came.
+    """
+    failed, loops, views, epoch = [], None, None, unit.loop.start
+    while epoch <= unit.loop.epochs:
         te = time.perf_counter()
-        train_loss, train_acc = train_epoch(loop, spec, epoch)
+        losses, accs = unit.train_epoch(epoch)
         train_seconds = time.perf_counter() - te
-        if not math.isfinite(train_loss):
-            if resume_path is not None:
-                resume_path.unlink(missing_ok=True)
-            raise PipelineError(f"{spec.key}: training loss became {train_loss} in epoch {epoch}; "
-                                f"nothing was cached (try a lower train.lr)")
-        val = None
-        if epoch == loop.epochs:
-            views = predict_member(loop, spec, x_val, tta=True)
-            val = views[0]
-        elif epoch % spec.runtime.val_every == 0:
-            val = predict_member(loop, spec, x_val)
-        record = epoch_record(epoch, train_loss, train_acc, val, y_val,
-                               float(loop.sched.get_last_lr()[0]), time.perf_counter() - te)
-        loop.history.append(record)
-        if resume_path is not None:
-            save_state(loop, spec.cache_key, resume_path, epoch, loop.seconds_before + time.perf_counter() - t0)
+        leave = unit.leavers(losses, epoch)
+        if leave:
+            keep = [m for m in range(len(losses)) if m not in leave]
+            losses, accs = [losses[m] for m in keep], [accs[m] for m in keep]
+            unit, gone = unit.without(comp, leave, epoch, paths)
+            failed += gone
+            if unit is None:
+                return None, [], [], failed
+        loop, lead = unit.loop, unit.specs[0]
+        val_rows = [np.flatnonzero(folds == s.key.fold) for s in unit.specs]
+        vals: list = [None] * len(unit.specs)
+        if epoch == loop.epochs:  # each member predicts its OOF exactly as its checkpoint will (stage=predict)
+            loops = unit.split(comp)
+            views = [predict_member(m, s, comp.x_train[rows], tta=True) for m, s, rows in zip(loops, unit.specs, val_rows)]
+            vals = [v[0] for v in views]
+        elif epoch % lead.runtime.val_every == 0:
+            vals = unit.validate(comp, val_rows)
+        seconds, lr = time.perf_counter() - te, float(loop.sched.get_last_lr()[0])
+        records = [epoch_record(epoch, losses[m], accs[m], vals[m], comp.y_train[val_rows[m]], lr, seconds)
+                   for m in range(len(unit.specs))]
+        for history, record in zip(unit.histories, records):
+            history.append(record)
+        if paths is not None:
+            for spec, state in zip(unit.specs, unit.states(epoch, loop.seconds_before + time.perf_counter() - t0)):
+                state.save(paths[spec.key])
         if on_epoch is not None:
-            on_epoch(epoch, record)
+            on_epoch(epoch, records)
         if epoch < loop.epochs:
-            left = images_left(epoch, loop.epochs, spec.runtime.val_every, len(x_val), n_test, len(tta_views(spec.tta)))
-            check_deadline(spec.deadline, train_seconds, len(loop.batches) * spec.train.batch_size, left,
-                           str(spec.key), spec.predict_seconds_per_image)
-    if views is None:  # resumed from a checkpoint written after the last epoch
-        views = predict_member(loop, spec, x_val, tta=True)
-    return views
+            left = sum(images_left(epoch, loop.epochs, lead.runtime.val_every, len(rows), n_test,
+                                   len(tta_views(lead.tta))) for rows in val_rows)
+            check_deadline(lead.deadline, train_seconds, len(unit.specs) * len(loop.batches) * lead.train.batch_size,
+                           left, unit.name, lead.predict_seconds_per_image)
+        epoch += 1
+    if views is None:  # resumed from checkpoints written after the last epoch
+        loops = unit.split(comp)
+        views = [predict_member(m, s, comp.x_train[np.flatnonzero(folds == s.key.fold)], tta=True)
+                 for m, s in zip(loops, unit.specs)]
+    return unit, loops, views, failed
 
 
 def member_metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

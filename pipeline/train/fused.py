@@ -29,7 +29,7 @@ members whose states stopped after the same epoch train as one group, others as 
 
 **A member that diverges leaves.** Its damage stays in its own tensors (every layer keeps members
 apart), so after an epoch in which its loss became NaN/inf it leaves the group (its checkpoint
-removed; :class:`MemberFailed`) and the others continue as a group rebuilt from their states. With
+removed; :class:`~pipeline.train.engine.MemberFailed`) and the others continue as a group rebuilt from their states. With
 fp16 one member's overflow makes ``GradScaler`` skip the step of all: each epoch's skipped steps
 are counted on the device, logged with the members that overflowed, and a member that overflows
 on :data:`OVERFLOW_SHARE` of the steps of :data:`OVERFLOW_EPOCHS` epochs in a row leaves the same
@@ -50,7 +50,6 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pipeline.augment import tta_views
 from pipeline.data import Competition
 from pipeline.device import configure_numerics, select_device, use_device
 from pipeline.errors import PipelineError
@@ -58,9 +57,9 @@ from pipeline.fusion import fusable, fuse, fuse_like, fuse_optimizers, split, sp
 from pipeline.members import MemberKey
 from pipeline.models import create_model
 from pipeline.train.batches import GroupBatches, training_set
-from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, TrainingLoop, apply_state, check_deadline,
-                                   epoch_record, fresh_model, images_left, loop_state, member_losses, member_metrics,
-                                   member_model, optimisation, predict_member, seconds_per_step, train_step)
+from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, MemberFailed, TrainingLoop, apply_state,
+                                   fresh_model, loop_state, member_losses, member_metrics, member_model, optimisation,
+                                   predict_member, run_epochs, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model, predict_group_probs
 from pipeline.train.resume import ResumeState, read_state
 from pipeline.train.runtime import seed_everything
@@ -79,26 +78,6 @@ def can_fuse(spec: FitSpec, comp: Competition) -> bool:
     if spec.runtime.compile:
         return False
     return fusable(create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs))
-
-
-@dataclass(frozen=True)
-class MemberFailed:
-    """A member that left its fused group because its training diverged; the others went on.
-
-    Attributes:
-        key: the member.
-        epoch: the epoch (1-based) after which it left.
-        reason: one line naming the member, the epoch and what to try (the message of
-            :meth:`error`). Its ``resume.pt`` was removed; nothing of it is cached.
-    """
-
-    key: MemberKey
-    epoch: int
-    reason: str
-
-    def error(self) -> PipelineError:
-        """The project's one-line user error for it (what an unfused member raises when it diverges)."""
-        return PipelineError(self.reason)
 
 
 @dataclass
@@ -133,6 +112,32 @@ class GroupLoop:
     def name(self) -> str:
         """``<model> fused group of M`` (for log lines)."""
         return f"{self.specs[0].key.model} fused group of {len(self.specs)}"
+
+    # the unit of training (pipeline.train.engine.Unit) that run_epochs trains
+    @property
+    def histories(self) -> list[list]:
+        return self.loop.history
+
+    def train_epoch(self, epoch: int) -> tuple[list[float], list[float]]:
+        return group_epoch(self, epoch)
+
+    def leavers(self, losses: list[float], epoch: int) -> dict[int, str]:
+        return _leavers(self, losses, epoch)
+
+    def without(self, comp, leave, epoch, paths):
+        return _without(self, comp, leave, epoch, paths)
+
+    def validate(self, comp: Competition, val_rows: list[np.ndarray]) -> list[np.ndarray]:
+        """Through the fused network in eval mode: one forward for all members."""
+        lead = self.specs[0]
+        return predict_group_probs(self.loop.predictor, [comp.x_train[rows] for rows in val_rows], self.loop.device,
+                                   lead.runtime, lead.precision)
+
+    def split(self, comp: Competition) -> list[TrainingLoop]:
+        return member_loops(self, comp)
+
+    def states(self, epoch: int, seconds: float) -> list[ResumeState]:
+        return group_states(self, epoch, seconds)
 
 
 def setup_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, pseudo: list | None = None) -> GroupLoop:
@@ -374,8 +379,7 @@ def _fit_cohort(specs: list[FitSpec], states: list, comp: Competition, folds: np
             log.warning("train: %s: ignoring its members' resume states, which do not fit it (%s: %s); "
                         "starting over", g.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             g = setup_group(specs, comp, folds, [rows[s.key] for s in specs])
-    g, loops, views, failed = _run_group_epochs(g, comp, folds, t0, on_epoch, paths,
-                                                len(comp.x_test) if predict_test else 0)
+    g, loops, views, failed = run_epochs(g, comp, folds, t0, on_epoch, paths, len(comp.x_test) if predict_test else 0)
     out: dict[MemberKey, FitResult | MemberFailed] = {f.key: f for f in failed}
     if g is None:
         return out
@@ -390,64 +394,6 @@ def _fit_cohort(specs: list[FitSpec], states: list, comp: Competition, folds: np
         weights = member.average.module if member.average is not None else member.model
         out[spec.key] = FitResult(weights, average_views(view), val.astype(np.int64), test, metrics)
     return out
-
-
-def _run_group_epochs(g: GroupLoop, comp: Competition, folds: np.ndarray, t0: float, on_epoch,
-                      paths: dict[MemberKey, Path] | None, n_test: int = 0):
-    """The epochs left of the group, each member's epoch recorded (validated every
-    ``runtime.val_every``-th epoch and the last, with its split-out model) and checkpointed
-    (:func:`group_states`, to ``paths``); members that diverge leave (:func:`_leavers`,
-    :func:`_without`). Returns ``(group, loops, views, failed)``: the group that finished (None
-    when none did), its members' final loops (:func:`member_loops`), each one's final ``(V,
-    n_val, C)`` OOF probabilities per test-time view, and the members that left. Raises
-    :class:`~pipeline.train.engine.DeadlineReached` (after the epoch's checkpoints) when the next
-    epoch and the final predictions would end after the members' deadline."""
-    failed, members, views, epoch = [], None, None, g.loop.start
-    while epoch <= g.loop.epochs:
-        te = time.perf_counter()
-        losses, accs = group_epoch(g, epoch)
-        train_seconds = time.perf_counter() - te
-        leave = _leavers(g, losses, epoch)
-        if leave:
-            keep = [m for m in range(len(losses)) if m not in leave]
-            losses, accs = [losses[m] for m in keep], [accs[m] for m in keep]
-            g, gone = _without(g, comp, leave, epoch, paths)
-            failed += gone
-            if g is None:
-                return None, [], [], failed
-        loop, lead = g.loop, g.specs[0]
-        val_rows = [np.flatnonzero(folds == s.key.fold) for s in g.specs]
-        last, validate = epoch == loop.epochs, epoch % lead.runtime.val_every == 0
-        vals: list = [None] * len(g.specs)
-        if last:  # split once: each member predicts its OOF exactly as its checkpoint will (stage=predict)
-            members = member_loops(g, comp)
-            views = [predict_member(member, spec, comp.x_train[rows], tta=True)
-                     for member, spec, rows in zip(members, g.specs, val_rows)]
-            vals = [v[0] for v in views]
-        elif validate:  # through the fused network in eval mode: one forward for all members
-            vals = predict_group_probs(loop.predictor, [comp.x_train[rows] for rows in val_rows], loop.device,
-                                       lead.runtime, lead.precision)
-        seconds, lr = time.perf_counter() - te, float(loop.sched.get_last_lr()[0])
-        records = [epoch_record(epoch, losses[m], accs[m], vals[m], comp.y_train[val_rows[m]], lr, seconds)
-                   for m in range(len(g.specs))]
-        for history, record in zip(loop.history, records):
-            history.append(record)
-        if paths is not None:
-            for spec, state in zip(g.specs, group_states(g, epoch, loop.seconds_before + time.perf_counter() - t0)):
-                state.save(paths[spec.key])
-        if on_epoch is not None:
-            on_epoch(epoch, records)
-        if epoch < loop.epochs:
-            left = sum(images_left(epoch, loop.epochs, lead.runtime.val_every, len(rows), n_test,
-                                   len(tta_views(lead.tta))) for rows in val_rows)
-            check_deadline(lead.deadline, train_seconds, len(g.specs) * len(g.batches) * lead.train.batch_size,
-                           left, g.name, lead.predict_seconds_per_image)
-        epoch += 1
-    if views is None:  # resumed from checkpoints written after the last epoch
-        members = member_loops(g, comp)
-        views = [predict_member(member, spec, comp.x_train[np.flatnonzero(folds == spec.key.fold)], tta=True)
-                 for member, spec in zip(members, g.specs)]
-    return g, members, views, failed
 
 
 def seconds_per_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, steps: int = 5,

@@ -100,7 +100,7 @@ def train_group(ws: Workspace, keys: list[MemberKey], runtime: RuntimeSettings |
     (:meth:`~pipeline.train.probes.FuseChoice.group_runtime`), its predictions counted against
     ``deadline`` at ``predict_s`` seconds per image when timed, each member continuing its own
     ``resume.pt`` if any; write every member's ordinary files, record them verified and return
-    their metrics, in order, or a :class:`~pipeline.train.fused.MemberFailed` for a member that
+    their metrics, in order, or a :class:`~pipeline.train.engine.MemberFailed` for a member that
     diverged and left the group (the others trained on). A group that runs out of GPU memory is
     halved, each half continuing from its members' end-of-epoch checkpoints (one log line).
     Raises DeadlineReached (every member's checkpoint stays)."""

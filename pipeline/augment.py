@@ -550,3 +550,53 @@ class DeviceBatches:
         for i in range(len(self)):
             idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.augment(self.x[idx].float().div_(255)), self.y[idx]
+
+
+class StreamedBatches:
+    """:class:`DeviceBatches` for images that do not fit the device: the same epochs (one
+    ``randperm`` of the rows on the device's generator, cut into slices; the same augmentation
+    after), but each batch's images are gathered from host memory (the decoded cache, a memory
+    map: only the rows of the batch are read) by a background thread, pinned on CUDA and copied
+    without blocking, ``prefetch`` batches ahead of the step that uses them. On the CPU it yields
+    exactly what :class:`DeviceBatches` yields for the same seed.
+
+    Args:
+        images: ``(N, C, S, S)`` uint8, any array-like indexable by an int array (a memory map,
+            :class:`pipeline.train.batches.StackedImages`); not copied.
+        rows: ``(R,)`` int64, the rows of ``images`` to train on; labels: ``(R,)`` int64 or
+            ``(R, C)`` float32 soft targets (one per row of ``rows``), copied to the device.
+        batch_size, device, aug_cfg, seed: as :class:`DeviceBatches`; prefetch: batches gathered ahead.
+    Iterating yields ``(x (B, C, S, S) float32, y)`` on ``device``.
+    """
+
+    def __init__(self, images, rows: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                 aug_cfg, seed: int, prefetch: int = 2):
+        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+        self.y = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+        self.batch_size, self.device, self.prefetch = batch_size, device, max(1, prefetch)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.augment = batch_augment_from_cfg(aug_cfg, self.generator)
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def _gather(self, picks: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.images[self.rows[picks]]))
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        perm = torch.randperm(len(self.rows), device=self.device, generator=self.generator)
+        order, b, n = perm.cpu().numpy(), self.batch_size, len(self)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+            ahead = deque(pool.submit(self._gather, order[i * b:(i + 1) * b]) for i in range(min(self.prefetch, n)))
+            for i in range(n):
+                x = ahead.popleft().result()
+                if i + self.prefetch < n:
+                    j = i + self.prefetch
+                    ahead.append(pool.submit(self._gather, order[j * b:(j + 1) * b]))
+                yield self.augment(x.float().div_(255)), self.y[perm[i * b:(i + 1) * b]]

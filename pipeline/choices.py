@@ -75,6 +75,17 @@ class LockMode(str, Enum):
     skip = "skip"
 
 
+class StreamMode(str, Enum):
+    """``runtime.stream``: where a member's training images live. ``auto``: on the training
+    device when they fit its share of memory (``runtime.memory_share``), else gathered per step
+    from the decoded cache (a memory map) and prefetched; ``on``: always gathered; ``off``: always
+    on the device."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class FuseMode(str, Enum):
     """``runtime.fuse``: train a model's pending members (folds x seeds) as one fused network
     (:mod:`pipeline.fusion`): ``auto`` on CUDA (and on the CPU where the benchmark found it

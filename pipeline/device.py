@@ -9,6 +9,7 @@ is part of each member's cache key.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -196,3 +197,59 @@ def group_memory_limit(member_bytes: float, free_bytes: float, processes: int,
     if member_bytes <= 0:
         return 1 << 30
     return max(1, int(share * free_bytes / max(1, processes) // member_bytes))
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Bytes that new tensors may take on ``device`` now: on CUDA the free memory
+    (``torch.cuda.mem_get_info``), on the CPU the kernel's ``MemAvailable`` (``/proc/meminfo``;
+    elsewhere the free pages, ``os.sysconf``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+@dataclass(frozen=True)
+class ImagePlacement:
+    """Where one member's training images live (``runtime.stream``).
+
+    Attributes:
+        streamed: True: gathered per step from host memory (the decoded cache, a memory map) and
+            prefetched; False: one copy on the training device for the whole fit.
+        images_bytes: the member's training images (uint8), in bytes.
+        limit_bytes: its share of the device's memory: ``runtime.memory_share`` of what is
+            available there, divided by the members training side by side on it (None when
+            ``runtime.stream`` decided without measuring).
+    """
+
+    streamed: bool
+    images_bytes: int
+    limit_bytes: int | None
+
+    def describe(self) -> str:
+        """One line: the choice and both sizes."""
+        where = "streamed from the decoded cache" if self.streamed else "on the device"
+        share = f" against a share of {_size(self.limit_bytes)}" if self.limit_bytes is not None else ""
+        return f"{_size(self.images_bytes)} of training images{share}: {where}"
+
+
+def _size(n: int) -> str:
+    """``n`` bytes as ``1.23 GiB`` or ``4.5 MiB``."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def image_placement(images_bytes: int, device: torch.device, mode: str, share: float, processes: int) -> ImagePlacement:
+    """Whether a member's ``images_bytes`` of training images go on ``device`` whole or are
+    streamed (:class:`ImagePlacement`): ``mode`` ``on`` / ``off`` force it; ``auto`` streams
+    when they exceed ``share`` of :func:`available_memory_bytes` split among ``processes``
+    training side by side on the device."""
+    if mode in ("on", "off"):
+        return ImagePlacement(mode == "on", int(images_bytes), None)
+    limit = int(share * available_memory_bytes(device) / max(1, processes))
+    return ImagePlacement(images_bytes > limit, int(images_bytes), limit)

@@ -31,6 +31,7 @@ from pipeline.choices import (  # noqa: F401 - the schema's enums, importable fr
     HeadInit,
     LockMode,
     FuseMode,
+    StreamMode,
     Pruner,
     Metric,
     BlendMethod,
@@ -124,6 +125,8 @@ class RuntimeSettings:
     val_every: int = _f(1, ge=1)   # validate on the fold every N epochs and after the last (history)
     fuse: FuseMode = FuseMode.auto  # fused members (pipeline/fusion.py): auto | on | off
     fuse_max: int = _f(15, ge=1)    # members per fused group at most
+    stream: StreamMode = StreamMode.auto  # a member's images: on the device if they fit, else streamed
+    memory_share: float = _f(0.5, gt=0, le=1)  # of available memory, split among side-by-side processes
 
 
 @dataclass

@@ -91,16 +91,19 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_batches(data: TrainingSet, batch_size: int, device: torch.device, aug: AugSettings | DictConfig,
-                 seed: int, workers: int = 0):
+                 seed: int, workers: int = 0, stream: bool = False):
     """The training batches of one member over ``data`` (:func:`training_set`), for ``aug.backend``.
 
     ``torch``: :class:`pipeline.augment.DeviceBatches` (the rows copied to the device as uint8,
-    batched augmentation). ``albumentations``: a shuffling ``DataLoader`` over per-sample
+    batched augmentation), or with ``stream`` :class:`pipeline.augment.StreamedBatches` (each
+    batch's rows gathered from ``data.images`` and prefetched; the same batches on the CPU). ``albumentations``: a shuffling ``DataLoader`` over per-sample
     transforms with ``workers`` processes, reading the images (a memory map, for image layouts)
     one row at a time, so a set larger than RAM trains. Both drop the last incomplete batch and
     yield ``(x (B, C, S, S) float32, y)``: ``y`` is ``(B,)`` int64, or ``(B, C)`` float32 with soft
     pseudo-labels.
     """
+    if AugBackend(aug.backend) is AugBackend.torch and stream:
+        return augment.StreamedBatches(data.images, data.rows, data.labels[data.rows], batch_size, device, aug, seed)
     if AugBackend(aug.backend) is AugBackend.torch:
         return augment.DeviceBatches(data.images[data.rows], data.labels[data.rows], batch_size, device, aug, seed)
     transform = augment.transform_from_cfg(aug)

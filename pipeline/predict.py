@@ -233,8 +233,9 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
 
 
 def run(cfg: DictConfig, ws=None) -> list[dict]:
-    """Stage ``predict``: print, per image, the predicted label and the top-``predict.top_k``
-    probabilities; with ``predict.output=FILE.csv`` also write them. Returns one dict per image
+    """Stage ``predict``: print, per image, the predicted label (the submission's decision: the
+    argmax, or with a balanced-accuracy / macro-F1 blend the argmax of the probabilities times its
+    per-class weights) and the top-``predict.top_k`` probabilities; with ``predict.output=FILE.csv`` also write them. Returns one dict per image
     (``file``, ``label``, ``top``: ``[(class name, probability), ...]``).
 
     Raises:
@@ -251,11 +252,13 @@ def run(cfg: DictConfig, ws=None) -> list[dict]:
     results = []
     log.info("predict: %d image(s), ensemble %s, blend '%s'", len(files), "+".join(saved.members),
              saved.best.value)
-    for f, p in zip(files, probs):
+    weights = saved.decision_weights()  # balanced accuracy / macro-F1: the submission's per-class weights
+    decided = (probs * weights if weights is not None else probs).argmax(1)
+    for f, p, label in zip(files, probs, decided):
         order = np.argsort(-p)[:top_k]
         top = [(names[c], float(p[c])) for c in order]
-        results.append({"file": str(f), "label": top[0][0], "top": top})
-        log.info("%s: %s  (%s)", f, top[0][0], ", ".join(f"{c}: {q:.3f}" for c, q in top))
+        results.append({"file": str(f), "label": names[label], "top": top})
+        log.info("%s: %s  (%s)", f, names[label], ", ".join(f"{c}: {q:.3f}" for c, q in top))
     if cfg.predict.output:
         import pandas as pd
 

@@ -217,7 +217,7 @@ def test_predict_refuses_a_member_retrained_after_the_blend(blended_cfg):
         predict.ensemble_probabilities(cfg, np.zeros((2, 1, 32, 32), np.uint8))
 
 
-def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_path, caplog):
+def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_path, caplog, monkeypatch):
     comp = data.load(blended_cfg())
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -239,6 +239,15 @@ def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_p
         assert len(r["top"]) == 3 and r["top"][0][1] >= r["top"][1][1] >= r["top"][2][1]
     csv = out_csv.read_text().splitlines()
     assert csv[0].startswith("file,label,p_0,p_1") and len(csv) == n + 1
+    # a blend whose submission decides with per-class weights (balanced accuracy, macro-F1): the same labels here
+    from pipeline.blend import store
+
+    weights = np.ones(10)
+    weights[7] = 1e6
+    monkeypatch.setattr(store.SavedBlend, "decision_weights", lambda self: weights)
+    decided = predict.run(cfg)
+    assert [r["label"] for r in decided] == ["7"] * n
+    assert [r["top"] for r in decided] == [r["top"] for r in results]  # the probabilities themselves unchanged
 
 
 def test_predict_bad_inputs(blended_cfg, tmp_path):

@@ -581,22 +581,36 @@ class StreamedBatches:
         return len(self.rows) // self.batch_size
 
     def _gather(self, picks: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(self.images[self.rows[picks]]))
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        return x.to(self.device, non_blocking=True)
+        return host_to_device(self.images, self.rows[picks], self.device)
 
     def __iter__(self):
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
         perm = torch.randperm(len(self.rows), device=self.device, generator=self.generator)
-        order, b, n = perm.cpu().numpy(), self.batch_size, len(self)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            ahead = deque(pool.submit(self._gather, order[i * b:(i + 1) * b]) for i in range(min(self.prefetch, n)))
-            for i in range(n):
-                x = ahead.popleft().result()
-                if i + self.prefetch < n:
-                    j = i + self.prefetch
-                    ahead.append(pool.submit(self._gather, order[j * b:(j + 1) * b]))
-                yield self.augment(x.float().div_(255)), self.y[perm[i * b:(i + 1) * b]]
+        order, b = perm.cpu().numpy(), self.batch_size
+        batches = prefetched(self._gather, [order[i * b:(i + 1) * b] for i in range(len(self))], self.prefetch)
+        for i, x in enumerate(batches):
+            yield self.augment(x.float().div_(255)), self.y[perm[i * b:(i + 1) * b]]
+
+
+def host_to_device(images, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``images[rows]`` (``(B, C, S, S)`` uint8 from host memory, a memory map: only those rows
+    are read) on ``device``: pinned and copied without blocking on CUDA."""
+    x = torch.from_numpy(np.ascontiguousarray(images[rows]))
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def prefetched(gather, picks: list, ahead: int = 2):
+    """``gather(p)`` for each ``p`` of ``picks``, in order, computed by one background thread
+    ``ahead`` items before they are used (the host reads the next batches while the device
+    trains on this one). Leaving the loop early waits for the gathers already started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        queue = deque(pool.submit(gather, p) for p in picks[:ahead])
+        for i in range(len(picks)):
+            x = queue.popleft().result()
+            if i + ahead < len(picks):
+                queue.append(pool.submit(gather, picks[i + ahead]))
+            yield x

@@ -77,6 +77,25 @@ def test_group_batches_equal_each_members_own_batches(tiny_cfg):
     assert [len(p) for p in group.positions] == [len(d.rows) for d in sets]
 
 
+def test_streamed_group_batches_equal_each_members_own_batches(tiny_cfg):
+    """A fused group whose images do not fit (``runtime.stream``: gathered per step from the host
+    source and prefetched) yields, member by member, each member's own streamed batches, which
+    are its in-memory ones; nothing of the images is held on the device."""
+    ws, specs = _members(tiny_cfg)
+    sets = [training_set(ws.comp, np.flatnonzero(ws.folds != s.key.fold)) for s in specs]
+    seeds = [s.training_seed for s in specs]
+    bs = specs[0].train.batch_size
+    alone = [make_batches(d, bs, CPU, s.aug, s.training_seed, stream=True) for d, s in zip(sets, specs)]
+    group = GroupBatches(sets, bs, CPU, specs[0].aug, seeds, stream=True)
+    _assert_members_match(group, alone, seeds)
+    assert group.x is None and group.device_bytes == 2 * 8 * sum(len(d.rows) for d in sets)
+    memory = [make_batches(d, bs, CPU, s.aug, s.training_seed) for d, s in zip(sets, specs)]
+    for b, seed in zip(memory + alone, seeds + seeds):
+        set_epoch(b, seed, 4)
+    for streamed, whole in zip(alone, memory):
+        assert all(torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]) for a, c in zip(streamed, whole))
+
+
 def test_group_batches_channels_last_and_pseudo_rows(tiny_cfg):
     """With soft pseudo rows (each member its own test rows and train + test StackedImages, one
     member without any) the fused batches still equal the members' own, soft labels (B, M, C)

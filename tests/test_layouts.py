@@ -256,3 +256,46 @@ def test_a_fold_of_a_memory_mapped_set_is_read_row_by_row(tmp_path, digits):
     x0, y0 = batches.dataset[3]
     np.testing.assert_array_equal(x0.numpy(), comp.x_train[6] / np.float32(255))
     assert int(y0) == comp.y_train[6]
+
+
+def test_a_killed_decode_resumes_where_it_stopped(tmp_path, digits, monkeypatch, caplog):
+    """The decode into the cache is recorded chunk by chunk: killed after its first chunk (here a
+    chunk of 40 of the fixture's 120 real digit PNGs), the next decode continues at image 40 and
+    gives the same array as one uninterrupted decode; the images/s bar counts images."""
+    import logging
+
+    from pipeline.data import images
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    files = []
+    for i in range(120):
+        files.append(folder / f"{i:03d}.png")
+        Image.fromarray(digits.x_train[i, 0]).save(files[-1])
+    monkeypatch.setattr(images, "CHUNK", 40)
+    decoded, real = [], images._decode
+
+    def killed_after_one_chunk(paths, *args):
+        if decoded:
+            raise KeyboardInterrupt("killed")
+        decoded.append(len(paths))
+        return real(paths, *args)
+
+    out = tmp_path / "cache" / "x_train.npy"
+    monkeypatch.setattr(images, "_decode", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        images.decode_to(out, files, 28, 1, "stretch", 1, "decode")
+    assert not out.exists() and (out.parent / ".x_train.npy.partial").exists()
+
+    def counted(paths, *args):
+        decoded.append(len(paths))
+        return real(paths, *args)
+
+    monkeypatch.setattr(images, "_decode", counted)
+    with caplog.at_level(logging.INFO, logger="pipeline.data.images"):
+        x = images.decode_to(out, files, 28, 1, "stretch", 1, "decode")
+    assert "resuming the decode of x_train.npy at image 40 of 120" in caplog.text
+    assert decoded == [40, 40, 40]  # the first chunk once, then the two left
+    np.testing.assert_array_equal(x, images.decode_to(None, files, 28, 1, "stretch", 1, "decode"))
+    np.testing.assert_array_equal(x, digits.x_train[:120])
+    assert sorted(p.name for p in out.parent.iterdir()) == [".x_train.npy.lock", "x_train.npy"]

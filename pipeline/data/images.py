@@ -293,16 +293,23 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+CHUNK = 512  # files per decoding task (and per step of a resumable decode)
+
+
 def _parallel(fn, paths: list[Path], jobs: int, what: str, *args):
-    """``fn(paths[chunk], *args)`` over chunks of 512 files in ``jobs`` processes, in order, with a
-    progress bar; yields ``(slice, result)``."""
+    """``fn(paths[chunk], *args)`` over chunks of :data:`CHUNK` files in ``jobs`` processes, in
+    order, with a progress bar in images (its rate in images/s and the time left); yields
+    ``(slice, result)``."""
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
-    chunks = _chunks(len(paths), 512)
+    chunks = _chunks(len(paths), CHUNK)
     results = Parallel(n_jobs=jobs, return_as="generator")(delayed(fn)(paths[c], *args) for c in chunks)
-    yield from zip(chunks, tqdm(results, total=len(chunks), desc=what, unit="chunk", leave=False,
-                                disable=None if len(chunks) > 1 else True))
+    with tqdm(total=len(paths), desc=what, unit="img", leave=False, smoothing=0.1,
+              disable=None if len(chunks) > 1 else True) as bar:
+        for chunk, result in zip(chunks, results):
+            bar.update(chunk.stop - chunk.start)
+            yield chunk, result
 
 
 def choose_geometry(paths: list[Path], img_size: int | None, max_img_size: int,
@@ -319,32 +326,77 @@ def choose_geometry(paths: list[Path], img_size: int | None, max_img_size: int,
 def decode_to(path: Path | None, files: list[Path], side: int, channels: int, resize: Resize | str,
               jobs: int, what: str, undecodable: list[int] | None = None) -> np.ndarray:
     """Decode ``files`` into a new memory-mapped ``(N, channels, side, side)`` uint8 ``.npy`` at
-    ``path`` (written beside it, then renamed) and return it opened read-only; with no ``path``,
-    decode into memory.
+    ``path`` and return it opened read-only; with no ``path``, decode into memory.
+
+    The file is written beside ``path`` (``.<name>.partial``) under a file lock and renamed when
+    complete. A decode that was killed resumes where it stopped: after every chunk of
+    :data:`CHUNK` images the partial file is flushed and its progress recorded
+    (``.<name>.partial.json``: the files, the geometry, the images done, the undecodable rows),
+    and the next call with the same files and geometry continues from there (one log line).
 
     Raises DataError naming the first file that does not decode, unless ``undecodable`` is a
     list: then such an image is left black (zeros) and its row index appended to it.
     """
     tolerant = undecodable is not None
-    parts = _parallel(_decode, files, jobs, what, side, channels, Resize(resize).value, tolerant)
     if path is None:
         arrays = []
-        for chunk, (arr, bad) in parts:
+        for chunk, (arr, bad) in _parallel(_decode, files, jobs, what, side, channels, Resize(resize).value, tolerant):
             arrays.append(arr)
             if tolerant:
                 undecodable.extend(chunk.start + i for i in bad)
         return np.concatenate(arrays) if arrays else np.zeros((0, channels, side, side), dtype=np.uint8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), channels, side, side))
-    try:
-        for chunk, (arr, bad) in parts:
-            out[chunk] = arr
-            if tolerant:
-                undecodable.extend(chunk.start + i for i in bad)
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        bad = _decode_resumable(path, files, side, channels, Resize(resize).value, jobs, what, tolerant)
+    if tolerant:
+        undecodable.extend(bad)
     return np.load(path, mmap_mode="r")
+
+
+def _stat(f: Path) -> tuple[int, int]:
+    """``(size, modification time in ns)`` of ``f``; ``(-1, -1)`` when it cannot be read (the
+    decode names it)."""
+    try:
+        st = os.stat(f)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _decode_resumable(path: Path, files: list[Path], side: int, channels: int, resize: str, jobs: int,
+                      what: str, tolerant: bool) -> list[int]:
+    """The body of :func:`decode_to` under its lock: continue (when its record names the same
+    files, sizes, modification times and geometry) or start ``.<name>.partial``, chunk by chunk,
+    then rename it to ``path``. Returns the undecodable rows."""
+    import hashlib
+    import json
+
+    from pipeline.io import save_json
+
+    partial, progress = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.partial.json")
+    stats = [(str(f), *_stat(f)) for f in files]
+    what_key = hashlib.sha1(json.dumps([stats, side, channels, resize, tolerant]).encode()).hexdigest()
+    try:
+        state = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        state = {}
+    shape = (len(files), channels, side, side)
+    if partial.exists() and state.get("key") == what_key:
+        out = np.lib.format.open_memmap(partial, mode="r+")
+        done, bad = int(state["done"]), list(state.get("bad", []))
+        log.info("data: resuming the decode of %s at image %d of %d", path.name, done, len(files))
+    else:
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        done, bad = 0, []
+    for chunk, (arr, chunk_bad) in _parallel(_decode, files[done:], jobs, what, side, channels, resize, tolerant):
+        out[done + chunk.start:done + chunk.stop] = arr
+        bad += [done + chunk.start + i for i in chunk_bad]
+        out.flush()
+        save_json(progress, {"key": what_key, "done": done + chunk.stop, "bad": bad})
+    out.flush()
+    del out
+    os.replace(partial, path)
+    progress.unlink(missing_ok=True)
+    return bad

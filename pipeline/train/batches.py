@@ -54,6 +54,28 @@ class StackedImages:
         return out
 
 
+class Rows:
+    """The rows ``rows`` of an ``(N, C, S, S)`` uint8 image array (a memory map) read lazily: a
+    slice or an int array of it reads only the rows it names, so predicting a fold batch by batch
+    never copies the whole fold (:func:`pipeline.train.inference.predict_logits` slices it).
+    ``np.asarray`` of it reads them all."""
+
+    def __init__(self, images, rows: np.ndarray):
+        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *images.shape[1:])
+        self.dtype = images.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.images[self.rows[i]]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.images[self.rows]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class TrainingSet:
     """What one member trains on: ``images[rows]`` with ``labels[rows]``.
@@ -177,6 +199,10 @@ class GroupBatches:
         channels_last: yield ``x`` in channels_last memory format (what ``train_step`` converts
             it to with ``runtime.channels_last``; then it does not copy again). Same values.
 
+    With ``stream`` (the images exceed the group's share of memory, ``runtime.stream``) no device
+    copy is made: each step's ``M x B`` rows are gathered from the host source (the decoded cache,
+    a memory map) and prefetched (:func:`pipeline.augment.prefetched`); the same batches.
+
     Device memory held: one uint8 copy of the union U of the members' rows, ``U x C x S x S``
     bytes (``U`` <= the rows of the image source; M members of different folds share it, against
     ``sum of n_m x C x S x S`` for M :class:`~pipeline.augment.DeviceBatches`), plus per member
@@ -197,7 +223,8 @@ class GroupBatches:
     """
 
     def __init__(self, sets: Sequence[TrainingSet], batch_size: int, device: torch.device,
-                 aug: AugSettings | DictConfig, seeds: Sequence[int], channels_last: bool = False):
+                 aug: AugSettings | DictConfig, seeds: Sequence[int], channels_last: bool = False,
+                 stream: bool = False):
         if AugBackend(aug.backend) is not AugBackend.torch:
             raise PipelineError(f"GroupBatches: aug.backend={AugBackend(aug.backend).value}; a fused group's "
                                 f"shared batches need aug.backend=torch")
@@ -214,7 +241,10 @@ class GroupBatches:
             raise PipelineError("GroupBatches: the members mix hard (class) and soft (probability) labels")
         source = _shared_images(sets)
         union = np.unique(np.concatenate([np.asarray(s.rows, dtype=np.int64) for s in sets]))
-        self.x = torch.from_numpy(np.ascontiguousarray(source[union])).to(device)  # (U, C, S, S) uint8
+        # (U, C, S, S) uint8 on the device; streamed: the host source, each step's rows gathered and prefetched
+        self.source, self.union = source, union
+        self.x = None if stream else torch.from_numpy(np.ascontiguousarray(source[union])).to(device)
+        self.image_shape = tuple(source.shape[1:])
         self.positions = [torch.from_numpy(np.searchsorted(union, s.rows).astype(np.int64)).to(device) for s in sets]
         self.labels = [torch.from_numpy(np.ascontiguousarray(s.labels[s.rows])).to(device) for s in sets]
         self.batch_size, self.device, self.steps = batch_size, device, counts[0]
@@ -232,7 +262,8 @@ class GroupBatches:
     def device_bytes(self) -> int:
         """Bytes this object holds on the device between epochs: the shared uint8 image copy,
         the members' row positions and labels (the per-epoch batch table comes on top)."""
-        return sum(t.numel() * t.element_size() for t in (self.x, *self.positions, *self.labels))
+        held = (*self.positions, *self.labels) if self.x is None else (self.x, *self.positions, *self.labels)
+        return sum(t.numel() * t.element_size() for t in held)
 
     def __len__(self) -> int:
         """Batches (fused steps) per epoch, the same for every member."""
@@ -276,8 +307,12 @@ class GroupBatches:
             labels.append(y[perm].view(steps, b, *y.shape[1:]))
         table = torch.stack(rows, 1).view(steps, self.members * b)  # step i: member 0's B rows, then member 1's ...
         targets = torch.stack(labels, 2)  # (steps, B, M) or (steps, B, M, classes)
-        _, c, h, w = self.x.shape
-        for i in range(steps):
-            x = torch.index_select(self.x, 0, table[i]).float().div_(255)
+        c, h, w = self.image_shape
+        if self.x is None:  # streamed: one read of the table per epoch, the rows of each step from the host
+            host = self.union[table.cpu().numpy()]
+            steps_x = augment.prefetched(lambda r: augment.host_to_device(self.source, r, self.device), list(host))
+        else:
+            steps_x = (torch.index_select(self.x, 0, table[i]) for i in range(steps))
+        for i, x in enumerate(steps_x):
             params = self.augment.draw_members(self.generators, b, c, w, self.device)
-            yield self._fused(self.augment.apply(x, params)), targets[i]
+            yield self._fused(self.augment.apply(x.float().div_(255), params)), targets[i]

@@ -34,7 +34,7 @@ from pipeline.runsettings import ModelSettings
 from pipeline.settings import AugSettings, FitMethod, HeadInit, Precision, RuntimeSettings, TrainSettings, TTASettings
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train import probe
-from pipeline.train.batches import make_batches, set_epoch, training_set
+from pipeline.train.batches import Rows, make_batches, set_epoch, training_set
 from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
 from pipeline.members import MemberKey
@@ -560,7 +560,7 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         raise failed[0].error()
     views = views[0]
     test = average_views(predict_member(loop, spec, comp.x_test, tta=True)) if predict_test else None
-    metrics = member_metrics(loop, spec, views, comp.x_train[va_idx], comp.y_train[va_idx], t0)
+    metrics = member_metrics(loop, spec, views, Rows(comp.x_train, va_idx), comp.y_train[va_idx], t0)
     metrics |= {"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)),
                 "n_pseudo": int(len(pseudo.rows)) if pseudo is not None else 0}
     weights = loop.average.module if loop.average is not None else loop.model  # not the compile wrapper
@@ -658,7 +658,7 @@ class MemberUnit:
         return None, [MemberFailed(self.spec.key, epoch, leave[0])]
 
     def validate(self, comp: Competition, val_rows: list[np.ndarray]) -> list[np.ndarray]:
-        return [predict_member(self.loop, self.spec, comp.x_train[val_rows[0]])]
+        return [predict_member(self.loop, self.spec, Rows(comp.x_train, val_rows[0]))]
 
     def split(self, comp: Competition) -> list[TrainingLoop]:
         return [self.loop]
@@ -704,7 +704,7 @@ def run_epochs(unit: Unit, comp: Competition, folds: np.ndarray, t0: float,
         vals: list = [None] * len(unit.specs)
         if epoch == loop.epochs:  # each member predicts its OOF exactly as its checkpoint will (stage=predict)
             loops = unit.split(comp)
-            views = [predict_member(m, s, comp.x_train[rows], tta=True) for m, s, rows in zip(loops, unit.specs, val_rows)]
+            views = [predict_member(m, s, Rows(comp.x_train, rows), tta=True) for m, s, rows in zip(loops, unit.specs, val_rows)]
             vals = [v[0] for v in views]
         elif epoch % lead.runtime.val_every == 0:
             vals = unit.validate(comp, val_rows)
@@ -726,7 +726,7 @@ def run_epochs(unit: Unit, comp: Competition, folds: np.ndarray, t0: float,
         epoch += 1
     if views is None:  # resumed from checkpoints written after the last epoch
         loops = unit.split(comp)
-        views = [predict_member(m, s, comp.x_train[np.flatnonzero(folds == s.key.fold)], tta=True)
+        views = [predict_member(m, s, Rows(comp.x_train, np.flatnonzero(folds == s.key.fold)), tta=True)
                  for m, s in zip(loops, unit.specs)]
     return unit, loops, views, failed
 

@@ -56,10 +56,10 @@ from pipeline.errors import PipelineError
 from pipeline.fusion import fusable, fuse, fuse_like, fuse_optimizers, split, split_like, split_optimizer
 from pipeline.members import MemberKey
 from pipeline.models import create_model
-from pipeline.train.batches import GroupBatches, training_set
+from pipeline.train.batches import GroupBatches, Rows, training_set
 from pipeline.train.engine import (DeadlineReached, FitResult, FitSpec, MemberFailed, TrainingLoop, apply_state,
                                    fresh_model, loop_state, member_losses, member_metrics, member_model, optimisation,
-                                   predict_member, run_epochs, seconds_per_step, train_step)
+                                   placement, predict_member, run_epochs, seconds_per_step, train_step)
 from pipeline.train.inference import average_views, place_model, predict_group_probs
 from pipeline.train.resume import ResumeState, read_state
 from pipeline.train.runtime import seed_everything
@@ -130,7 +130,7 @@ class GroupLoop:
     def validate(self, comp: Competition, val_rows: list[np.ndarray]) -> list[np.ndarray]:
         """Through the fused network in eval mode: one forward for all members."""
         lead = self.specs[0]
-        return predict_group_probs(self.loop.predictor, [comp.x_train[rows] for rows in val_rows], self.loop.device,
+        return predict_group_probs(self.loop.predictor, [Rows(comp.x_train, rows) for rows in val_rows], self.loop.device,
                                    lead.runtime, lead.precision)
 
     def split(self, comp: Competition) -> list[TrainingLoop]:
@@ -161,8 +161,12 @@ def setup_group(specs: list[FitSpec], comp: Competition, folds: np.ndarray, pseu
         seed_everything(spec.training_seed)  # its initial weights from its own seed, as alone (member_parts)
         sets.append(training_set(comp, np.flatnonzero(folds != spec.key.fold), rows))
         models.append(member_model(spec, comp, device))
+    union = len(np.unique(np.concatenate([s.rows for s in sets])))
+    place = placement(lead, comp, union, device)
+    (log.info if place.streamed else log.debug)("train: %s fused group of %d: %s", lead.key.model, len(specs),
+                                                 place.describe())
     batches = GroupBatches(sets, lead.train.batch_size, device, lead.aug, [s.training_seed for s in specs],
-                           channels_last=lead.runtime.channels_last)
+                           channels_last=lead.runtime.channels_last, stream=place.streamed)
     seed_everything(lead.training_seed)  # the group's dropout generator
     fused = place_model(fuse(models), device, lead.runtime.channels_last)
     loop = optimisation(fused, lead, batches, device)
@@ -387,7 +391,7 @@ def _fit_cohort(specs: list[FitSpec], states: list, comp: Competition, folds: np
     for spec, member, view in zip(g.specs, loops, views):
         val = np.flatnonzero(folds == spec.key.fold)
         test = average_views(predict_member(member, spec, comp.x_test, tta=True)) if predict_test else None
-        metrics = member_metrics(member, spec, view, comp.x_train[val], comp.y_train[val], t0)
+        metrics = member_metrics(member, spec, view, Rows(comp.x_train, val), comp.y_train[val], t0)
         metrics |= {"seconds": wall / len(g.specs), "n_train": int((folds != spec.key.fold).sum()),
                     "n_val": int(len(val)), "n_pseudo": int(len(rows[spec.key].rows)) if rows[spec.key] is not None else 0,
                     "fused": {"members": len(g.specs), "group_seconds": wall, "group": [str(s.key) for s in g.specs]}}

@@ -19,6 +19,7 @@ import argparse
 import resource
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from pipeline.settings import aug_settings
 from pipeline.train.engine import adamw_options, train_step
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
+warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=conf is not available")
 
 
 def timed(batches, step, n: int, warmup: int) -> float:
@@ -52,6 +54,41 @@ def timed(batches, step, n: int, warmup: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
+def compare(x, rows: np.ndarray, labels: np.ndarray, num_classes: int, model_cfg, aug, device: torch.device,
+            precision, batch_size: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median images/s of training steps and of the data path alone, per path (``in memory``,
+    ``streamed``), measured alternately ``repeats`` times on ``x[rows]`` (``(N, C, S, S)`` uint8,
+    a memory map) with ``labels`` (one per row of ``rows``)."""
+    model = create_model(model_cfg.arch, num_classes, x.shape[1], x.shape[2], **dict(model_cfg.kwargs)).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **adamw_options(device))
+    paths = {"in memory": lambda: augment.DeviceBatches(x[rows], labels, batch_size, device, aug, 0),
+             "streamed": lambda: augment.StreamedBatches(x, rows, labels, batch_size, device, aug, 0)}
+
+    def train(xb, yb):
+        train_step(model, opt, xb, yb, 0.0, True, precision)
+
+    def data_only(xb, yb):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    figures: dict[str, dict[str, list[float]]] = {k: {"train": [], "data": []} for k in paths}
+    for _ in range(repeats):
+        for name, make in paths.items():
+            batches = make()
+            figures[name]["train"].append(timed(batches, train, steps, 3))
+            figures[name]["data"].append(timed(batches, data_only, steps * 4, 3))
+    return {name: {k: statistics.median(v) for k, v in f.items()} for name, f in figures.items()}
+
+
+def report(figures: dict[str, dict[str, float]]) -> str:
+    """The table of :func:`compare` and the streamed / in-memory ratio of training images/s."""
+    lines = [f"{'path':10s} {'train img/s':>12s} {'data path img/s':>16s}"]
+    lines += [f"{name:10s} {f['train']:12.0f} {f['data']:16.0f}" for name, f in figures.items()]
+    lines.append(f"streamed / in memory, training: {figures['streamed']['train'] / figures['in memory']['train']:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides (data.dir=..., data.img_size=...)")
@@ -67,39 +104,15 @@ def main() -> None:
     device = select_device(str(cfg.runtime.device))
     comp = data.load(cfg)
     rows = np.arange(min(args.rows, len(comp.x_train)))
-    aug = aug_settings(cfg, args.model)
     precision = resolve_precision(cfg.train.precision, device)
-    m = cfg.models[args.model]
-    model = create_model(m.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **dict(m.kwargs)).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **adamw_options(device))
-    labels = comp.y_train[rows]
-    paths = {"in memory": lambda: augment.DeviceBatches(comp.x_train[rows], labels, args.batch_size, device, aug, 0),
-             "streamed": lambda: augment.StreamedBatches(comp.x_train, rows, labels, args.batch_size, device, aug, 0)}
-
-    def train(x, y):
-        train_step(model, opt, x, y, 0.0, True, precision)
-
-    def data_only(x, y):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     print(hardware(device))
     print(f"{type(comp.x_train).__name__} source {comp.x_train.shape} uint8 ({comp.x_train.nbytes / 2**20:.0f} MiB), "
           f"{len(rows)} rows, model {args.model}, batch {args.batch_size}, precision {precision.value}, "
           f"{args.repeats} alternating windows of {args.steps} steps\n")
-    figures: dict[str, dict[str, list[float]]] = {k: {"train": [], "data": []} for k in paths}
-    for _ in range(args.repeats):
-        for name, make in paths.items():
-            batches = make()
-            figures[name]["train"].append(timed(batches, train, args.steps, 3))
-            figures[name]["data"].append(timed(batches, data_only, args.steps * 4, 3))
-    print(f"{'path':10s} {'train img/s':>12s} {'data path img/s':>16s}")
-    for name, f in figures.items():
-        print(f"{name:10s} {statistics.median(f['train']):12.0f} {statistics.median(f['data']):16.0f}")
-    ratio = statistics.median(figures["streamed"]["train"]) / statistics.median(figures["in memory"]["train"])
-    print(f"\nstreamed / in memory, training: {ratio:.2f}; peak resident memory "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    figures = compare(comp.x_train, rows, comp.y_train[rows], comp.num_classes, cfg.models[args.model],
+                      aug_settings(cfg, args.model), device, precision, args.batch_size, args.steps, args.repeats)
+    print(report(figures))
+    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

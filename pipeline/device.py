@@ -146,7 +146,9 @@ def configure_numerics(device: torch.device, precision: Precision, deterministic
     so ``stage=predict`` matches the blend's test probabilities within a tolerance, not bit for
     bit (README, GPU section); on the CPU they are identical.
     """
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if (torch.are_deterministic_algorithms_enabled() != deterministic
+            or (deterministic and not torch.is_deterministic_algorithms_warn_only_enabled())):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)  # imports torch._inductor: only on a change
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     tf32 = Precision(precision) is not Precision.fp32
     torch.backends.cudnn.allow_tf32 = tf32

@@ -24,6 +24,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
+from gpu_steps import audit, common, end_to_end, exactness, speed  # noqa: E402
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
@@ -36,6 +37,17 @@ def _work(tmp_path, name: str):
     work = tmp_path / "out" / "work" / name
     work.mkdir(parents=True)
     return work
+
+
+@pytest.fixture
+def one_thread():
+    """torch's intra-op threads at 1 while a test trains in this process, as the check's step
+    processes train on the CPU (OMP_NUM_THREADS=1): two threads that wait on each other on a
+    2-core machine shared with other work made the sync audit's test 20x slower (47 s against 2 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
@@ -59,7 +71,7 @@ def test_dry_run_passes_every_step_on_the_cpu(tmp_path):
     assert exact["precision_auto"] == auto and len(exact["members"]) == 3
     for precision in {"fp32", auto}:  # fp32 always, and the precision auto resolves to here
         row = exact[precision]
-        assert row["tolerance"] == gpu_check.FUSED_TOL[precision]
+        assert row["tolerance"] == exactness.FUSED_TOL[precision]
         assert 0 <= row["max_abs_diff"] <= row["tolerance"] < row["another_member_max_abs_diff"]
     resumed = steps["averaging_resume"]["results"]
     assert all(resumed[k]["max_abs_diff"] <= 1e-6 and resumed[k]["resumed_after_epoch"] == 2
@@ -102,8 +114,8 @@ def test_a_skipped_step_fails_the_run(tmp_path, monkeypatch):
     assert "out of time" in report["steps"]["environment"]["error"]
     assert proc.returncode == 1 and not report["passed"] and "NOT PASSED" in proc.stdout
     # a step that raises Skip is recorded as skipped, and that fails the verdict
-    monkeypatch.setattr(gpu_check, "step_environment", lambda args, work: (_ for _ in ()).throw(
-        gpu_check.Skip("does not apply here")))
+    monkeypatch.setitem(gpu_check.STEPS, "environment", lambda args, work: (_ for _ in ()).throw(
+        common.Skip("does not apply here")))
     args = _args(tmp_path, "--step", "environment")
     assert gpu_check.run_step(args) == 0
     record = json.loads((tmp_path / "out" / "steps" / "environment.json").read_text())
@@ -145,20 +157,22 @@ def test_time_boxes_add_up_to_the_budget_and_key_steps_come_first():
             assert boxes["throughput"] > 2 * share["throughput"] * budget
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_the_throughput_sweep_stops_within_its_box_and_keeps_its_figures(tmp_path):
     """A sweep whose time box ends after its first run stops there (Incomplete, a failure) with
     that run's figures and the runs it left out, also written where the orchestrator finds them
     if the step is killed."""
     args = _args(tmp_path, "--models", "cnn_deotte", "cnn_keras", "--rows", "256", "--step", "throughput")
     args.step_deadline = time.time() + 1.0
-    with pytest.raises(gpu_check.Incomplete, match="after 1 of 2 runs") as e:
-        gpu_check.step_throughput(args, _work(tmp_path, "throughput"))
+    with pytest.raises(common.Incomplete, match="after 1 of 2 runs") as e:
+        speed.step_throughput(args, _work(tmp_path, "throughput"))
     assert [r["model"] for r in e.value.results["runs"]] == ["cnn_deotte"]
     assert e.value.results["left_out"] == ["cnn_keras batch 32 eager"]
     partial = json.loads((tmp_path / "out" / "steps" / "throughput.partial.json").read_text())
     assert partial["runs"] == e.value.results["runs"]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_the_sync_audit_runs_a_fused_group_epoch_under_the_audit(tmp_path, monkeypatch):
     """The audit runs group_epoch (a warm-up epoch, then the audited one) and counts the
     synchronisations it makes: three on the CPU (injected) are over the fused epoch's allowance."""
@@ -176,7 +190,7 @@ def test_the_sync_audit_runs_a_fused_group_epoch_under_the_audit(tmp_path, monke
 
     monkeypatch.setattr(fused, "group_epoch", audited)
     with pytest.raises(AssertionError, match=re.escape("'fused': {'members': 3, 'steps': 6, 'syncs': 3,")):
-        gpu_check.step_sync_audit(_args(tmp_path), _work(tmp_path, "sync_audit"))
+        audit.step_sync_audit(_args(tmp_path), _work(tmp_path, "sync_audit"))
     assert epochs == [1, 2]
 
 
@@ -216,7 +230,7 @@ def test_fused_vs_alone_compares_each_precision_against_its_tolerance(tmp_path, 
     make the comparison meaningless, which fails too."""
     args = _args(tmp_path)
     _fake_training(monkeypatch, offset=5e-4)
-    res = gpu_check.step_fused_vs_alone(args, _work(tmp_path, "a"))
+    res = exactness.step_fused_vs_alone(args, _work(tmp_path, "a"))
     assert res["precision_auto"] == "bf16" and res["members"] == ["cnn_deotte fold 0", "cnn_deotte fold 1",
                                                                   "cnn_deotte fold 2 seed 1"]
     for precision, tol in (("fp32", 1e-3), ("bf16", 5e-3)):
@@ -225,14 +239,14 @@ def test_fused_vs_alone_compares_each_precision_against_its_tolerance(tmp_path, 
         assert res[precision]["another_member_max_abs_diff"] > tol
     _fake_training(monkeypatch, offset=2e-3)
     with pytest.raises(AssertionError, match=r"^fp32: fused and alone differ by 2\.00e-03 \(> 0\.001") as e:
-        gpu_check.step_fused_vs_alone(args, _work(tmp_path, "b"))
+        exactness.step_fused_vs_alone(args, _work(tmp_path, "b"))
     assert "bf16" not in str(e.value)
     _fake_training(monkeypatch, offset=0.0, leaver=1)
     with pytest.raises(AssertionError, match="members left the fused group: cnn_deotte fold 1: its training loss"):
-        gpu_check.step_fused_vs_alone(args, _work(tmp_path, "c"))
+        exactness.step_fused_vs_alone(args, _work(tmp_path, "c"))
     _fake_training(monkeypatch, offset=0.0, members_differ=False)
     with pytest.raises(AssertionError, match="cannot tell members apart"):
-        gpu_check.step_fused_vs_alone(args, _work(tmp_path, "d"))
+        exactness.step_fused_vs_alone(args, _work(tmp_path, "d"))
 
 
 def test_peak_memory_comes_from_torch_and_is_never_empty_on_cuda(tmp_path, monkeypatch):
@@ -243,12 +257,12 @@ def test_peak_memory_comes_from_torch_and_is_never_empty_on_cuda(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 812.5 * 2**20)
     cuda = torch.device("cuda", 0)
-    gpu_check.reset_peak_memory(cuda)
-    assert gpu_check.peak_memory_mb(cuda) == 812.5 and calls == [("reset", cuda)]
-    assert gpu_check.peak_memory_mb(torch.device("cpu")) is None
+    common.reset_peak_memory(cuda)
+    assert common.peak_memory_mb(cuda) == 812.5 and calls == [("reset", cuda)]
+    assert common.peak_memory_mb(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 0)
     with pytest.raises(RuntimeError, match="no peak memory figure"):
-        gpu_check.peak_memory_mb(cuda)
+        common.peak_memory_mb(cuda)
 
     artifacts = tmp_path / "artifacts"
     for fold, peak in ((0, 812.5), (1, None)):
@@ -260,8 +274,8 @@ def test_peak_memory_comes_from_torch_and_is_never_empty_on_cuda(tmp_path, monke
             metrics["peak_gpu_memory_mb"] = peak
         (d / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(AssertionError, match=r"without a peak GPU memory in metrics.json: cnn_deotte/fold1$"):
-        gpu_check.member_figures(artifacts, "cuda")
+        end_to_end.member_figures(artifacts, "cuda")
     with pytest.raises(AssertionError, match="trained elsewhere than cpu"):
-        gpu_check.member_figures(artifacts, "cpu")
+        end_to_end.member_figures(artifacts, "cpu")
     (artifacts / "cnn_deotte" / "fold1" / "metrics.json").unlink()
-    assert gpu_check.member_figures(artifacts, "cuda")["cnn_deotte/fold0"]["peak_gpu_memory_mb"] == 812.5
+    assert end_to_end.member_figures(artifacts, "cuda")["cnn_deotte/fold0"]["peak_gpu_memory_mb"] == 812.5

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.io import read_rows
+
 SHIFT_AUC = 0.7   # above this cross-validated AUC the test is called distinguishable from train
 GRID = 8          # the downsampled side of the pixel description
 MAX_ROWS = 4000   # images per side the classifier sees (a stratified random subsample above it)
@@ -96,7 +98,7 @@ def adversarial_validation(x_train: np.ndarray, x_test: np.ndarray, seed: int = 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.permutation(len(x_train))[:MAX_ROWS])
     test_rows = np.sort(rng.permutation(len(x_test))[:MAX_ROWS])
-    x = np.concatenate([describe(x_train[rows]), describe(x_test[test_rows])])
+    x = np.concatenate([describe(read_rows(x_train, rows)), describe(read_rows(x_test, test_rows))])
     y = np.r_[np.zeros(len(rows), dtype=np.int64), np.ones(len(test_rows), dtype=np.int64)]
     clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, random_state=seed)
     cv = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)

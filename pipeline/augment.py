@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from pipeline.io import read_rows
+
 if TYPE_CHECKING:  # pragma: no cover - albumentations and OpenCV load only for that backend
     import albumentations as A
 
@@ -592,9 +594,10 @@ class StreamedBatches:
 
 
 def host_to_device(images, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``images[rows]`` (``(B, C, S, S)`` uint8 from host memory, a memory map: only those rows
-    are read) on ``device``: pinned and copied without blocking on CUDA."""
-    x = torch.from_numpy(np.ascontiguousarray(images[rows]))
+    """``images[rows]`` (``(B, C, S, S)`` uint8 from host memory; from the decoded cache only those
+    rows are read, :func:`pipeline.io.read_rows`) on ``device``: pinned and copied without
+    blocking on CUDA."""
+    x = torch.from_numpy(read_rows(images, rows))
     if device.type == "cuda":
         x = x.pin_memory()
     return x.to(device, non_blocking=True)

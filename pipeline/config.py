@@ -3,7 +3,7 @@
 :func:`prepare` takes the config Hydra composed and returns a checked, read-only copy:
 
 1. each pseudo-label round of ``pseudo.models`` added as a model (:func:`expand_pseudo_rounds`);
-2. with ``tuned=true``, a study's best values applied (:func:`pipeline.tune.tuned.apply_tuned`);
+2. with ``tuned=true``, a study's best values applied (:func:`apply_tuned`);
 3. with ``screen.enabled``, the recipe its screening chose for this run applied
    (:func:`pipeline.recipe.apply_recipe`; ``artifacts/screening/``, :mod:`pipeline.screen`);
 4. every setting checked (:func:`validate`): a bad one stops the run with one line naming it,
@@ -15,6 +15,7 @@ Everything below reads that copy and never writes it (OmegaConf refuses a write 
 from __future__ import annotations
 
 import copy
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -22,12 +23,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.device import select_device
 from pipeline.errors import ConfigError
+from pipeline.paths import Paths
 from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_fixed
 from pipeline.runsettings import RunSettings, run_settings
 from pipeline.workspace import screening_for
-from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, blend_methods, blend_models,
-                               pseudo_settings, round_name, selected_folds, selected_models)
+from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, SPACE_ROOTS, blend_methods, blend_models,
+                               pseudo_settings, round_base, round_name, selected_folds, selected_models)
 
+
+log = logging.getLogger(__name__)
 
 def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunSettings]:
     """The run's config and its typed settings: a read-only copy of ``cfg`` with the pseudo-label
@@ -44,9 +48,7 @@ def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunS
     expand_pseudo_rounds(out)
     settings = validate(out)
     if apply_tuned and out.get("tuned"):
-        from pipeline.tune.tuned import apply_tuned as apply
-
-        apply(out)
+        apply_tuned_values(out)
         settings = validate(out)
     if out.screen.enabled and (found := screening_for(out, settings)) is not None:
         apply_recipe(out, found.recipe)
@@ -165,3 +167,40 @@ def validate(cfg: DictConfig) -> RunSettings:
     blend_methods(cfg)
     blend_models(cfg)
     return settings
+
+
+def apply_tuned_values(cfg: DictConfig) -> DictConfig:
+    """With ``tuned=true``, merge ``artifacts/tuned/<model>.yaml`` into ``models.<model>`` for
+    every model of the run (``model=NAME`` or the ensemble) that has one, and say so.
+
+    Raises ConfigError when ``model=NAME`` is given and it has no tuned file, or when no model
+    of the ensemble has one.
+    """
+    if not cfg.get("tuned"):
+        return cfg
+    paths = Paths.from_cfg(cfg)
+    names = selected_models(cfg)
+    applied = []
+    for name in names:
+        path = paths.tuned(round_base(cfg, name) or name)  # a round takes its base's values
+        if not path.exists():
+            if cfg.model not in (None, "all"):
+                raise ConfigError(f"tuned=true: no {path} for {name} (run: python run.py "
+                                  f"stage=tune model={name})")
+            log.info("tuned: %s: no %s, using its config as is", name, path)
+            continue
+        params = OmegaConf.load(path)
+        bad = [k for k in params if k not in SPACE_ROOTS]
+        if bad:
+            raise ConfigError(f"{path}: unexpected top-level key(s) {', '.join(bad)}; "
+                              f"expected {', '.join(SPACE_ROOTS)}")
+        node = cfg.models[name]
+        with open_dict(node):
+            node.merge_with(params)
+        applied.append(name)
+        flat = ", ".join(f"{k}.{kk}={vv}" for k, v in params.items() for kk, vv in v.items())
+        log.info("tuned: %s <- %s: %s", name, path, flat)
+    if not applied:
+        raise ConfigError(f"tuned=true: none of {', '.join(names)} has tuned parameters under "
+                          f"{paths.artifacts_dir / 'tuned'} (run stage=tune first)")
+    return cfg

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.io import write_with
 from pipeline.paths import Paths
+from pipeline.settings import FoldsSettings
 
 COLUMNS = ["row_id", "label", "fold"]
 log = logging.getLogger(__name__)
@@ -101,18 +101,20 @@ def read_folds(path: Path, labels: np.ndarray, k: int) -> np.ndarray:
     return folds
 
 
-def ensure_folds(cfg: DictConfig, labels: np.ndarray, data: str, groups: np.ndarray | None = None) -> np.ndarray:
-    """Return the fold assignment for ``cfg.folds`` of the competition with fingerprint ``data``
-    and labels ``(N,)`` (with ``groups`` ``(N,)``: grouped, :func:`make_folds`), writing the file
-    the first time."""
-    k, seed = int(cfg.folds.k), int(cfg.folds.seed)
+def ensure_folds(settings: FoldsSettings, paths: Paths, labels: np.ndarray, data: str,
+                 groups: np.ndarray | None = None) -> np.ndarray:
+    """Return the fold assignment of ``settings`` (the ``folds`` group) for the competition with
+    fingerprint ``data`` and labels ``(N,)`` (with ``groups`` ``(N,)``: grouped,
+    :func:`make_folds`), writing its file under ``paths`` the first time. Raises ArtifactError for
+    a folds file that does not fit the labels."""
+    k, seed = settings.k, settings.seed
     digest = None if groups is None else hashlib.sha256("\n".join(map(str, groups)).encode()).hexdigest()
-    path = Paths.from_cfg(cfg).folds_file(k, seed, data, digest)
+    path = paths.folds_file(k, seed, data, digest)
     if path.exists():
         return read_folds(path, labels, k)
     folds = make_folds(labels, k, seed, groups)
     write_folds(path, labels, folds)
     how = ("stratified" if groups is None
-           else f"stratified, grouped by {cfg.folds.group}: {len(np.unique(groups))} groups")
+           else f"stratified, grouped by {settings.group}: {len(np.unique(groups))} groups")
     log.info("folds: wrote %s (%d folds, %s, seed %d)", path, k, how, seed)
     return folds

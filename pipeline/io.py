@@ -105,3 +105,44 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_FILES: dict[str, int] = {}  # open read-only descriptors of memory-mapped caches, per file (this process)
+
+
+def _whole_map(images) -> bool:
+    """Whether ``images`` is a whole ``.npy`` memory map (not a slice of one): its file holds
+    exactly its header and its bytes."""
+    if not isinstance(images, np.memmap) or not images.flags.c_contiguous or images.filename is None:
+        return False
+    try:
+        return os.path.getsize(images.filename) == images.offset + images.nbytes
+    except OSError:
+        return False
+
+
+def read_rows(images, rows) -> np.ndarray:
+    """``images[rows]`` as a new in-memory array ``(len(rows), ...)``. From a whole memory-mapped
+    ``.npy`` (the decoded cache) the rows are read with ``os.preadv`` (consecutive rows in one
+    call) instead of through the mapping, so the pages read count in the kernel's page cache, not
+    in this process's resident memory; anything else is indexed as it is."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not _whole_map(images):
+        return np.asarray(images[rows])
+    out = np.empty((len(rows), *images.shape[1:]), dtype=images.dtype)
+    if len(rows) == 0:
+        return out
+    fd = _FILES.get(images.filename)
+    if fd is None:
+        fd = _FILES[images.filename] = os.open(images.filename, os.O_RDONLY)
+    row = out[0].nbytes
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        want, done = (stop - start) * row, 0
+        while done < want:  # preadv may return fewer bytes than asked
+            n = os.preadv(fd, [flat[start * row + done:stop * row]], images.offset + int(rows[start]) * row + done)
+            if n <= 0:
+                raise OSError(f"{images.filename}: short read at row {int(rows[start])}")
+            done += n
+    return out

@@ -43,6 +43,7 @@ class Paths:
     folds_dir: Path
     artifacts_dir: Path
     submissions_dir: Path
+    data_dir: Path | None = None  # the offline default competition's folder (paths.data_dir)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Paths":
@@ -54,6 +55,7 @@ class Paths:
             folds_dir=Path(p.folds_dir),
             artifacts_dir=Path(p.artifacts_dir),
             submissions_dir=Path(p.submissions_dir),
+            data_dir=Path(p.data_dir) if p.get("data_dir") is not None else None,
         )
 
     def parsed_cache(self, data_dir: str | Path, decoding: dict | None = None) -> Path:

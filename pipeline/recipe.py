@@ -306,13 +306,14 @@ def screen_share(screen: ScreenSettings, budget: float | None, pretrained: bool)
     return fraction * (budget if budget is not None else screen.seconds)
 
 
-def screened(cfg: DictConfig, screen: ScreenSettings, budget: float | None, on: MeasuredOn) -> Screening | None:
+def screened(cfg: DictConfig, screen: ScreenSettings, budget: float | None, on: MeasuredOn,
+             paths: Paths) -> Screening | None:
     """The screening made for the run of ``cfg`` (``artifacts/screening/<key>.json``,
     :func:`screening_key` on ``on``), or None: also when that screening was cut short (a trial
     stopped or skipped, :attr:`Screening.complete`) and this run's share (:func:`screen_share` of
     ``screen`` and ``budget``) is larger than the one it had: such a run screens again (one log
     line says so). Raises ArtifactError for an unreadable one."""
-    path = Paths.from_cfg(cfg).screening(screening_key(cfg, on))
+    path = paths.screening(screening_key(cfg, on))
     found = read_screening(path)
     if found is not None and not found.complete:
         share = screen_share(screen, budget, found.pretrained)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
+from pipeline.paths import Paths
 from pipeline.settings import (GROUPS, AugSettings, BlendSettings, DataSettings, FoldsSettings, PredictSettings,
                                PseudoSettings, RuntimeSettings, ScreenSettings, TrainSettings, TTASettings, TuneSettings,
                                aug_settings, checked, plan_ranges, round_base, seed_count, train_settings,
@@ -83,6 +84,7 @@ class RunSettings:
     base_seed: int
     budget: float | None = None  # budget= in seconds (pipeline.budget), None = no budget
     screen: ScreenSettings = field(default_factory=ScreenSettings)  # the recipe's screening (pipeline.screen)
+    paths: Paths | None = None  # every location the run reads and writes (paths group)
     # the run's entry (time.time()), from which budget= counts: when these settings were derived,
     # or the command's start that run.py passes (pipeline.stages.run_stage)
     started: float = field(default_factory=time.time, compare=False)
@@ -133,4 +135,4 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         raise ConfigError(f"seed={cfg.get('seed')}: expected an integer") from None
     return RunSettings(models, groups["runtime"], groups["data"], groups["folds"], groups["blend"],
                        groups["pseudo"], groups["tune"], groups["predict"], base_seed, parse_budget(cfg.get("budget")),
-                       groups["screen"])
+                       groups["screen"], paths=Paths.from_cfg(cfg))

@@ -39,8 +39,8 @@ import time
 
 import numpy as np
 import optuna
-from omegaconf import OmegaConf
 
+from pipeline.io import read_rows
 from pipeline import data, members
 from pipeline.budget import format_minutes
 from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
@@ -162,16 +162,20 @@ class Screen:
                                    batch_size=min(m.batch_size, fit))
 
     def data_at(self, side: int) -> tuple[data.Competition, np.ndarray]:
-        """The subsample as a competition at ``side`` pixels (the loaded images, or the data loaded
-        again at that ``data.img_size``: a uint8 cache of its own) and its folds (0: validation)."""
+        """The subsample as a competition at ``side`` pixels (the loaded images, or at another
+        side the subsample's files alone decoded again, :func:`pipeline.data.decode_train_rows`)
+        and its folds (0: validation)."""
         if side not in self._data:
-            comp = self.ws.comp
-            if side != comp.x_train.shape[-1]:
-                cfg = OmegaConf.merge(OmegaConf.to_container(self.ws.cfg, resolve=True), {"data": {"img_size": side}})
-                comp = data.load(cfg)
+            comp, d = self.ws.comp, self.ws.settings.data
             rows = np.concatenate([self.train_rows, self.val_rows])
-            sub = dataclasses.replace(comp, x_train=np.ascontiguousarray(comp.x_train[rows]),
-                                      y_train=comp.y_train[rows], x_test=comp.x_test[:1], test_ids=comp.test_ids[:1])
+            if side != comp.x_train.shape[-1]:
+                x = data.decode_train_rows(data.resolve_data_dir(self.ws.cfg), rows, side, comp.x_train.shape[1],
+                                           d.resize, d.format, d.id_column, d.label_column, d.decode_jobs)
+                x_test = np.zeros((1, *x.shape[1:]), dtype=np.uint8)
+            else:
+                x, x_test = read_rows(comp.x_train, rows), comp.x_test[:1]
+            sub = dataclasses.replace(comp, x_train=x, y_train=comp.y_train[rows], x_test=x_test,
+                                      test_ids=comp.test_ids[:1])
             folds = np.r_[np.ones(len(self.train_rows), np.int64), np.zeros(len(self.val_rows), np.int64)]
             self._data[side] = (sub, folds)
         return self._data[side]

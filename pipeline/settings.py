@@ -266,6 +266,7 @@ GROUPS: dict[str, type] = {
     "submit": SubmitSettings,
 }
 MODEL_KEYS = ("arch", "kwargs", "train", "aug", "tta", "seeds", "space", "ranges")
+SPACE_ROOTS = ("kwargs", "train", "aug")  # the model keys a search space (and a tuned file) may set
 BUILD_OFFLINE = ("auto", "true", "false")
 
 

@@ -209,7 +209,7 @@ def run(cfg: DictConfig, settings: RunSettings | None = None) -> SubmitOutcome:
     sub = submit_settings(cfg)
     output = Path(sub.output)
     _clear(output)
-    base = Paths.from_cfg(cfg)
+    base = settings.paths
     ens = export.read(Path(str(cfg.export.dir)), base)
     prep, saved = ens.prep, ens.saved
     _check_environment(ens.record)

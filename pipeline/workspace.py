@@ -41,7 +41,7 @@ def measured_on(settings: RunSettings) -> MeasuredOn:
 def screening_for(cfg: DictConfig, settings: RunSettings) -> Screening | None:
     """The screening made for the run of ``cfg`` and ``settings`` (:func:`pipeline.recipe.screened`
     on :func:`measured_on`), or None (none, or one cut short in a smaller share)."""
-    return screened(cfg, settings.screen, settings.budget, measured_on(settings))
+    return screened(cfg, settings.screen, settings.budget, measured_on(settings), settings.paths)
 
 
 @dataclass
@@ -75,8 +75,8 @@ class Workspace:
         settings = settings or run_settings(cfg)
         comp = data.load(cfg)
         check_metric(settings.data.metric, comp.num_classes)
-        folds = ensure_folds(cfg, comp.y_train, comp.fingerprint, data.train_groups(cfg))
-        return cls(cfg, settings, Paths.from_cfg(cfg), comp, folds, folds_digest(folds))
+        folds = ensure_folds(settings.folds, settings.paths, comp.y_train, comp.fingerprint, data.train_groups(cfg))
+        return cls(cfg, settings, settings.paths, comp, folds, folds_digest(folds))
 
     def screening_key(self) -> str:
         """This run's screening key (:func:`pipeline.recipe.screening_key` on :func:`measured_on`)."""

@@ -52,6 +52,10 @@ def test_image_layouts_load_the_real_digits_with_their_names(tmp_path, digits, l
     again = data.load_competition(d, tmp_path / "cache")  # the cache: memory-mapped, same data
     assert isinstance(again.x_train, np.memmap) and again.fingerprint == comp.fingerprint
     assert again.class_names == comp.class_names and list(again.test_ids) == list(comp.test_ids)
+    # the screening's subsample at another side: those rows alone, as the whole competition decodes them
+    rows = np.array([5, 0, 399, 17])
+    whole = data.load_competition(d, tmp_path / "cache14", img_size=14)
+    np.testing.assert_array_equal(data.decode_train_rows(d, rows, 14, 1), whole.x_train[rows])
 
 
 def test_files_layout_end_to_end_writes_the_class_names(tmp_path, digits):

@@ -195,13 +195,13 @@ def test_bad_pseudo_settings_are_one_line_errors(tiny_cfg, override, message):
 
 
 def test_tuned_values_of_the_base_apply_to_its_round(copied, tmp_path):
-    from pipeline.tune.tuned import apply_tuned
+    from pipeline.config import apply_tuned_values
 
     cfg = copied(*PL, "tuned=true")
     (tmp_path / "artifacts" / "tuned").mkdir(parents=True, exist_ok=True)
     (tmp_path / "artifacts" / "tuned" / "cnn_deotte.yaml").write_text("train:\n  lr: 0.0123\n")
     _workspace(cfg)  # expands the rounds
-    apply_tuned(cfg)
+    apply_tuned_values(cfg)
     assert cfg.models.cnn_deotte_pl.train.lr == cfg.models.cnn_deotte.train.lr == 0.0123
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, TINY
 from pipeline.tune import space as tune_space
 from pipeline.tune import study as tune_study
-from pipeline.tune import tuned as tune_tuned
+from pipeline.config import apply_tuned_values
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
 from pipeline.stages import run_stage
@@ -129,7 +129,7 @@ def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
     path = Paths.from_cfg(cfg).tuned("mlp")
     path.parent.mkdir(parents=True)
     path.write_text("train: {lr: 0.0123, epochs: 1}\nkwargs: {dropout: 0.2}\n")
-    applied = tune_tuned.apply_tuned(tiny_cfg("model=mlp", "tuned=true"))
+    applied = apply_tuned_values(tiny_cfg("model=mlp", "tuned=true"))
     fcfg = model_settings(applied, "mlp")
     assert (fcfg.train.lr, fcfg.train.epochs, fcfg.kwargs["dropout"]) == (0.0123, 1, 0.2)
     # through the stage: the fold's cache key records the tuned values
@@ -137,9 +137,9 @@ def test_tuned_true_trains_with_the_best_parameters(tiny_cfg, tmp_path):
     saved = OmegaConf.load(Paths.from_cfg(cfg).member_dir("mlp", 0) / "config.yaml")
     assert saved.train.lr == 0.0123 and saved.train.epochs == 1
     # without tuned=true nothing changes
-    assert model_settings(tune_tuned.apply_tuned(tiny_cfg("model=mlp")), "mlp").train.lr != 0.0123
+    assert model_settings(apply_tuned_values(tiny_cfg("model=mlp")), "mlp").train.lr != 0.0123
     with pytest.raises(ConfigError, match="no .*cnn_keras.yaml"):
-        tune_tuned.apply_tuned(tiny_cfg("model=cnn_keras", "tuned=true"))
+        apply_tuned_values(tiny_cfg("model=cnn_keras", "tuned=true"))
 
 
 def test_sqlite_transactions_take_the_write_lock_first(tiny_cfg, tmp_path):

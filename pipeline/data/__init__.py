@@ -101,6 +101,28 @@ def submission_kind(setting: str, columns: list[str], class_names: list[str], wh
     return kind
 
 
+def decode_train_rows(data_dir: str | Path, rows: np.ndarray, side: int, channels: int, resize: str = "stretch",
+                      fmt: str = "auto", id_column: str | None = None, label_column: str | None = None,
+                      jobs: int | None = None) -> np.ndarray:
+    """The training images ``rows`` (``(R,)`` int, in the loaded competition's row order) of the
+    image competition in ``data_dir``, decoded into memory at ``side`` px and ``channels``:
+    ``(R, channels, side, side)`` uint8. Only those files are read (the screening's subsample at
+    another side: no decode of the whole competition, no cache). Raises DataError as the decode
+    does, ValueError for the pixels layout (it has one side)."""
+    from pipeline.data import images
+    from pipeline.data.layout import detect
+
+    data_dir = Path(data_dir)
+    layout = detect(data_dir) if fmt == "auto" else Layout(fmt)
+    if layout is Layout.pixels:
+        raise ValueError(f"{data_dir}: a pixel CSV has one side")
+    s = (images.scan_files(data_dir, id_column, label_column) if layout is Layout.files
+         else images.scan_folders(data_dir))
+    files = [s.train_files[i] for i in np.asarray(rows, dtype=np.int64)]
+    return images.decode_to(None, files, side, channels, resize, int(jobs or os.cpu_count() or 1),
+                            f"decoding {len(files)} train images at {side} px")
+
+
 def _read_images(data_dir: Path, layout: Layout, cache_dir: Path | None, opts: dict) -> dict:
     from pipeline.data import images
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.io import read_rows
 from pipeline.settings import Layout, Resize, SubmissionKind  # noqa: F401 - the data layer's names
 
 
@@ -61,14 +62,15 @@ class Competition:
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
-    """Short sha256 hex digest of the arrays' shapes, dtypes and bytes (read in 64 MiB slices,
-    so a memory-mapped set larger than RAM is hashed without loading it)."""
+    """Short sha256 hex digest of the arrays' shapes, dtypes and bytes (read in 64 MiB slices with
+    :func:`pipeline.io.read_rows`, so a memory-mapped set larger than RAM is hashed without
+    loading or mapping it)."""
     h = hashlib.sha256()
     for a in arrays:
         h.update(f"{a.shape}{a.dtype}".encode())
-        step = max(1, (64 << 20) // max(1, a[:1].nbytes))
+        step = max(1, (64 << 20) // max(1, int(np.prod(a.shape[1:])) * a.dtype.itemsize))
         for i in range(0, max(len(a), 1), step):
-            h.update(np.ascontiguousarray(a[i:i + step]).tobytes())
+            h.update(read_rows(a, np.arange(i, min(len(a), i + step))).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -384,19 +384,24 @@ def _decode_resumable(path: Path, files: list[Path], side: int, channels: int, r
         state = {}
     shape = (len(files), channels, side, side)
     if partial.exists() and state.get("key") == what_key:
-        out = np.lib.format.open_memmap(partial, mode="r+")
         done, bad = int(state["done"]), list(state.get("bad", []))
         log.info("data: resuming the decode of %s at image %d of %d", path.name, done, len(files))
     else:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape).flush()  # header + zeros
         done, bad = 0, []
-    for chunk, (arr, chunk_bad) in _parallel(_decode, files[done:], jobs, what, side, channels, resize, tolerant):
-        out[done + chunk.start:done + chunk.stop] = arr
-        bad += [done + chunk.start + i for i in chunk_bad]
-        out.flush()
-        save_json(progress, {"key": what_key, "done": done + chunk.stop, "bad": bad})
-    out.flush()
-    del out
+    offset, row = np.load(partial, mmap_mode="r").offset, channels * side * side
+    fd = os.open(partial, os.O_WRONLY)  # written with pwrite, not through a mapping (no resident pages)
+    try:
+        for chunk, (arr, chunk_bad) in _parallel(_decode, files[done:], jobs, what, side, channels, resize, tolerant):
+            data = np.ascontiguousarray(arr).tobytes()
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], offset + (done + chunk.start) * row + written)
+            bad += [done + chunk.start + i for i in chunk_bad]
+            os.fsync(fd)
+            save_json(progress, {"key": what_key, "done": done + chunk.stop, "bad": bad})
+    finally:
+        os.close(fd)
     os.replace(partial, path)
     progress.unlink(missing_ok=True)
     return bad

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import augment
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.io import read_rows
 from pipeline.settings import AugBackend, AugSettings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,8 +50,8 @@ class StackedImages:
         i = np.asarray(i)
         out = np.empty((len(i), *self.shape[1:]), dtype=self.dtype)
         a = i < n
-        out[a] = self.first[i[a]]
-        out[~a] = self.second[i[~a] - n]
+        out[a] = read_rows(self.first, i[a])
+        out[~a] = read_rows(self.second, i[~a] - n)
         return out
 
 
@@ -69,10 +70,10 @@ class Rows:
         return len(self.rows)
 
     def __getitem__(self, i):
-        return self.images[self.rows[i]]
+        return read_rows(self.images, self.rows[i])
 
     def __array__(self, dtype=None, copy=None):
-        out = self.images[self.rows]
+        out = read_rows(self.images, self.rows)
         return out if dtype is None else out.astype(dtype)
 
 
@@ -127,7 +128,8 @@ def make_batches(data: TrainingSet, batch_size: int, device: torch.device, aug: 
     if AugBackend(aug.backend) is AugBackend.torch and stream:
         return augment.StreamedBatches(data.images, data.rows, data.labels[data.rows], batch_size, device, aug, seed)
     if AugBackend(aug.backend) is AugBackend.torch:
-        return augment.DeviceBatches(data.images[data.rows], data.labels[data.rows], batch_size, device, aug, seed)
+        return augment.DeviceBatches(read_rows(data.images, data.rows), data.labels[data.rows], batch_size, device, aug,
+                                     seed)
     transform = augment.transform_from_cfg(aug)
     if transform is not None:
         transform.set_random_seed(seed)
@@ -243,7 +245,7 @@ class GroupBatches:
         union = np.unique(np.concatenate([np.asarray(s.rows, dtype=np.int64) for s in sets]))
         # (U, C, S, S) uint8 on the device; streamed: the host source, each step's rows gathered and prefetched
         self.source, self.union = source, union
-        self.x = None if stream else torch.from_numpy(np.ascontiguousarray(source[union])).to(device)
+        self.x = None if stream else torch.from_numpy(read_rows(source, union)).to(device)
         self.image_shape = tuple(source.shape[1:])
         self.positions = [torch.from_numpy(np.searchsorted(union, s.rows).astype(np.int64)).to(device) for s in sets]
         self.labels = [torch.from_numpy(np.ascontiguousarray(s.labels[s.rows])).to(device) for s in sets]

@@ -702,9 +702,8 @@ def run_epochs(unit: Unit, comp: Competition, folds: np.ndarray, t0: float,
         loop, lead = unit.loop, unit.specs[0]
         val_rows = [np.flatnonzero(folds == s.key.fold) for s in unit.specs]
         vals: list = [None] * len(unit.specs)
-        if epoch == loop.epochs:  # each member predicts its OOF exactly as its checkpoint will (stage=predict)
-            loops = unit.split(comp)
-            views = [predict_member(m, s, Rows(comp.x_train, rows), tta=True) for m, s, rows in zip(loops, unit.specs, val_rows)]
+        if epoch == loop.epochs:
+            loops, views = _final_views(unit, comp, folds)
             vals = [v[0] for v in views]
         elif epoch % lead.runtime.val_every == 0:
             vals = unit.validate(comp, val_rows)
@@ -725,10 +724,16 @@ def run_epochs(unit: Unit, comp: Competition, folds: np.ndarray, t0: float,
                            left, unit.name, lead.predict_seconds_per_image)
         epoch += 1
     if views is None:  # resumed from checkpoints written after the last epoch
-        loops = unit.split(comp)
-        views = [predict_member(m, s, Rows(comp.x_train, np.flatnonzero(folds == s.key.fold)), tta=True)
-                 for m, s in zip(loops, unit.specs)]
+        loops, views = _final_views(unit, comp, folds)
     return unit, loops, views, failed
+
+
+def _final_views(unit: Unit, comp: Competition, folds: np.ndarray) -> tuple[list[TrainingLoop], list[np.ndarray]]:
+    """Each member of ``unit`` as its own loop and its ``(V, n_val, C)`` OOF probabilities per
+    test-time view, predicted exactly as its checkpoint will predict them (``stage=predict``)."""
+    loops = unit.split(comp)
+    return loops, [predict_member(m, s, Rows(comp.x_train, np.flatnonzero(folds == s.key.fold)), tta=True)
+                   for m, s in zip(loops, unit.specs)]
 
 
 def member_metrics(loop: TrainingLoop, spec: FitSpec, views: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

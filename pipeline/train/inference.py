@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.io import read_rows
 from pipeline import augment
 from pipeline.device import autocast
 from pipeline.settings import Precision, RuntimeSettings
@@ -33,8 +34,9 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
     views = views or augment.TTAViews()
     out = []
     for i in range(0, len(images), batch_size):
-        # a copy: the images may be a read-only memory map (side-by-side workers get them so)
-        x = torch.from_numpy(images[i:i + batch_size].copy()).to(device, non_blocking=True).float().div_(255)
+        # a copy (read_rows): the images may be the read-only decoded cache (read without mapping it)
+        rows = np.arange(i, min(len(images), i + batch_size))
+        x = torch.from_numpy(read_rows(images, rows)).to(device, non_blocking=True).float().div_(255)
         per_view = []
         for v in views(x):
             if channels_last:

@@ -1,6 +1,6 @@
 """Stage ``tune`` and its parts: :mod:`~pipeline.tune.space` (search spaces),
 :mod:`~pipeline.tune.study` (Optuna studies, the objective, the stage) and
-:mod:`~pipeline.tune.tuned` (``tuned=true``, without importing Optuna).
+:func:`pipeline.config.apply_tuned_values` (``tuned=true``, at the run's entry, without importing Optuna).
 """
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
 from pipeline.runsettings import model_settings
-from pipeline.tune.tuned import SPACE_ROOTS
+from pipeline.settings import SPACE_ROOTS
 
 SPACE_TYPES = ("float", "int", "categorical")
 

@@ -14,7 +14,7 @@
   worker's trial failed after ``2 x tune.heartbeat_s`` and re-queue it, so nothing stays
   RUNNING forever.
 * At the end: the best trials, parameter importances (Optuna's fANOVA evaluator) and the best
-  parameters written to ``artifacts/tuned/<model>.yaml`` (see :mod:`pipeline.tune.tuned`).
+  parameters written to ``artifacts/tuned/<model>.yaml`` (``tuned=true`` applies them: :func:`pipeline.config.apply_tuned_values`).
 """
 
 from __future__ import annotations
@@ -267,14 +267,15 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
-def write_tuned(cfg: DictConfig, name: str, study: optuna.Study) -> str:
-    """Write the best trial's parameters to ``artifacts/tuned/<name>.yaml``; return its path."""
+def write_tuned(paths: Paths, name: str, study: optuna.Study, folds: list[int]) -> str:
+    """Write the best trial's parameters (measured on ``folds``) to ``artifacts/tuned/<name>.yaml``
+    under ``paths``; return its path."""
     best = study.best_trial
-    path = Paths.from_cfg(cfg).tuned(name)
+    path = paths.tuned(name)
     header = (f"# Best parameters of {name}: study '{study.study_name}', trial {best.number}, "
               f"OOF accuracy {best.user_attrs.get('accuracy', float('nan')):.5f}, "
               f"log loss {best.user_attrs.get('log_loss', float('nan')):.4f} on folds "
-              f"{tune_folds(cfg)}.\n# Applied by: python run.py stage=train model={name} tuned=true\n")
+              f"{folds}.\n# Applied by: python run.py stage=train model={name} tuned=true\n")
     save_text(path, header + OmegaConf.to_yaml(OmegaConf.create(nested(best.params))))
     return str(path)
 
@@ -333,17 +334,17 @@ def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
     imp = importances(study)
     if imp:
         log.info("tune: parameter importances: %s", ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
-    path = write_tuned(cfg, name, study)
-    _write_trials_csv(cfg, name, study)
+    path = write_tuned(ws.paths, name, study, tune_folds(cfg))
+    _write_trials_csv(ws.paths, name, study)
     log.info("tune: %s: best parameters -> %s (train with them: python run.py stage=train "
              "model=%s tuned=true)", name, path, name)
     return {"study": study.study_name, "trials": len(study.trials), "best_value": study.best_value,
             "best_params": study.best_params, "tuned_file": path, "importances": imp}
 
 
-def _write_trials_csv(cfg: DictConfig, name: str, study: optuna.Study) -> None:
+def _write_trials_csv(paths: Paths, name: str, study: optuna.Study) -> None:
     df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
-    path = Paths.from_cfg(cfg).tuned(name).with_name(f"{name}_trials.csv")
+    path = paths.tuned(name).with_name(f"{name}_trials.csv")
     write_with(path, lambda p: df.to_csv(p, index=False))
 
 

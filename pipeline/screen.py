@@ -42,7 +42,7 @@ import optuna
 
 from pipeline.io import read_rows
 from pipeline import data, members
-from pipeline.budget import format_minutes
+from pipeline.budget import format_minutes, reserve_seconds
 from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.members import MemberKey
@@ -478,13 +478,44 @@ def pretrained_candidates(ws: Workspace, loaded: int, fixed: frozenset[Dim]) -> 
     return out
 
 
+def full_seconds(sc: Screen, row: TrialRecord) -> float:
+    """About the least training ``row``'s candidate costs on the whole competition, from its
+    trial's seconds: a linear probe computes its features once for every train and test image
+    (the trial's rate per image of the subsample); a network trains one epoch of every fold
+    (``k - 1`` folds of rows each, at the trial's rate per row and epoch)."""
+    comp, n_sub = sc.ws.comp, len(sc.train_rows) + len(sc.val_rows)
+    if sc.ws.settings.models[row.candidate.model].train.fit is FitMethod.linear_probe:
+        return row.seconds * (len(comp.x_train) + len(comp.x_test)) / max(1, n_sub)
+    per_row_epoch = row.seconds / max(1, row.epochs * len(sc.train_rows))
+    return per_row_epoch * len(comp.x_train) * (sc.ws.settings.folds.k - 1)
+
+
+def affordable(sc: Screen, rows: list[TrialRecord]) -> tuple[list[TrialRecord], list[str]]:
+    """The rows whose candidate's :func:`full_seconds` fit in what ``budget=`` leaves for training
+    (its end less the reserve for the blend and report, from now); all rows without a budget.
+    Returns the rows that fit and one reason per complete row that does not."""
+    settings = sc.ws.settings
+    if settings.budget is None:
+        return rows, []
+    left = settings.started + settings.budget - reserve_seconds(settings.budget) - time.time()
+    fits, why = [], []
+    for r in rows:
+        if r.state is TrialState.complete and full_seconds(sc, r) > left:
+            why.append(f"left out {r.candidate.model}: about {full_seconds(sc, r) / 60:.1f} min of training on the "
+                       f"whole competition, {max(0.0, left) / 60:.1f} min of the budget left")
+        else:
+            fits.append(r)
+    return fits, why
+
+
 def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candidate], reasons: list[str]):
     """The arch study: ``models`` at ``side`` (from scratch, ``aug``) and the ``pretrained``
     candidates at theirs. The best-scoring row's side becomes the ensemble's (one side for all);
     the ensemble keeps the best ``screen.keep`` rows screened at that side (:func:`kept`). Returns
     ``(ordered models, side, kept model names)``."""
     s, metric, n_val = sc.s, sc.ws.settings.data.metric, len(sc.val_rows)
-    rows = sc.study(Dim.arch, [Candidate(m, side, aug) for m in models] + pretrained)
+    measured = sc.study(Dim.arch, [Candidate(m, side, aug) for m in models] + pretrained)
+    rows, dear = affordable(sc, measured)  # a candidate the budget cannot train at full scale never wins
     margin = noise(rows, n_val, metric, getattr(sc, "predictions", None))
     top = kept(rows, margin, 1, s.keep_within)[0]  # the best score (the earliest among equals)
     side = top[0].candidate.side if top else side
@@ -494,6 +525,7 @@ def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candid
                    f"below the best" for r in weaker)
     other = sorted({r.candidate.model for r in rows if r.candidate.side != side and r.state is TrialState.complete})
     left += f"; left out {', '.join(other)}: screened at another side than the best's {side} px" if other else ""
+    left += "".join(f"; {d}" for d in dear)
     reasons.append(_why(Dim.arch, rows, chosen[0] if chosen else None, f"ensemble [{', '.join(order)}]",
                         margin) + left)
     return order + [m for m in models if m not in order], side, order

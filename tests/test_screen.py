@@ -3,6 +3,7 @@ of the budget, never over a setting given by hand, reused by a rerun; on the com
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -292,15 +293,23 @@ class _Study:
     """A stand-in for :class:`pipeline.screen.Screen` whose studies return given rows: the choice
     logic alone, on constructed scores."""
 
-    def __init__(self, rows, keep=2, pretrained=("lite0", "lite0_probe")):
+    def __init__(self, rows, keep=2, pretrained=("lite0", "lite0_probe"), budget=None, n_train=2099):
+        import time
         from types import SimpleNamespace
 
-        from pipeline.choices import Metric
+        from pipeline.choices import FitMethod, Metric
 
         self.rows = rows
         self.s = SimpleNamespace(keep=keep, keep_within=2.0, pretrained=list(pretrained))
-        self.ws = SimpleNamespace(settings=SimpleNamespace(data=SimpleNamespace(metric=Metric.accuracy)))
+        fit = {m: SimpleNamespace(train=SimpleNamespace(fit=FitMethod.linear_probe if m.endswith("_probe")
+                                                       else FitMethod.gradient))
+               for m in ("cnn_deotte", "resnet9", "lite0", "lite0_probe")}
+        self.ws = SimpleNamespace(settings=SimpleNamespace(data=SimpleNamespace(metric=Metric.accuracy), budget=budget,
+                                                           started=time.time(), models=fit,
+                                                           folds=SimpleNamespace(k=5)),
+                                  comp=SimpleNamespace(x_train=range(n_train), x_test=range(n_train // 5)))
         self.val_rows = list(range(420))
+        self.train_rows = list(range(1679))
 
     def study(self, dim, candidates):
         return [r for r in self.rows if r.candidate in candidates]
@@ -326,6 +335,27 @@ def test_a_pretrained_winner_brings_its_side_and_the_ensemble_keeps_its_family()
     models, side, order = _arch(_Study(rows), ["cnn_deotte", "resnet9"], 32, AugPreset.affine, pretrained, reasons)
     assert side == 128 and order == ["lite0", "lite0_probe"] and models[:2] == order
     assert "screened at another side" in reasons[0] and "cnn_deotte" in reasons[0]
+
+
+def test_a_winner_the_budget_cannot_train_at_full_scale_never_decides():
+    """60,000 photos: the linear probe wins the subsample (its features took 150 s for 2,099
+    images) but would need about 71 min of features on the whole set, more than a 15-minute budget
+    leaves; the networks from scratch it beat (3 epochs of 1,679 rows in 10 s) fit, so they decide,
+    and the reason says why. Without a budget, or on a set the probe affords, the probe wins."""
+    from pipeline.screen import _arch
+
+    rows = [_row("cnn_deotte", 32, "complete", 0.93), _row("resnet9", 32, "complete", 0.94),
+            _row("lite0_probe", 128, "complete", 1.00)]
+    rows = [dataclasses.replace(r, seconds=150.0 if r.candidate.model == "lite0_probe" else 10.0) for r in rows]
+    reasons = []
+    _, side, order = _arch(_Study(rows, budget=900.0, n_train=50000), ["cnn_deotte", "resnet9"], 32,
+                           AugPreset.affine, [Candidate("lite0_probe", 128, None)], reasons)
+    assert (side, order) == (32, ["resnet9", "cnn_deotte"])
+    assert "left out lite0_probe: about 71.5 min of training on the whole competition" in reasons[0]
+    for study in (_Study(rows, n_train=50000), _Study(rows, budget=900.0)):
+        _, side, order = _arch(study, ["cnn_deotte", "resnet9"], 32, AugPreset.affine,
+                               [Candidate("lite0_probe", 128, None)], [])
+        assert (side, order) == (128, ["lite0_probe"])
 
 
 def test_an_unmeasured_candidate_never_decides_and_is_reported():

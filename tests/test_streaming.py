@@ -59,3 +59,14 @@ def test_the_placement_follows_the_memory_share():
     assert not image_placement(1 << 50, cpu, "off", 0.5, 2).streamed
     assert image_placement(1 << 50, cpu, "off", 0.5, 2).limit_bytes is None
     assert "streamed from the decoded cache" in big.describe()
+
+
+def test_a_prediction_batch_holds_about_as_many_pixels_whatever_the_side():
+    """``runtime.eval_batch_size`` counts 28 x 28 images: the digits keep their batch, larger
+    images get as many pixels a batch (at least one image)."""
+    from pipeline.train.inference import eval_rows
+
+    assert eval_rows(2048, (400, 1, 28, 28)) == 2048
+    assert eval_rows(2048, (9, 3, 128, 128)) == 98
+    assert eval_rows(2048, (9, 3, 384, 384)) == 10
+    assert eval_rows(16, (9, 3, 1024, 1024)) == 1

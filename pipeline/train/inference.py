@@ -18,6 +18,18 @@ from pipeline.device import autocast
 from pipeline.settings import Precision, RuntimeSettings
 
 
+EVAL_PIXELS_OF = 28 * 28  # runtime.eval_batch_size counts images of this many pixels
+
+
+def eval_rows(batch_size: int, shape: tuple) -> int:
+    """Rows per prediction batch of images of ``shape`` (``(..., S, S)``): ``runtime.eval_batch_size``
+    counts 28 x 28 images, so a batch of larger images holds as many pixels (2,048 digits, 98
+    images of 128 px): the activations of a batch stay about one size whatever the side (Lite0's
+    activations of 2,048 images of 128 px took 6 GB of memory)."""
+    pixels = int(shape[-1]) * int(shape[-2])
+    return max(1, min(batch_size, batch_size * EVAL_PIXELS_OF // max(1, pixels)))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
                    batch_size: int = 2048, channels_last: bool = False,
@@ -33,6 +45,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device,
     model.eval()
     views = views or augment.TTAViews()
     out = []
+    batch_size = eval_rows(batch_size, images.shape)
     for i in range(0, len(images), batch_size):
         # a copy (read_rows): the images may be the read-only decoded cache (read without mapping it)
         rows = np.arange(i, min(len(images), i + batch_size))
@@ -88,7 +101,7 @@ def predict_group_view_probs(model: nn.Module, images: Sequence[np.ndarray], dev
     set per test-time view of ``tta`` (the identity first), as :func:`predict_view_probs` gives
     them for the member's split-out model (to float rounding of the grouped kernels).
 
-    Batches of ``max(1, runtime.eval_batch_size // M)`` rows per member (about as many images per
+    Batches of ``max(1, eval_rows(runtime.eval_batch_size) // M)`` rows per member (about as many images per
     forward as one member's prediction) are stacked on the host in the fused layout ``(b, M, C,
     S, S)`` uint8 (a member with fewer rows padded with zeros, its padding dropped afterwards),
     copied to ``device`` once, normalised, and run through the network once per view, autocast in
@@ -106,7 +119,7 @@ def predict_group_view_probs(model: nn.Module, images: Sequence[np.ndarray], dev
     if any(x.shape[1:] != shape for x in images):
         raise ValueError(f"predict_group_view_probs: the members' images differ in shape: {[x.shape for x in images]}")
     views = augment.tta_views(tta)
-    rows = max(1, runtime.eval_batch_size // members)
+    rows = max(1, eval_rows(runtime.eval_batch_size, shape) // members)
     longest = max(len(x) for x in images)
     model.eval()
     out = []

@@ -127,6 +127,8 @@ def read_rows(images, rows) -> np.ndarray:
     call) instead of through the mapping, so the pages read count in the kernel's page cache, not
     in this process's resident memory; anything else is indexed as it is."""
     rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim == 0:  # one row: its (C, S, S) image
+        return read_rows(images, rows[None])[0]
     if not _whole_map(images):
         return np.asarray(images[rows])
     out = np.empty((len(rows), *images.shape[1:]), dtype=images.dtype)

@@ -40,8 +40,9 @@ import time
 import numpy as np
 import optuna
 
-from pipeline.io import read_rows
 from pipeline import data, members
+from pipeline.augment import tta_views
+from pipeline.io import read_rows
 from pipeline.budget import format_minutes, reserve_seconds
 from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
@@ -481,13 +482,17 @@ def pretrained_candidates(ws: Workspace, loaded: int, fixed: frozenset[Dim]) -> 
 def full_seconds(sc: Screen, row: TrialRecord) -> float:
     """About the least training ``row``'s candidate costs on the whole competition, from its
     trial's seconds: a linear probe computes its features once for every train and test image
-    (the trial's rate per image of the subsample); a network trains one epoch of every fold
-    (``k - 1`` folds of rows each, at the trial's rate per row and epoch)."""
-    comp, n_sub = sc.ws.comp, len(sc.train_rows) + len(sc.val_rows)
-    if sc.ws.settings.models[row.candidate.model].train.fit is FitMethod.linear_probe:
-        return row.seconds * (len(comp.x_train) + len(comp.x_test)) / max(1, n_sub)
+    (the trial's rate per image of the subsample), then each of the ``k`` folds fits its
+    regression (priced as the budget prices it, :func:`pipeline.train.probe.fit_seconds`); a
+    network trains one epoch of every fold (``k - 1`` folds of rows each, at the trial's rate per
+    row and epoch)."""
+    comp, n_sub, k = sc.ws.comp, len(sc.train_rows) + len(sc.val_rows), sc.ws.settings.folds.k
+    m = sc.ws.settings.models[row.candidate.model]
+    if m.train.fit is FitMethod.linear_probe:
+        fits = k * probe.fit_seconds(len(comp.x_train) * (k - 1) / k, len(tta_views(m.tta)))
+        return row.seconds * (len(comp.x_train) + len(comp.x_test)) / max(1, n_sub) + fits
     per_row_epoch = row.seconds / max(1, row.epochs * len(sc.train_rows))
-    return per_row_epoch * len(comp.x_train) * (sc.ws.settings.folds.k - 1)
+    return per_row_epoch * len(comp.x_train) * (k - 1)
 
 
 def affordable(sc: Screen, rows: list[TrialRecord]) -> tuple[list[TrialRecord], list[str]]:

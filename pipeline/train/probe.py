@@ -295,7 +295,11 @@ def seconds_per_member(spec, comp, folds: np.ndarray, batch: int = 32, share: fl
     per_image = (time.perf_counter() - t0) / max(1, len(x))  # every view of one image
     k = max(2, len(np.unique(folds)))
     share = 1 / k if share is None else share
-    views = len(tta_views(spec.tta))
-    rows = (len(comp.x_train) * (k - 1) / k) * views
-    fits = (len(C_GRID) * INNER_FOLDS + 1) * FIT_SECONDS * rows / 1000
+    fits = fit_seconds(len(comp.x_train) * (k - 1) / k, len(tta_views(spec.tta)))
     return per_image * (len(comp.x_train) + len(comp.x_test)) * share + fits
+
+
+def fit_seconds(train_rows: float, views: int) -> float:
+    """Seconds of one probe member's regression fits on ``train_rows`` rows of ``views`` views:
+    :data:`C_GRID` x :data:`INNER_FOLDS` + 1 fits at :data:`FIT_SECONDS` per thousand rows and view."""
+    return (len(C_GRID) * INNER_FOLDS + 1) * FIT_SECONDS * train_rows * views / 1000

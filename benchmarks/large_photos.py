@@ -9,7 +9,7 @@ aspect 3/4-4/3), flip and brightness change of one of scikit-image's photographs
 retina, camera, brick, grass, gravel, moon; the grayscale ones as RGB); the class is the
 photograph. Never noise: every pixel comes from a real photo. The same seed writes the same files.
 
-Then, on the machine it runs on (printed): the decode into the pipeline's cache at ``--side`` px
+Then, on the machine it runs on (printed; training on its GPU when it has one): the decode into the pipeline's cache at ``--side`` px
 (``pipeline.data.load_competition``: images/s, seconds, the cache's size, this process's peak
 resident memory), and :mod:`stream_throughput`'s side-by-side comparison of streamed and
 in-memory training batches on ``--fit-rows`` rows (a set that fits).
@@ -116,10 +116,10 @@ def main() -> None:
     from stream_throughput import CONF_DIR, compare, report
     from train_throughput import hardware
     from pipeline import data
-    from pipeline.device import resolve_precision
+    from pipeline.device import resolve_precision, select_device
     from pipeline.settings import aug_settings
 
-    device = torch.device("cpu")
+    device = select_device("auto")  # the GPU when there is one
     print(hardware(device))
     if not args.skip_build:
         seconds = build(args.dir, args.train, args.test, args.size, args.seed, args.jobs)

@@ -3,7 +3,7 @@
 :func:`prepare` takes the config Hydra composed and returns a checked, read-only copy:
 
 1. each pseudo-label round of ``pseudo.models`` added as a model (:func:`expand_pseudo_rounds`);
-2. with ``tuned=true``, a study's best values applied (:func:`apply_tuned`);
+2. with ``tuned=true``, a study's best values applied (:func:`apply_tuned_values`);
 3. with ``screen.enabled``, the recipe its screening chose for this run applied
    (:func:`pipeline.recipe.apply_recipe`; ``artifacts/screening/``, :mod:`pipeline.screen`);
 4. every setting checked (:func:`validate`): a bad one stops the run with one line naming it,
@@ -32,6 +32,7 @@ from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, SPACE_R
 
 
 log = logging.getLogger(__name__)
+
 
 def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunSettings]:
     """The run's config and its typed settings: a read-only copy of ``cfg`` with the pseudo-label

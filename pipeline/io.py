@@ -107,18 +107,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-_FILES: dict[str, int] = {}  # open read-only descriptors of memory-mapped caches, per file (this process)
+# open read-only descriptors of decoded caches in this process, per (file, inode, modification time):
+# a cache written again under the same name is opened anew, never read through the old file's
+_FILES: dict[tuple[str, int, int], int] = {}
 
 
-def _whole_map(images) -> bool:
-    """Whether ``images`` is a whole ``.npy`` memory map (not a slice of one): its file holds
-    exactly its header and its bytes."""
+def _whole_map(images) -> tuple[str, int, int] | None:
+    """The identity ``(file, inode, modification time)`` of ``images`` when it is a whole ``.npy``
+    memory map (its file holds exactly its header and its bytes, not a slice of one), else None."""
     if not isinstance(images, np.memmap) or not images.flags.c_contiguous or images.filename is None:
-        return False
+        return None
     try:
-        return os.path.getsize(images.filename) == images.offset + images.nbytes
+        st = os.stat(images.filename)
     except OSError:
-        return False
+        return None
+    return (images.filename, st.st_ino, st.st_mtime_ns) if st.st_size == images.offset + images.nbytes else None
 
 
 def read_rows(images, rows) -> np.ndarray:
@@ -129,14 +132,15 @@ def read_rows(images, rows) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     if rows.ndim == 0:  # one row: its (C, S, S) image
         return read_rows(images, rows[None])[0]
-    if not _whole_map(images):
+    identity = _whole_map(images)
+    if identity is None:
         return np.asarray(images[rows])
     out = np.empty((len(rows), *images.shape[1:]), dtype=images.dtype)
     if len(rows) == 0:
         return out
-    fd = _FILES.get(images.filename)
+    fd = _FILES.get(identity)
     if fd is None:
-        fd = _FILES[images.filename] = os.open(images.filename, os.O_RDONLY)
+        fd = _FILES[identity] = os.open(images.filename, os.O_RDONLY)
     row = out[0].nbytes
     flat = memoryview(out.reshape(-1).view(np.uint8))
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1

@@ -235,7 +235,8 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
 def run(cfg: DictConfig, ws=None) -> list[dict]:
     """Stage ``predict``: print, per image, the predicted label (the submission's decision: the
     argmax, or with a balanced-accuracy / macro-F1 blend the argmax of the probabilities times its
-    per-class weights) and the top-``predict.top_k`` probabilities; with ``predict.output=FILE.csv`` also write them. Returns one dict per image
+    per-class weights) and the top-``predict.top_k`` probabilities; with
+    ``predict.output=FILE.csv`` also write them. Returns one dict per image
     (``file``, ``label``, ``top``: ``[(class name, probability), ...]``).
 
     Raises:

@@ -42,10 +42,10 @@ import optuna
 
 from pipeline import data, members
 from pipeline.augment import tta_views
-from pipeline.io import read_rows
 from pipeline.budget import format_minutes, reserve_seconds
 from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.io import read_rows
 from pipeline.members import MemberKey
 from pipeline.metrics import DECISION_METRICS, label_metric, score
 from pipeline.pretrained import weights_available

@@ -184,9 +184,10 @@ def _log_to_files(message: str) -> None:
 def run_command(cfg: DictConfig) -> None:
     """The command line's run of ``cfg.stage`` (``run.py`` and ``python -m pipeline``): ``budget=``
     counts from the process's start (:func:`pipeline.budget.process_start`); the dimensions its
-    overrides and its ``competition=`` file set by hand are not screened (:func:`pipeline.config.with_fixed`); a user error
-    (:class:`~pipeline.errors.PipelineError`) is written to the run's log file and as one line on
-    stderr, and the process exits with code 2."""
+    overrides and its ``competition=`` file set by hand are not screened
+    (:func:`pipeline.config.with_fixed`, :func:`pipeline.config.competition_overrides`); a user
+    error (:class:`~pipeline.errors.PipelineError`) is written to the run's log file and as one line
+    on stderr, and the process exits with code 2."""
     from hydra.core.hydra_config import HydraConfig
 
     from pipeline.budget import process_start

@@ -99,7 +99,8 @@ def _competition_file(folder: Path, name: str, *settings: str) -> None:
 
     path = folder / "conf" / "competition" / f"{name}.yaml"
     path.parent.mkdir(parents=True)
-    path.write_text("# @package _global_\n" + OmegaConf.to_yaml(OmegaConf.from_dotlist([s.lstrip("+") for s in settings])))
+    body = OmegaConf.to_yaml(OmegaConf.from_dotlist([s.lstrip("+") for s in settings]))
+    path.write_text("# @package _global_\n" + body)
 
 
 def test_stage_all_end_to_end(tmp_path, digits_dir):

@@ -2,8 +2,8 @@
 
 A unit is M members that train together (:class:`Unit`): a member alone (:class:`MemberUnit`) or
 a fused group of a model's members (:class:`pipeline.train.fused.GroupLoop`); :func:`run_epochs`
-trains either. The fit loop trains a member on every fold but its own with AdamW and a one-cycle LR schedule
-(Smith & Topin 2017, ``OneCycleLR``), validates on its fold after every ``runtime.val_every``-th
+trains either. The fit loop trains a member on every fold but its own with AdamW and a one-cycle
+LR schedule (Smith & Topin 2017, ``OneCycleLR``), validates on its fold after every ``runtime.val_every``-th
 epoch and after the last, and keeps the final-epoch weights (no early stopping on the OOF fold, so
 the OOF score stays honest), or an average of the weights, EMA or SWA
 (:mod:`pipeline.train.averaging`). With a resume path it checkpoints every epoch

@@ -29,8 +29,8 @@ members whose states stopped after the same epoch train as one group, others as 
 
 **A member that diverges leaves.** Its damage stays in its own tensors (every layer keeps members
 apart), so after an epoch in which its loss became NaN/inf it leaves the group (its checkpoint
-removed; :class:`~pipeline.train.engine.MemberFailed`) and the others continue as a group rebuilt from their states. With
-fp16 one member's overflow makes ``GradScaler`` skip the step of all: each epoch's skipped steps
+removed; :class:`~pipeline.train.engine.MemberFailed`) and the others continue as a group rebuilt
+from their states. With fp16 one member's overflow makes ``GradScaler`` skip the step of all: each epoch's skipped steps
 are counted on the device, logged with the members that overflowed, and a member that overflows
 on :data:`OVERFLOW_SHARE` of the steps of :data:`OVERFLOW_EPOCHS` epochs in a row leaves the same
 way.
@@ -130,8 +130,8 @@ class GroupLoop:
     def validate(self, comp: Competition, val_rows: list[np.ndarray]) -> list[np.ndarray]:
         """Through the fused network in eval mode: one forward for all members."""
         lead = self.specs[0]
-        return predict_group_probs(self.loop.predictor, [Rows(comp.x_train, rows) for rows in val_rows], self.loop.device,
-                                   lead.runtime, lead.precision)
+        return predict_group_probs(self.loop.predictor, [Rows(comp.x_train, rows) for rows in val_rows],
+                                   self.loop.device, lead.runtime, lead.precision)
 
     def split(self, comp: Competition) -> list[TrainingLoop]:
         return member_loops(self, comp)

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.io import read_rows
 from pipeline import augment
 from pipeline.device import autocast
+from pipeline.io import read_rows
 from pipeline.settings import Precision, RuntimeSettings
 
 

@@ -1,6 +1,7 @@
 """Stage ``tune`` and its parts: :mod:`~pipeline.tune.space` (search spaces),
 :mod:`~pipeline.tune.study` (Optuna studies, the objective, the stage) and
-:func:`pipeline.config.apply_tuned_values` (``tuned=true``, at the run's entry, without importing Optuna).
+:func:`pipeline.config.apply_tuned_values` (``tuned=true``, applied at the run's entry, without
+importing Optuna).
 """
 
 

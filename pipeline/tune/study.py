@@ -14,7 +14,8 @@
   worker's trial failed after ``2 x tune.heartbeat_s`` and re-queue it, so nothing stays
   RUNNING forever.
 * At the end: the best trials, parameter importances (Optuna's fANOVA evaluator) and the best
-  parameters written to ``artifacts/tuned/<model>.yaml`` (``tuned=true`` applies them: :func:`pipeline.config.apply_tuned_values`).
+  parameters written to ``artifacts/tuned/<model>.yaml`` (``tuned=true`` applies them:
+  :func:`pipeline.config.apply_tuned_values`).
 """
 
 from __future__ import annotations

@@ -450,21 +450,25 @@ def batch_augment_from_cfg(aug_cfg, generator: torch.Generator | None = None) ->
 class TTAViews:
     """Deterministic test-time views of a batch: the image itself, then shifts by ``+-shifts``
     pixels along x and y, rotations by ``+-rotations`` degrees, and a horizontal mirror, as the
-    settings ask (:class:`~pipeline.settings.TTASettings`). Shifts and rotations are one
-    ``affine_grid`` + ``grid_sample`` each (bilinear, zero fill; a whole-pixel shift moves pixels to within float rounding).
-    Iterating ``views(x)`` over a ``(B, C, S, S)`` float batch yields one ``(B, C, S, S)`` tensor
-    per view, identity first; ``len(views)`` is their number."""
+    settings ask (:class:`~pipeline.settings.TTASettings`); with ``dihedral`` the mirror is
+    followed by the other six symmetries of the square (rotations by 90, 180 and 270 degrees and
+    their mirrors: the dihedral group D4, exact pixel permutations), so the first two views are
+    the same as with ``hflip`` alone. Shifts and rotations are one ``affine_grid`` +
+    ``grid_sample`` each (bilinear, zero fill; a whole-pixel shift moves pixels to within float
+    rounding). Iterating ``views(x)`` over a ``(B, C, S, S)`` float batch yields one
+    ``(B, C, S, S)`` tensor per view, identity first; ``len(views)`` is their number."""
 
-    def __init__(self, shifts: int = 0, rotations: float = 0.0, hflip: bool = False):
+    def __init__(self, shifts: int = 0, rotations: float = 0.0, hflip: bool = False, dihedral: bool = False):
         self.params = [(0.0, 0.0, 0.0)]  # (degrees, dx px, dy px)
         if shifts:
             self.params += [(0.0, s, 0.0) for s in (shifts, -shifts)] + [(0.0, 0.0, s) for s in (shifts, -shifts)]
         if rotations:
             self.params += [(r, 0.0, 0.0) for r in (rotations, -rotations)]
-        self.hflip = bool(hflip)
+        self.hflip = bool(hflip) or bool(dihedral)
+        self.dihedral = bool(dihedral)
 
     def __len__(self) -> int:
-        return len(self.params) + int(self.hflip)
+        return len(self.params) + int(self.hflip) + 6 * int(self.dihedral)
 
     @staticmethod
     def _warp(x: torch.Tensor, degrees: float, dx: float, dy: float) -> torch.Tensor:
@@ -479,13 +483,18 @@ class TTAViews:
             yield x if (degrees, dx, dy) == (0.0, 0.0, 0.0) else self._warp(x, degrees, dx, dy)
         if self.hflip:
             yield x.flip(-1)
+        if self.dihedral:
+            for k in (1, 2, 3):
+                turned = torch.rot90(x, k, (-2, -1))
+                yield turned
+                yield turned.flip(-1)
 
 
 def tta_views(tta) -> TTAViews:
     """:class:`TTAViews` from the ``tta`` settings (``None``: the identity view alone)."""
     if tta is None:
         return TTAViews()
-    return TTAViews(int(tta.shifts), float(tta.rotations), bool(tta.hflip))
+    return TTAViews(int(tta.shifts), float(tta.rotations), bool(tta.hflip), bool(tta.dihedral))
 
 
 class ImageDataset(Dataset):

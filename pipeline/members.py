@@ -32,7 +32,7 @@ from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, w
 from pipeline.models import architecture_digest
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, MEMBER_FILES, MANIFEST, METRICS, OOF, TEST
 from pipeline.runsettings import RunSettings
-from pipeline.settings import Precision
+from pipeline.settings import FitMethod, Metric, Precision
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -124,12 +124,15 @@ def member_config(settings: RunSettings, key: MemberKey, fingerprint: str, folds
     device (``precision``: bf16, fp16 or fp32, never ``auto``, so one key means one numerics), the
     architecture's digest (so an edited model makes its members stale), the fold and seed index,
     the folds (k, seed, digest of the assignment), the data fingerprint, the training seed
-    (:func:`training_seed`) and, for a pseudo-label round, its pseudo rows
+    (:func:`training_seed`), for a linear probe the metric that picks its regularisation
+    (``data.metric``) and, for a pseudo-label round, its pseudo rows
     (:meth:`pipeline.workspace.Workspace.member_config`).
     """
     ms = settings.models[key.model].learned()
     ms["train"]["precision"] = Precision(precision).value
     extra = {"pseudo": pseudo} if pseudo is not None else {}
+    if FitMethod(ms["train"]["fit"]) is FitMethod.linear_probe:
+        extra["probe_metric"] = Metric(settings.data.metric).value
     return OmegaConf.create({**extra,
         "model": key.model, "arch": ms["arch"], "arch_digest": architecture_digest(ms["arch"]),
         "kwargs": ms["kwargs"], "train": ms["train"], "aug": ms["aug"], "tta": ms["tta"], "fold": key.fold,

@@ -222,23 +222,47 @@ class Pretrained(nn.Module):
     """A pretrained timm backbone ``net`` behind the input normalisation its weights expect
     (``norm``): maps ``(N, in_chans, S, S)`` float32 in [0, 1] to ``(N, C)`` logits. It names its
     layer groups from the stem (0) to the classifier (the last) with timm's ``group_matcher``,
-    for layer-wise learning rates and freezing (:func:`parameter_groups`, :func:`freeze`)."""
+    for layer-wise learning rates and freezing (:func:`parameter_groups`, :func:`freeze`).
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    With ``feature_levels`` = n > 0 its features are multi-level: the global-average-pooled
+    outputs of the last n feature levels (timm's ``forward_intermediates``, e.g. the stages of
+    reduction 8, 16 and 32 of an EfficientNet) concatenated before the pooled features, and its
+    classifier is a linear layer ``head`` on all of them (intermediate representations for
+    transfer: Evci et al. 2022, "Head2Toe"; lower levels carry the texture that images far from
+    ImageNet, such as solar cells or cells under a microscope, differ by)."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], feature_levels: int = 0,
+                 num_classes: int = 0):
         super().__init__()
         self.norm = Normalize(mean, std)
         self.net = net
+        self.feature_levels = int(feature_levels)
+        if self.feature_levels:
+            width = sum(f["num_chs"] for f in net.feature_info[-self.feature_levels:]) + net.num_features
+            net.reset_classifier(0)
+            self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_levels:
+            return self.head(self.features(x))
         return self.net(self.norm(x))
 
+    @property
+    def classifier(self) -> nn.Module:
+        """The linear layer that maps :meth:`features` to the logits."""
+        return self.head if self.feature_levels else self.net.get_classifier()
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, F)`` pooled features (timm's ``pre_logits``): what the classifier takes."""
-        return self.net.forward_head(self.net.forward_features(self.norm(x)), pre_logits=True)
+        """``(N, F)`` pooled features (timm's ``pre_logits``, after the pooled outputs of the last
+        ``feature_levels`` levels when there are any): what :attr:`classifier` takes."""
+        if not self.feature_levels:
+            return self.net.forward_head(self.net.forward_features(self.norm(x)), pre_logits=True)
+        final, levels = self.net.forward_intermediates(self.norm(x), indices=self.feature_levels)
+        return torch.cat([*(t.mean((2, 3)) for t in levels), self.net.forward_head(final, pre_logits=True)], 1)
 
     def body_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer but the classifier's: what fixes the features."""
-        head = {id(t) for t in self.net.get_classifier().parameters()}
+        head = {id(t) for t in self.classifier.parameters()}
         return {n: t for n, t in [*self.named_parameters(), *self.named_buffers()] if id(t) not in head}
 
     def layer_ids(self) -> dict[str, int]:
@@ -305,7 +329,7 @@ def freeze(model: nn.Module, head_only: bool, frozen_fraction: float = 0.0, froz
 
 def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float, pretrained: bool,
           pretrained_file: str | None, timm_kwargs: dict, adapt: Callable[[nn.Module], None] | None = None,
-          load_weights: bool = True) -> nn.Module:
+          load_weights: bool = True, feature_levels: int = 0) -> nn.Module:
     """``timm.create_model``. With ``pretrained`` (or a ``pretrained_file``) the ImageNet weights
     come from the first source of :func:`pipeline.pretrained.resolve_weights` that has them
     (a local file, packaged weights, timm's hub), timm adapts the stem to ``in_chans`` (summing
@@ -313,7 +337,8 @@ def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float, pre
     :class:`Pretrained` that normalises its input with the weights' mean/std (averaged over RGB
     for 1 channel). ``load_weights=False`` builds the same module without loading any (a
     checkpoint's tensors replace them: :func:`pipeline.members.load_model`). ``adapt(model)``
-    edits it before wrapping. Raises ConfigError for an unknown name or missing weights."""
+    edits it before wrapping; ``feature_levels``: see :class:`Pretrained`. Raises ConfigError for
+    an unknown name, missing weights, or ``feature_levels`` without pretrained weights."""
     import timm
 
     from pipeline.errors import ConfigError
@@ -323,6 +348,9 @@ def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float, pre
         if timm_kwargs.get(key) is not None:
             timm_kwargs[key] = tuple(timm_kwargs[key])
     pretrained = bool(pretrained or pretrained_file)
+    if feature_levels and not pretrained:
+        raise ConfigError(f"timm_name={timm_name}: kwargs.feature_levels={feature_levels} needs pretrained=true "
+                          f"(multi-level features of a pretrained backbone)")
     options = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **timm_kwargs)
     try:
         if pretrained and load_weights:
@@ -346,7 +374,7 @@ def _timm(timm_name: str, num_classes: int, in_chans: int, drop_rate: float, pre
     mean, std = model.pretrained_cfg.get("mean", IMAGENET_MEAN), model.pretrained_cfg.get("std", IMAGENET_STD)
     if in_chans != len(mean):
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return Pretrained(model, tuple(mean), tuple(std))
+    return Pretrained(model, tuple(mean), tuple(std), feature_levels, num_classes)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -378,15 +406,16 @@ def resnet_timm(num_classes: int, in_chans: int = 1, img_size: int = 28, timm_na
 @register_model
 def timm_backbone(num_classes: int, in_chans: int = 3, img_size: int = 224, timm_name: str = "resnet18",
                   drop_rate: float = 0.0, pretrained: bool = False, pretrained_file: str | None = None,
-                  load_weights: bool = True, **timm_kwargs) -> nn.Module:
+                  load_weights: bool = True, feature_levels: int = 0, **timm_kwargs) -> nn.Module:
     """Any timm architecture by name (``timm_name``: e.g. ``tf_efficientnet_lite0``,
     ``convnext_nano``), unchanged, at any input size and channel count; with ``pretrained`` its
     ImageNet weights from a local file, packaged weights or timm's hub (see :func:`_timm`).
-    ``img_size`` is passed to timm for models that take one (vision transformers)."""
+    ``img_size`` is passed to timm for models that take one (vision transformers);
+    ``feature_levels`` > 0: multi-level features and a linear head on them (:class:`Pretrained`)."""
     if timm_name.startswith(("vit", "deit", "swin", "beit", "eva")):  # transformers fix their grid
         timm_kwargs.setdefault("img_size", img_size)
     return _timm(timm_name, num_classes, in_chans, drop_rate, pretrained, pretrained_file, timm_kwargs,
-                 load_weights=load_weights)
+                 load_weights=load_weights, feature_levels=feature_levels)
 
 
 def _definition(fn: Callable | type) -> str:

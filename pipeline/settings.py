@@ -105,6 +105,7 @@ class TTASettings:
     shifts: int = _f(0, ge=0, le=4)          # pixels: views shifted by +-shifts, horizontally and vertically
     rotations: float = _f(0.0, ge=0, le=45)  # degrees: views rotated by +-rotations
     hflip: bool = False                      # a horizontally mirrored view (photos, not digits)
+    dihedral: bool = False                   # the 8 symmetries of the square (cells, aerial, microscopy; never digits)
 
 
 @dataclass

@@ -479,3 +479,22 @@ def test_rot90_and_erase_draws_applied_together_equal_each_alone(digits):
     assert torch.equal(together, torch.cat(alone))
     cat = augment.AugParams.cat([aug.draw(32, 3, 28, imgs.device, torch.Generator().manual_seed(s)) for s in seeds])
     assert cat.erase_fill.shape == (96, 3, 28, 28) and torch.equal(aug.apply(imgs.clone(), cat), together)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    """``tta.dihedral``: the image, its mirror (as with ``hflip`` alone), then the rotations by
+    90, 180 and 270 degrees each followed by its mirror; eight distinct exact pixel permutations
+    of a real digit, closed under the mirror and the quarter turn."""
+    comp = data.load_competition(DIGITS)
+    x = torch.from_numpy(comp.x_train[:4]).float()
+    views = augment.TTAViews(hflip=False, dihedral=True)
+    out = list(views(x))
+    assert len(views) == len(out) == 8
+    torch.testing.assert_close(out[0], x)
+    torch.testing.assert_close(out[1], x.flip(-1))
+    assert len({v.numpy().tobytes() for v in out}) == 8
+    for v in out:
+        torch.testing.assert_close(v.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+        assert any(torch.equal(torch.rot90(v, 1, (-2, -1)), w) for w in out)
+        assert any(torch.equal(v.flip(-1), w) for w in out)
+    assert len(augment.TTAViews(hflip=True)) == 2

@@ -114,6 +114,30 @@ FINETUNE = TINY + ["ensemble=[lite0]", "runtime.deterministic=true", "models.lit
                    "models.lite0.tta.hflip=false"]  # the config starts the head as the probe (LP-FT)
 
 
+def test_multi_level_features_feed_their_own_head_and_round_trip():
+    """``feature_levels=3``: the pooled outputs of Lite0's stages of reduction 8, 16 and 32 (40,
+    112, 320 channels) before its 1,280 pooled features; the forward pass is the head on them; the
+    head is the classifier (not part of the features' tensors); a model built without weights
+    takes the state dict strictly and computes the same logits on the cat photo."""
+    model = create_model("timm_backbone", 5, 3, 96, timm_name=LITE0, pretrained=True, feature_levels=3).eval()
+    plain = create_model("timm_backbone", 5, 3, 96, timm_name=LITE0, pretrained=True).eval()
+    x = _photo("chelsea", 96)
+    with torch.no_grad():
+        f = model.features(x)
+        assert f.shape == (1, 40 + 112 + 320 + 1280)
+        torch.testing.assert_close(f[:, -1280:], plain.features(x))  # the last block's pooled features are kept
+        torch.testing.assert_close(model(x), model.head(f))
+    assert model.classifier is model.head and model.classifier.weight.shape == (5, 1752)
+    assert not any(n.startswith("head.") for n in model.body_tensors())
+    rebuilt = create_model("timm_backbone", 5, 3, 96, timm_name=LITE0, pretrained=True, feature_levels=3,
+                           load_weights=False).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    with pytest.raises(ConfigError, match="feature_levels=3 needs pretrained=true"):
+        create_model("timm_backbone", 5, 3, 96, timm_name=LITE0, feature_levels=3)
+
+
 @pytest.mark.slow
 def test_a_fine_tuned_member_resumes_exactly(tiny_cfg, tmp_path):
     """A pretrained member (its head started as the linear probe, LP-FT) stopped after its
@@ -158,6 +182,14 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
     assert len([f for f in cached if ".fit-" in f.name]) == 2  # one fitted regression per fold
     assert caplog.text.count("features from") == 1  # fold 1 read fold 0's features
     member = Paths.from_cfg(cfg).member_dir("lite0_probe", 1)
+    from omegaconf import OmegaConf
+
+    key = OmegaConf.load(member / "config.yaml")
+    assert key.probe_metric == "accuracy" and key.tta.dihedral and key.kwargs.feature_levels == 3
+    assert "probe_metric" not in OmegaConf.load(Paths.from_cfg(cfg).member_dir("mlp", 1) / "config.yaml")
+    import json
+
+    assert json.loads((member / "metrics.json").read_text())["probe"]["views"] == 8  # the dihedral views
     before = read_test(member)
     for f in member.iterdir():
         f.unlink()

@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.metrics import score
 from pipeline.models import create_model, freeze, parameter_groups
 from pipeline.runsettings import ModelSettings
-from pipeline.settings import AugSettings, FitMethod, HeadInit, Precision, RuntimeSettings, TrainSettings, TTASettings
+from pipeline.settings import AugSettings, FitMethod, HeadInit, Metric, Precision, RuntimeSettings, TrainSettings, TTASettings
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train import probe
 from pipeline.train.batches import Rows, make_batches, set_epoch, training_set
@@ -171,6 +171,7 @@ class FitSpec:
     deadline: float | None = None  # time.time() by which training stops (budget=), None = none
     predict_seconds_per_image: float | None = None  # timed by the probe (budget=); None: INFERENCE_COST
     features_dir: Path | None = None  # a linear probe's feature cache (artifacts/features/); None: in memory
+    metric: Metric = Metric.log_loss  # data.metric: what picks a linear probe's regularisation
 
     @classmethod
     def create(cls, model: ModelSettings, runtime: RuntimeSettings, key: MemberKey,
@@ -181,11 +182,12 @@ class FitSpec:
         resolved precision, :meth:`pipeline.workspace.Workspace.member_config`), run with ``runtime``
         and stopped at ``deadline`` (:func:`check_deadline`, its predictions counted at
         ``predict_seconds_per_image`` seconds per image in one view, when timed); a linear probe
-        caches its features in ``features_dir``."""
+        caches its features in ``features_dir`` and picks its regularisation by the metric its cache
+        key names (``probe_metric``, :func:`pipeline.members.member_config`)."""
         precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
         return cls(key, model.arch, dict(model.kwargs), model.train, model.aug, model.tta, runtime,
                    int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision, deadline,
-                   predict_seconds_per_image, features_dir)
+                   predict_seconds_per_image, features_dir, Metric(member_cfg.get("probe_metric", "log_loss")))
 
 
 @dataclass

@@ -31,7 +31,8 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.metrics import score
 from pipeline.models import create_model, freeze, parameter_groups
 from pipeline.runsettings import ModelSettings
-from pipeline.settings import AugSettings, FitMethod, HeadInit, Metric, Precision, RuntimeSettings, TrainSettings, TTASettings
+from pipeline.settings import (AugSettings, FitMethod, HeadInit, Metric, Precision, RuntimeSettings, TrainSettings,
+                               TTASettings)
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train import probe
 from pipeline.train.batches import Rows, make_batches, set_epoch, training_set

@@ -46,10 +46,13 @@ class FitMethod(str, Enum):
     """``train.fit``: how a member learns. ``gradient``: the network end to end by AdamW (from
     scratch, or fine-tuning a pretrained backbone); ``linear_probe``: a pretrained backbone kept
     frozen, its pooled features computed once and cached, and a regularised logistic regression
-    fitted on them (:mod:`pipeline.train.probe`)."""
+    fitted on them (:mod:`pipeline.train.probe`); ``top_stages``: a pretrained backbone's lower
+    blocks frozen, their activations computed once and cached, and only its top blocks and head
+    fine-tuned on them (:mod:`pipeline.train.topstages`)."""
 
     gradient = "gradient"
     linear_probe = "linear_probe"
+    top_stages = "top_stages"
 
 
 class HeadInit(str, Enum):

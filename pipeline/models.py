@@ -260,6 +260,40 @@ class Pretrained(nn.Module):
         final, levels = self.net.forward_intermediates(self.norm(x), indices=self.feature_levels)
         return torch.cat([*(t.mean((2, 3)) for t in levels), self.net.forward_head(final, pre_logits=True)], 1)
 
+    def top_split(self, top_blocks: int) -> int:
+        """The index of the first of the last ``top_blocks`` blocks of an EfficientNet-family body
+        (timm's ``EfficientNet``: ``conv_stem``, ``bn1``, ``blocks``, ``conv_head``, ``bn2``), where
+        :meth:`lower` ends and :meth:`upper` starts. Raises ConfigError for another family, multi-level
+        features, or ``top_blocks`` outside 1 .. blocks - 1."""
+        from timm.models.efficientnet import EfficientNet
+
+        from pipeline.errors import ConfigError
+
+        if not isinstance(self.net, EfficientNet) or self.feature_levels:
+            raise ConfigError(f"train.fit=top_stages: {type(self.net).__name__} is not supported (expected a timm "
+                              f"EfficientNet-family backbone without kwargs.feature_levels)")
+        n = len(self.net.blocks)
+        if not 1 <= top_blocks < n:
+            raise ConfigError(f"train.top_blocks={top_blocks}: expected 1 to {n - 1} (the backbone has {n} blocks)")
+        return n - top_blocks
+
+    def lower(self, x: torch.Tensor, top_blocks: int) -> torch.Tensor:
+        """``(N, C', h, w)`` activations of ``(N, in_chans, S, S)`` images below the last
+        ``top_blocks`` blocks (:meth:`top_split`): the frozen part of a top-stages member."""
+        t = self.net.bn1(self.net.conv_stem(self.norm(x)))
+        return self.net.blocks[: self.top_split(top_blocks)](t)
+
+    def upper(self, a: torch.Tensor, top_blocks: int) -> torch.Tensor:
+        """``(N, classes)`` logits of :meth:`lower`'s activations: the last ``top_blocks`` blocks,
+        the head convolution and the classifier, so ``upper(lower(x))`` is ``forward(x)``."""
+        t = self.net.blocks[self.top_split(top_blocks):](a)
+        return self.net.forward_head(self.net.bn2(self.net.conv_head(t)))
+
+    def top_modules(self, top_blocks: int) -> list[nn.Module]:
+        """The modules a top-stages member trains: the last ``top_blocks`` blocks, the head
+        convolution and the classifier (their BatchNorm layers keep the pretrained statistics)."""
+        return [*self.net.blocks[self.top_split(top_blocks):], self.net.conv_head, self.classifier]
+
     def body_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer but the classifier's: what fixes the features."""
         head = {id(t) for t in self.classifier.parameters()}

@@ -52,7 +52,7 @@ from pipeline.pretrained import weights_available
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, save_screening,
                              screen_augs, screen_fixed, screen_share)
 from pipeline.settings import TrainSettings
-from pipeline.train import probe
+from pipeline.train import probe, topstages
 from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, planned_epochs, seconds_per_member
 from pipeline.tune.study import objective_value
 from pipeline.workspace import Workspace, screening_for
@@ -119,6 +119,7 @@ class Screen:
         self._data: dict[int, tuple] = {}
         self._estimates: dict[tuple[str, int], float] = {}  # (model, side) -> seconds of a trial
         self._probe_seconds = 0.0  # the longest timed probe so far
+        self.prices: dict[tuple[str, int], topstages.Price] = {}  # (model, side) -> a top-stages member's price
         self.out_of_time = False
 
     def estimate(self, c: Candidate, spec: FitSpec, comp, folds) -> float:
@@ -129,6 +130,13 @@ class Screen:
         if (c.model, c.side) not in self._estimates and spec.train.fit is FitMethod.linear_probe:
             t0 = time.time()  # features of every subsample image, then the regression's fits
             self._estimates[c.model, c.side] = probe.seconds_per_member(spec, comp, folds, share=1.0)
+            self._probe_seconds = max(self._probe_seconds, time.time() - t0)
+        if (c.model, c.side) not in self._estimates and spec.train.fit is FitMethod.top_stages:
+            t0 = time.time()  # the frozen pass of every subsample image, then the top's epochs
+            self.prices[c.model, c.side] = p = topstages.price(spec, comp)
+            self._estimates[c.model, c.side] = topstages.member_seconds(
+                p, spec.train, len(tta_views(spec.tta)), len(comp.x_train) + len(comp.x_test), len(self.train_rows),
+                len(self.val_rows), len(comp.x_test))
             self._probe_seconds = max(self._probe_seconds, time.time() - t0)
         if (c.model, c.side) not in self._estimates:
             t0 = time.time()
@@ -485,12 +493,18 @@ def full_seconds(sc: Screen, row: TrialRecord) -> float:
     (the trial's rate per image of the subsample), then each of the ``k`` folds fits its
     regression (priced as the budget prices it, :func:`pipeline.train.probe.fit_seconds`); a
     network trains one epoch of every fold (``k - 1`` folds of rows each, at the trial's rate per
-    row and epoch)."""
+    row and epoch); a top-stages member is priced from its timed steps
+    (:func:`pipeline.train.topstages.member_seconds`, its configured epochs)."""
     comp, n_sub, k = sc.ws.comp, len(sc.train_rows) + len(sc.val_rows), sc.ws.settings.folds.k
     m = sc.ws.settings.models[row.candidate.model]
     if m.train.fit is FitMethod.linear_probe:
         fits = k * probe.fit_seconds(len(comp.x_train) * (k - 1) / k, len(tta_views(m.tta)))
         return row.seconds * (len(comp.x_train) + len(comp.x_test)) / max(1, n_sub) + fits
+    price = sc.prices.get((row.candidate.model, row.candidate.side)) if m.train.fit is FitMethod.top_stages else None
+    if price is not None:  # one frozen pass, k members' epochs
+        n, n_test = len(comp.x_train), len(comp.x_test)
+        return k * topstages.member_seconds(price, m.train, len(tta_views(m.tta)), (n + n_test) / k, n * (k - 1) / k,
+                                            n / k, n_test)
     per_row_epoch = row.seconds / max(1, row.epochs * len(sc.train_rows))
     return per_row_epoch * len(comp.x_train) * (k - 1)
 

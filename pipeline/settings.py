@@ -66,6 +66,8 @@ class TrainSettings:
     swa_lr_scale: float = _f(0.05, gt=0, le=1)  # SWA-phase learning rate as a fraction of lr (held constant)
     class_weight: bool = False                # cross-entropy weighted by inverse class frequency of the training rows
     fit: FitMethod = FitMethod.gradient       # gradient (end to end) | linear_probe (frozen features + logistic reg.)
+                                              # | top_stages (the top blocks on the frozen body's cached activations)
+    top_blocks: int = _f(1, ge=1)             # top_stages: the backbone's last blocks that train
     # pretrained backbones (pipeline/models.py: freeze, parameter_groups):
     freeze_epochs: int = _f(0, ge=0)          # epochs of the new head alone on the frozen body first
     layer_decay: float = _f(1.0, gt=0, le=1)  # each layer group's peak lr x this per group below the head

@@ -248,3 +248,80 @@ def test_the_screening_measures_a_pretrained_candidate_at_its_own_side(tmp_path)
     assert result.recipe.models[0] in {t.candidate.model for t in arch}
     if top.candidate.model == "lite0_probe" and result.recipe.models[0] == "lite0_probe":
         assert result.recipe.side in (None, 64)
+
+
+def test_top_stages_split_the_network_where_its_forward_pass_goes():
+    """``upper(lower(x))`` is the forward pass on the cat photo; the trained modules are the last
+    blocks, the head convolution and the classifier; another family or an out-of-range number of
+    blocks is a ConfigError naming the setting."""
+    model = create_model("timm_backbone", 5, 3, 96, timm_name=LITE0, pretrained=True).eval()
+    x = _photo("chelsea", 96)
+    with torch.no_grad():
+        a = model.lower(x, 2)
+        assert a.shape == (1, 112, 6, 6)  # below blocks 5 and 6: stride 16
+        torch.testing.assert_close(model.upper(a, 2), model(x))
+    top = model.top_modules(1)
+    assert top[0] is model.net.blocks[-1] and top[-1] is model.classifier
+    with pytest.raises(ConfigError, match="train.top_blocks=7"):
+        model.top_split(7)
+    levels = create_model("timm_backbone", 5, 3, 96, timm_name=LITE0, pretrained=True, feature_levels=2)
+    with pytest.raises(ConfigError, match="train.fit=top_stages"):
+        levels.top_split(1)
+
+
+TOP = TINY + ["ensemble=[lite0_top,mlp]", "blend.method=[mean]", "models.lite0_top.train.epochs=6",
+              "models.lite0_top.train.batch_size=32",
+              "models.lite0_top.tta.dihedral=false"]
+
+
+@pytest.mark.slow
+def test_a_top_stages_member_trains_its_top_alone_on_cached_activations(tiny_cfg, caplog):
+    """The frozen part's activations are computed once, before the folds (as the scheduler does
+    before training side by side), and every fold reads them; only the last block, the head
+    convolution and the classifier change; the member's checkpoint predicts its own test
+    probabilities through the whole network; the blend takes it like any member; the scheduler's
+    pace leaves out the seconds of that shared cache."""
+    from pipeline import blend, train
+    from pipeline.members import load_model, read_test, recorded_precision
+    from pipeline.paths import Paths
+    from pipeline.settings import Precision
+    from pipeline.train.inference import predict_probs
+    from pipeline.workspace import Workspace
+
+    from pipeline.members import MemberKey
+    from pipeline.train.engine import warm_cache
+    from pipeline.train.probes import member_spec
+    from pipeline.train.scheduler import observed_slowdown, training_seconds
+
+    cfg = tiny_cfg(*TOP)
+    with caplog.at_level(logging.INFO):
+        ws = Workspace.load(cfg)
+        warm_cache(member_spec(ws, MemberKey("lite0_top", 0)), ws.comp)
+        assert caplog.text.count("activations (") == 2  # computed: train and test
+        train.run(cfg)
+    assert caplog.text.count("activations from") == 4  # both folds read them
+    assert len(list(Paths.from_cfg(cfg).features_dir().glob("*.top1-*.npy"))) == 2
+    member = Paths.from_cfg(cfg).member_dir("lite0_top", 1)
+    model, _ = load_model(member)
+    fresh = create_model("timm_backbone", 10, 1, 28, timm_name=LITE0, pretrained=True, drop_rate=0.2)
+    before, after = dict(fresh.named_parameters()), dict(model.named_parameters())
+    assert torch.equal(before["net.blocks.5.0.conv_pw.weight"], after["net.blocks.5.0.conv_pw.weight"])
+    assert torch.equal(before["net.blocks.6.0.bn1.weight"], after["net.blocks.6.0.bn1.weight"])  # frozen BN
+    assert not torch.equal(before["net.blocks.6.0.conv_pw.weight"], after["net.blocks.6.0.conv_pw.weight"])
+    assert not torch.equal(before["net.conv_head.weight"], after["net.conv_head.weight"])
+    ws = Workspace.load(cfg)
+    probs = predict_probs(model, ws.comp.x_test, torch.device("cpu"), ws.settings.runtime,
+                          Precision(recorded_precision(member)), ws.settings.models["lite0_top"].tta)
+    np.testing.assert_allclose(probs, read_test(member), atol=2e-2)  # cached float16 activations
+    assert (probs.argmax(1) == read_test(member).argmax(1)).mean() > 0.95
+    outcome = blend.run(cfg)
+    assert "lite0_top" in outcome.members
+    with np.load(member / "oof.npz") as z:
+        acc = (z["probs"].argmax(1) == ws.comp.y_train[z["row_ids"]]).mean()
+    assert acc > 0.5  # chance is 0.1
+    import json
+
+    assert json.loads((member / "metrics.json").read_text())["cache_seconds"] > 0
+    first = {"seconds": 196.5, "cache_seconds": 121.3}  # ELPV's first fold: the activations, then its epochs
+    key = MemberKey("lite0_top", 0)
+    assert observed_slowdown({key: training_seconds(first)}, {key: 100.0}, "lite0_top") == 1.0

@@ -70,7 +70,7 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
         s, t = ws.settings.models[m], timed[m]
         validation = t.predict_s * n_train / k / max(1, ws.settings.runtime.val_every)
         final = t.predict_s * len(tta_views(s.tta)) * (n_train / k + n_test)
-        if s.train.fit is FitMethod.linear_probe:  # its timing holds its share of every feature pass already
+        if s.train.fit is not FitMethod.gradient:  # its timing holds its cached pass and predictions already
             validation = final = 0.0
         group = MARGIN * (t.group / s.ranges.knee + validation) if m in fused_models and t.group is not None else None
         solo = MARGIN * (t.solo / s.ranges.knee + validation) if t.solo is not None else None

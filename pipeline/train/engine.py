@@ -34,7 +34,7 @@ from pipeline.runsettings import ModelSettings
 from pipeline.settings import (AugSettings, FitMethod, HeadInit, Metric, Precision, RuntimeSettings, TrainSettings,
                                TTASettings)
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
-from pipeline.train import probe
+from pipeline.train import probe, topstages
 from pipeline.train.batches import Rows, make_batches, set_epoch, training_set
 from pipeline.augment import tta_views
 from pipeline.train.inference import average_views, place_model, predict_probs, predict_view_probs
@@ -475,9 +475,11 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
     (side-by-side probes wait there for each other, so that their timed steps overlap). A linear
     probe is timed by :func:`pipeline.train.probe.seconds_per_member`, and so is the probe that
     starts a head with ``train.head_init=probe`` (added)."""
-    if spec.train.fit is FitMethod.linear_probe:
+    if spec.train.fit is not FitMethod.gradient:
         if after_warmup is not None:
             after_warmup()
+        if spec.train.fit is FitMethod.top_stages:
+            return topstages.seconds_per_member(spec, comp, folds)
         return probe.seconds_per_member(spec, comp, folds)
     loop = setup_loop(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo, init_head=False)
     train_mode(loop.model, spec, spec.train.freeze_epochs + 1)  # the steady state: past any head-only epochs
@@ -510,6 +512,38 @@ def seconds_per_step(step: Callable[[], None], device: torch.device, n: int, war
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / max(1, n - min(warmup, n - 1))
+
+
+def warm_cache(spec: FitSpec, comp: Competition) -> None:
+    """Compute (or find) the cache that the folds of ``spec``'s model share: a linear probe's
+    pooled features (:func:`pipeline.train.probe.cached_features`) or a top-stages member's
+    activations (:func:`pipeline.train.topstages.cached_activations`) in ``spec.features_dir``;
+    nothing for a network trained end to end. Raises ConfigError as those members do."""
+    if spec.train.fit is FitMethod.gradient or spec.features_dir is None:
+        return
+    device = select_device(spec.runtime.device)
+    use_device(device)
+    configure_numerics(device, spec.precision, spec.runtime.deterministic)
+    model = probe.backbone(spec, comp, device).eval()
+    if spec.train.fit is FitMethod.linear_probe:
+        probe.cached_features(spec, comp, model, device, spec.features_dir)
+    else:
+        topstages.cached_activations(spec, comp, model, device, spec.features_dir)
+
+
+def _fit_top(spec: FitSpec, comp: Competition, folds: np.ndarray, on_epoch: EpochCallback | None,
+             pseudo) -> FitResult:
+    """A top-stages member (:func:`pipeline.train.topstages.fit_top`), stopped at ``spec.deadline``
+    after an epoch as a network is (its predictions priced from its own steps). Raises ConfigError
+    for a pseudo-label round."""
+    if pseudo is not None:
+        raise ConfigError(f"models.{spec.key.model}: a pseudo-label round of a top-stages member is not supported "
+                          f"(train.fit=top_stages)")
+    tr = np.flatnonzero(folds != spec.key.fold)
+    weight = class_weights(comp.y_train[tr], comp.num_classes) if spec.train.class_weight else None
+    return FitResult(*topstages.fit_top(
+        spec, comp, folds, spec.features_dir, on_epoch,
+        lambda seconds, images, left: check_deadline(spec.deadline, seconds, images, left, str(spec.key)), weight))
 
 
 def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
@@ -549,6 +583,8 @@ def fit_member(spec: FitSpec, comp: Competition, folds: np.ndarray,
         if on_epoch is not None:
             on_epoch(1, result.metrics["history"][0])
         return result
+    if spec.train.fit is FitMethod.top_stages:
+        return _fit_top(spec, comp, folds, on_epoch, pseudo)
     t0 = time.perf_counter()
     tr_idx, va_idx = np.flatnonzero(folds != spec.key.fold), np.flatnonzero(folds == spec.key.fold)
     loop = setup_loop(spec, comp, tr_idx, pseudo)

@@ -58,7 +58,7 @@ def backbone(spec, comp, device: torch.device) -> Pretrained:
     seed_everything(spec.training_seed)
     model = create_model(spec.arch, comp.num_classes, comp.x_train.shape[1], comp.side, **spec.kwargs)
     if not isinstance(model, Pretrained):
-        raise ConfigError(f"models.{spec.key.model}: train.fit=linear_probe needs a pretrained backbone "
+        raise ConfigError(f"models.{spec.key.model}: train.fit={spec.train.fit.value} needs a pretrained backbone "
                           f"(arch timm_backbone with kwargs.pretrained=true)")
     return place_model(model, device, spec.runtime.channels_last)
 
@@ -279,6 +279,7 @@ def fit_probe(spec, comp, folds: np.ndarray, cache_dir: Path | None = None):
                "device": device_name(device), "precision": spec.precision.value, "history": [record],
                **peak_memory_mb(device),
                "resumed_after_epoch": None, "n_train": int(len(tr)), "n_val": int(len(va)), "n_pseudo": 0,
+               "cache_seconds": t_features,
                "tta": {"views": views, "accuracy_without": plain.accuracy, "log_loss_without": plain.log_loss},
                "probe": {"C": c, "features": int(train_f.shape[-1]), "views": views,
                          "features_seconds": t_features, "fit_seconds": seconds - t_features}}

@@ -25,9 +25,9 @@ from pipeline.device import device_name, select_device, use_device
 from pipeline.errors import PipelineError
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.paths import RESUME
-from pipeline.settings import LockMode, RuntimeSettings
+from pipeline.settings import FitMethod, LockMode, RuntimeSettings
 from pipeline.train import fused
-from pipeline.train.engine import DeadlineReached, FitSpec, fit_member
+from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, warm_cache
 from pipeline.train.probes import (Estimate, FuseChoice, Fusion, decide_fusion, estimate, member_pseudo, member_spec,
                                    plan_units)
 from pipeline.train.runtime import configure_threads, fold_jobs
@@ -328,12 +328,27 @@ def schedule(ws: Workspace, keys: list[MemberKey], later: list[MemberKey] = (), 
         return [done[k] for k in keys]
     if est is not None and planned is None:
         _announce(ws, est, device)
+    if n_jobs > 1:
+        _warm_caches(ws, pending)
     _train_units(ws, units, fusion, est, n_jobs, deadline, done, planned)
     failed = [done[k] for k in keys if done[k].outcome is Outcome.FAILED]
     if failed:  # every other member has trained and kept its files
         raise PipelineError(failed[0].reason if len(failed) == 1 else
                             f"{len(failed)} members diverged and were not cached: " + "; ".join(o.reason for o in failed))
     return [done[k] for k in keys]
+
+
+def _warm_caches(ws: Workspace, pending: list[MemberKey]) -> None:
+    """Compute the caches that the folds of a linear probe or a top-stages model share (their
+    features or activations, :func:`pipeline.train.engine.warm_cache`) here, with every thread,
+    before the units train side by side: else the first fold computes it on its one thread while
+    the others wait for it."""
+    first: dict[str, MemberKey] = {}
+    for key in pending:
+        if ws.settings.models[key.model].train.fit is not FitMethod.gradient:
+            first.setdefault(key.model, key)
+    for key in first.values():
+        warm_cache(member_spec(ws, key), ws.comp)
 
 
 def _units(ws: Workspace, pending: list[MemberKey], later: list[MemberKey], slots: int, device,
@@ -359,11 +374,19 @@ def _units(ws: Workspace, pending: list[MemberKey], later: list[MemberKey], slot
     return fusion, units, est
 
 
+def training_seconds(metrics: dict) -> float:
+    """A finished member's seconds (its ``metrics.json``) less those of a cache its model's folds
+    share (``cache_seconds``: a linear probe's features, a top-stages member's activations,
+    computed by one fold and waited for by the others, planned as a share of each)."""
+    return metrics.get("seconds", 0.0) - metrics.get("cache_seconds", 0.0)
+
+
 def observed_slowdown(finished: dict[MemberKey, float], planned: dict[MemberKey, float], model: str) -> float:
     """How much slower ``model``'s members trained so far ran than planned: their seconds
     (``finished``) over their planned seconds, at least 1 (a faster machine keeps the plan); 1
-    before any. Per model: another model's members say nothing of this one's price (a linear
-    probe's first members hold its whole feature pass, planned as a share per member)."""
+    before any. Per model: another model's members say nothing of this one's price. A linear
+    probe's or a top-stages member's seconds come without the cache its folds share (computed by
+    the first, waited for by the others, planned as a share of each: ``cache_seconds``)."""
     keys = [k for k in finished if k.model == model and planned.get(k, 0.0) > 0]
     if not keys:
         return 1.0
@@ -385,7 +408,7 @@ def _train_units(ws: Workspace, units: list[tuple[MemberKey, ...]], fusion: Fusi
         for outcome in outcomes:
             done[outcome.key] = outcome
             if outcome.outcome not in (Outcome.DROPPED, Outcome.STOPPED, Outcome.FAILED):
-                finished[outcome.key] = (outcome.metrics or {}).get("seconds", 0.0)
+                finished[outcome.key] = training_seconds(outcome.metrics or {})
         if est is not None:
             _progress(est, finished)
 

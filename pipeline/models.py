@@ -269,9 +269,12 @@ class Pretrained(nn.Module):
 
         from pipeline.errors import ConfigError
 
-        if not isinstance(self.net, EfficientNet) or self.feature_levels:
+        if not isinstance(self.net, EfficientNet):
             raise ConfigError(f"train.fit=top_stages: {type(self.net).__name__} is not supported (expected a timm "
-                              f"EfficientNet-family backbone without kwargs.feature_levels)")
+                              f"EfficientNet-family backbone, e.g. tf_efficientnet_lite0)")
+        if self.feature_levels:
+            raise ConfigError(f"train.fit=top_stages: kwargs.feature_levels={self.feature_levels} is not supported "
+                              f"(expected 0: the top trains on the last block's pooled features)")
         n = len(self.net.blocks)
         if not 1 <= top_blocks < n:
             raise ConfigError(f"train.top_blocks={top_blocks}: expected 1 to {n - 1} (the backbone has {n} blocks)")

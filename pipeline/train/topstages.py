@@ -8,11 +8,10 @@ memory-mapped); only the last ``train.top_blocks`` blocks, the head convolution 
 classifier train on them (:meth:`pipeline.models.Pretrained.top_modules`), ``train.epochs`` passes
 over every training image in every view, AdamW on a one-cycle schedule, the classifier at
 :data:`HEAD_LR` x ``train.lr``, every BatchNorm with its ImageNet statistics and affine (frozen BN),
-label smoothing. Sources: the transferability of the top layers against the lower ones (Yosinski
-et al. 2014, "How transferable are features in deep neural networks?"); freezing the lower layers
-and caching their output to train the rest ("Where the budget is short", as fastai's
-``fine_tune`` trains the head first, Howard & Ruder 2018); the 10x head learning rate of
-discriminative fine-tuning (ULMFiT).
+label smoothing. Sources: the lower layers of an ImageNet network transfer as they are, the top
+ones are task-specific (Yosinski et al. 2014, "How transferable are features in deep neural
+networks?"); a higher learning rate for the new head than for the pretrained layers below it
+(discriminative fine-tuning, Howard & Ruder 2018, ULMFiT).
 
 The trained blocks live inside the backbone, so the member is an ordinary network: its checkpoint
 predicts, exports and submits like any other, ``forward(x) = upper(lower(x))``. Its OOF and test
@@ -104,7 +103,8 @@ def cached_activations(spec, comp, model: Pretrained, device: torch.device,
     """``(train (V, N, C', h, w), test (V, M, C', h, w))`` float16 activations of ``comp``'s
     images below the trained blocks, read memory-mapped from ``cache_dir``
     (:func:`activations_paths`) or computed there once under a file lock (side-by-side folds wait
-    for the first); in memory with ``cache_dir`` None."""
+    for the first); in memory with ``cache_dir`` None. Raises ConfigError as
+    :meth:`pipeline.models.Pretrained.top_split` does."""
     if cache_dir is None:
         return (_frozen_pass(model, comp.x_train, None, spec, device),
                 _frozen_pass(model, comp.x_test, None, spec, device))
@@ -124,9 +124,9 @@ def cached_activations(spec, comp, model: Pretrained, device: torch.device,
         return out[0], out[1]
 
 
-def _prepare(model: Pretrained, spec) -> list[nn.Parameter]:
-    """Freeze ``model`` but its top modules (BatchNorm layers included: they keep the pretrained
-    statistics, scale and shift) and return the trainable parameters' groups' members."""
+def _prepare(model: Pretrained, spec) -> list[nn.Module]:
+    """Freeze ``model`` but its top modules, and every BatchNorm layer among them too (they keep
+    the pretrained statistics, scale and shift); returns the top modules."""
     model.requires_grad_(False)
     trained = model.top_modules(spec.train.top_blocks)
     for m in trained:
@@ -307,7 +307,8 @@ def _metrics(spec, y_val: np.ndarray, oof_views: np.ndarray, history: list[dict]
 def price(spec, comp, batch: int = 32) -> Price:
     """Time a batch of ``batch`` images through the frozen part in every view (after a warm-up
     batch) and :data:`TIMED_STEPS` training steps of the top on ``train.batch_size`` activations
-    (after two; their median: the first steps after a model's creation are the slowest)."""
+    (after two; their median: the first steps after a model's creation are the slowest). Raises
+    ConfigError as :meth:`pipeline.models.Pretrained.top_split` does."""
     device = select_device(spec.runtime.device)
     use_device(device)
     configure_numerics(device, spec.precision, spec.runtime.deterministic)

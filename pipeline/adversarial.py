@@ -7,11 +7,14 @@ AUC. Near 0.5 the two sides come from one distribution and the CV score estimate
 leaderboard; well above it (:data:`SHIFT_AUC`) the test differs (other days, devices, sites, or
 patients), and the CV overstates the leaderboard.
 
-The images are described by their pixels downsampled to :data:`GRID` x :data:`GRID` per channel
+Where a linear probe's pooled features of a pretrained backbone are cached (an ImageNet network
+sees content: objects, backgrounds, devices), they describe the images, with scikit-learn's
+standardised logistic regression as the classifier (:func:`adversarial_features`). Else the
+images are described by their pixels downsampled to :data:`GRID` x :data:`GRID` per channel
 (area means) and each image's mean and standard deviation: cheap, and enough to see shifts of
-exposure, colour, framing and resolution. The classifier is scikit-learn's
-``HistGradientBoostingClassifier``, cross-validated over at most :data:`MAX_ROWS` images of each
-side. Its out-of-fold probability ``p`` of "test" for each scored training row gives the rows
+exposure, colour, framing and resolution, with scikit-learn's ``HistGradientBoostingClassifier``
+(:func:`adversarial_validation`). Either is cross-validated over at most :data:`MAX_ROWS` images
+of each side. Its out-of-fold probability ``p`` of "test" for each scored training row gives the rows
 that look most like the test and importance weights ``p / (1 - p)`` (the density ratio of test
 to train, Shimodaira 2000), with which an OOF score can be weighted toward the test.
 """
@@ -29,6 +32,7 @@ GRID = 8          # the downsampled side of the pixel description
 MAX_ROWS = 4000   # images per side the classifier sees (a stratified random subsample above it)
 FOLDS = 3         # the cross-validation of the adversarial classifier
 CHUNK = 256       # images described at a time
+FEATURES_C = 0.05  # inverse L2 strength of the logistic regression on standardised pretrained features
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class AdversarialResult:
         n_train, n_test: the images of each side it scored.
         rows: ``(n_train,)`` int64 training rows it scored (all, or a random subsample).
         p_test: ``(n_train,)`` float64 out-of-fold probability that each of ``rows`` is a test image.
-        source: what described the images (e.g. ``pixels 8x8``).
+        source: what described the images and the classifier (e.g. ``pixels 8x8 with each
+            image's mean and spread, gradient boosting``).
     """
 
     auc: float
@@ -90,18 +95,47 @@ def adversarial_validation(x_train: np.ndarray, x_test: np.ndarray, seed: int = 
     :func:`describe`. Deterministic for a ``seed``. Raises ValueError for images smaller than
     :data:`GRID` px or an empty side."""
     from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rows, test_rows = _draw(len(x_train), len(x_test), seed)
+    x = np.concatenate([describe(read_rows(x_train, rows)), describe(read_rows(x_test, test_rows))])
+    clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, random_state=seed)
+    return _classify(clf, x, rows, test_rows, seed,
+                     f"pixels {GRID}x{GRID} with each image's mean and spread, gradient boosting")
+
+
+def adversarial_features(f_train: np.ndarray, f_test: np.ndarray, source: str, seed: int = 0) -> AdversarialResult:
+    """The same classification on ``(N, F)`` and ``(M, F)`` float features of the training and
+    test images (a pretrained backbone's pooled features, ``source`` naming them): scikit-learn's
+    logistic regression on standardised features (C = :data:`FEATURES_C`). Deterministic for a
+    ``seed``. Raises ValueError for an empty side or features of different widths."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if f_train.ndim != 2 or f_test.ndim != 2 or f_train.shape[1] != f_test.shape[1]:
+        raise ValueError(f"features of shapes {f_train.shape} and {f_test.shape}: expected (N, F) and (M, F)")
+    rows, test_rows = _draw(len(f_train), len(f_test), seed)
+    x = np.concatenate([f_train[rows], f_test[test_rows]]).astype(np.float32)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=FEATURES_C, max_iter=1000))
+    return _classify(clf, x, rows, test_rows, seed, f"{source}, logistic regression")
+
+
+def _draw(n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most :data:`MAX_ROWS` sorted random rows of each side. Raises ValueError for an empty side."""
+    if n_train == 0 or n_test == 0:
+        raise ValueError("adversarial validation needs training and test images")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n_train)[:MAX_ROWS]), np.sort(rng.permutation(n_test)[:MAX_ROWS])
+
+
+def _classify(clf, x: np.ndarray, rows: np.ndarray, test_rows: np.ndarray, seed: int, source: str) -> AdversarialResult:
+    """``clf``'s :data:`FOLDS`-fold out-of-fold probabilities of "test" on ``x`` (the ``rows``'
+    descriptions, then the ``test_rows``'), and their ROC AUC."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    if len(x_train) == 0 or len(x_test) == 0:
-        raise ValueError("adversarial validation needs training and test images")
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.permutation(len(x_train))[:MAX_ROWS])
-    test_rows = np.sort(rng.permutation(len(x_test))[:MAX_ROWS])
-    x = np.concatenate([describe(read_rows(x_train, rows)), describe(read_rows(x_test, test_rows))])
     y = np.r_[np.zeros(len(rows), dtype=np.int64), np.ones(len(test_rows), dtype=np.int64)]
-    clf = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, random_state=seed)
     cv = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
     p = cross_val_predict(clf, x, y, cv=cv, method="predict_proba")[:, 1]
     return AdversarialResult(float(roc_auc_score(y, p)), len(rows), len(test_rows), rows.astype(np.int64),
-                             p[: len(rows)].astype(np.float64), f"pixels {GRID}x{GRID}")
+                             p[: len(rows)].astype(np.float64), source)

@@ -96,7 +96,8 @@ class Cost:
     (:func:`unit_seconds` sizes any other group from the two). ``solo_per_epoch``: an epoch of one
     member with the whole machine to itself (the odd last member of a round,
     :func:`side_by_side`), timed with one process where the others were timed side by side; None
-    when not timed (then ``per_epoch``)."""
+    when not timed (then ``per_epoch``). ``once``: seconds the model costs once, whatever its
+    seeds and folds (a transfer model's cached frozen pass, computed before training starts)."""
 
     per_epoch: float
     fixed: float
@@ -104,6 +105,7 @@ class Cost:
     group_per_epoch: float | None = None
     group_size: int = 1
     solo_per_epoch: float | None = None
+    once: float = 0.0
 
     def unit(self, size: int, epochs: int, sharing: int | None = None) -> float:
         """Seconds of a unit of ``size`` members (one member, or a fused group) of ``epochs``
@@ -243,11 +245,11 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         costs / ranges: per model, :class:`Cost` measured here and its :class:`Range`.
         order: the models, strongest first (``ensemble`` order).
         fixed_epochs: models whose members already exist, with their epochs (kept).
-        jobs: units trained side by side; the plan's wall seconds are the :func:`makespan` of its
-            units (:func:`form_units` of its members in :func:`dispatch` order), each costing
-            :meth:`Cost.unit` at its size and its share of the machine (:func:`side_by_side`: the
-            odd last member of one model trains alone): exactly the units and seconds
-            ``stage=train``'s scheduler will run and check against the deadline.
+        jobs: units trained side by side; the plan's wall seconds are the joined models'
+            ``Cost.once`` plus the :func:`makespan` of its units (:func:`form_units` of its
+            members in :func:`dispatch` order), each costing :meth:`Cost.unit` at its size and its
+            share of the machine (:func:`side_by_side`: the odd last member of one model trains
+            alone): exactly the units and seconds ``stage=train``'s scheduler will run.
         group_of: ``(model, seed, fold) -> hashable | None``: the fused group a member may join
             (None: it trains alone; default: every member alone); fuse_max: the largest group.
         guard: the first model's first seed (the submission) must end within ``available`` even
@@ -268,11 +270,14 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
     def units() -> list[tuple]:
         return form_units(dispatch(order, seeds, folds), group_of or (lambda key: None), fuse_max, jobs)
 
+    def once() -> float:  # the joined models' caches, computed before any unit trains
+        return sum(costs[m].once for m in order if seeds[m])
+
     def total() -> float:
-        return makespan(priced(units(), costs, epochs, jobs), jobs)
+        return once() + makespan(priced(units(), costs, epochs, jobs), jobs)
 
     def guarded() -> bool:  # any step may change the first seed's price (a join shares the odd last round)
-        return guard <= 1.0 or first_seed(units(), costs, epochs, jobs) * guard <= available
+        return guard <= 1.0 or once() + first_seed(units(), costs, epochs, jobs) * guard <= available
 
     need = total()
     if need > available:
@@ -285,11 +290,18 @@ def plan(budget: float, available: float, costs: dict[str, Cost], ranges: dict[s
         if total() > available or not guarded():
             seeds[model], epochs[model] = before
             break
-    final = units()
-    spent = priced(final, costs, epochs, jobs)
+    return _planned(budget, available, costs, order, seeds, epochs, units(), jobs)
+
+
+def _planned(budget: float, available: float, costs: dict[str, Cost], order: list[str], seeds: dict[str, int],
+             epochs: dict[str, int], units: list[tuple], jobs: int) -> Plan:
+    """The :class:`Plan` of ``seeds`` and ``epochs`` trained as ``units``: each model's seconds
+    (its ``Cost.once`` and its units') and the wall seconds (every ``once``, then the makespan)."""
+    spent = priced(units, costs, epochs, jobs)
+    once = {m: costs[m].once if seeds[m] else 0.0 for m in order}
     return Plan(budget, available, reserve_seconds(budget), tuple(
-        ModelPlan(m, seeds[m], epochs[m], sum(s for u, s in zip(final, spent) if u[0][0] == m)) for m in order),
-        makespan(spent, jobs))
+        ModelPlan(m, seeds[m], epochs[m], once[m] + sum(s for u, s in zip(units, spent) if u[0][0] == m))
+        for m in order), sum(once.values()) + makespan(spent, jobs))
 
 
 def first_seed(units: list[tuple], costs: dict[str, Cost], epochs: dict[str, int], jobs: int) -> float:

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.adversarial import SHIFT_AUC, AdversarialResult, adversarial_validation  # noqa: E402
+from pipeline.adversarial import SHIFT_AUC, AdversarialResult, adversarial_features, adversarial_validation  # noqa: E402
 from pipeline.blend import store  # noqa: E402
 from pipeline.budget import format_minutes  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
@@ -316,7 +316,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
     rows = fold_table(ws, saved.members)
     pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
-    shift = adversarial_validation(ws.comp.x_train, ws.comp.x_test, int(cfg.seed))
+    shift = _shift(ws, saved.members, int(cfg.seed))
     _log_shift(ws, saved, shift)
     page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget, screening, shift))
     if screening is not None:
@@ -326,6 +326,24 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
     log.info("report: %s (%d figures; blend '%s' OOF acc %.5f)", page, len(pngs), saved.best.value,
              saved.record["methods"][saved.best.value]["accuracy"])
     return page
+
+
+def _shift(ws: Workspace, models: list[str], seed: int) -> AdversarialResult:
+    """Adversarial validation (:mod:`pipeline.adversarial`) on the pooled pretrained features that
+    the first linear probe among the blend's ``models`` has cached (their first test-time view,
+    the images as they are), else on the pixels."""
+    from pipeline.members import MemberKey
+    from pipeline.settings import FitMethod
+    from pipeline.train.probe import stored_features
+    from pipeline.train.probes import member_spec
+
+    for m in models:
+        if ws.settings.models[m].train.fit is FitMethod.linear_probe:
+            features = stored_features(member_spec(ws, MemberKey(m, 0)), ws.comp)
+            if features is not None:
+                return adversarial_features(features[0][0], features[1][0],
+                                            f"{m}'s {features[0].shape[-1]} pretrained features", seed)
+    return adversarial_validation(ws.comp.x_train, ws.comp.x_test, seed)
 
 
 def _budget_rows(record, rows: list[dict]) -> list[list]:
@@ -427,8 +445,8 @@ def _shift_part(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult
                f"with <code>folds.group</code>, and trust the weighted score more than the plain one."
                if shift.shifted else "No shift seen: the CV score estimates the leaderboard.")
     return ['<h2 id="shift">Train / test shift (adversarial validation)</h2>',
-            f"<p>A classifier of test against training images ({html.escape(shift.source)} and each image's mean "
-            f"and spread, gradient boosting, {shift.n_train:,} training and {shift.n_test:,} test images, "
+            f"<p>A classifier of test against training images ({html.escape(shift.source)}, "
+            f"{shift.n_train:,} training and {shift.n_test:,} test images, "
             f"cross-validated): ROC AUC <b>{shift.auc:.3f}</b> (0.5: indistinguishable). {verdict}</p>",
             f"<p>The submitted blend's OOF {metric} on those training rows: {plain:.5f}; weighted toward the test "
             f"(each row by the classifier's odds that it is a test image): <b>{weighted:.5f}</b>. The training rows "

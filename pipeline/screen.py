@@ -189,6 +189,20 @@ class Screen:
             self._data[side] = (sub, folds)
         return self._data[side]
 
+    def data_for(self, c: Candidate) -> tuple[data.Competition, np.ndarray]:
+        """The competition and folds (0: validation) a trial of ``c`` trains on: the subsample at
+        its side (:meth:`data_at`); but a linear probe or a top-stages candidate at the loaded side,
+        when the subsample holds every training row, trains on the competition itself with fold 0
+        as validation: its frozen pass then covers every train and test image and is the very
+        cache (same key) that its members read if the ensemble keeps it. The validation rows and
+        their order are the subsample's either way (fold 0's, ascending)."""
+        comp = self.ws.comp
+        whole = len(self.train_rows) + len(self.val_rows) == len(comp.x_train)
+        if (whole and c.side == comp.x_train.shape[-1]
+                and self.ws.settings.models[c.model].train.fit is not FitMethod.gradient):
+            return comp, (self.ws.folds != 0).astype(np.int64)
+        return self.data_at(c.side)
+
     def spec(self, c: Candidate, comp) -> FitSpec:
         """The fit spec of candidate ``c``: its model's settings with the short schedule, its
         augmentation preset and class weighting, validated every epoch."""
@@ -218,7 +232,7 @@ class Screen:
         if (c.model, c.side) not in self._estimates and t0 + self._probe_seconds >= self.deadline:
             self.out_of_time = True  # not even its timed steps fit
             return TrialRecord(dim, c, TrialState.skipped, None, None, 0, 0.0)
-        comp, folds = self.data_at(c.side)
+        comp, folds = self.data_for(c)
         spec = self.spec(c, comp)
         epochs_run = [0]
         try:
@@ -460,6 +474,20 @@ def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: st
     return f"{dim.value}: {what} ({chosen.score:.4f}) against {against}{kept}{missed}"
 
 
+def pretrained_sides(sides: list[int], loaded: int, cap: int) -> list[int]:
+    """The side candidates (``sides``, largest first) of a pretrained network: those from
+    :data:`MIN_PRETRAINED_SIDE` to ``cap`` (``screen.pretrained_side``), else its one side, the
+    ``loaded`` side at most ``cap``: an ImageNet network is not screened at 28-32 px."""
+    return [v for v in sides if MIN_PRETRAINED_SIDE <= v <= cap] or [min(loaded, cap)]
+
+
+def _is_pretrained(ws: Workspace, model: str) -> bool:
+    """Whether ``model`` starts from pretrained weights (``kwargs.pretrained`` or
+    ``kwargs.pretrained_file``) or trains on a frozen backbone (``train.fit``)."""
+    m = ws.settings.models[model]
+    return bool(m.kwargs.get("pretrained") or m.kwargs.get("pretrained_file")) or m.train.fit is not FitMethod.gradient
+
+
 def pretrained_candidates(ws: Workspace, loaded: int, fixed: frozenset[Dim]) -> list[Candidate]:
     """The pretrained candidates of the arch study (``screen.pretrained``), each at its family's
     side: the loaded side, at most ``screen.pretrained_side``, with its configured augmentation;
@@ -562,6 +590,9 @@ def screen(ws: Workspace) -> Screening:
     augs = screen_augs(ws.cfg) if Dim.aug not in fixed else [None]
     reasons, recipe = [], Recipe()
     sides = candidate_sides(side, ws.comp.layout, list(s.sides)) if Dim.side not in fixed else [side]
+    if Dim.side not in fixed and _is_pretrained(ws, models[0]):  # e.g. ensemble=[lite0_probe]: its own sides
+        sides = pretrained_sides(sides, loaded, s.pretrained_side)
+        side = sides[0] if len(sides) == 1 else side
     metric, n_val = ws.settings.data.metric, len(sc.val_rows)
     if len(sides) > 1:  # the smallest side is the baseline: a larger one must pay for its cost
         rows = sc.study(Dim.side, [Candidate(models[0], v, augs[0]) for v in sorted(sides)])

@@ -106,6 +106,22 @@ def test_the_odd_last_member_is_priced_with_the_machine_to_itself():
     assert both.models[0].seconds == pytest.approx(both.models[0].seeds * 5 * solo.member(both.models[0].epochs))
 
 
+def test_a_cache_that_a_models_members_share_is_priced_once():
+    """A transfer model's frozen pass (``Cost.once``: computed once, before any unit trains) is
+    counted once whatever its seeds and folds: a second seed costs its members alone."""
+    top = Cost(per_epoch=10.0, fixed=2.0, folds=5, once=100.0)
+    ranges = {"lite0_top": Range(1, 6, 6, 1, 2)}
+    member = top.member(6)
+    two_seeds = 100.0 + makespan([member] * 10, 2)
+    p = plan(two_seeds + 60, two_seeds, {"lite0_top": top}, ranges, ["lite0_top"], jobs=2)
+    assert (p.models[0].seeds, p.models[0].epochs) == (2, 6)
+    assert p.seconds == pytest.approx(two_seeds) and p.models[0].seconds == pytest.approx(100.0 + 10 * member)
+    p = plan(two_seeds + 60, two_seeds - 1, {"lite0_top": top}, ranges, ["lite0_top"], jobs=2)
+    assert (p.models[0].seeds, p.models[0].epochs) == (1, 6)
+    with pytest.raises(ConfigError, match="too small"):  # the cache alone takes what is available
+        plan(160, 100, {"lite0_top": top}, ranges, ["lite0_top"], jobs=2)
+
+
 def test_a_model_with_existing_members_keeps_its_epochs():
     p = plan(60_000, 59_000, COSTS, RANGES, ORDER, fixed_epochs={"cnn_deotte": 5}, jobs=JOBS)
     assert p.models[0].epochs == 5 and p.models[0].seeds == 3 and p.models[1].epochs == 15
@@ -314,3 +330,44 @@ def test_the_submissions_unit_starts_where_another_is_dropped(tiny_cfg):
     assert [o.outcome for o in dropped] == [Outcome.DROPPED]
     kept = train_unit_locked(ws, (MemberKey("mlp", 0, 0),), deadline=deadline, seconds=1000.0, protect=True)
     assert [o.outcome for o in kept] == [Outcome.TRAINED] and ws.verify(MemberKey("mlp", 0, 0)).ok
+
+
+@pytest.mark.slow
+def test_a_machine_that_slows_by_30_percent_after_the_timing_still_submits_within_the_budget(tiny_cfg, monkeypatch):
+    """budget=40s: the plan fills the time from steps timed here (the submission's seed at 1.3x its
+    timed cost); then every training step takes 1.3 times as long (a shared machine slowing down
+    after the timing). The first model's first
+    seed still completes, the blend writes the submission, and it lands before the deadline."""
+    import time
+
+    from pipeline import blend, train
+    from pipeline.budget import read_record
+    from pipeline.train import budgeted, engine
+    from pipeline.workspace import Workspace
+
+    real_plan, real_step = budgeted.make_plan, engine.train_step
+
+    def slow_step(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = real_step(*args, **kwargs)
+        time.sleep(0.3 * (time.perf_counter() - t0))
+        return out
+
+    def plan_then_slow(ws, models):
+        out = real_plan(ws, models)
+        monkeypatch.setattr(engine, "train_step", slow_step)
+        return out
+
+    monkeypatch.setattr(budgeted, "make_plan", plan_then_slow)
+    run = ("ensemble=[cnn_deotte]", "budget=40s", "runtime.fuse=off", "models.cnn_deotte.train.epochs=150",
+           "+models.cnn_deotte.ranges.seeds=[1,3]", "+models.cnn_deotte.ranges.epochs=[1,150]", "blend.method=mean",
+           "aug=none")
+    train.run(tiny_cfg(*run))
+    blend.run(tiny_cfg(*run))
+    landed = time.time()
+    paths = Workspace.load(tiny_cfg(*run)).paths
+    record = read_record(paths.budget_plan)
+    # the plan gave the only seed every epoch that fits 1.3x slower (FIRST_SEED_GUARD): its steps dominate
+    assert record.plan.seconds > 0.6 * record.plan.available and record.plan.models[0].epochs > 10
+    assert record.complete["cnn_deotte"] >= 1 and paths.submission("submission").exists()
+    assert landed <= record.deadline, (landed - record.started, record.to_json())

@@ -3,6 +3,7 @@ probe member (cached, resumed, blended) and a fine-tuned member's exact resume."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -211,13 +212,22 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
     with np.load(member / "oof.npz") as z:
         acc = (z["probs"].argmax(1) == ws.comp.y_train[z["row_ids"]]).mean()
     assert acc > 0.4  # frozen ImageNet features of 28 px digits: far above chance (0.1)
+    from pipeline import report
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        page = report.run(cfg).read_text()  # the shift is looked for in the probe's cached features
+    assert "lite0_probe&#x27;s 1752 pretrained features, logistic regression" in page
+    assert "(lite0_probe's 1752 pretrained features, logistic regression, 400 / 119 images)" in caplog.text
+    assert "no shift seen" in caplog.text  # the fixture's train and test: one random split of MNIST
 
 
 @pytest.mark.slow
 def test_the_screening_measures_a_pretrained_candidate_at_its_own_side(tmp_path):
     """The fixture's digits as class-folder PNGs, decoded at 64 px: the networks from scratch are
     screened at 32 and 64 px, the linear probe at 64 px in the same arch study (its features
-    cached); the recipe follows the measured best, its side included."""
+    cached, of every train and test image: the cache its members read); the recipe follows the
+    measured best, its side included."""
     import sys
 
     from conftest import DIGITS, REPO, compose_cfg
@@ -238,11 +248,18 @@ def test_the_screening_measures_a_pretrained_candidate_at_its_own_side(tmp_path)
                                         "screen.models=[mlp]", "screen.augs=[affine]", "screen.epochs=4",
                                         "screen.min_steps=1", "screen.pretrained=[lite0_probe]"], data_dir=d)
     c, s = prepare(cfg)
-    result = screen(Workspace.load(c, s))
+    ws = Workspace.load(c, s)
+    result = screen(ws)
     rows = {(t.dim, t.candidate.model, t.candidate.side): t for t in result.trials}
     probe = rows[(Dim.arch, "lite0_probe", 64)]
     assert probe.state is TrialState.complete and probe.accuracy > 0.5, result.table()
     assert list(Paths.from_cfg(cfg).features_dir().glob("*.npz"))
+    from pipeline.members import MemberKey
+    from pipeline.train.engine import transfer_seconds
+    from pipeline.train.probes import member_spec
+
+    # the subsample is every row at the loaded side: the trial's features are the cache the members read
+    assert transfer_seconds(member_spec(ws, MemberKey("lite0_probe", 2)), ws.comp, ws.folds).on_disk
     arch = [t for t in result.trials if t.dim is Dim.arch and t.state is TrialState.complete]
     top = max(arch, key=lambda t: t.score)
     assert result.recipe.models[0] in {t.candidate.model for t in arch}
@@ -322,6 +339,13 @@ def test_a_top_stages_member_trains_its_top_alone_on_cached_activations(tiny_cfg
     import json
 
     assert json.loads((member / "metrics.json").read_text())["cache_seconds"] > 0
+    from pipeline.train.engine import transfer_seconds
+
+    spec = member_spec(ws, key := MemberKey("lite0_top", 0))
+    t = transfer_seconds(spec, ws.comp, ws.folds)  # the plan prices the cache once per model, if not on disk
+    assert t.on_disk and t.shared == 0.0 and t.frozen > 0 and t.own > 0
+    assert t.member(0.5) == pytest.approx(t.own + t.frozen / 2)
+    fresh_spec = dataclasses.replace(spec, features_dir=spec.features_dir / "elsewhere")
+    assert transfer_seconds(fresh_spec, ws.comp, ws.folds).shared > 0
     first = {"seconds": 196.5, "cache_seconds": 121.3}  # ELPV's first fold: the activations, then its epochs
-    key = MemberKey("lite0_top", 0)
     assert observed_slowdown({key: training_seconds(first)}, {key: 100.0}, "lite0_top") == 1.0

@@ -62,19 +62,21 @@ def costs(ws: Workspace, timed: dict[str, ModelTiming], fused_models: frozenset[
     / epochs plus a validation of its fold every ``runtime.val_every`` epochs; once per member,
     2 s of set-up and the final prediction of its fold and the test set in every TTA view, at the
     seconds per image timed for a prediction batch (``ModelTiming.predict_s``; none for a linear
-    probe, whose timing counts its share of the cached features' one pass). A model timed with
-    the machine to itself too (``ModelTiming.solo``) gets its ``solo_per_epoch`` likewise."""
+    probe or top stages, whose timing holds its predictions). A transfer model's cached frozen
+    pass (``ModelTiming.cache``) is its ``once``. A model timed with the machine to itself too
+    (``ModelTiming.solo``) gets its ``solo_per_epoch`` likewise."""
     out = {}
     n_train, n_test = len(ws.comp.x_train), len(ws.comp.x_test)
     for m in models:
         s, t = ws.settings.models[m], timed[m]
         validation = t.predict_s * n_train / k / max(1, ws.settings.runtime.val_every)
         final = t.predict_s * len(tta_views(s.tta)) * (n_train / k + n_test)
-        if s.train.fit is not FitMethod.gradient:  # its timing holds its cached pass and predictions already
+        if s.train.fit is not FitMethod.gradient:  # its timing holds its predictions already
             validation = final = 0.0
         group = MARGIN * (t.group / s.ranges.knee + validation) if m in fused_models and t.group is not None else None
         solo = MARGIN * (t.solo / s.ranges.knee + validation) if t.solo is not None else None
-        out[m] = Cost(MARGIN * (t.alone / s.ranges.knee + validation), MARGIN * (final + 2.0), k, group, t.size, solo)
+        out[m] = Cost(MARGIN * (t.alone / s.ranges.knee + validation), MARGIN * (final + 2.0), k, group, t.size, solo,
+                      MARGIN * t.cache)
     return out
 
 
@@ -173,7 +175,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     log.info("budget: a member-epoch, timed here (+%.0f%%): %s", 100 * (MARGIN - 1), "; ".join(
         f"{m} {c.per_epoch:.1f} s" + (f" ({c.solo_per_epoch:.1f} s as a round's odd last member, alone on the "
                                        f"machine)" if c.solo_per_epoch is not None else "")
-        for m, c in measured.items()))
+        + (f", its cache {c.once:.0f} s once" if c.once else "") for m, c in measured.items()))
     log.info("budget: %s from the command's start; the plan, from steps timed here:\n%s",
              format_minutes(p.budget), p.table())
     planned = ws.with_settings(ws.settings.planned(p))

@@ -473,14 +473,10 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
     :func:`planned_epochs` (validation excluded; ``pseudo`` rows counted). Trains a throw-away
     copy; nothing is written. ``after_warmup()`` runs between the warm-up and the timed steps
     (side-by-side probes wait there for each other, so that their timed steps overlap). A linear
-    probe is timed by :func:`pipeline.train.probe.seconds_per_member`, and so is the probe that
-    starts a head with ``train.head_init=probe`` (added)."""
+    probe or a top-stages member: :func:`transfer_seconds`, with 1 / k of the frozen pass its folds
+    share; the probe that starts a head with ``train.head_init=probe`` is added."""
     if spec.train.fit is not FitMethod.gradient:
-        if after_warmup is not None:
-            after_warmup()
-        if spec.train.fit is FitMethod.top_stages:
-            return topstages.seconds_per_member(spec, comp, folds)
-        return probe.seconds_per_member(spec, comp, folds)
+        return transfer_seconds(spec, comp, folds, after_warmup).member(1 / max(2, len(np.unique(folds))))
     loop = setup_loop(spec, comp, np.flatnonzero(folds != spec.key.fold), pseudo, init_head=False)
     train_mode(loop.model, spec, spec.train.freeze_epochs + 1)  # the steady state: past any head-only epochs
     it = iter(loop.batches)
@@ -493,6 +489,22 @@ def seconds_per_member(spec: FitSpec, comp: Competition, folds: np.ndarray, step
     per_step = seconds_per_step(step, loop.device, min(len(loop.batches), warmup + steps), warmup, after_warmup)
     head = probe.seconds_per_member(spec, comp, folds) if spec.train.head_init is HeadInit.probe else 0.0
     return per_step * len(loop.batches) * loop.epochs + head
+
+
+def transfer_seconds(spec: FitSpec, comp: Competition, folds: np.ndarray,
+                     after_warmup: Callable[[], None] | None = None) -> probe.TransferSeconds:
+    """A linear probe's or a top-stages member's seconds here, its own work apart from the frozen
+    pass that its model's folds and seeds share (:func:`pipeline.train.probe.transfer_seconds`,
+    :func:`pipeline.train.topstages.transfer_seconds`; the scheduler computes that pass once,
+    :func:`warm_cache`). ``after_warmup()`` runs first (side-by-side probes wait there for each
+    other). Raises ConfigError for a network trained end to end (``train.fit=gradient``)."""
+    if spec.train.fit is FitMethod.gradient:
+        raise ConfigError(f"models.{spec.key.model}: train.fit=gradient has no frozen pass to price")
+    if after_warmup is not None:
+        after_warmup()
+    if spec.train.fit is FitMethod.top_stages:
+        return topstages.transfer_seconds(spec, comp, folds)
+    return probe.transfer_seconds(spec, comp, folds)
 
 
 def seconds_per_step(step: Callable[[], None], device: torch.device, n: int, warmup: int,

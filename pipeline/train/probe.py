@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,9 @@ MAX_ITER = 500                    # lbfgs iterations per fit
 TOL = 1e-3                        # lbfgs stopping tolerance (on ELPV: 1e-4's accuracy in half the time)
 SCORING = {Metric.accuracy: "accuracy", Metric.log_loss: "neg_log_loss", Metric.roc_auc: "roc_auc_ovr",
            Metric.balanced_accuracy: "balanced_accuracy", Metric.macro_f1: "f1_macro"}  # scikit-learn's scorers
-FIT_SECONDS = 0.3  # seconds of one fit per thousand rows and view (1,752 multi-level features): ELPV's
-                   # 7 fits of 1,679 rows x 8 views took 25 s per fold, alone on the 2-core CPU (0.27)
+FIT_SECONDS = 0.15  # seconds of one fit per thousand rows and view (1,752 multi-level features): ELPV's
+                    # 7 fits of 1,680 rows x 8 views take 11-13 s per fold, two folds side by side on the
+                    # 2-core CPU (0.13)
 
 
 def backbone(spec, comp, device: torch.device) -> Pretrained:
@@ -132,6 +134,22 @@ def cached_features(spec, comp, model: Pretrained, device: torch.device, cache_d
                  train.shape[-1], train.shape[1] + test.shape[1], train.shape[0], time.perf_counter() - t0,
                  n / max(1e-9, time.perf_counter() - t0), path)
         return train, test
+
+
+def stored_features(spec, comp) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(train (V, N, F), test (V, M, F))`` float32 features of ``comp``'s images that a probe
+    member of ``spec``'s model has cached in ``spec.features_dir`` (:func:`features_path`), or
+    None where there are none (nothing is computed). Raises ConfigError as :func:`backbone` does."""
+    if spec.features_dir is None:
+        return None
+    device = select_device(spec.runtime.device)
+    with torch.random.fork_rng(devices=[]):
+        path = features_path(spec, comp, backbone(spec, comp, device), spec.features_dir)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["train"], z["test"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, groups: np.ndarray, num_classes: int, balanced: bool,
@@ -288,12 +306,32 @@ def fit_probe(spec, comp, folds: np.ndarray, cache_dir: Path | None = None):
     return model, average_views(oof_views), va.astype(np.int64), test, metrics
 
 
-def seconds_per_member(spec, comp, folds: np.ndarray, batch: int = 32, share: float | None = None) -> float:
-    """Seconds one probe member takes here: a timed batch of ``batch`` images through the frozen
-    backbone (after one warm-up batch) scaled to the features it computes, ``share`` of every
-    image in every view (None: 1 / k, the folds sharing the cached features; the screening
-    computes all of its subsample's: 1.0), plus the regression's fits (:data:`C_GRID` x
-    :data:`INNER_FOLDS` + 1, priced at :data:`FIT_SECONDS` per thousand rows and view)."""
+@dataclass(frozen=True)
+class TransferSeconds:
+    """What a transfer member (a linear probe, top stages) costs here, in seconds: ``own``, one
+    member's own work (its fits, or its training and predictions on the cache); ``frozen``, the
+    frozen backbone's one pass over every train and test image in every view, which the model's
+    folds and seeds share (its cache); ``on_disk``: that cache exists already."""
+
+    own: float
+    frozen: float
+    on_disk: bool = False
+
+    @property
+    def shared(self) -> float:
+        """Seconds the shared cache still costs: ``frozen``, or 0 when it is on disk."""
+        return 0.0 if self.on_disk else self.frozen
+
+    def member(self, share: float) -> float:
+        """One member's seconds with ``share`` of the frozen pass (1: it computes it alone)."""
+        return self.own + share * self.frozen
+
+
+def transfer_seconds(spec, comp, folds: np.ndarray, batch: int = 32) -> TransferSeconds:
+    """A probe member's :class:`TransferSeconds`: a timed batch of ``batch`` images through the
+    frozen backbone (after one warm-up batch) scaled to every image in every view, and the
+    regression's fits (:data:`C_GRID` x :data:`INNER_FOLDS` + 1, priced at :data:`FIT_SECONDS`
+    per thousand rows and view); ``on_disk`` when ``spec.features_dir`` holds the features."""
     device = select_device(spec.runtime.device)
     use_device(device)
     configure_numerics(device, spec.precision, spec.runtime.deterministic)
@@ -305,9 +343,17 @@ def seconds_per_member(spec, comp, folds: np.ndarray, batch: int = 32, share: fl
     pooled_features(model, x, device, spec)
     per_image = (time.perf_counter() - t0) / max(1, len(x))  # every view of one image
     k = max(2, len(np.unique(folds)))
-    share = 1 / k if share is None else share
     fits = fit_seconds(len(comp.x_train) * (k - 1) / k, len(tta_views(spec.tta)))
-    return per_image * (len(comp.x_train) + len(comp.x_test)) * share + fits
+    on_disk = spec.features_dir is not None and features_path(spec, comp, model, spec.features_dir).exists()
+    return TransferSeconds(fits, per_image * (len(comp.x_train) + len(comp.x_test)), on_disk)
+
+
+def seconds_per_member(spec, comp, folds: np.ndarray, share: float | None = None) -> float:
+    """Seconds one probe member takes here (:func:`transfer_seconds`) with ``share`` of the frozen
+    pass (None: 1 / k, the folds sharing the cached features; the screening computes all of its
+    subsample's: 1.0)."""
+    share = 1 / max(2, len(np.unique(folds))) if share is None else share
+    return transfer_seconds(spec, comp, folds).member(share)
 
 
 def fit_seconds(train_rows: float, views: int) -> float:

@@ -23,9 +23,9 @@ from pipeline import pseudo
 from pipeline.budget import form_units, unit_seconds
 from pipeline.device import GROUP_MEMORY_SHARE, group_memory_limit, select_device
 from pipeline.members import MemberKey
-from pipeline.settings import AugBackend, FuseMode, RuntimeSettings, round_base
+from pipeline.settings import AugBackend, FitMethod, FuseMode, RuntimeSettings, round_base
 from pipeline.train import fused
-from pipeline.train.engine import FitSpec, fresh_model, seconds_per_member
+from pipeline.train.engine import FitSpec, fresh_model, seconds_per_member, transfer_seconds
 from pipeline.train.inference import predict_probs
 from pipeline.train.runtime import barrier, configure_threads, fold_jobs
 from pipeline.train.workers import enter_worker, log_handlers
@@ -169,7 +169,10 @@ class ModelTiming:
     (:meth:`with_layout`; None: not measured, the configured one). ``solo``: one member alone with
     the whole machine to itself (as the odd last member of a round trains,
     :func:`pipeline.budget.side_by_side`), timed after the side-by-side probes where those ran in
-    several processes and asked for (None: not timed; with one process ``alone`` is that)."""
+    several processes and asked for (None: not timed; with one process ``alone`` is that).
+    ``cache``: a transfer member's frozen pass that its model's folds and seeds share, once per
+    model (:func:`~pipeline.train.engine.transfer_seconds`; 0 when on disk), left out of
+    ``alone``."""
 
     alone: float
     group: float | None = None
@@ -180,6 +183,7 @@ class ModelTiming:
     layouts: tuple[float, float] | None = None  # fuse=auto: the group's seconds per member, contiguous / channels_last
     channels_last: bool | None = None  # fuse=auto: the group's layout, chosen from ``layouts``
     solo: float | None = None  # one member with the machine to itself (one process), seconds
+    cache: float = 0.0  # the shared frozen pass of a transfer model, once per model, seconds
 
     @property
     def fused_is_faster(self) -> bool:
@@ -209,7 +213,8 @@ class ModelTiming:
             (max(self.layouts[0], other.layouts[0]), max(self.layouts[1], other.layouts[1]))
         solo = max((s for s in (self.solo, other.solo) if s is not None), default=None)
         return ModelTiming(max(self.alone, other.alone), group, min(self.size, other.size),
-                           max(self.predict_s, other.predict_s), memory, free, layouts, self.channels_last, solo)
+                           max(self.predict_s, other.predict_s), memory, free, layouts, self.channels_last, solo,
+                           max(self.cache, other.cache))
 
 
 @dataclass(frozen=True)
@@ -297,17 +302,26 @@ def time_probes(ws: Workspace, probes: list[Probe], after_warmup=None) -> dict[s
     (:func:`seconds_per_image`) and, when probed, a fused group's seconds over its size
     (:func:`_time_group`: with ``runtime.fuse=auto`` in both memory layouts, the faster chosen,
     :meth:`ModelTiming.with_layout`)."""
-    alone, predict, group = {}, {}, {}
+    alone, cache, predict, group = {}, {}, {}, {}
     for p in probes:
         if p.size == 1:
-            alone[p.model] = seconds_per_member(p.specs[0], ws.comp, ws.folds, pseudo=p.pseudo[0],
-                                                after_warmup=after_warmup)
+            alone[p.model], cache[p.model] = _alone(ws, p, after_warmup)
             predict[p.model] = seconds_per_image(p.specs[0], ws.comp)
         else:
             group[p.model] = _time_group(ws, p, after_warmup)
     configured = {p.model: p.specs[0].runtime.channels_last for p in probes}
-    return {m: ModelTiming(alone[m], predict_s=predict[m], **group.get(m, {})).with_layout(configured[m])
-            for m in alone}
+    return {m: ModelTiming(alone[m], predict_s=predict[m], cache=cache[m], **group.get(m, {})).with_layout(
+        configured[m]) for m in alone}
+
+
+def _alone(ws: Workspace, p: Probe, after_warmup=None) -> tuple[float, float]:
+    """Seconds of one member of ``p`` trained alone and of the cache its model's members share
+    (a transfer member's frozen pass, :func:`~pipeline.train.engine.transfer_seconds`; else 0)."""
+    spec = p.specs[0]
+    if spec.train.fit is FitMethod.gradient:
+        return seconds_per_member(spec, ws.comp, ws.folds, pseudo=p.pseudo[0], after_warmup=after_warmup), 0.0
+    t = transfer_seconds(spec, ws.comp, ws.folds, after_warmup)
+    return t.own, t.shared
 
 
 def _with_layout(specs: list[FitSpec], channels_last: bool) -> list[FitSpec]:
@@ -368,8 +382,7 @@ def _time_in_worker(ws: Workspace, probes: list[Probe], slot: int, n_jobs: int, 
         wait()  # every worker's timed steps are over: worker 0 has the machine to itself
         if slot == 0:
             configure_threads(runtime.threads, select_device(runtime.device), 1)
-            timed |= {p.model: dataclasses.replace(timed[p.model], solo=seconds_per_member(
-                p.specs[0], ws.comp, ws.folds, pseudo=p.pseudo[0])) for p in alone}
+            timed |= {p.model: dataclasses.replace(timed[p.model], solo=_alone(ws, p)[0]) for p in alone}
     return os.getpid(), timed
 
 

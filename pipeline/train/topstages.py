@@ -39,7 +39,7 @@ from pipeline.metrics import score
 from pipeline.models import Pretrained
 from pipeline.train.averaging import one_cycle
 from pipeline.train.inference import average_views, softmax
-from pipeline.train.probe import backbone, features_key
+from pipeline.train.probe import TransferSeconds, backbone, features_key
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,12 @@ TIMED_STEPS = 6      # training steps timed by price()
 @dataclass(frozen=True)
 class Price:
     """What one top-stages member costs here: seconds of the frozen pass per image (every view)
-    and seconds of one training step of ``train.batch_size`` activations."""
+    and seconds of one training step of ``train.batch_size`` activations; ``on_disk``: the
+    activations are cached in ``spec.features_dir`` already."""
 
     per_image: float
     per_step: float
+    on_disk: bool = False
 
 
 def activations_paths(spec, comp, model: Pretrained, cache_dir: Path) -> tuple[Path, Path]:
@@ -321,6 +323,8 @@ def price(spec, comp, batch: int = 32) -> Price:
         t0 = time.perf_counter()
         acts = _frozen_pass(model, images, None, spec, device)
         per_image = (time.perf_counter() - t0) / max(1, len(images))
+        on_disk = spec.features_dir is not None and all(
+            p.exists() for p in activations_paths(spec, comp, model, spec.features_dir))
         _prepare(model, spec)
         opt = _optimizer(model, spec)
         _train_mode(model)
@@ -336,7 +340,7 @@ def price(spec, comp, batch: int = 32) -> Price:
             loss.backward()
             opt.step()
             timings.append(time.perf_counter() - s0)
-    return Price(per_image, float(np.median(timings[2:])))
+    return Price(per_image, float(np.median(timings[2:])), on_disk)
 
 
 def member_seconds(p: Price, train, views: int, frozen_images: float, train_rows: float, val_rows: float,
@@ -350,13 +354,12 @@ def member_seconds(p: Price, train, views: int, frozen_images: float, train_rows
     return p.per_image * frozen_images + train.epochs * epoch + (val_rows + test_rows) * views * per_activation / 3
 
 
-def seconds_per_member(spec, comp, folds: np.ndarray, share: float | None = None) -> float:
-    """Seconds member ``spec.key`` takes here (:func:`price`, :func:`member_seconds`); ``share``
-    of the frozen pass over every train and test image (None: 1 / k, the folds sharing the cached
-    activations)."""
-    k = max(2, len(np.unique(folds)))
+def transfer_seconds(spec, comp, folds: np.ndarray) -> TransferSeconds:
+    """Member ``spec.key``'s :class:`~pipeline.train.probe.TransferSeconds` here (:func:`price`,
+    :func:`member_seconds`): its own training and predictions, and the frozen pass over every
+    train and test image that the model's folds and seeds share."""
     n_train = int(np.sum(folds != spec.key.fold))
-    share = 1 / k if share is None else share
-    return member_seconds(price(spec, comp), spec.train, len(tta_views(spec.tta)),
-                          (len(comp.x_train) + len(comp.x_test)) * share, n_train, len(comp.x_train) - n_train,
-                          len(comp.x_test))
+    p = price(spec, comp)
+    own = member_seconds(p, spec.train, len(tta_views(spec.tta)), 0.0, n_train, len(comp.x_train) - n_train,
+                         len(comp.x_test))
+    return TransferSeconds(own, p.per_image * (len(comp.x_train) + len(comp.x_test)), p.on_disk)

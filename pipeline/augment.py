@@ -534,6 +534,25 @@ class ImageDataset(Dataset):
         return x, torch.tensor(y, dtype=torch.int64)
 
 
+def class_balanced_weights(y: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``(N,)`` float64 sampling weights of ``N`` training rows, each the inverse of its class's
+    count (``y``: ``(N,)`` int64 classes, or ``(N, C)`` float32 soft targets: their argmax), so
+    that every class is drawn equally often (``train.sampler=balanced``)."""
+    y = torch.as_tensor(y)
+    classes = y.argmax(1) if y.ndim == 2 else y.clamp(min=0)
+    return 1.0 / torch.bincount(classes).double()[classes]
+
+
+def epoch_order(y: torch.Tensor, generator: torch.Generator, balanced: bool) -> torch.Tensor:
+    """``(N,)`` int64 positions of one epoch's rows among ``N`` training rows with labels ``y``,
+    on ``y``'s device, drawn on ``generator``: a ``randperm`` (``train.sampler=shuffle``), or with
+    ``balanced`` ``N`` draws with replacement weighted by :func:`class_balanced_weights`."""
+    if not balanced:
+        return torch.randperm(len(y), device=y.device, generator=generator)
+    weights = class_balanced_weights(y).to(y.device)
+    return torch.multinomial(weights, len(y), replacement=True, generator=generator)
+
+
 class DeviceBatches:
     """Training batches with no per-sample Python: the images live on ``device`` as uint8, each
     epoch is a ``randperm`` cut into slices, normalised to [0, 1] and augmented a batch at a time.
@@ -542,14 +561,15 @@ class DeviceBatches:
         images: ``(N, C, S, S)`` uint8; labels: ``(N,)`` int64 or ``(N, C)`` float32 soft targets.
         batch_size: images per batch (the last incomplete batch is dropped, like the loader's).
         aug_cfg: the ``aug`` config group; seed: seeds the device generator (order + augmentation).
+        balanced: each epoch's rows drawn class-balanced (:func:`epoch_order`, ``train.sampler``).
     Iterating yields ``(x (B, C, S, S) float32, y (B,) int64 or (B, C) float32)`` on ``device``.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                 device: torch.device, aug_cfg, seed: int):
+                 device: torch.device, aug_cfg, seed: int, balanced: bool = False):
         self.x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.y = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
-        self.batch_size = batch_size
+        self.batch_size, self.balanced = batch_size, balanced
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.augment = batch_augment_from_cfg(aug_cfg, self.generator)
 
@@ -557,7 +577,7 @@ class DeviceBatches:
         return len(self.x) // self.batch_size
 
     def __iter__(self):
-        perm = torch.randperm(len(self.x), device=self.x.device, generator=self.generator)
+        perm = epoch_order(self.y, self.generator, self.balanced)
         for i in range(len(self)):
             idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.augment(self.x[idx].float().div_(255)), self.y[idx]
@@ -576,15 +596,17 @@ class StreamedBatches:
             :class:`pipeline.train.batches.StackedImages`); not copied.
         rows: ``(R,)`` int64, the rows of ``images`` to train on; labels: ``(R,)`` int64 or
             ``(R, C)`` float32 soft targets (one per row of ``rows``), copied to the device.
-        batch_size, device, aug_cfg, seed: as :class:`DeviceBatches`; prefetch: batches gathered ahead.
+        batch_size, device, aug_cfg, seed, balanced: as :class:`DeviceBatches`; prefetch: batches
+            gathered ahead.
     Iterating yields ``(x (B, C, S, S) float32, y)`` on ``device``.
     """
 
     def __init__(self, images, rows: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-                 aug_cfg, seed: int, prefetch: int = 2):
+                 aug_cfg, seed: int, prefetch: int = 2, balanced: bool = False):
         self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
         self.y = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
         self.batch_size, self.device, self.prefetch = batch_size, device, max(1, prefetch)
+        self.balanced = balanced
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.augment = batch_augment_from_cfg(aug_cfg, self.generator)
 
@@ -595,7 +617,7 @@ class StreamedBatches:
         return host_to_device(self.images, self.rows[picks], self.device)
 
     def __iter__(self):
-        perm = torch.randperm(len(self.rows), device=self.device, generator=self.generator)
+        perm = epoch_order(self.y, self.generator, self.balanced)
         order, b = perm.cpu().numpy(), self.batch_size
         batches = prefetched(self._gather, [order[i * b:(i + 1) * b] for i in range(len(self))], self.prefetch)
         for i, x in enumerate(batches):

@@ -55,6 +55,35 @@ class FitMethod(str, Enum):
     top_stages = "top_stages"
 
 
+class Sampler(str, Enum):
+    """``train.sampler``: the rows of an epoch. ``shuffle``: every training row once, in a random
+    order; ``balanced``: as many rows drawn with replacement, each with probability inversely
+    proportional to its class's count, so every class is drawn equally often (PyTorch's
+    ``WeightedRandomSampler`` with inverse-frequency weights)."""
+
+    shuffle = "shuffle"
+    balanced = "balanced"
+
+
+class Balance(str, Enum):
+    """How a screened candidate meets imbalanced classes (the screening's ``balance`` study):
+    ``none``; ``class_weight`` (``train.class_weight=true``: the loss weighted by inverse class
+    frequency); ``sampler`` (``train.sampler=balanced``: every class drawn equally often)."""
+
+    none = "none"
+    class_weight = "class_weight"
+    sampler = "sampler"
+
+    @property
+    def train_sampler(self) -> "Sampler":
+        """The ``train.sampler`` of this balance."""
+        return Sampler.balanced if self is Balance.sampler else Sampler.shuffle
+
+    def train_values(self) -> dict:
+        """The ``train`` settings that this balance sets, as config values: ``class_weight`` and ``sampler``."""
+        return {"class_weight": self is Balance.class_weight, "sampler": self.train_sampler.value}
+
+
 class HeadInit(str, Enum):
     """``train.head_init``: a pretrained backbone's new classifier starts ``random`` (timm's
     init), or as the ``probe``: the logistic regression of the backbone's frozen features on the
@@ -165,7 +194,7 @@ class Dim(str, Enum):
     side = "side"          # data.img_size
     arch = "arch"          # the ensemble's architectures
     aug = "aug"            # the augmentation preset (:class:`AugPreset`)
-    balance = "balance"    # train.class_weight (imbalanced classes)
+    balance = "balance"    # train.class_weight or train.sampler (imbalanced classes)
 
 
 class AugPreset(str, Enum):

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.choices import AugPreset, Dim
+from pipeline.choices import AugPreset, Balance, Dim
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.io import save_json
 from pipeline.paths import Paths
@@ -63,37 +63,38 @@ class Recipe:
 
     Attributes:
         side: ``data.img_size`` in pixels; models: the ensemble's architectures, best first;
-        aug: the augmentation preset of every model of the ensemble; class_weight:
-        ``train.class_weight`` of every model of the ensemble.
+        aug: the augmentation preset of every model of the ensemble; balance: how every model
+        of the ensemble meets imbalanced classes (``train.class_weight``, ``train.sampler``).
     """
 
     side: int | None = None
     models: tuple[str, ...] = ()
     aug: AugPreset | None = None
-    class_weight: bool | None = None
+    balance: Balance | None = None
 
     def describe(self) -> str:
         """One line: the chosen values of the screened dimensions."""
         parts = [f"side {self.side} px" if self.side else None,
                  f"ensemble [{', '.join(self.models)}]" if self.models else None,
                  f"aug {self.aug.value}" if self.aug else None,
-                 None if self.class_weight is None else f"class_weight {str(self.class_weight).lower()}"]
+                 None if self.balance is None else f"balance {self.balance.value}"]
         return ", ".join(p for p in parts if p) or "nothing: every setting as configured"
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One screened configuration: a model (a name under ``models``) at ``side`` pixels with the
-    ``aug`` preset (None: the model's configured augmentation) and class weighting."""
+    ``aug`` preset (None: the model's configured augmentation) and its ``balance``."""
 
     model: str
     side: int
     aug: AugPreset | None = None
-    class_weight: bool = False
+    balance: Balance = Balance.none
 
     def label(self) -> str:
         aug = self.aug.value if self.aug else "configured"
-        return f"{self.model} {self.side}px aug={aug}{' class-weighted' if self.class_weight else ''}"
+        extra = {Balance.none: "", Balance.class_weight: " class-weighted", Balance.sampler: " balanced-sampler"}
+        return f"{self.model} {self.side}px aug={aug}{extra[self.balance]}"
 
 
 class TrialState(str, Enum):
@@ -123,19 +124,29 @@ class TrialRecord:
     def to_json(self) -> dict:
         c = self.candidate
         return {"dim": self.dim.value, "model": c.model, "side": c.side, "aug": c.aug.value if c.aug else None,
-                "class_weight": c.class_weight, "state": self.state.value, "score": self.score,
+                "balance": c.balance.value, "state": self.state.value, "score": self.score,
                 "accuracy": self.accuracy, "epochs": self.epochs, "seconds": self.seconds}
 
     @classmethod
     def from_json(cls, j: dict) -> "TrialRecord":
         c = Candidate(str(j["model"]), int(j["side"]), AugPreset(j["aug"]) if j.get("aug") else None,
-                      bool(j["class_weight"]))
+                      Balance(j["balance"]))
         return cls(Dim(j["dim"]), c, TrialState(j["state"]), _opt_float(j.get("score")),
                    _opt_float(j.get("accuracy")), int(j["epochs"]), float(j["seconds"]))
 
 
 def _opt_float(v) -> float | None:
     return None if v is None else float(v)
+
+
+def screen_balances(s: ScreenSettings) -> list[Balance]:
+    """``screen.balances`` as :class:`~pipeline.choices.Balance` values, screened against none.
+    Raises ConfigError naming an unknown one."""
+    try:
+        return [Balance(str(b)) for b in s.balances if Balance(str(b)) is not Balance.none]
+    except ValueError:
+        raise ConfigError(f"screen.balances={list(s.balances)}: expected values among "
+                          f"{', '.join(b.value for b in Balance if b is not Balance.none)}") from None
 
 
 @dataclass(frozen=True)
@@ -179,7 +190,8 @@ class Screening:
     def to_json(self) -> dict:
         r = self.recipe
         return {"key": self.key, "recipe": {"side": r.side, "models": list(r.models),
-                                            "aug": r.aug.value if r.aug else None, "class_weight": r.class_weight},
+                                            "aug": r.aug.value if r.aug else None,
+                                            "balance": r.balance.value if r.balance else None},
                 "trials": [t.to_json() for t in self.trials], "reasons": list(self.reasons),
                 "share_seconds": self.share_seconds, "seconds": self.seconds, "rows": self.rows,
                 "val_rows": self.val_rows, "fixed": [d.value for d in self.fixed], "pretrained": self.pretrained}
@@ -189,7 +201,7 @@ class Screening:
         r = j["recipe"]
         recipe = Recipe(None if r.get("side") is None else int(r["side"]), tuple(map(str, r.get("models") or ())),
                         AugPreset(r["aug"]) if r.get("aug") else None,
-                        None if r.get("class_weight") is None else bool(r["class_weight"]))
+                        Balance(r["balance"]) if r.get("balance") else None)
         return cls(str(j["key"]), recipe, tuple(TrialRecord.from_json(t) for t in j["trials"]),
                    tuple(map(str, j.get("reasons") or ())), float(j["share_seconds"]), float(j["seconds"]),
                    int(j["rows"]), int(j["val_rows"]), tuple(Dim(d) for d in j.get("fixed") or ()),
@@ -218,7 +230,7 @@ FIXING = {
     Dim.side: ("data.img_size",),
     Dim.arch: ("ensemble", "model"),
     Dim.aug: ("aug",),
-    Dim.balance: ("train.class_weight",),
+    Dim.balance: ("train.class_weight", "train.sampler"),
 }
 
 
@@ -226,7 +238,7 @@ def fixed_dims(overrides: Iterable[str]) -> list[Dim]:
     """The dimensions a list of Hydra overrides (``key=value``, ``+key=value``, ``group=option``)
     sets by hand: ``data.img_size`` the side; ``ensemble``, ``model=<name>`` or any
     ``models.<name>.arch`` the architectures (a model's ``kwargs`` are its settings as a candidate); ``aug`` or ``models.<name>.aug`` the
-    augmentation; ``train.class_weight`` / ``models.<name>.train.class_weight`` the balance."""
+    augmentation; ``train.class_weight`` or ``train.sampler`` (or a model's own) the balance."""
     out = []
     for raw in overrides:
         key, _, value = raw.lstrip("+~").partition("=")
@@ -327,8 +339,8 @@ def screened(cfg: DictConfig, screen: ScreenSettings, budget: float | None, on: 
 def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:
     """Write ``recipe``'s screened dimensions into ``cfg`` (called by
     :func:`pipeline.config.prepare` only, on its own copy): ``data.img_size``, ``ensemble``, and
-    for every model of the ensemble its ``aug`` preset (over its own augmentation) and
-    ``train.class_weight``."""
+    for every model of the ensemble its ``aug`` preset (over its own augmentation) and its
+    balance (``train.class_weight``, ``train.sampler``)."""
     with open_dict(cfg):
         if recipe.side:
             cfg.data.img_size = int(recipe.side)
@@ -338,6 +350,6 @@ def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:
             node = cfg.models[name]
             if recipe.aug is not None:
                 node.aug = OmegaConf.merge(node.get("aug") or {}, preset_values(recipe.aug, aug_settings(cfg, name)))
-            if recipe.class_weight is not None:
-                node.train = OmegaConf.merge(node.get("train") or {}, {"class_weight": bool(recipe.class_weight)})
+            if recipe.balance is not None:
+                node.train = OmegaConf.merge(node.get("train") or {}, recipe.balance.train_values())
 

@@ -11,7 +11,7 @@ are written as PNGs beside it. It shows:
 * the CV table: model x fold accuracy, log loss, epochs, minutes, device; each blend's OOF
   accuracy and log loss, and which one became ``submission.csv``;
 * with ``screen.enabled``, the recipe screening (:mod:`pipeline.screen`) that chose the side, the
-  architectures, the augmentation and the class weighting: one row per trial, why each choice,
+  architectures, the augmentation and the balance of the classes: one row per trial, why each choice,
   the chosen recipe, its time share and subsample; next to it the budget's plan (``budget=``), or
   the seeds and epochs the chosen models trained with;
 * learning curves per model: train / validation loss and accuracy per epoch, mean and spread
@@ -381,18 +381,18 @@ def _chosen(t: TrialRecord, screening: Screening) -> bool:
     if t.state is not TrialState.complete:
         return False
     return {"side": r.side == c.side, "arch": c.model in r.models, "aug": r.aug is not None and r.aug == c.aug,
-            "balance": r.class_weight is not None and r.class_weight == c.class_weight}[t.dim.value]
+            "balance": r.balance is not None and r.balance == c.balance}[t.dim.value]
 
 
 def _screening_rows(screening: Screening) -> tuple[list[list], set[int]]:
     """The screening table, one row per trial in the order run: dimension, model, side,
-    augmentation preset, class weighting, state, score, accuracy, epochs, seconds; and the rows
+    augmentation preset, balance, state, score, accuracy, epochs, seconds; and the rows
     of the chosen candidates."""
     out = []
     for t in screening.trials:
         c = t.candidate
         out.append([t.dim.value, c.model, c.side, c.aug.value if c.aug else "configured",
-                    "yes" if c.class_weight else "no", t.state.value,
+                    c.balance.value, t.state.value,
                     "" if t.score is None else f"{t.score:.4f}", "" if t.accuracy is None else f"{t.accuracy:.4f}",
                     t.epochs, f"{t.seconds:.1f}"])
     return out, {i for i, t in enumerate(screening.trials) if _chosen(t, screening)}
@@ -505,7 +505,7 @@ def _screening_part(screening: Screening | None, metric: str, budget, rows: list
             f"the chosen candidates are in bold. The screening took {html.escape(format_minutes(screening.seconds))} "
             f"of a {html.escape(format_minutes(screening.share_seconds))} share; fixed by hand (not screened): "
             f"{html.escape(fixed)}.</p>",
-            _table(["dimension", "model", "side (px)", "augmentation", "class weighting", "state", "score",
+            _table(["dimension", "model", "side (px)", "augmentation", "balance", "state", "score",
                     "accuracy", "epochs", "seconds"], table, chosen_rows),
             "<p>Why:</p><ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in screening.reasons) + "</ul>"
             if screening.reasons else "<p>Why: nothing was screened (every dimension fixed).</p>",

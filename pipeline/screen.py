@@ -43,14 +43,14 @@ import optuna
 from pipeline import data, members
 from pipeline.augment import tta_views
 from pipeline.budget import format_minutes, reserve_seconds
-from pipeline.choices import AugPreset, Dim, FitMethod, Layout, Metric, Pruner
+from pipeline.choices import AugPreset, Balance, Dim, FitMethod, Layout, Metric, Pruner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import read_rows
 from pipeline.members import MemberKey
 from pipeline.metrics import DECISION_METRICS, label_metric, score
 from pipeline.pretrained import weights_available
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, save_screening,
-                             screen_augs, screen_fixed, screen_share)
+                             screen_augs, screen_balances, screen_fixed, screen_share)
 from pipeline.settings import TrainSettings
 from pipeline.train import probe, topstages
 from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, planned_epochs, seconds_per_member
@@ -161,14 +161,15 @@ class Screen:
         train = self.short(model)
         return planned_epochs(train, len(self.train_rows) // train.batch_size)
 
-    def short(self, model: str, class_weight: bool = False) -> TrainSettings:
+    def short(self, model: str, balance: Balance = Balance.none) -> TrainSettings:
         """``model``'s training settings for a trial: ``screen.epochs`` with at least
         ``screen.min_steps`` steps, on a batch of at most the subsample's rows over
-        :data:`MIN_BATCHES` (a power of two, at least 16)."""
+        :data:`MIN_BATCHES` (a power of two, at least 16), with ``balance``'s class weighting
+        and sampler."""
         m, s = self.ws.settings.models[model].train, self.s
         fit = 2 ** int(math.log2(max(16, len(self.train_rows) // MIN_BATCHES)))
-        return dataclasses.replace(m, epochs=s.epochs, min_steps=s.min_steps, class_weight=class_weight,
-                                   batch_size=min(m.batch_size, fit))
+        return dataclasses.replace(m, epochs=s.epochs, min_steps=s.min_steps, batch_size=min(m.batch_size, fit),
+                                   class_weight=balance is Balance.class_weight, sampler=balance.train_sampler)
 
     def data_at(self, side: int) -> tuple[data.Competition, np.ndarray]:
         """The subsample as a competition at ``side`` pixels (the loaded images, or at another
@@ -209,7 +210,7 @@ class Screen:
         ws = self.ws
         m = ws.settings.models[c.model]
         aug = m.aug if c.aug is None else dataclasses.replace(m.aug, **preset_values(c.aug, m.aug))
-        train = self.short(c.model, c.class_weight)
+        train = self.short(c.model, c.balance)
         model = dataclasses.replace(m, train=train, aug=aug, seed_count=1)
         runtime = dataclasses.replace(ws.settings.runtime, val_every=1, progress=False)
         settings = dataclasses.replace(ws.settings, models={**ws.settings.models, c.model: model}, runtime=runtime)
@@ -617,10 +618,10 @@ def screen(ws: Workspace) -> Screening:
         reasons.append(_why(Dim.aug, rows, chosen, f"preset {label}", margin))
     if Dim.balance not in fixed and imbalanced(ws.comp.y_train[sc.train_rows], ws.comp.num_classes, s.imbalance):
         aug = recipe.aug if recipe.aug is not None else (None if models[0] in s.pretrained else augs[0])
-        rows = sc.study(Dim.balance, [Candidate(models[0], side, aug, w) for w in (False, True)])
+        rows = sc.study(Dim.balance, [Candidate(models[0], side, aug, b) for b in (Balance.none, *screen_balances(s))])
         chosen = best(rows, margin := noise(rows, n_val, metric, sc.predictions))
-        recipe = dataclasses.replace(recipe, class_weight=chosen.candidate.class_weight if chosen else None)
-        reasons.append(_why(Dim.balance, rows, chosen, f"class_weight {str(recipe.class_weight).lower()}", margin))
+        recipe = dataclasses.replace(recipe, balance=chosen.candidate.balance if chosen else None)
+        reasons.append(_why(Dim.balance, rows, chosen, recipe.balance.value if recipe.balance else "", margin))
     return Screening(ws.screening_key(), recipe, tuple(sc.trials), tuple(reasons), share, time.time() - t0,
                      len(sc.train_rows), len(sc.val_rows), tuple(sorted(fixed, key=list(Dim).index)), bool(pretrained))
 

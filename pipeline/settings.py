@@ -29,6 +29,7 @@ from pipeline.choices import (  # noqa: F401 - the schema's enums, importable fr
     AugBackend,
     FitMethod,
     HeadInit,
+    Sampler,
     LockMode,
     FuseMode,
     StreamMode,
@@ -65,6 +66,7 @@ class TrainSettings:
     swa: float = _f(0.0, ge=0, lt=1)          # SWA: fraction of the final epochs whose weights are averaged; 0 = off
     swa_lr_scale: float = _f(0.05, gt=0, le=1)  # SWA-phase learning rate as a fraction of lr (held constant)
     class_weight: bool = False                # cross-entropy weighted by inverse class frequency of the training rows
+    sampler: Sampler = Sampler.shuffle        # balanced: each class drawn equally often (rows with replacement)
     fit: FitMethod = FitMethod.gradient       # gradient (end to end) | linear_probe (frozen features + logistic reg.)
                                               # | top_stages (the top blocks on the frozen body's cached activations)
     top_blocks: int = _f(1, ge=1)             # top_stages: the backbone's last blocks that train
@@ -218,7 +220,8 @@ class ScreenSettings:
     val_rows: int = _f(3000, ge=100)           # validation rows (fold 0)
     epochs: int = _f(3, ge=1)                  # the short schedule of every candidate
     min_steps: int = _f(60, ge=1)              # a small competition's short schedule has at least this many steps
-    imbalance: float = _f(2.0, ge=1)           # largest / smallest class count at which class weighting is screened
+    imbalance: float = _f(2.0, ge=1)           # largest / smallest class count at which the balance is screened
+    balances: list = field(default_factory=lambda: ["class_weight", "sampler"])  # ...these against none (Balance)
     pruner: Pruner = Pruner.successive_halving
     fixed: list = field(default_factory=list)  # dimensions set by hand (side, arch, aug, balance): not screened
     pretrained: list = field(default_factory=list)  # pretrained candidates (names under models), arch study

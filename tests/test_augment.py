@@ -498,3 +498,41 @@ def test_dihedral_views_are_the_eight_symmetries_of_the_square():
         assert any(torch.equal(torch.rot90(v, 1, (-2, -1)), w) for w in out)
         assert any(torch.equal(v.flip(-1), w) for w in out)
     assert len(augment.TTAViews(hflip=True)) == 2
+
+
+def test_a_balanced_sampler_draws_every_class_equally_often(digits):
+    """``train.sampler=balanced`` on the fixture's digits with classes 5-9 cut to a fifth: the
+    device batches, the streamed batches, the albumentations loader and a top-stages member's
+    epochs each draw every class about equally often (each row with probability inversely
+    proportional to its class's count), as many rows an epoch as there are; the plain shuffle
+    still draws every row exactly once. Reseeded epochs repeat their draws (resume)."""
+    from pipeline.settings import AugBackend
+    from pipeline.train.batches import TrainingSet, make_batches, set_epoch
+    from pipeline.train.topstages import _epoch_batches
+
+    x, y = digits
+    rows = np.flatnonzero((y < 5) | (np.arange(len(y)) % 5 == 0))
+    counts = np.bincount(y[rows], minlength=10)
+    assert counts.max() >= 4 * counts.min()
+    labels = torch.from_numpy(y[rows])
+    generator = torch.Generator().manual_seed(0)
+    plain = augment.epoch_order(labels, generator, balanced=False)
+    assert np.array_equal(np.sort(plain.numpy()), np.arange(len(rows)))
+    drawn = torch.cat([augment.epoch_order(labels, generator, balanced=True) for _ in range(20)])
+    share = np.bincount(y[rows][drawn.numpy()], minlength=10) / len(drawn)
+    assert np.abs(share - 0.1).max() < 0.02, share  # shuffled: the largest class is 3x the smallest's share
+    data_set = TrainingSet(x, y, rows)
+    none = AugSettings(backend="torch", rotate=0.0, scale=0.0, shift=0.0)
+    for aug, stream in ((none, False), (none, True), (AugSettings(backend=AugBackend.albumentations.value), False)):
+        batches = make_batches(data_set, 16, torch.device("cpu"), aug, seed=3, stream=stream, balanced=True)
+        seen = []
+        for epoch in range(8):
+            set_epoch(batches, 3, epoch)
+            seen += [int(v) for _, yb in batches for v in yb]
+        share = np.bincount(seen, minlength=10) / len(seen)
+        assert len(seen) == 8 * (len(rows) // 16) * 16 and np.abs(share - 0.1).max() < 0.03, (aug.backend, share)
+        set_epoch(batches, 3, 7)
+        assert [int(v) for _, yb in batches for v in yb] == seen[-(len(rows) // 16) * 16:]  # the same epoch again
+    pairs = np.concatenate(_epoch_batches(8, rows, 64, seed=0, balanced_by=y[rows]))
+    share = np.bincount(y[pairs[:, 1]], minlength=10) / len(pairs)
+    assert np.abs(share - 0.1).max() < 0.02 and set(pairs[:, 1]) <= set(rows)

@@ -109,13 +109,13 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
         td = '<td class="">'
         assert '<h2 id="screening">Recipe screening</h2>' in text
         assert ('<th class="l">dimension</th><th class="">model</th><th class="">side (px)</th><th class="">'
-                'augmentation</th><th class="">class weighting</th><th class="">state</th><th class="">score'
+                'augmentation</th><th class="">balance</th><th class="">state</th><th class="">score'
                 '</th><th class="">accuracy</th><th class="">epochs</th><th class="">seconds</th>') in text
         assert (f'<tr class="best"><td class="l">arch</td>{td}cnn_deotte</td>{td}28</td>{td}configured</td>'
-                f'{td}no</td>{td}complete</td>{td}0.8712</td>{td}0.8725</td>{td}3</td>{td}41.3</td></tr>') in text
-        assert (f'<tr class="best"><td class="l">arch</td>{td}mlp</td>{td}28</td>{td}configured</td>{td}no</td>'
+                f'{td}none</td>{td}complete</td>{td}0.8712</td>{td}0.8725</td>{td}3</td>{td}41.3</td></tr>') in text
+        assert (f'<tr class="best"><td class="l">arch</td>{td}mlp</td>{td}28</td>{td}configured</td>{td}none</td>'
                 f'{td}complete</td>{td}0.8203</td>{td}0.8215</td>{td}3</td>{td}6.0</td></tr>') in text
-        assert (f'<tr class=""><td class="l">arch</td>{td}resnet9</td>{td}28</td>{td}configured</td>{td}no</td>'
+        assert (f'<tr class=""><td class="l">arch</td>{td}resnet9</td>{td}28</td>{td}configured</td>{td}none</td>'
                 f'{td}pruned</td>{td}</td>{td}</td>{td}1</td>{td}18.7</td></tr>') in text
         assert f'<tr class=""><td class="l">arch</td>{td}cnn_keras</td>' in text and f"{td}skipped</td>" in text
         assert "<li>arch: ensemble [cnn_deotte, mlp] (0.8712) against mlp 28px aug=configured 0.8203</li>" in text

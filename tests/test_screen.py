@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DIGITS
 from pipeline import data
-from pipeline.choices import AugPreset, Dim
+from pipeline.choices import AugPreset, Balance, Dim
 from pipeline.recipe import Candidate, Recipe, TrialState, fixed_dims, read_screening
 
 
@@ -69,7 +69,7 @@ def test_overrides_fix_their_dimensions():
     assert fixed_dims(["ensemble=[mlp]"]) == fixed_dims(["model=mlp"]) == [Dim.arch]
     assert fixed_dims(["aug.hflip=0.5"]) == fixed_dims(["aug=none"]) == fixed_dims(["+models.mlp.aug.rotate=3"]) \
         == [Dim.aug]
-    assert fixed_dims(["models.mlp.train.class_weight=true"]) == [Dim.balance]
+    assert fixed_dims(["models.mlp.train.class_weight=true"]) == fixed_dims(["train.sampler=balanced"]) == [Dim.balance]
 
 
 def test_an_explicit_recipe_is_never_overridden(tiny_cfg):
@@ -206,9 +206,39 @@ def test_a_pretrained_network_is_screened_at_its_own_sides_only():
     assert pretrained_sides([32], 32, 128) == [32]
 
 
-@pytest.mark.parametrize("label", [Candidate("resnet9", 64, AugPreset.dihedral, True).label()])
-def test_a_candidate_names_what_it_is(label):
-    assert label == "resnet9 64px aug=dihedral class-weighted"
+def test_a_candidate_names_what_it_is():
+    assert Candidate("resnet9", 64, AugPreset.dihedral, Balance.class_weight).label() == \
+        "resnet9 64px aug=dihedral class-weighted"
+    assert Candidate("resnet9", 64, None, Balance.sampler).label() == "resnet9 64px aug=configured balanced-sampler"
+
+
+def test_the_balance_study_screens_class_weights_and_the_sampler_on_imbalanced_digits(tiny_cfg, digits_dir):
+    """The fixture's digits with classes 5-9 cut to a fifth (imbalanced: the largest class has
+    about 5x the rows of the smallest); side, architecture and augmentation set by hand: the
+    screening studies the balance alone, none against class weights and the balanced sampler,
+    and the prepared settings carry the one chosen."""
+    import pandas as pd
+
+    from pipeline.config import prepare, with_fixed
+    from pipeline.screen import run
+
+    train = pd.read_csv(digits_dir / "train.csv")
+    keep = (train["label"] < 5) | (np.arange(len(train)) % 5 == 0)
+    train[keep].to_csv(digits_dir / "train.csv", index=False)
+    hand = ["ensemble=[mlp]", "aug=none", "data.img_size=28"]
+    cfg = with_fixed(tiny_cfg("screen.enabled=true", "screen.seconds=600", "screen.min_steps=1", "screen.pruner=none",
+                              *hand), hand)
+    ws = _ws(cfg)
+    result = run(ws.cfg, ws)
+    assert [(t.dim, t.candidate.balance) for t in result.trials] == [
+        (Dim.balance, Balance.none), (Dim.balance, Balance.class_weight), (Dim.balance, Balance.sampler)]
+    assert all(t.state is TrialState.complete for t in result.trials), result.table()
+    assert result.recipe.balance is not None
+    assert result.reasons[-1].startswith(f"balance: {result.recipe.balance.value} ("), result.reasons
+    _, settings = prepare(cfg)
+    train_settings = settings.models["mlp"].train
+    assert train_settings.sampler is result.recipe.balance.train_sampler
+    assert train_settings.class_weight is (result.recipe.balance is Balance.class_weight)
 
 
 def test_class_weights_balance_the_loss_and_reach_the_training_step(tiny_cfg, monkeypatch):

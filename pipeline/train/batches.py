@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipeline import augment
 from pipeline.errors import ConfigError, PipelineError
@@ -113,8 +112,8 @@ def _worker_init(worker_id: int) -> None:
         info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def make_batches(data: TrainingSet, batch_size: int, device: torch.device, aug: AugSettings | DictConfig,
-                 seed: int, workers: int = 0, stream: bool = False):
+def make_batches(data: TrainingSet, batch_size: int, device: torch.device, aug: AugSettings,
+                 seed: int, workers: int = 0, stream: bool = False, balanced: bool = False):
     """The training batches of one member over ``data`` (:func:`training_set`), for ``aug.backend``.
 
     ``torch``: :class:`pipeline.augment.DeviceBatches` (the rows copied to the device as uint8,
@@ -123,20 +122,24 @@ def make_batches(data: TrainingSet, batch_size: int, device: torch.device, aug: 
     transforms with ``workers`` processes, reading the images (a memory map, for image layouts)
     one row at a time, so a set larger than RAM trains. Both drop the last incomplete batch and
     yield ``(x (B, C, S, S) float32, y)``: ``y`` is ``(B,)`` int64, or ``(B, C)`` float32 with soft
-    pseudo-labels.
+    pseudo-labels. With ``balanced`` (``train.sampler=balanced``) each epoch draws as many rows,
+    with replacement, every class equally often (:func:`pipeline.augment.epoch_order`; the
+    loader: ``WeightedRandomSampler`` on its generator).
     """
+    labels = data.labels[data.rows]
     if AugBackend(aug.backend) is AugBackend.torch and stream:
-        return augment.StreamedBatches(data.images, data.rows, data.labels[data.rows], batch_size, device, aug, seed)
+        return augment.StreamedBatches(data.images, data.rows, labels, batch_size, device, aug, seed, balanced=balanced)
     if AugBackend(aug.backend) is AugBackend.torch:
-        return augment.DeviceBatches(read_rows(data.images, data.rows), data.labels[data.rows], batch_size, device, aug,
-                                     seed)
+        return augment.DeviceBatches(read_rows(data.images, data.rows), labels, batch_size, device, aug, seed, balanced)
     transform = augment.transform_from_cfg(aug)
     if transform is not None:
         transform.set_random_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # set_epoch reseeds it: the order and the sampler's draws
+    sampler = WeightedRandomSampler(augment.class_balanced_weights(labels), len(labels), replacement=True,
+                                    generator=generator) if balanced else None
     return DataLoader(augment.ImageDataset(data.images, data.labels, transform, data.rows), batch_size=batch_size,
-                      shuffle=True, drop_last=True, num_workers=workers,
-                      worker_init_fn=_worker_init if workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed),
+                      shuffle=sampler is None, sampler=sampler, drop_last=True, num_workers=workers,
+                      worker_init_fn=_worker_init if workers > 0 else None, generator=generator,
                       pin_memory=device.type == "cuda")
 
 
@@ -225,7 +228,7 @@ class GroupBatches:
     """
 
     def __init__(self, sets: Sequence[TrainingSet], batch_size: int, device: torch.device,
-                 aug: AugSettings | DictConfig, seeds: Sequence[int], channels_last: bool = False,
+                 aug: AugSettings, seeds: Sequence[int], channels_last: bool = False,
                  stream: bool = False):
         if AugBackend(aug.backend) is not AugBackend.torch:
             raise PipelineError(f"GroupBatches: aug.backend={AugBackend(aug.backend).value}; a fused group's "

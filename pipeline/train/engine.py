@@ -32,7 +32,7 @@ from pipeline.metrics import score
 from pipeline.models import create_model, freeze, parameter_groups
 from pipeline.runsettings import ModelSettings
 from pipeline.settings import (AugSettings, FitMethod, HeadInit, Metric, Precision, RuntimeSettings, TrainSettings,
-                               TTASettings)
+                               Sampler, TTASettings)
 from pipeline.train.averaging import WeightAverage, one_cycle, swa_epochs
 from pipeline.train import probe, topstages
 from pipeline.train.batches import Rows, make_batches, set_epoch, training_set
@@ -256,7 +256,8 @@ def member_parts(spec: FitSpec, comp: Competition, tr_idx: np.ndarray, device: t
     place = placement(spec, comp, len(data.rows), device)
     (log.info if place.streamed else log.debug)("train: %s: %s", spec.key, place.describe())
     batches = make_batches(data, spec.train.batch_size, device, spec.aug, spec.training_seed,
-                           num_workers(spec.runtime.num_workers, device), stream=place.streamed)
+                           num_workers(spec.runtime.num_workers, device), stream=place.streamed,
+                           balanced=spec.train.sampler is Sampler.balanced)
     if len(batches) == 0:
         raise ConfigError(f"{spec.key}: train.batch_size={spec.train.batch_size} is larger than the "
                           f"{len(data.rows)} training rows of the fold")

@@ -31,7 +31,7 @@ import torch.nn as nn
 from filelock import FileLock
 
 from pipeline.augment import tta_views
-from pipeline.choices import Metric
+from pipeline.choices import Metric, Sampler
 from pipeline.device import (autocast, configure_numerics, device_name, peak_memory_mb, select_device,
                              use_device)
 from pipeline.errors import ConfigError
@@ -195,14 +195,16 @@ def fit_rows(model: Pretrained, features: np.ndarray, y: np.ndarray, rows: np.nd
              cache: Path | None = None) -> dict:
     """Fit the logistic regression (:func:`fit_logistic`) of ``(V, N, F)`` features on the
     ``rows`` (every view a training row) and copy it into ``model``'s classifier. The fit depends
-    on the features, the rows, their labels and ``train.class_weight`` alone (its inner
+    on the features, the rows, their labels and the class balance alone (``train.class_weight``,
+    or ``train.sampler=balanced``: the same weights for a convex fit; its inner
     cross-validation is seeded from them), so with ``cache`` (the features' file) it is kept
     beside them (``<key>.fit-<digest>.npz``, arrays only) and shared: a probe member and an LP-FT
     head of the same fold fit once. Returns ``{C, features, views}``."""
     views = features.shape[0]
+    balanced = spec.train.class_weight or spec.train.sampler is Sampler.balanced  # the same, for a convex fit
     digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()
                             + np.ascontiguousarray(y[rows], dtype=np.int64).tobytes()
-                            + repr((spec.train.class_weight, C_GRID, INNER_FOLDS, MAX_ITER, TOL,
+                            + repr((balanced, C_GRID, INNER_FOLDS, MAX_ITER, TOL,
                                     Metric(spec.metric).value)).encode()).hexdigest()[:16]
     path = None if cache is None else cache.with_name(f"{cache.stem}.fit-{digest}.npz")
     lock = FileLock(str(path) + ".lock") if path is not None else contextlib.nullcontext()
@@ -211,8 +213,7 @@ def fit_rows(model: Pretrained, features: np.ndarray, y: np.ndarray, rows: np.nd
         if fitted is None:
             x = features[:, rows].reshape(-1, features.shape[-1])
             fitted = fit_logistic(x, np.tile(y[rows], views), np.tile(np.arange(len(rows)), views),
-                                  model.classifier.weight.shape[0], spec.train.class_weight,
-                                  int(digest[:8], 16), spec.metric)
+                                  model.classifier.weight.shape[0], balanced, int(digest[:8], 16), spec.metric)
             if path is not None:
                 save_npz(path, weight=fitted[0], bias=fitted[1], C=np.float64(fitted[2]))
     weight, bias, c = fitted

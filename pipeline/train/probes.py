@@ -23,7 +23,7 @@ from pipeline import pseudo
 from pipeline.budget import form_units, unit_seconds
 from pipeline.device import GROUP_MEMORY_SHARE, group_memory_limit, select_device
 from pipeline.members import MemberKey
-from pipeline.settings import AugBackend, FitMethod, FuseMode, RuntimeSettings, round_base
+from pipeline.settings import AugBackend, FitMethod, FuseMode, RuntimeSettings, Sampler, round_base
 from pipeline.train import fused
 from pipeline.train.engine import FitSpec, fresh_model, seconds_per_member, transfer_seconds
 from pipeline.train.inference import predict_probs
@@ -54,7 +54,7 @@ def member_spec(ws: Workspace, key: MemberKey, runtime: RuntimeSettings | None =
 
 def fusable_models(ws: Workspace, pending: list[MemberKey]) -> frozenset[str]:
     """The models of ``pending`` whose members can train fused: a :func:`pipeline.train.fused.can_fuse`
-    architecture, ``runtime.compile`` off, ``train.class_weight`` off and the ``torch``
+    architecture, ``runtime.compile`` off, ``train.class_weight`` off, ``train.sampler=shuffle`` and the ``torch``
     augmentation backend (the ``albumentations`` backend's DataLoader workers would be started
     once per member of a group).
     Every other model says in one log line why it trains unfused."""
@@ -67,6 +67,8 @@ def fusable_models(ws: Workspace, pending: list[MemberKey]) -> frozenset[str]:
             why = f"aug.backend={AugBackend(spec.aug.backend).value}: one DataLoader per member"
         elif spec.train.class_weight:
             why = "train.class_weight=true: each fold's own loss weights"
+        elif spec.train.sampler is Sampler.balanced:
+            why = "train.sampler=balanced: each fold's own draws"
         elif not fused.can_fuse(spec, ws.comp):
             why = f"{spec.arch} is not a fusable nn.Sequential"
         else:

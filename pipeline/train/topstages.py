@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 from filelock import FileLock
 
-from pipeline.augment import tta_views
+from pipeline.augment import class_balanced_weights, tta_views
+from pipeline.choices import Sampler
 from pipeline.device import autocast, configure_numerics, device_name, peak_memory_mb, select_device, use_device
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import read_rows, write_with
@@ -174,11 +175,19 @@ def view_probs(model: Pretrained, acts: np.ndarray, rows: np.ndarray, device: to
     return softmax(np.stack(out))
 
 
-def _epoch_batches(n_views: int, rows: np.ndarray, batch: int, seed: int) -> list[np.ndarray]:
+def _epoch_batches(n_views: int, rows: np.ndarray, batch: int, seed: int,
+                   balanced_by: np.ndarray | None = None) -> list[np.ndarray]:
     """Shuffled ``(b, 2)`` int64 (view, row) pairs of every training row in every view, in full
-    batches (a shorter remainder is dropped, as the other members' loaders do)."""
+    batches (a shorter remainder is dropped, as the other members' loaders do); with
+    ``balanced_by`` (the rows' classes, ``train.sampler=balanced``) as many pairs drawn with
+    replacement, every class equally often (:func:`pipeline.augment.class_balanced_weights`)."""
     pairs = np.stack(np.meshgrid(np.arange(n_views), rows, indexing="ij"), -1).reshape(-1, 2)
-    pairs = pairs[np.random.default_rng(seed).permutation(len(pairs))]
+    rng = np.random.default_rng(seed)
+    if balanced_by is None:
+        pairs = pairs[rng.permutation(len(pairs))]
+    else:
+        w = np.tile(class_balanced_weights(balanced_by).numpy(), n_views)
+        pairs = pairs[rng.choice(len(pairs), len(pairs), replace=True, p=w / w.sum())]
     return [pairs[i:i + batch] for i in range(0, len(pairs) - batch + 1, batch)]
 
 
@@ -269,7 +278,9 @@ def _epoch(model: Pretrained, optim, train_a: np.ndarray, tr: np.ndarray, y: tor
     opt, sched, loss_fn = optim
     _train_mode(model)
     total, correct, seen = 0.0, 0, 0
-    for pairs in _epoch_batches(train_a.shape[0], tr, spec.train.batch_size, spec.training_seed * 1000 + epoch):
+    balanced = y[tr].numpy() if spec.train.sampler is Sampler.balanced else None
+    for pairs in _epoch_batches(train_a.shape[0], tr, spec.train.batch_size, spec.training_seed * 1000 + epoch,
+                                balanced):
         a = torch.from_numpy(_gather(train_a, pairs)).to(device)
         target = y[pairs[:, 1]].to(device)
         with autocast(device, spec.precision):

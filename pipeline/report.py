@@ -426,7 +426,7 @@ def _log_shift(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult)
     plain, weighted = shift_scores(ws, saved, shift)
     line = (f"adversarial validation: train against test ROC AUC {shift.auc:.3f} ({shift.source}, {shift.n_train} / "
             f"{shift.n_test} images); the blend's OOF {ws.settings.data.metric.value} {plain:.5f}, weighted toward "
-            f"the test {weighted:.5f}")
+            f"the test {weighted:.5f} (an effective {shift.effective_rows():.0f} rows)")
     if shift.shifted:
         log.warning("report: %s: the test is distinguishable from train (AUC above %.1f), so the CV score likely "
                     "overstates the leaderboard; group folds (folds.group) may show it", line, SHIFT_AUC)
@@ -449,7 +449,8 @@ def _shift_part(ws: Workspace, saved: store.SavedBlend, shift: AdversarialResult
             f"{shift.n_train:,} training and {shift.n_test:,} test images, "
             f"cross-validated): ROC AUC <b>{shift.auc:.3f}</b> (0.5: indistinguishable). {verdict}</p>",
             f"<p>The submitted blend's OOF {metric} on those training rows: {plain:.5f}; weighted toward the test "
-            f"(each row by the classifier's odds that it is a test image): <b>{weighted:.5f}</b>. The training rows "
+            f"(each row by the classifier's odds that it is a test image): <b>{weighted:.5f}</b>, resting on an "
+            f"effective {shift.effective_rows():,.0f} rows (Kish). The training rows "
             f"that look most like the test (0-based rows of train.csv): "
             f"{', '.join(map(str, shift.most_test_like()))}.</p>"]
 

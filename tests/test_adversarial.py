@@ -16,6 +16,7 @@ def test_the_digits_own_train_and_test_are_indistinguishable():
     assert abs(res.auc - 0.5) < 0.1 and not res.shifted, res.auc
     assert res.n_train == len(comp.x_train) and res.p_test.shape == res.rows.shape
     np.testing.assert_allclose(res.weights().mean(), 1.0)
+    assert res.effective_rows() > 0.5 * res.n_train  # regularised: no shift, no extreme weights
 
 
 def test_a_test_side_from_another_source_is_found():
@@ -55,6 +56,7 @@ def test_features_of_one_source_are_indistinguishable_and_of_two_are_not():
     ours = ours[np.random.default_rng(0).permutation(len(ours))]  # its file is ordered by writer: 0.76 unshuffled
     same = adversarial_features(ours[:900], ours[900:1400], "digits 8x8", seed=0)
     assert abs(same.auc - 0.5) < 0.1 and not same.shifted and same.source == "digits 8x8, logistic regression"
+    assert same.effective_rows() > 0.5 * same.n_train  # C chosen by log loss: probabilities near the prior
     comp = data.load_competition(DIGITS)
     mnist = comp.x_train[:, 0, 2:26, 2:26].reshape(-1, 8, 3, 8, 3).mean((2, 4)).reshape(-1, 64) / 255.0
     other = adversarial_features(ours[:900], mnist, "digits 8x8", seed=0)

@@ -142,11 +142,16 @@ def resolve_weights(timm_name: str, pretrained_file: str | None, hub_id: str | N
     raise ConfigError(missing_message(timm_name))
 
 
+def wants_pretrained(kwargs: dict) -> bool:
+    """Whether a model's ``kwargs`` ask for pretrained weights (``pretrained`` or ``pretrained_file``)."""
+    return bool(kwargs.get("pretrained") or kwargs.get("pretrained_file"))
+
+
 def weights_available(kwargs: dict) -> Weights | None:
     """For a model's ``kwargs`` (``timm_name``, ``pretrained``, ``pretrained_file``): where its
     weights would come from (without loading them; packaged weights are not converted), or None
     for a network trained from scratch. Raises ConfigError as :func:`resolve_weights` does."""
-    if not (kwargs.get("pretrained") or kwargs.get("pretrained_file")):
+    if not wants_pretrained(kwargs):
         return None
     import timm
 

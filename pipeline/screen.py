@@ -48,7 +48,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import read_rows
 from pipeline.members import MemberKey
 from pipeline.metrics import DECISION_METRICS, label_metric, score
-from pipeline.pretrained import weights_available
+from pipeline.pretrained import wants_pretrained, weights_available
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, save_screening,
                              screen_augs, screen_balances, screen_fixed, screen_share)
 from pipeline.settings import TrainSettings
@@ -486,7 +486,7 @@ def _is_pretrained(ws: Workspace, model: str) -> bool:
     """Whether ``model`` starts from pretrained weights (``kwargs.pretrained`` or
     ``kwargs.pretrained_file``) or trains on a frozen backbone (``train.fit``)."""
     m = ws.settings.models[model]
-    return bool(m.kwargs.get("pretrained") or m.kwargs.get("pretrained_file")) or m.train.fit is not FitMethod.gradient
+    return wants_pretrained(m.kwargs) or m.train.fit is not FitMethod.gradient
 
 
 def pretrained_candidates(ws: Workspace, loaded: int, fixed: frozenset[Dim]) -> list[Candidate]:

@@ -9,16 +9,17 @@ patients), and the CV overstates the leaderboard.
 
 Where a linear probe's pooled features of a pretrained backbone are cached (an ImageNet network
 sees content: objects, backgrounds, devices), they describe the images, with scikit-learn's
-logistic regression on their principal components as the classifier (:func:`adversarial_features`). Else the
-images are described by their pixels downsampled to :data:`GRID` x :data:`GRID` per channel
-(area means) and each image's mean and standard deviation: cheap, and enough to see shifts of
-exposure, colour, framing and resolution, with scikit-learn's ``HistGradientBoostingClassifier``,
+logistic regression on their principal components as the classifier (:func:`adversarial_features`).
+Else the images are described by their pixels downsampled to :data:`GRID` x :data:`GRID` per
+channel (area means) and each image's mean and standard deviation: cheap, and enough to see shifts
+of exposure, colour, framing and resolution, with scikit-learn's ``HistGradientBoostingClassifier``,
 early-stopped on a held-out tenth (:func:`adversarial_validation`). Both are regularised so that
-without a shift the probabilities stay near the prior: unregularised, ELPV's 2,099 rows gave
-importance weights up to 100x and 140x, an effective sample of 189 and 19 rows. Either is cross-validated over at most :data:`MAX_ROWS` images
-of each side. Its out-of-fold probability ``p`` of "test" for each scored training row gives the rows
-that look most like the test and importance weights ``p / (1 - p)`` (the density ratio of test
-to train, Shimodaira 2000), with which an OOF score can be weighted toward the test.
+without a shift the probabilities stay near the prior (unregularised, ELPV's 2,099 rows gave
+importance weights up to 140x: the weighted score rested on 19 to 325 rows; docs/results.md).
+Either is cross-validated over at most :data:`MAX_ROWS` images of each side. The out-of-fold
+probability ``p`` of "test" for each scored training row gives the rows that look most like the
+test and importance weights ``p / (1 - p)`` (the density ratio of test to train, Shimodaira
+2000), with which an OOF score can be weighted toward the test.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ GRID = 8          # the downsampled side of the pixel description
 MAX_ROWS = 4000   # images per side the classifier sees (a stratified random subsample above it)
 FOLDS = 3         # the cross-validation of the adversarial classifier
 CHUNK = 256       # images described at a time
-FEATURES_C = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]  # inverse L2 strengths tried on the pretrained features' components
+FEATURES_C = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # inverse L2 strengths tried on the features' components
 FEATURES_PCA = 64  # principal components of the standardised pretrained features the regression sees
 
 
@@ -100,9 +101,9 @@ def describe(images: np.ndarray) -> np.ndarray:
 def adversarial_validation(x_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> AdversarialResult:
     """Cross-validated train-against-test classification (module docstring) of ``(N, C, S, S)``
     uint8 training and ``(M, C, S, S)`` uint8 test images: at most :data:`MAX_ROWS` of each side,
-    :data:`FOLDS`-fold stratified, scikit-learn's ``HistGradientBoostingClassifier`` on
-    :func:`describe`. Deterministic for a ``seed``. Raises ValueError for images smaller than
-    :data:`GRID` px or an empty side."""
+    :data:`FOLDS`-fold stratified, scikit-learn's ``HistGradientBoostingClassifier``
+    (early-stopped) on :func:`describe`. Deterministic for a ``seed``. Raises ValueError for
+    images smaller than :data:`GRID` px or an empty side."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     rows, test_rows = _draw(len(x_train), len(x_test), seed)
@@ -130,7 +131,8 @@ def adversarial_features(f_train: np.ndarray, f_test: np.ndarray, source: str, s
         raise ValueError(f"features of shapes {f_train.shape} and {f_test.shape}: expected (N, F) and (M, F)")
     rows, test_rows = _draw(len(f_train), len(f_test), seed)
     x = np.concatenate([f_train[rows], f_test[test_rows]]).astype(np.float32)
-    search = GridSearchCV(LogisticRegression(max_iter=1000), {"C": FEATURES_C}, scoring="neg_log_loss", cv=FOLDS)
+    search = GridSearchCV(LogisticRegression(max_iter=1000), {"C": list(FEATURES_C)}, scoring="neg_log_loss",
+                          cv=FOLDS)
     clf = make_pipeline(StandardScaler(), PCA(min(FEATURES_PCA, *x.shape), random_state=seed), search)
     return _classify(clf, x, rows, test_rows, seed, f"{source}, logistic regression")
 

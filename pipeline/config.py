@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline.device import select_device
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
-from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_fixed
+from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_balances, screen_fixed
 from pipeline.runsettings import RunSettings, run_settings
 from pipeline.workspace import screening_for
 from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, SPACE_ROOTS, blend_methods, blend_models,
@@ -159,6 +159,7 @@ def validate(cfg: DictConfig) -> RunSettings:
 
     screen_fixed(cfg)
     screen_augs(cfg)
+    screen_balances(settings.screen)
     unknown = [str(m) for m in cfg.screen.models if m not in cfg.models]
     if unknown or not cfg.screen.models:
         raise ConfigError(f"screen.models={list(cfg.screen.models)}: expected names under models "

@@ -39,7 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.adversarial import SHIFT_AUC, AdversarialResult, adversarial_features, adversarial_validation  # noqa: E402
+from pipeline.adversarial import (SHIFT_AUC, AdversarialResult, adversarial_features,  # noqa: E402
+                                  adversarial_validation)
 from pipeline.blend import store  # noqa: E402
 from pipeline.budget import format_minutes  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402

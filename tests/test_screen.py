@@ -521,3 +521,14 @@ def test_a_rung_prunes_beyond_the_noise_only_and_a_reused_baseline_reports_its_e
 
     row = sc.run_trial(Dim.aug, base, Recorder())
     assert row.dim is Dim.aug and row.seconds == 0.0 and seen == [(1, 0.5), (2, 0.7), (3, 0.8)]
+
+
+def test_an_unknown_balance_stops_the_command_at_the_entry(tmp_path, digits_dir, capsys):
+    """``screen.balances`` is checked before any work, not when an imbalanced set reaches the study."""
+    from conftest import TINY, command_error
+
+    code, lines = command_error(capsys, "stage=train", f"paths.root={tmp_path}", f"data.dir={digits_dir}", *TINY,
+                                "ensemble=[mlp]", "screen.balances=[smote]")
+    assert code == 2 and len(lines) == 1, lines
+    assert "screen.balances=['smote']: expected values among class_weight, sampler" in lines[0]
+    assert not (tmp_path / "artifacts").exists()

@@ -64,13 +64,13 @@ def candidates(ws) -> list[tuple]:
     ``screen.augs``), the architectures at the smallest side with that preset, the presets on the
     first model at that side."""
     from pipeline.choices import Dim
-    from pipeline.recipe import Candidate, screen_augs
+    from pipeline.recipe import Candidate
     from pipeline.screen import candidate_sides
 
     s = ws.settings.screen
     models = [str(m) for m in s.models]
     sides = candidate_sides(ws.comp.x_train.shape[-1], ws.comp.layout, list(s.sides))
-    augs = screen_augs(ws.cfg)
+    augs = list(ws.settings.screen_augs)
     out = [(Dim.side, Candidate(models[0], side, augs[0])) for side in sides] if len(sides) > 1 else []
     side = sides[-1]  # the smallest: the side's baseline
     out += [(Dim.arch, Candidate(m, side, augs[0])) for m in models]

@@ -28,7 +28,9 @@ from hydra import compose, initialize_config_dir
 
 from train_throughput import hardware
 
-from pipeline import augment, data
+from pipeline.runsettings import run_settings
+from pipeline.workspace import Workspace
+from pipeline import augment
 from pipeline.device import resolve_precision, select_device
 from pipeline.models import create_model
 from pipeline.settings import aug_settings
@@ -102,7 +104,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=args.override)
     device = select_device(str(cfg.runtime.device))
-    comp = data.load(cfg)
+    comp = Workspace(run_settings(cfg)).comp
     rows = np.arange(min(args.rows, len(comp.x_train)))
     precision = resolve_precision(cfg.train.precision, device)
     print(hardware(device))

@@ -60,7 +60,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from pipeline import augment, data
+from pipeline.runsettings import run_settings
+from pipeline.workspace import Workspace
+from pipeline import augment
 from pipeline.models import create_model, list_models
 from pipeline.train.engine import train_step
 from pipeline.device import resolve_precision, select_device
@@ -305,7 +307,7 @@ def _side_by_side_job(name, cfg, rows, batch_size, slot, n_jobs, start_at, secon
     device = select_device(str(cfg.runtime.device), slot=slot)
     if device.type == "cpu":
         torch.set_num_threads(core_share(n_jobs))
-    comp = data.load(cfg)
+    comp = Workspace(run_settings(cfg)).comp
     x, y = comp.x_train[:rows], comp.y_train[:rows]
     if members:
         step = fused_step(name, x, y, cfg, device, batch_size, comp.num_classes, members, seed=100 * slot)
@@ -405,7 +407,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=args.override)
     device = select_device(str(cfg.runtime.device))
-    comp = data.load(cfg)
+    comp = Workspace(run_settings(cfg)).comp
     x, y = comp.x_train[: args.rows], comp.y_train[: args.rows]
     names = args.models or [n for n in list_models() if n in cfg.models]
     print(hardware(device))

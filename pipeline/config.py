@@ -5,7 +5,7 @@
 1. each pseudo-label round of ``pseudo.models`` added as a model (:func:`expand_pseudo_rounds`);
 2. with ``tuned=true``, a study's best values applied (:func:`apply_tuned_values`);
 3. with ``screen.enabled``, the recipe its screening chose for this run applied
-   (:func:`pipeline.recipe.apply_recipe`; ``artifacts/screening/``, :mod:`pipeline.screen`);
+   (:func:`apply_recipe`; ``artifacts/screening/``, :mod:`pipeline.screen`);
 4. every setting checked (:func:`validate`): a bad one stops the run with one line naming it,
    before any data is read or any model trained.
 
@@ -24,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline.device import select_device
 from pipeline.errors import ConfigError
 from pipeline.paths import Paths
-from pipeline.recipe import apply_recipe, fixed_dims, screen_augs, screen_balances, screen_fixed
+from pipeline.recipe import Recipe, fixed_dims, preset_values, screen_balances
 from pipeline.runsettings import RunSettings, run_settings
 from pipeline.workspace import screening_for
-from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, SPACE_ROOTS, blend_methods, blend_models,
-                               pseudo_settings, round_base, round_name, selected_folds, selected_models)
+from pipeline.settings import (BUILD_OFFLINE, MODEL_KEYS, PSEUDO_SUFFIX, SPACE_ROOTS, aug_settings, pseudo_settings,
+                               round_base, round_name, selected_models)
 
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,30 @@ def prepare(cfg: DictConfig, apply_tuned: bool = True) -> tuple[DictConfig, RunS
     if apply_tuned and out.get("tuned"):
         apply_tuned_values(out)
         settings = validate(out)
-    if out.screen.enabled and (found := screening_for(out, settings)) is not None:
+    if out.screen.enabled and (found := screening_for(settings)) is not None:
         apply_recipe(out, found.recipe)
         settings = validate(out)
     OmegaConf.set_readonly(out, True)
     return out, settings
+
+
+def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:
+    """Write ``recipe``'s screened dimensions into ``cfg`` (called by
+    :func:`pipeline.config.prepare` only, on its own copy): ``data.img_size``, ``ensemble``, and
+    for every model of the ensemble its ``aug`` preset (over its own augmentation) and its
+    balance (``train.class_weight``, ``train.sampler``)."""
+    with open_dict(cfg):
+        if recipe.side:
+            cfg.data.img_size = int(recipe.side)
+        if recipe.models:
+            cfg.ensemble = list(recipe.models)
+        for name in map(str, cfg.ensemble):
+            node = cfg.models[name]
+            if recipe.aug is not None:
+                node.aug = OmegaConf.merge(node.get("aug") or {}, preset_values(recipe.aug, aug_settings(cfg, name)))
+            if recipe.balance is not None:
+                node.train = OmegaConf.merge(node.get("train") or {}, recipe.balance.train_values())
+
 
 
 def with_fixed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -157,17 +176,11 @@ def validate(cfg: DictConfig) -> RunSettings:
     if str(cfg.data.build_offline).lower() not in BUILD_OFFLINE:
         raise ConfigError(f"data.build_offline={cfg.data.build_offline}: expected auto, true or false")
 
-    screen_fixed(cfg)
-    screen_augs(cfg)
     screen_balances(settings.screen)
     unknown = [str(m) for m in cfg.screen.models if m not in cfg.models]
     if unknown or not cfg.screen.models:
         raise ConfigError(f"screen.models={list(cfg.screen.models)}: expected names under models "
                           f"({', '.join(sorted(cfg.models))})")
-    selected_models(cfg)
-    selected_folds(cfg)
-    blend_methods(cfg)
-    blend_models(cfg)
     return settings
 
 

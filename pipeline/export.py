@@ -42,9 +42,9 @@ import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig
 
 from pipeline import members
 from pipeline.blend import store
@@ -54,7 +54,10 @@ from pipeline.io import atomic_folder, save_json, save_npz, save_text, sha256_fi
 from pipeline.metrics import SCORE_FIELDS, score
 from pipeline.notebook import notebook_json, script_text
 from pipeline.paths import CHECKPOINT, CONFIG, DATA_FILES, MANIFEST, Paths
-from pipeline.settings import ExportSettings, export_settings
+from pipeline.settings import ExportSettings
+
+if TYPE_CHECKING:
+    from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +395,7 @@ def dataset_metadata(s: ExportSettings, saved: store.SavedBlend, fingerprint: st
                            "submission.csv from the competition's test set."}
 
 
-def run(cfg: DictConfig, ws=None) -> Path:
+def run(ws: "Workspace") -> Path:
     """Stage ``export``: write ``export.dir`` (and ``<export.dir>.zip``) from the saved blend.
 
     Returns the export folder.
@@ -403,10 +406,7 @@ def run(cfg: DictConfig, ws=None) -> Path:
             reproduce the blend, or a wheel that cannot be built; one line each, nothing written.
         ConfigError: a dependency that is not installed here.
     """
-    from pipeline.workspace import Workspace
-
-    s = export_settings(cfg)
-    ws = ws or Workspace.load(cfg)
+    s = ws.settings.export
     saved, nets = _checked_blend(ws)
     oof = _member_oof(ws, saved)
     comp = ws.comp

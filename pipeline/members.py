@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from pipeline.errors import ArtifactError
 from pipeline.io import save_json, save_npy, save_npz, save_text, sha256_file, write_with
@@ -116,7 +116,7 @@ def training_seed(base: int, key: MemberKey) -> int:
 
 
 def member_config(settings: RunSettings, key: MemberKey, fingerprint: str, folds_digest: str,
-                  precision: Precision, pseudo: dict | None = None) -> DictConfig:
+                  precision: Precision, pseudo: dict | None = None) -> dict:
     """The settings that determine one member's results: its cache key, saved as ``config.yaml``.
 
     The model's settings (:meth:`pipeline.runsettings.ModelSettings.learned`, from ``settings``)
@@ -133,19 +133,25 @@ def member_config(settings: RunSettings, key: MemberKey, fingerprint: str, folds
     extra = {"pseudo": pseudo} if pseudo is not None else {}
     if FitMethod(ms["train"]["fit"]) is FitMethod.linear_probe:
         extra["probe_metric"] = Metric(settings.data.metric).value
-    return OmegaConf.create({**extra,
+    return {**extra,
         "model": key.model, "arch": ms["arch"], "arch_digest": architecture_digest(ms["arch"]),
         "kwargs": ms["kwargs"], "train": ms["train"], "aug": ms["aug"], "tta": ms["tta"], "fold": key.fold,
         "seed_index": key.seed_index,
         "folds": {"k": settings.folds.k, "seed": settings.folds.seed, "digest": folds_digest},
         "data_fingerprint": fingerprint, "seed": training_seed(settings.base_seed, key),
-    })
+    }
+
+
+def key_text(cache_key: dict) -> str:
+    """A member's cache key as the YAML text of its ``config.yaml`` (keys in order): what a resume
+    checkpoint must match (:mod:`pipeline.train.resume`)."""
+    return yaml.safe_dump(cache_key, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- integrity
 
 
-def verify(out_dir: Path, expected: DictConfig) -> Verification:
+def verify(out_dir: Path, expected: dict) -> Verification:
     """Check one member's files against its manifest and the expected cache key."""
     missing = [n for n in MEMBER_FILES if not (out_dir / n).exists()]
     if missing:
@@ -161,8 +167,8 @@ def verify(out_dir: Path, expected: DictConfig) -> Verification:
         if (out_dir / n).stat().st_size != entry.get("bytes") or sha256_file(out_dir / n) != entry.get("sha256"):
             return Verification(MemberStatus.CORRUPT, f"{n} does not match its checksum (truncated or modified)")
     try:
-        old = OmegaConf.load(out_dir / CONFIG)
-    except Exception:  # a yaml that no longer parses despite its checksum
+        old = read_config(out_dir)
+    except (OSError, ValueError, yaml.YAMLError):  # a yaml that no longer parses despite its checksum
         return Verification(MemberStatus.CORRUPT, f"{CONFIG} is unreadable")
     if old != expected:
         changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
@@ -184,7 +190,7 @@ def checkpoint_metadata(arch: str, kwargs: dict, num_classes: int, in_chans: int
             "in_chans": str(in_chans), "img_size": str(img_size)}
 
 
-def write_member(out_dir: Path, cache_key: DictConfig, model: "nn.Module", meta: dict,
+def write_member(out_dir: Path, cache_key: dict, model: "nn.Module", meta: dict,
                  row_ids: np.ndarray, oof: np.ndarray, test: np.ndarray, metrics: dict) -> Verification:
     """Write a finished member: checkpoint, OOF, test, metrics, cache key, then the manifest.
 
@@ -202,7 +208,7 @@ def write_member(out_dir: Path, cache_key: DictConfig, model: "nn.Module", meta:
     save_npz(out_dir / OOF, row_ids=row_ids.astype(np.int64), probs=oof.astype(np.float32))
     save_npy(out_dir / TEST, test.astype(np.float32))
     save_json(out_dir / METRICS, metrics)
-    save_text(out_dir / CONFIG, OmegaConf.to_yaml(cache_key))
+    save_text(out_dir / CONFIG, key_text(cache_key))
     files = {n: {"sha256": sha256_file(out_dir / n), "bytes": (out_dir / n).stat().st_size}
              for n in DATA_FILES}
     save_json(out_dir / MANIFEST, {"files": files})
@@ -229,9 +235,13 @@ def read_test(out_dir: Path) -> np.ndarray:
         raise ArtifactError(f"{out_dir / TEST}: unreadable ({e})") from None
 
 
-def read_config(out_dir: Path) -> DictConfig:
-    """The member's cache key (``config.yaml``): how it was trained."""
-    return OmegaConf.load(out_dir / CONFIG)
+def read_config(out_dir: Path) -> dict:
+    """The member's cache key (``config.yaml``): how it was trained. Raises OSError for a missing
+    file, ValueError for one that is not a mapping, yaml.YAMLError for one that does not parse."""
+    key = yaml.safe_load((out_dir / CONFIG).read_text())
+    if not isinstance(key, dict):
+        raise ValueError(f"{out_dir / CONFIG}: expected a mapping")
+    return key
 
 
 def check_recorded(out_dir: Path, manifest_sha: str, what: str, files: tuple[str, ...] = (CHECKPOINT,)) -> None:
@@ -367,7 +377,7 @@ def fold_then_seed_average(per_seed: dict[int, list[np.ndarray]]) -> np.ndarray:
 def recorded_precision(out_dir: Path) -> str | None:
     """The precision a member's ``config.yaml`` records, or None when it cannot be read."""
     try:
-        return str(read_config(out_dir).train.precision)
+        return str(read_config(out_dir)["train"]["precision"])
     except Exception:  # unreadable: the caller reports the member's own problem
         return None
 

@@ -9,7 +9,6 @@ import ast
 import hashlib
 import inspect
 import textwrap
-from pathlib import Path
 from typing import Callable
 
 import torch

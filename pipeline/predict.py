@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image
 from scipy import ndimage
 
@@ -37,8 +36,10 @@ from pipeline.data import IMAGE_EXTENSIONS, open_image, to_array
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_with
 from pipeline.paths import CHECKPOINT, Paths
-from pipeline.settings import RuntimeSettings, runtime_settings
+from pipeline.runsettings import RunSettings
+from pipeline.settings import RuntimeSettings, TTASettings, checked
 from pipeline import members
+from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,10 @@ def load_network(net: Network, device, runtime: RuntimeSettings, files: tuple[st
     model, _ = members.load_model(net.folder)
     model = place_model(model, device, runtime.channels_last)
     trained = members.read_config(net.folder)  # the member's own precision and test-time views
-    precision = resolve_precision(trained.train.precision, device)  # 'auto' in older keys
+    precision = resolve_precision(trained["train"]["precision"], device)  # 'auto' in older keys
     configure_numerics(device, precision, runtime.deterministic)  # as when it was trained
-    return model, precision, trained.get("tta")
+    tta = trained.get("tta")
+    return model, precision, None if tta is None else checked(TTASettings, tta, f"{net.folder}/config.yaml: tta")
 
 
 def member_probabilities(saved: store.SavedBlend, paths: Paths, images: np.ndarray, device,
@@ -211,8 +213,9 @@ def seconds_per_image(net: Network, images: np.ndarray, device, runtime: Runtime
     return (time.perf_counter() - t0) / len(batch)
 
 
-def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndarray, store.SavedBlend]:
-    """Probabilities of the submitted ensemble for ``(N, C, S, S)`` uint8 images.
+def ensemble_probabilities(settings: RunSettings, images: np.ndarray) -> tuple[np.ndarray, store.SavedBlend]:
+    """Probabilities of the submitted ensemble (the blend saved under ``settings.paths``) for
+    ``(N, C, S, S)`` uint8 images, run with ``settings.runtime``.
 
     Returns ``((N, classes) float32 probabilities, the saved blend)``; given the test rows' own
     arrays it reproduces the blend's test probabilities exactly. Raises ArtifactError when there
@@ -221,10 +224,9 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     """
     from pipeline.device import select_device, use_device
 
-    paths = Paths.from_cfg(cfg)
+    paths, runtime = settings.paths, settings.runtime
     saved = store.load(paths)
     members.check_shape(images, saved.typed.in_chans, saved.typed.img_size)
-    runtime = runtime_settings(cfg)
     device = select_device(runtime.device)
     use_device(device)
     per_member = member_probabilities(saved, paths, images, device, runtime)
@@ -232,7 +234,7 @@ def ensemble_probabilities(cfg: DictConfig, images: np.ndarray) -> tuple[np.ndar
     return probs.astype(np.float32), saved
 
 
-def run(cfg: DictConfig, ws=None) -> list[dict]:
+def run(ws: Workspace) -> list[dict]:
     """Stage ``predict``: print, per image, the predicted label (the submission's decision: the
     argmax, or with a balanced-accuracy / macro-F1 blend the argmax of the probabilities times its
     per-class weights) and the top-``predict.top_k`` probabilities; with
@@ -243,13 +245,14 @@ def run(cfg: DictConfig, ws=None) -> list[dict]:
         ConfigError: no ``input=``. DataError: a missing path, an empty folder, an unreadable or
             blank image. ArtifactError: no blend / checkpoints yet.
     """
-    if not cfg.get("input"):
+    s, where = ws.settings.predict, ws.settings.selection.input
+    if not where:
         raise ConfigError("stage=predict needs input=<image file or folder>")
-    files = list_images(str(cfg.input))
-    images = prepare(files, store.load(Paths.from_cfg(cfg)).record, str(cfg.predict.get("preprocess", "auto")))
-    probs, saved = ensemble_probabilities(cfg, images)
+    files = list_images(where)
+    images = prepare(files, store.load(ws.paths).record, s.preprocess)
+    probs, saved = ensemble_probabilities(ws.settings, images)
     names = saved.record.get("class_names") or [str(c) for c in range(probs.shape[1])]
-    top_k = min(int(cfg.predict.top_k), probs.shape[1])
+    top_k = min(s.top_k, probs.shape[1])
     results = []
     log.info("predict: %d image(s), ensemble %s, blend '%s'", len(files), "+".join(saved.members),
              saved.best.value)
@@ -260,11 +263,11 @@ def run(cfg: DictConfig, ws=None) -> list[dict]:
         top = [(names[c], float(p[c])) for c in order]
         results.append({"file": str(f), "label": names[label], "top": top})
         log.info("%s: %s  (%s)", f, names[label], ", ".join(f"{c}: {q:.3f}" for c, q in top))
-    if cfg.predict.output:
+    if s.output:
         import pandas as pd
 
         df = pd.DataFrame({"file": [r["file"] for r in results], "label": [r["label"] for r in results],
                            **{f"p_{n}": probs[:, c] for c, n in enumerate(names)}})
-        path = write_with(Path(str(cfg.predict.output)), lambda q: df.to_csv(q, index=False))
+        path = write_with(Path(s.output), lambda q: df.to_csv(q, index=False))
         log.info("predict: wrote %s", path)
     return results

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pipeline.errors import ArtifactError
 from pipeline.io import save_npz
-from pipeline.settings import BlendMethod, PseudoLabels, blend_settings, pseudo_settings, pseudo_sources, round_base
+from pipeline.settings import BlendMethod, PseudoLabels
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.workspace import Workspace
@@ -81,14 +81,14 @@ def combined(ws: Workspace, fold: int) -> np.ndarray:
     from pipeline.blend.blenders import make_blender
     from pipeline.members import BlendMember
 
-    s = pseudo_settings(ws.cfg)
-    names = pseudo_sources(ws.cfg)
+    s = ws.settings.pseudo
+    names = list(ws.settings.pseudo_sources)
     x_test = np.stack([_fold_test(ws, n, fold) for n in names], 1)
     if BlendMethod(s.blend) is BlendMethod.mean:
         return x_test.astype(np.float64).mean(1).astype(np.float32)
     x = np.stack([ws.predictions(BlendMember(n)).oof for n in names], 1)
     other = ws.folds != fold
-    blender = make_blender(BlendMethod(s.blend), blend_settings(ws.cfg)).fit(x[other], ws.comp.y_train[other])
+    blender = make_blender(BlendMethod(s.blend), ws.settings.blend).fit(x[other], ws.comp.y_train[other])
     return blender.predict_proba(x_test).astype(np.float32)
 
 
@@ -97,18 +97,18 @@ def pseudo_rows(ws: Workspace, fold: int) -> PseudoRows:
     ``>= pseudo.threshold`` (at most ``pseudo.max_rows`` of them, drawn at random with a seed of
     ``seed`` and the fold), with hard or soft targets (``pseudo.labels``).
     Raises ArtifactError when a source member is not cached."""
-    s = pseudo_settings(ws.cfg)
+    s = ws.settings.pseudo
     probs = combined(ws, fold)
     conf = probs.max(1)
     above = np.flatnonzero(conf >= s.threshold).astype(np.int64)
     rows = above
     if s.max_rows is not None and len(above) > s.max_rows:
-        rng = np.random.default_rng([int(ws.cfg.seed), fold])
+        rng = np.random.default_rng([ws.settings.base_seed, fold])
         rows = np.sort(rng.choice(above, size=s.max_rows, replace=False))
     targets = (probs[rows].argmax(1).astype(np.int64) if PseudoLabels(s.labels) is PseudoLabels.hard
                else (probs[rows] / probs[rows].sum(1, keepdims=True)).astype(np.float32))
     log.info("pseudo: fold %d: %d of %d test rows (%d at >= %.4f; %s labels from %s, %s)", fold, len(rows),
-             len(probs), len(above), s.threshold, PseudoLabels(s.labels).value, ", ".join(pseudo_sources(ws.cfg)),
+             len(probs), len(above), s.threshold, PseudoLabels(s.labels).value, ", ".join(ws.settings.pseudo_sources),
              BlendMethod(s.blend).value)
     return PseudoRows(fold, rows, targets, conf[rows].astype(np.float32))
 
@@ -138,5 +138,5 @@ def read_rows(path: Path, fold: int) -> PseudoRows:
 
 def prepare_rounds(ws: Workspace, keys) -> None:
     """Write the pseudo rows of every (round, fold) among the member keys ``keys``."""
-    for model, fold in sorted({(k.model, k.fold) for k in keys if round_base(ws.cfg, k.model)}):
+    for model, fold in sorted({(k.model, k.fold) for k in keys if ws.settings.models[k.model].base}):
         write_rows(ws, model, fold)

@@ -17,15 +17,15 @@ import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Iterable
-
-from omegaconf import DictConfig, OmegaConf, open_dict
+from typing import TYPE_CHECKING, Iterable
 
 from pipeline.choices import AugPreset, Balance, Dim
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.io import save_json
-from pipeline.paths import Paths
-from pipeline.settings import AugSettings, ScreenSettings, aug_settings
+from pipeline.settings import AugSettings, ScreenSettings
+
+if TYPE_CHECKING:
+    from pipeline.runsettings import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -254,27 +254,6 @@ def fixed_dims(overrides: Iterable[str]) -> list[Dim]:
     return out
 
 
-def screen_fixed(cfg: DictConfig) -> frozenset[Dim]:
-    """``screen.fixed`` as dimensions. Raises ConfigError naming an unknown one."""
-    try:
-        return frozenset(Dim(str(d)) for d in cfg.screen.fixed)
-    except ValueError:
-        raise ConfigError(f"screen.fixed={list(cfg.screen.fixed)}: expected dimensions among "
-                          f"{', '.join(d.value for d in Dim)}") from None
-
-
-def screen_augs(cfg: DictConfig) -> list[AugPreset]:
-    """``screen.augs`` as presets (the first is the baseline). Raises ConfigError naming an unknown one."""
-    try:
-        augs = [AugPreset(str(a)) for a in cfg.screen.augs]
-    except ValueError:
-        raise ConfigError(f"screen.augs={list(cfg.screen.augs)}: expected presets among "
-                          f"{', '.join(a.value for a in AugPreset)}") from None
-    if not augs:
-        raise ConfigError("screen.augs is empty: give at least one preset, e.g. screen.augs=[affine]")
-    return augs
-
-
 @dataclass(frozen=True)
 class MeasuredOn:
     """What a screening's numbers depend on beyond its settings: the competition's input files
@@ -285,29 +264,15 @@ class MeasuredOn:
     device: str
 
 
-def screening_key(cfg: DictConfig, on: MeasuredOn) -> str:
-    """A short digest of what a screening depends on and a recipe does not change: the data's
-    files and their decoding (the side only when fixed), the metric it scored by, the device kind
-    it measured on (``on``), the folds (their grouping too), the base seed, the ``screen``
-    settings but its time share, and the screened models' architectures and training settings
-    (the ensemble and augmentation only when fixed). Equal before and after
-    :func:`apply_recipe`, so a rerun (another stage, a larger budget after a complete screening)
-    finds the same record."""
-    fixed = screen_fixed(cfg)
-    data = {k: cfg.data.get(k) for k in ("dir", "format", "id_column", "label_column", "max_img_size",
-                                          "resize", "channels", "metric")}
-    if Dim.side in fixed:
-        data["img_size"] = cfg.data.get("img_size")
-    screen = {k: v for k, v in OmegaConf.to_container(cfg.screen, resolve=True).items() if k not in ("share", "seconds",
-                                                                                                  "enabled")}
-    models = {str(m): {k: OmegaConf.to_container(cfg.models[m], resolve=True).get(k) for k in ("arch", "kwargs")}
-              for m in cfg.screen.models if m in cfg.models}
-    parts = {"data": data, "folds": {"k": cfg.folds.k, "seed": cfg.folds.seed, "group": cfg.folds.get("group")},
-             "seed": cfg.get("seed"),
-             "screen": screen, "models": models, "files": on.data, "device": on.device,
-             "ensemble": list(cfg.ensemble) if Dim.arch in fixed else None,
-             "aug": OmegaConf.to_container(cfg.aug, resolve=True) if Dim.aug in fixed else None}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def screening_key(settings: "RunSettings", on: MeasuredOn) -> str:
+    """A short digest of what a screening depends on and a recipe does not change: the settings'
+    part (:func:`pipeline.runsettings.screening_basis`: the data's files and their decoding, the
+    metric, the folds, the base seed, the ``screen`` settings but its time share, the screened
+    models' architectures), the data's files and the device kind it measured on (``on``). Equal
+    before and after the recipe is applied, so a rerun (another stage, a larger budget after a
+    complete screening) finds the same record."""
+    parts = {"settings": settings.screening_basis, "files": on.data, "device": on.device}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def screen_share(screen: ScreenSettings, budget: float | None, pretrained: bool) -> float:
@@ -318,38 +283,20 @@ def screen_share(screen: ScreenSettings, budget: float | None, pretrained: bool)
     return fraction * (budget if budget is not None else screen.seconds)
 
 
-def screened(cfg: DictConfig, screen: ScreenSettings, budget: float | None, on: MeasuredOn,
-             paths: Paths) -> Screening | None:
-    """The screening made for the run of ``cfg`` (``artifacts/screening/<key>.json``,
+def screened(settings: "RunSettings", on: MeasuredOn) -> Screening | None:
+    """The screening made for the run of ``settings`` (``artifacts/screening/<key>.json``,
     :func:`screening_key` on ``on``), or None: also when that screening was cut short (a trial
     stopped or skipped, :attr:`Screening.complete`) and this run's share (:func:`screen_share` of
-    ``screen`` and ``budget``) is larger than the one it had: such a run screens again (one log
-    line says so). Raises ArtifactError for an unreadable one."""
-    path = paths.screening(screening_key(cfg, on))
+    its ``screen`` settings and ``budget``) is larger than the one it had: such a run screens
+    again (one log line says so). Raises ArtifactError for an unreadable one."""
+    path = settings.paths.screening(screening_key(settings, on))
     found = read_screening(path)
     if found is not None and not found.complete:
-        share = screen_share(screen, budget, found.pretrained)
+        share = screen_share(settings.screen, settings.budget, found.pretrained)
         if share > found.share_seconds + 1.0:
             log.info("screen: %s was cut short in a %.0f s share; this run's %.0f s share screens again", path,
                      found.share_seconds, share)
             return None
     return found
 
-
-def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:
-    """Write ``recipe``'s screened dimensions into ``cfg`` (called by
-    :func:`pipeline.config.prepare` only, on its own copy): ``data.img_size``, ``ensemble``, and
-    for every model of the ensemble its ``aug`` preset (over its own augmentation) and its
-    balance (``train.class_weight``, ``train.sampler``)."""
-    with open_dict(cfg):
-        if recipe.side:
-            cfg.data.img_size = int(recipe.side)
-        if recipe.models:
-            cfg.ensemble = list(recipe.models)
-        for name in map(str, cfg.ensemble):
-            node = cfg.models[name]
-            if recipe.aug is not None:
-                node.aug = OmegaConf.merge(node.get("aug") or {}, preset_values(recipe.aug, aug_settings(cfg, name)))
-            if recipe.balance is not None:
-                node.train = OmegaConf.merge(node.get("train") or {}, recipe.balance.train_values())
 

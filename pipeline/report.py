@@ -37,7 +37,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.adversarial import (SHIFT_AUC, AdversarialResult, adversarial_features,  # noqa: E402
                                   adversarial_validation)
@@ -45,7 +44,7 @@ from pipeline.blend import store  # noqa: E402
 from pipeline.budget import format_minutes  # noqa: E402
 from pipeline.io import save_text, write_with  # noqa: E402
 from pipeline.recipe import Screening, TrialRecord, TrialState  # noqa: E402
-from pipeline.settings import BlendMethod, round_base  # noqa: E402
+from pipeline.settings import BlendMethod  # noqa: E402
 from pipeline.members import BlendMember, read_metrics  # noqa: E402
 from pipeline.workspace import Workspace, screening_for  # noqa: E402
 
@@ -81,7 +80,7 @@ def _pseudo_rows(ws: Workspace, names: list[str], rows: list[dict], record: dict
 
     out = []
     for name in names:
-        base = round_base(ws.cfg, BlendMember.parse(name).model)
+        base = ws.settings.models[BlendMember.parse(name).model].base
         if base is None:
             continue
         added = np.mean([r["n_pseudo"] for r in rows if r["model"] == name])
@@ -302,7 +301,7 @@ def _value_rows(saved: store.SavedBlend, rows: list[dict]) -> list[list]:
     return out
 
 
-def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
+def run(ws: Workspace) -> Path:
     """Stage ``report``: write ``artifacts/report/index.html`` and its PNGs; return the page.
 
     Raises:
@@ -310,14 +309,13 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> Path:
             is missing, stale or corrupt (the same checks as ``stage=blend``); an unreadable
             screening or budget record.
     """
-    ws = ws or Workspace.load(cfg)
     budget = ws.apply_budget_record()
-    screening = screening_for(ws.cfg, ws.settings) if ws.settings.screen.enabled else None
+    screening = screening_for(ws.settings) if ws.settings.screen.enabled else None
     saved = store.load(ws.paths)
     store.check_matches(saved, ws.comp.fingerprint, ws.folds_digest)
     rows = fold_table(ws, saved.members)
-    pngs = _figures(ws, saved, saved.members, rows, int(cfg.seed))
-    shift = _shift(ws, saved.members, int(cfg.seed))
+    pngs = _figures(ws, saved, saved.members, rows, ws.settings.base_seed)
+    shift = _shift(ws, saved.members, ws.settings.base_seed)
     _log_shift(ws, saved, shift)
     page = save_text(ws.paths.report_dir / "index.html", _page(ws, saved, rows, pngs, budget, screening, shift))
     if screening is not None:

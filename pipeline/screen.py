@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -50,7 +51,7 @@ from pipeline.members import MemberKey
 from pipeline.metrics import DECISION_METRICS, label_metric, score
 from pipeline.pretrained import wants_pretrained, weights_available
 from pipeline.recipe import (Candidate, Recipe, Screening, TrialRecord, TrialState, preset_values, save_screening,
-                             screen_augs, screen_balances, screen_fixed, screen_share)
+                             screen_balances, screen_share)
 from pipeline.settings import TrainSettings
 from pipeline.train import probe, topstages
 from pipeline.train.engine import DeadlineReached, FitSpec, fit_member, planned_epochs, seconds_per_member
@@ -179,7 +180,7 @@ class Screen:
             comp, d = self.ws.comp, self.ws.settings.data
             rows = np.concatenate([self.train_rows, self.val_rows])
             if side != comp.x_train.shape[-1]:
-                x = data.decode_train_rows(data.resolve_data_dir(self.ws.cfg), rows, side, comp.x_train.shape[1],
+                x = data.decode_train_rows(data.resolve_data_dir(d, self.ws.paths), rows, side, comp.x_train.shape[1],
                                            d.resize, d.format, d.id_column, d.label_column, d.decode_jobs)
                 x_test = np.zeros((1, *x.shape[1:]), dtype=np.uint8)
             else:
@@ -443,23 +444,49 @@ def ranked(rows: list[TrialRecord], margin: float = 0.0) -> list[TrialRecord]:
     return [first, *rest] if first is not None else []
 
 
-def kept(rows: list[TrialRecord], margin: float, keep: int,
-         within: float) -> tuple[list[TrialRecord], list[TrialRecord]]:
-    """The architectures the ensemble keeps, best score first (the earliest among equals; the
-    budget's planner gives the first its epochs before the next joins, :mod:`pipeline.budget`):
-    the best ``keep`` complete rows, less those whose score is below the best's by more than
-    ``within`` x ``margin`` (the noise, :func:`noise`; none left out when it is 0, a metric without
-    a noise estimate). A clearly weaker second network would take half the budget's training
-    from the best and add little to the blend (measured, docs/results.md: on Fashion-MNIST and
-    the animal silhouettes the blend without ``cnn_deotte``, 0.06 and 0.03 behind ``resnet9`` in
-    the screening, scored as well as with it; on ELPV, 1.5 x the noise apart, the second network
-    added 0.011). Returns the kept rows and the rows left out."""
-    done = [r for r in rows if r.state is TrialState.complete]
-    order = sorted(done, key=lambda r: -r.score)[:keep]
-    if not order or margin <= 0:
-        return order, []
-    weaker = [r for r in order[1:] if r.score < order[0].score - within * margin]
-    return [r for r in order if r not in weaker], weaker
+def kept(rows: list[TrialRecord], margin: float, keep: int, within: float,
+         blend: Callable[[list[TrialRecord]], float | None] | None = None,
+         ) -> tuple[list[TrialRecord], list[TrialRecord]]:
+    """The architectures the ensemble keeps, the best score first (the earliest among equals; the
+    budget's planner gives the first its epochs before the next joins, :mod:`pipeline.budget`),
+    then up to ``keep`` in all from the complete rows within ``within`` x ``margin`` (the noise,
+    :func:`noise`; none left out when it is 0, a metric without a noise estimate) of the best.
+
+    Without ``blend`` the next are the best-scoring. With it (the validation score of the mean
+    of the rows' probabilities, :func:`blend_value`; None where the rows were not measured on the
+    same validation rows) they are added by greedy forward selection: each next one is the row
+    whose blend with those kept scores best (ensemble selection, Caruana et al. 2004), so a
+    second backbone that errs elsewhere wins over a near copy of the first (measured on ELPV,
+    docs/results.md: EfficientNet-Lite1 beside Lite0 0.803, Lite0's linear probe beside it 0.797).
+    A clearly weaker second network would take half the budget's training from the best and add
+    little to the blend (measured: on Fashion-MNIST and the animal silhouettes the blend without
+    ``cnn_deotte``, 0.06 and 0.03 behind ``resnet9`` in the screening, scored as well as with it).
+    Returns the kept rows and those among the best ``keep`` by score left out as weaker."""
+    done = sorted((r for r in rows if r.state is TrialState.complete), key=lambda r: -r.score)
+    if not done:
+        return [], []
+    near = [r for r in done if margin <= 0 or r.score >= done[0].score - within * margin]
+    weaker = [r for r in done[1:keep] if r not in near]
+    chosen, pool = [done[0]], near[1:]
+    while len(chosen) < keep and pool:
+        values = [blend([*chosen, r]) if blend else None for r in pool]
+        pick = pool[0] if any(v is None for v in values) else pool[int(np.argmax(values))]
+        chosen.append(pick)
+        pool.remove(pick)
+    return chosen, weaker
+
+
+def blend_value(sc: "Screen", rows: list[TrialRecord]) -> float | None:
+    """The validation objective (:func:`pipeline.tune.study.objective_value`) of the mean of the
+    ``rows``' validation probabilities (``sc.predictions``), or None when any row has none or they
+    were not measured on the same labelled rows."""
+    predictions = getattr(sc, "predictions", {})
+    pairs = [predictions.get(r.candidate) for r in rows]
+    if any(p is None for p in pairs) or any(len(p[0]) != len(pairs[0][0]) or not np.array_equal(p[0], pairs[0][0])
+                                            for p in pairs):
+        return None
+    y = pairs[0][0]
+    return objective_value(score(y, np.mean([p[1] for p in pairs], axis=0)), sc.ws.settings.data.metric, len(y))
 
 
 def _why(dim: Dim, rows: list[TrialRecord], chosen: TrialRecord | None, what: str, margin: float) -> str:
@@ -567,13 +594,19 @@ def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candid
     margin = noise(rows, n_val, metric, getattr(sc, "predictions", None))
     top = kept(rows, margin, 1, s.keep_within)[0]  # the best score (the earliest among equals)
     side = top[0].candidate.side if top else side
-    chosen, weaker = kept([r for r in rows if r.candidate.side == side], margin, s.keep, s.keep_within)
+    chosen, weaker = kept([r for r in rows if r.candidate.side == side], margin, s.keep, s.keep_within,
+                          lambda kept_rows: blend_value(sc, kept_rows))
     order = [r.candidate.model for r in chosen]
     left = "".join(f"; left out {r.candidate.model} {r.score:.4f}, more than {s.keep_within:g} x the noise "
                    f"below the best" for r in weaker)
     other = sorted({r.candidate.model for r in rows if r.candidate.side != side and r.state is TrialState.complete})
     left += f"; left out {', '.join(other)}: screened at another side than the best's {side} px" if other else ""
     left += "".join(f"; {d}" for d in dear)
+    pairs = [(r, blend_value(sc, [chosen[0], r])) for r in rows if chosen and r is not chosen[0]
+             and r.candidate.side == side and r.state is TrialState.complete]
+    if len(chosen) > 1 and all(v is not None for _, v in pairs):
+        left += (f"; the next by their mean's score with {chosen[0].candidate.model}: "
+                 + ", ".join(f"{r.candidate.model} {v:.4f}" for r, v in sorted(pairs, key=lambda p: -p[1])))
     reasons.append(_why(Dim.arch, rows, chosen[0] if chosen else None, f"ensemble [{', '.join(order)}]",
                         margin) + left)
     return order + [m for m in models if m not in order], side, order
@@ -581,14 +614,14 @@ def _arch(sc: Screen, models: list[str], side: int, aug, pretrained: list[Candid
 
 def screen(ws: Workspace) -> Screening:
     """Run the screening of ``ws`` (see the module docstring) and return it (not yet saved)."""
-    s, fixed = ws.settings.screen, screen_fixed(ws.cfg)
+    s, fixed = ws.settings.screen, ws.settings.screen_fixed
     t0 = time.time()
     loaded = side = ws.comp.x_train.shape[-1]
     pretrained = pretrained_candidates(ws, loaded, fixed)
     share = share_seconds(ws, bool(pretrained))
     sc = Screen(ws, t0 + share)
-    models = [str(m) for m in s.models] if Dim.arch not in fixed else [str(ws.cfg.ensemble[0])]
-    augs = screen_augs(ws.cfg) if Dim.aug not in fixed else [None]
+    models = [str(m) for m in s.models] if Dim.arch not in fixed else [ws.settings.selection.ensemble[0]]
+    augs = list(ws.settings.screen_augs) if Dim.aug not in fixed else [None]
     reasons, recipe = [], Recipe()
     sides = candidate_sides(side, ws.comp.layout, list(s.sides)) if Dim.side not in fixed else [side]
     if Dim.side not in fixed and _is_pretrained(ws, models[0]):  # e.g. ensemble=[lite0_probe]: its own sides
@@ -626,7 +659,7 @@ def screen(ws: Workspace) -> Screening:
                      len(sc.train_rows), len(sc.val_rows), tuple(sorted(fixed, key=list(Dim).index)), bool(pretrained))
 
 
-def run(cfg, ws: Workspace) -> Screening | None:
+def run(ws: Workspace) -> Screening | None:
     """Stage ``screen``: with ``screen.enabled``, the screening of this run, reused from
     ``artifacts/screening/`` when one was made for it, else run and written there; the table,
     the choice and why are logged either way. Returns it, or None when screening is off.
@@ -634,12 +667,13 @@ def run(cfg, ws: Workspace) -> Screening | None:
     if not ws.settings.screen.enabled:
         return None
     path = ws.paths.screening(ws.screening_key())
-    found = screening_for(ws.cfg, ws.settings)
+    found = screening_for(ws.settings)
     if found is not None:
         log.info("screen: reusing %s (made in %.0f s):\n%s", path, found.seconds, found.table())
         return found
     log.info("screen: up to %s on fold 0 (%s)", format_minutes(share_seconds(ws, bool(ws.settings.screen.pretrained))),
-             ", ".join(f"{d.value} fixed" for d in screen_fixed(ws.cfg)) or "nothing fixed")
+             ", ".join(f"{d.value} fixed" for d in sorted(ws.settings.screen_fixed, key=list(Dim).index))
+             or "nothing fixed")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the screening logs its own rows
     result = screen(ws)
     save_screening(path, result)

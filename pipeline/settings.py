@@ -40,6 +40,8 @@ from pipeline.choices import (  # noqa: F401 - the schema's enums, importable fr
     StackMeta,
     StackFeatures,
     PseudoLabels,
+    AugPreset,
+    Dim,
 )
 from pipeline.errors import ConfigError
 
@@ -516,3 +518,36 @@ def pseudo_sources(cfg: DictConfig) -> list[str]:
     if not names:
         raise ConfigError("pseudo.source: no first-round model to take the pseudo-labels from")
     return names
+
+
+def screen_fixed(s: ScreenSettings) -> frozenset[Dim]:
+    """``screen.fixed`` as dimensions. Raises ConfigError naming an unknown one."""
+    try:
+        return frozenset(Dim(str(d)) for d in s.fixed)
+    except ValueError:
+        raise ConfigError(f"screen.fixed={list(s.fixed)}: expected dimensions among "
+                          f"{', '.join(d.value for d in Dim)}") from None
+
+
+def screen_augs(s: ScreenSettings) -> list[AugPreset]:
+    """``screen.augs`` as presets (the first is the baseline). Raises ConfigError naming an unknown one."""
+    try:
+        augs = [AugPreset(str(a)) for a in s.augs]
+    except ValueError:
+        raise ConfigError(f"screen.augs={list(s.augs)}: expected presets among "
+                          f"{', '.join(a.value for a in AugPreset)}") from None
+    if not augs:
+        raise ConfigError("screen.augs is empty: give at least one preset, e.g. screen.augs=[affine]")
+    return augs
+
+
+def tune_folds(s: TuneSettings, k: int) -> list[int]:
+    """``tune.folds`` as a list of fold indices, each checked against ``folds.k`` (``k``)."""
+    raw = s.folds
+    fl = [raw] if isinstance(raw, int) else list(raw)
+    if not fl:
+        raise ConfigError("tune.folds is empty: give at least one fold index, e.g. tune.folds=[0]")
+    for f in fl:
+        if not isinstance(f, int) or not 0 <= f < k:
+            raise ConfigError(f"tune.folds={list(fl)}: expected fold indices 0..{k - 1} (folds.k={k})")
+    return fl

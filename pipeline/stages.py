@@ -43,82 +43,83 @@ STAGES = tuple(s.value for s in Stage)
 ALL = (Stage.data, Stage.folds, Stage.screen, Stage.train, Stage.blend, Stage.report)  # what stage=all runs
 
 
-def _data(cfg: DictConfig, ws) -> Any:
+def _data(ws) -> Any:
     """Stage ``data``: build (if needed), validate and cache the competition; log a summary."""
     from pipeline import data
 
-    comp = ws.comp if ws is not None else data.load(cfg)
-    log.info(data.summary(comp, str(cfg.data.dir)))
-    return comp
+    log.info(data.summary(ws.comp, ws.settings.data.dir))
+    return ws.comp
 
 
-def _folds(cfg: DictConfig, ws) -> np.ndarray:
+def _folds(ws) -> np.ndarray:
     """Stage ``folds``: the fold assignment, written once (the workspace loads or makes it);
     logs the fold sizes and the file. Returns the ``(N,)`` int64 assignment."""
-    sizes = np.bincount(ws.folds)
+    sizes, f = np.bincount(ws.folds), ws.settings.folds
     log.info("folds: %d folds of %d..%d rows (%s)", len(sizes), sizes.min(), sizes.max(),
-             ws.paths.folds_file(int(cfg.folds.k), int(cfg.folds.seed), ws.comp.fingerprint))
+             ws.paths.folds_file(f.k, f.seed, ws.comp.fingerprint))
     return ws.folds
 
 
-def _screen(cfg: DictConfig, ws) -> Any:
+def _screen(ws) -> Any:
     from pipeline.screen import run  # imports Optuna and torch: only the stages that train need them
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _train(cfg: DictConfig, ws) -> Any:
+def _train(ws) -> Any:
     from pipeline.train.stage import run
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _tune(cfg: DictConfig, ws) -> Any:
+def _tune(ws) -> Any:
     from pipeline.tune.study import run  # imports Optuna: only this stage needs it
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _blend(cfg: DictConfig, ws) -> Any:
+def _blend(ws) -> Any:
     from pipeline.blend.stage import run
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _report(cfg: DictConfig, ws) -> Any:
+def _report(ws) -> Any:
     from pipeline.report import run  # imports matplotlib: only this stage needs it
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _predict(cfg: DictConfig, ws) -> Any:
+def _predict(ws) -> Any:
     from pipeline.predict import run
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _export(cfg: DictConfig, ws) -> Any:
+def _export(ws) -> Any:
     from pipeline.export import run
 
-    return run(cfg, ws)
+    return run(ws)
 
 
-def _submit(cfg: DictConfig, settings) -> Any:
-    """Stage ``submit``: no workspace (no training data on a rerun); it gets the run's settings,
-    whose ``started`` is where ``budget=`` counts from."""
+def _submit(ws) -> Any:
+    """Stage ``submit``: its workspace loads no competition (no training data on a rerun, only the
+    test side); its settings' ``started`` is where ``budget=`` counts from."""
     from pipeline.submit import run
 
-    return run(cfg, settings)
+    return run(ws)
 
 
-# Every stage's function: (prepared config, workspace or None) -> its result; submit: (config, settings).
-STAGE_FUNCTIONS: dict[Stage, Callable[[DictConfig, Any], Any]] = {
+# Every stage's function: the workspace (its settings, the competition and folds loaded on first use) -> its result.
+STAGE_FUNCTIONS: dict[Stage, Callable[[Any], Any]] = {
     Stage.data: _data, Stage.folds: _folds, Stage.screen: _screen, Stage.train: _train, Stage.tune: _tune,
     Stage.blend: _blend, Stage.report: _report, Stage.predict: _predict, Stage.export: _export,
     Stage.submit: _submit,
 }
-# data: nothing beyond the data; predict: your images; submit: an export and a competition's test side
-NO_WORKSPACE = (Stage.data, Stage.predict, Stage.submit)
+# Stages whose workspace loads nothing up front: data (the competition alone, no folds); predict
+# (your images) and submit (an export and a competition's test side): the training data never;
+# tune: its search spaces are checked before the data loads.
+LAZY = (Stage.data, Stage.predict, Stage.submit, Stage.tune)
 
 
 def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
@@ -127,50 +128,50 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
     ``run.py`` passes the command's start; default: now, this call's entry (a notebook's kernel
     may have started hours earlier). Raises ConfigError naming the known stages for an unknown
     one, or for any bad setting (before any work)."""
-    from pipeline.workspace import Workspace, screening_for
+    from pipeline.workspace import Workspace
 
     try:
         stage = Stage(str(cfg.stage))
     except ValueError:
         raise ConfigError(f"stage={cfg.stage}: expected one of {', '.join(STAGES)}") from None
     raw = cfg
-    cfg, settings = prepare(raw, apply_tuned=stage is not Stage.tune)  # a study searches the config as written
+    _, settings = prepare(raw, apply_tuned=stage is not Stage.tune)  # a study searches the config as written
     if started is not None:
         settings = dataclasses.replace(settings, started=started)
-    if stage in NO_WORKSPACE:
-        return STAGE_FUNCTIONS[stage](cfg, settings if stage is Stage.submit else None)
-    ws = Workspace.load(cfg, settings)
+    if stage in LAZY:
+        return STAGE_FUNCTIONS[stage](Workspace(settings))
+    ws = Workspace.load(settings=settings)
     if stage is Stage.train:
-        cfg, ws = _screen_first(raw, cfg, ws)  # stage=train alone screens first, as stage=all does
+        ws = _screen_first(raw, ws)  # stage=train alone screens first, as stage=all does
     if stage is not Stage.all:
-        return STAGE_FUNCTIONS[stage](cfg, ws)
+        return STAGE_FUNCTIONS[stage](ws)
     result = None
     for s in ALL:
         if s is Stage.screen:
-            cfg, ws = _screen_first(raw, cfg, ws)
+            ws = _screen_first(raw, ws)
             continue
-        out = STAGE_FUNCTIONS[s](cfg, ws)
+        out = STAGE_FUNCTIONS[s](ws)
         result = out if s is Stage.blend else result
     return result
 
 
-def _screen_first(raw: DictConfig, cfg: DictConfig, ws) -> tuple[DictConfig, Any]:
+def _screen_first(raw: DictConfig, ws) -> Any:
     """The screening before training (``stage=train``, ``stage=all``) when ``screen.enabled``:
     one made for this run is reused (``cfg`` already carries its recipe; the screen stage logs
     its table), else it runs on ``ws``, then ``raw`` is prepared again (which applies the recipe,
-    its side too) and its workspace loaded; the run's entry time is kept. Returns the config and
-    workspace to train on. Raises ArtifactError for an unreadable record, and what
+    its side too) and its workspace loaded; the run's entry time is kept. Returns the workspace
+    to train on. Raises ArtifactError for an unreadable record, and what
     :meth:`pipeline.workspace.Workspace.load` raises for the data at the chosen side."""
     from pipeline.workspace import Workspace, screening_for
 
     if not ws.settings.screen.enabled:
-        return cfg, ws
-    found = screening_for(cfg, ws.settings)
-    _screen(ws.cfg, ws)
+        return ws
+    found = screening_for(ws.settings)
+    _screen(ws)
     if found is not None:
-        return cfg, ws
-    cfg, settings = prepare(raw)
-    return cfg, Workspace.load(cfg, dataclasses.replace(settings, started=ws.settings.started))
+        return ws
+    _, settings = prepare(raw)
+    return Workspace.load(settings=dataclasses.replace(settings, started=ws.settings.started))
 
 
 def _log_to_files(message: str) -> None:

@@ -36,9 +36,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig
 
 from pipeline import data, export, predict
 from pipeline.blend import store
@@ -48,9 +48,11 @@ from pipeline.choices import Layout, SubmissionKind
 from pipeline.errors import ConfigError
 from pipeline.io import save_text
 from pipeline.metrics import SCORE_FIELDS, Score, score
-from pipeline.paths import CHECKPOINT, CONFIG, Paths
-from pipeline.runsettings import RunSettings, run_settings
-from pipeline.settings import submit_settings
+from pipeline.paths import CHECKPOINT, CONFIG
+from pipeline.runsettings import RunSettings
+
+if TYPE_CHECKING:
+    from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +194,7 @@ def _check_environment(record: dict) -> None:
         log.warning("submit: versions differ from the training environment: %s", "; ".join(differ))
 
 
-def run(cfg: DictConfig, settings: RunSettings | None = None) -> SubmitOutcome:
+def run(ws: "Workspace") -> SubmitOutcome:
     """Stage ``submit``: write ``submit.output`` from the export ``export.dir`` and the test side
     of ``data.dir`` (see the module docstring).
 
@@ -205,15 +207,15 @@ def run(cfg: DictConfig, settings: RunSettings | None = None) -> SubmitOutcome:
     """
     from pipeline.device import select_device, use_device
 
-    settings = settings or run_settings(cfg)
-    sub = submit_settings(cfg)
+    settings = ws.settings  # no competition is loaded: only its test side is read
+    sub = settings.submit
     output = Path(sub.output)
     _clear(output)
     base = settings.paths
-    ens = export.read(Path(str(cfg.export.dir)), base)
+    ens = export.read(Path(settings.export.dir), base)
     prep, saved = ens.prep, ens.saved
     _check_environment(ens.record)
-    data_dir = data.resolve_test_dir(str(cfg.data.dir), base.cache_dir)
+    data_dir = data.resolve_test_dir(settings.data.dir, base.cache_dir)
     runtime = settings.runtime
     _check_runtime(ens.record, runtime)
     with tempfile.TemporaryDirectory(prefix="kfold-submit-") as work:

@@ -11,7 +11,6 @@ models there) and reads it only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from pipeline.metrics import check_metric
 from pipeline.paths import Paths
 from pipeline.recipe import MeasuredOn, Screening, screened, screening_key
 from pipeline.runsettings import RunSettings, run_settings
-from pipeline.settings import BlendMethod, Precision, PseudoLabels, pseudo_sources
+from pipeline.settings import BlendMethod, Precision, PseudoLabels
 
 
 def measured_on(settings: RunSettings) -> MeasuredOn:
@@ -38,54 +37,79 @@ def measured_on(settings: RunSettings) -> MeasuredOn:
     return MeasuredOn(data.source_digest(settings.data.dir, settings.data.format), device_kind(settings.runtime.device))
 
 
-def screening_for(cfg: DictConfig, settings: RunSettings) -> Screening | None:
-    """The screening made for the run of ``cfg`` and ``settings`` (:func:`pipeline.recipe.screened`
-    on :func:`measured_on`), or None (none, or one cut short in a smaller share)."""
-    return screened(cfg, settings.screen, settings.budget, measured_on(settings), settings.paths)
+def screening_for(settings: RunSettings) -> Screening | None:
+    """The screening made for the run of ``settings`` (:func:`pipeline.recipe.screened` on
+    :func:`measured_on`), or None (none, or one cut short in a smaller share)."""
+    return screened(settings, measured_on(settings))
 
 
-@dataclass
 class Workspace:
-    """The prepared config and its typed settings, its paths, the loaded competition and the fold
-    assignment.
+    """The run's typed settings (their paths too), the loaded competition and the fold assignment,
+    shared by every stage: each stage is a function of a workspace alone
+    (:data:`pipeline.stages.STAGE_FUNCTIONS`).
 
     Attributes:
         settings: every checked group and model (:func:`pipeline.runsettings.run_settings`).
-        comp: the competition (``x_train (N, C, S, S) uint8``, ``y_train (N,) int64``, ...).
+        comp: the competition (``x_train (N, C, S, S) uint8``, ``y_train (N,) int64``, ...),
+            loaded on first use.
         folds: ``(N,)`` int64 fold of each training row; ``folds_digest``: its short sha256.
     """
 
-    cfg: DictConfig
-    settings: RunSettings
-    paths: Paths
-    comp: data.Competition
-    folds: np.ndarray
-    folds_digest: str
-    _configs: dict[MemberKey, DictConfig] = field(default_factory=dict, repr=False)
-    _verified: dict[MemberKey, Verification] = field(default_factory=dict, repr=False)
-    _predictions: dict[BlendMember, MemberPredictions] = field(default_factory=dict, repr=False)
+    def __init__(self, settings: RunSettings, comp: data.Competition | None = None, folds: np.ndarray | None = None):
+        self.settings = settings
+        self._comp, self._folds = comp, folds
+        self._configs: dict[MemberKey, dict] = {}
+        self._verified: dict[MemberKey, Verification] = {}
+        self._predictions: dict[BlendMember, MemberPredictions] = {}
 
     @classmethod
-    def load(cls, cfg: DictConfig, settings: RunSettings | None = None) -> "Workspace":
-        """Load (building the offline default if needed) the competition and its folds;
-        ``settings``: the run's (:func:`pipeline.config.prepare` derived them), else derived here.
+    def load(cls, cfg: DictConfig | None = None, settings: RunSettings | None = None) -> "Workspace":
+        """Load (building the offline default if needed) the competition and its folds now;
+        ``settings``: the run's (:func:`pipeline.config.prepare` derived them), else derived from
+        ``cfg`` here.
 
         Raises DataError / ConfigError / ArtifactError as :func:`pipeline.data.load` and
         :func:`pipeline.folds.ensure_folds` do."""
-        settings = settings or run_settings(cfg)
-        comp = data.load(cfg)
-        check_metric(settings.data.metric, comp.num_classes)
-        folds = ensure_folds(settings.folds, settings.paths, comp.y_train, comp.fingerprint, data.train_groups(cfg))
-        return cls(cfg, settings, settings.paths, comp, folds, folds_digest(folds))
+        ws = cls(settings or run_settings(cfg))
+        ws.folds  # noqa: B018  (loads the competition, then its folds)
+        return ws
+
+    @property
+    def paths(self) -> Paths:
+        """Every location the run reads and writes (``settings.paths``)."""
+        return self.settings.paths
+
+    @property
+    def comp(self) -> data.Competition:
+        """The competition, loaded (and its metric checked) on first use."""
+        if self._comp is None:
+            comp = data.load(self.settings.data, self.paths)
+            check_metric(self.settings.data.metric, comp.num_classes)
+            self._comp = comp
+        return self._comp
+
+    @property
+    def folds(self) -> np.ndarray:
+        """The ``(N,)`` int64 fold assignment, written once (:func:`pipeline.folds.ensure_folds`)."""
+        if self._folds is None:
+            s = self.settings
+            self._folds = ensure_folds(s.folds, s.paths, self.comp.y_train, self.comp.fingerprint,
+                                       data.train_groups(s.data, s.folds, s.paths))
+        return self._folds
+
+    @property
+    def folds_digest(self) -> str:
+        """The fold assignment's short sha256 (:func:`pipeline.folds.folds_digest`)."""
+        return folds_digest(self.folds)
 
     def screening_key(self) -> str:
         """This run's screening key (:func:`pipeline.recipe.screening_key` on :func:`measured_on`)."""
-        return screening_key(self.cfg, measured_on(self.settings))
+        return screening_key(self.settings, measured_on(self.settings))
 
     def with_settings(self, settings: RunSettings) -> "Workspace":
         """This workspace (the same config, competition and folds) under other ``settings`` (e.g.
         a budget's plan, :meth:`pipeline.runsettings.RunSettings.planned`), with empty memos."""
-        return Workspace(self.cfg, settings, self.paths, self.comp, self.folds, self.folds_digest)
+        return Workspace(settings, self._comp, self._folds)
 
     def use_settings(self, settings: RunSettings) -> None:
         """Run the stages that follow under ``settings`` (``stage=all`` after a budgeted
@@ -124,7 +148,7 @@ class Workspace:
         """The member's directory (:meth:`pipeline.paths.Paths.member_dir`)."""
         return self.paths.member_dir(key.model, key.fold, key.seed_index)
 
-    def member_config(self, key: MemberKey) -> DictConfig:
+    def member_config(self, key: MemberKey) -> dict:
         """The member's cache key (:func:`pipeline.members.member_config`), with ``train.precision``
         resolved for this run's device; computed once. A pseudo-label round's includes its rows
         file's sha256 (:meth:`pseudo_part`), read each time (the round's rows are rewritten when
@@ -135,7 +159,7 @@ class Workspace:
             self._configs[key] = self._member_config(key, None)
         return self._configs[key]
 
-    def _member_config(self, key: MemberKey, part: dict | None) -> DictConfig:
+    def _member_config(self, key: MemberKey, part: dict | None) -> dict:
         return members.member_config(self.settings, key, self.comp.fingerprint, self.folds_digest,
                                      self.precision(self.settings.models[key.model].train.precision), part)
 
@@ -149,7 +173,7 @@ class Workspace:
             raise ArtifactError(f"{key}: its pseudo rows {path} are not written yet (run: python run.py "
                                 f"stage=train model={key.model})")
         s = self.settings.pseudo
-        return {"source": pseudo_sources(self.cfg), "blend": BlendMethod(s.blend).value,
+        return {"source": list(self.settings.pseudo_sources), "blend": BlendMethod(s.blend).value,
                 "threshold": float(s.threshold), "max_rows": s.max_rows, "labels": PseudoLabels(s.labels).value,
                 "rows_sha256": sha256_file(path)}
 
@@ -191,10 +215,10 @@ class Workspace:
         if v.ok:
             return d
         hint = ""
-        if v.status is MemberStatus.STALE and not self.cfg.get("tuned") and self.paths.tuned(key.model).exists():
+        if v.status is MemberStatus.STALE and not self.settings.selection.tuned and self.paths.tuned(key.model).exists():
             hint = "; trained with tuned=true? then blend with tuned=true too"
         elif v.status is MemberStatus.STALE and (p := members.recorded_precision(d)) and \
-                p != self.member_config(key).train.precision:
+                p != self.member_config(key)["train"]["precision"]:
             hint = f"; trained in {p} on another device? then add train.precision={p}"
         what = v.reason if v.status is MemberStatus.MISSING else f"{v.status.value}: {v.reason}"
         raise ArtifactError(f"{key}: {what} in {d} (run: python run.py stage=train "

@@ -96,12 +96,13 @@ TRAINED = TINY + ["ensemble=[cnn_deotte,mlp]", "aug=none", "train.epochs=6",
 def trained_root(tmp_path_factory):
     """One tiny training run shared by the blend/cache tests: 2 models x 2 folds, 6 epochs."""
     from pipeline import train
+    from pipeline.workspace import Workspace
 
     root = tmp_path_factory.mktemp("trained")
     data_dir = root / "digits"
     shutil.copytree(DIGITS, data_dir)
     cfg = compose_cfg(root, TRAINED, data_dir=data_dir)
-    train.run(cfg)
+    train.run(Workspace.load(cfg))
     return root, data_dir
 
 

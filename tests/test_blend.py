@@ -37,7 +37,7 @@ def _oof(cfg):
 @pytest.mark.parametrize("method", ["mean", "weighted", "stack"])
 def test_each_method_writes_a_valid_submission(trained_cfg, method):
     cfg = trained_cfg(f"blend.method={method}")
-    out = blend.run(cfg)
+    out = blend.run(Workspace.load(cfg))
     assert set(out.members) == {"cnn_deotte", "mlp"} and list(out.blends) == [BlendMethod(method)]
     s = out.blends[BlendMethod(method)].score
     assert 0.3 < s.accuracy <= 1 and s.log_loss > 0  # 3x chance on 400 real digits
@@ -54,7 +54,7 @@ def test_all_methods_best_is_the_submission_and_the_record_says_so(trained_cfg):
     import hashlib
 
     cfg = trained_cfg("blend.method=all")
-    out = blend.run(cfg)
+    out = blend.run(Workspace.load(cfg))
     assert set(out.blends) == set(BlendMethod)
     assert out.blends[out.best].score.accuracy == max(r.score.accuracy for r in out.blends.values())
     paths = Paths.from_cfg(cfg)
@@ -69,8 +69,8 @@ def test_all_methods_best_is_the_submission_and_the_record_says_so(trained_cfg):
 
 
 def test_a_new_blend_clears_the_files_of_the_last(trained_cfg):
-    blend.run(trained_cfg("blend.method=all"))
-    blend.run(trained_cfg("blend.method=mean"))
+    blend.run(Workspace.load(trained_cfg("blend.method=all")))
+    blend.run(Workspace.load(trained_cfg("blend.method=mean")))
     folder = Paths.from_cfg(trained_cfg()).blend_dir
     assert sorted(p.name for p in folder.iterdir()) == ["blend.json", "mean_oof.npy", "mean_state.npz",
                                                        "mean_test.npy"]
@@ -136,7 +136,7 @@ def test_missing_member_is_named_and_nothing_is_written(trained_cfg, tmp_path):
         subs = Paths.from_cfg(cfg).submissions_dir
         before = {p.name: p.read_bytes() for p in subs.glob("*.csv")} if subs.exists() else {}
         with pytest.raises(ArtifactError, match=r"mlp fold 1: missing oof.npz .*stage=train model=mlp fold=1"):
-            blend.run(cfg)
+            blend.run(Workspace.load(cfg))
         after = {p.name: p.read_bytes() for p in subs.glob("*.csv")} if subs.exists() else {}
         assert after == before  # nothing (half-)written
     finally:
@@ -147,7 +147,7 @@ def test_missing_member_is_named_and_nothing_is_written(trained_cfg, tmp_path):
 def test_stale_member_is_refused(trained_cfg):
     cfg = trained_cfg("models.mlp.kwargs.hidden=64")
     with pytest.raises(ArtifactError, match=r"mlp fold 0: stale: config changed \(kwargs\)"):
-        blend.run(cfg)
+        blend.run(Workspace.load(cfg))
 
 
 def test_ensemble_selection_against_a_hand_computed_case():
@@ -188,7 +188,7 @@ def test_every_blender_round_trips_through_the_store(trained_cfg, overrides, met
     """All methods, stack with HistGradientBoosting (saved with skops, no pickle) too: the saved
     blender predicts exactly like the fitted one."""
     cfg = trained_cfg(*overrides)
-    out = blend.run(cfg)
+    out = blend.run(Workspace.load(cfg))
     assert set(out.blends) == methods
     ws, X, _ = _oof(cfg)
     saved = store.load(Paths.from_cfg(cfg))
@@ -239,7 +239,7 @@ def test_a_balanced_accuracy_blend_submits_the_weighted_decision(trained_cfg):
     """data.metric=balanced_accuracy: the blend is picked by it, the record keeps the decision
     (or none when it does not beat the most probable class out of fold), and submission.csv's
     labels are the argmax of the submitted blend's test probabilities times those weights."""
-    out = blend.run(trained_cfg("data.metric=balanced_accuracy"))
+    out = blend.run(Workspace.load(trained_cfg("data.metric=balanced_accuracy")))
     saved = out.saved
     assert saved.record["metric"] == "balanced_accuracy"
     weights = saved.decision_weights()

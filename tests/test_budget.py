@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.budget import Cost, Range, dispatch, makespan, parse_budget, plan, side_by_side
 from pipeline.errors import ConfigError
+from pipeline.workspace import Workspace
 
 # Costs as measured on the 2-core CPU (fp32, 2 members side by side, quick profile): a
 # cnn_deotte member-epoch ~75 s of the member's own time, an mlp one ~2 s; 5 folds.
@@ -182,7 +183,7 @@ def test_existing_checkpoints_fix_a_models_epochs(tiny_cfg):
     budget continues them: a member's end-of-epoch checkpoint (what a fused member writes too,
     written for 3 epochs) is read past an unreadable one, and a complete member's config comes
     first."""
-    from omegaconf import OmegaConf
+    from pipeline import members
 
     from pipeline.members import MemberKey
     from pipeline.paths import RESUME
@@ -195,16 +196,16 @@ def test_existing_checkpoints_fix_a_models_epochs(tiny_cfg):
     keys = [MemberKey("mlp", f) for f in range(2)]
     configs = [ws.member_config(k) for k in keys]
     for c in configs:
-        c.train.epochs = 3
+        c["train"]["epochs"] = 3
     broken = ws.member_dir(keys[0]) / RESUME
     broken.parent.mkdir(parents=True, exist_ok=True)
     broken.write_bytes(b"not a checkpoint")
     ws.member_dir(keys[1]).mkdir(parents=True)
-    save_resume(ws.member_dir(keys[1]) / RESUME, {"cache_key": OmegaConf.to_yaml(configs[1]), "epoch": 1})
+    save_resume(ws.member_dir(keys[1]) / RESUME, {"cache_key": members.key_text(configs[1]), "epoch": 1})
     assert existing_epochs(ws, "mlp") == 3
     done = ws.member_dir(keys[0])
-    configs[0].train.epochs = 5
-    (done / "config.yaml").write_text(OmegaConf.to_yaml(configs[0]))
+    configs[0]["train"]["epochs"] = 5
+    (done / "config.yaml").write_text(members.key_text(configs[0]))
     (done / "manifest.json").write_text("{}")
     assert existing_epochs(ws, "mlp") == 5
 
@@ -235,7 +236,7 @@ def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, 
            "+models.cnn_deotte.ranges.epochs=[1,3]", "blend.method=mean", "aug=none")
     cfg = tiny_cfg(*run)
     with caplog.at_level(logging.INFO):
-        outcomes = train.run(cfg)
+        outcomes = train.run(Workspace.load(cfg))
     text = caplog.text
     assert "cnn_deotte       2 seed(s) x 3 epochs" in text and "reserved for prediction, blend and report" in text
     assert text.index("the plan, from steps timed here") < text.index("OOF acc")
@@ -245,11 +246,11 @@ def test_a_budgeted_run_shows_its_plan_and_blends_only_complete_seeds(tiny_cfg, 
     record = read_record(ws.paths.budget_plan)
     assert record.complete == {"cnn_deotte": 1} and record.stopped == ("cnn_deotte fold 1 seed 1",)
     assert record.plan.seconds <= record.plan.available
-    out = blend.run(tiny_cfg(*run))
+    out = blend.run(Workspace.load(tiny_cfg(*run)))
     assert [e["seed"] for e in out.saved.record["manifests"]["cnn_deotte"]] == [0, 0]  # seed 0's two folds
     from pipeline import report
 
-    page = report.run(tiny_cfg(*run)).read_text()  # the plan against what happened
+    page = report.run(Workspace.load(tiny_cfg(*run))).read_text()  # the plan against what happened
     assert "<h2>Budget</h2>" in page and "Stopped at the deadline: cnn_deotte fold 1 seed 1" in page
     assert '<td class="l">cnn_deotte</td><td class="">2 x 3</td>' in page
 
@@ -271,10 +272,10 @@ def test_pseudo_label_rounds_are_left_out_of_a_budget(tiny_cfg, caplog):
 
     run = ("ensemble=[mlp]", "pseudo.models=[mlp]", "budget=2h", "blend.method=mean")
     with caplog.at_level(logging.INFO):
-        outcomes = train.run(tiny_cfg(*run))
+        outcomes = train.run(Workspace.load(tiny_cfg(*run)))
     assert {o.key.model for o in outcomes} == {"mlp"} and len(outcomes) == 2
     assert "budget: pseudo-label rounds are not planned under a budget; mlp_pl left out" in caplog.text
-    out = blend.run(tiny_cfg(*run))
+    out = blend.run(Workspace.load(tiny_cfg(*run)))
     assert set(out.members) == {"mlp"}
 
 
@@ -362,8 +363,8 @@ def test_a_machine_that_slows_by_30_percent_after_the_timing_still_submits_withi
     run = ("ensemble=[cnn_deotte]", "budget=40s", "runtime.fuse=off", "models.cnn_deotte.train.epochs=150",
            "+models.cnn_deotte.ranges.seeds=[1,3]", "+models.cnn_deotte.ranges.epochs=[1,150]", "blend.method=mean",
            "aug=none")
-    train.run(tiny_cfg(*run))
-    blend.run(tiny_cfg(*run))
+    train.run(Workspace.load(tiny_cfg(*run)))
+    blend.run(Workspace.load(tiny_cfg(*run)))
     landed = time.time()
     paths = Workspace.load(tiny_cfg(*run)).paths
     record = read_record(paths.budget_plan)

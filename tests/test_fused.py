@@ -190,7 +190,7 @@ def test_a_split_checkpoint_predicts_what_the_fused_network_predicted(tiny_cfg):
         alone = predict_logits(model, ws.comp.x_test[:50], torch.device("cpu"))[0]
         np.testing.assert_allclose(alone, together[:, m], atol=1e-5)
     # through stage=train: the cached OOF is the split checkpoint's own prediction
-    outcomes = train.run(tiny_cfg(*EXACT, "runtime.fuse=on", "force=true"))
+    outcomes = train.run(Workspace.load(tiny_cfg(*EXACT, "runtime.fuse=on", "force=true")))
     assert all(o.metrics["fused"]["members"] == 6 for o in outcomes)
     ws = Workspace.load(cfg)
     for key in GROUP:
@@ -241,7 +241,7 @@ def test_stage_train_fuses_holds_every_lock_and_blends(tiny_cfg, caplog):
     lock = ws.paths.member_lock("cnn_deotte", 1, 1)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with caplog.at_level(logging.INFO), FileLock(lock):
-        outcomes = train.run(cfg)
+        outcomes = train.run(Workspace.load(cfg))
     by_key = {o.key: o for o in outcomes}
     assert by_key[MemberKey("cnn_deotte", 1, 1)].outcome is Outcome.SKIPPED_LOCKED
     trained = [o for o in outcomes if o.outcome is Outcome.TRAINED]
@@ -252,11 +252,11 @@ def test_stage_train_fuses_holds_every_lock_and_blends(tiny_cfg, caplog):
     assert not any((ws.member_dir(o.key) / RESUME).exists() for o in trained)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        again = train.run(cfg.copy())  # the last member alone, the others cached
+        again = train.run(Workspace.load(cfg.copy()))  # the last member alone, the others cached
     assert [o.outcome for o in again].count(Outcome.CACHED) == 3
     assert again[3].outcome is Outcome.TRAINED and "fused" not in again[3].metrics  # one left: unfused
-    out = blend.run(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "blend.method=mean",
-                             "train.epochs=4", "models.cnn_deotte.train.epochs=4"))
+    out = blend.run(Workspace.load(tiny_cfg("ensemble=[cnn_deotte]", "models.cnn_deotte.seeds=2", "blend.method=mean",
+                             "train.epochs=4", "models.cnn_deotte.train.epochs=4")))
     assert set(out.members) == {"cnn_deotte"} and len(out.saved.record["manifests"]["cnn_deotte"]) == 4
 
 

@@ -130,7 +130,7 @@ def test_a_budgeted_fused_run_on_four_slots_drops_nothing_it_planned(tiny_cfg, m
 
     monkeypatch.setattr(scheduler, "_side_by_side", pool)
     ws = Workspace.load(cfg)
-    train.run(cfg, ws)
+    train.run(ws)
     record = budget_mod.read_record(ws.paths.budget_plan)
     assert seen["jobs"] == 4 and not seen["dropped"]
     assert any(len(u) > 1 for u in seen["units"])  # fused groups, at least one per slot
@@ -154,7 +154,7 @@ def test_fuse_auto_measures_both_ways_and_records_its_choice(tiny_cfg, monkeypat
     records the choice; without the estimate, auto fuses nothing and says so."""
     run = ("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=auto", "runtime.estimate=true")
     with caplog.at_level(logging.INFO):  # the real measurement, on this CPU
-        outcomes = train.run(tiny_cfg(*run))
+        outcomes = train.run(Workspace.load(tiny_cfg(*run)))
     line = next(r.message for r in caplog.records if "(runtime.fuse=auto)" in r.message)
     assert "a fused group of 4" in line and "s per member, against" in line and "s alone" in line
     fuse = outcomes[0].metrics["fuse"]
@@ -168,7 +168,7 @@ def test_fuse_auto_measures_both_ways_and_records_its_choice(tiny_cfg, monkeypat
     for faster in (True, False):
         monkeypatch.setattr(probes, "time_models", _fused_timing(faster))
         cfg = tiny_cfg(*run, "force=true")
-        outcomes = train.run(cfg)
+        outcomes = train.run(Workspace.load(cfg))
         assert all(o.metrics["fuse"]["fused"] is faster for o in outcomes)
         assert all(("fused" in o.metrics) is faster for o in outcomes)
         on_disk = json.loads((Workspace.load(cfg).member_dir(outcomes[0].key) / "metrics.json").read_text())
@@ -325,7 +325,7 @@ def test_a_group_out_of_memory_in_training_continues_as_two_halves(tiny_cfg, mon
     monkeypatch.setattr(fused, "fit_group", small_gpu)
     cfg = tiny_cfg("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=on")
     with caplog.at_level(logging.INFO):
-        outcomes = train.run(cfg)
+        outcomes = train.run(Workspace.load(cfg))
     assert [o.outcome for o in outcomes] == [Outcome.TRAINED] * 4
     assert all(o.metrics["fused"]["members"] == 2 for o in outcomes)
     assert "mlp: a fused group of 4 ran out of GPU memory; it continues as groups of 2 and 2" in caplog.text
@@ -368,7 +368,7 @@ def test_fuse_auto_times_both_memory_layouts_and_the_group_trains_in_the_faster(
     cfg = tiny_cfg("ensemble=[mlp]", "+models.mlp.seeds=2", "runtime.fuse=auto", "runtime.estimate=true",
                    "runtime.channels_last=false")
     with caplog.at_level(logging.INFO):
-        outcomes = train.run(cfg)
+        outcomes = train.run(Workspace.load(cfg))
     assert sorted(timed) == [False, True]
     assert "mlp: its fused group of 4 takes 3.000 s per member contiguous, 1.000 s channels_last: channels_last " \
            "(runtime.channels_last=false; within 5% it stays)" in caplog.text
@@ -463,6 +463,6 @@ def test_a_budgeted_member_carries_the_probes_prediction_seconds(tiny_cfg, monke
     monkeypatch.setattr(fused, "fit_group", lambda specs, *args, **kwargs: stopped(specs))
     for fuse in ("off", "on"):
         rates.clear()
-        outcomes = train.run(tiny_cfg("ensemble=[mlp]", "budget=10m", f"runtime.fuse={fuse}"))
+        outcomes = train.run(Workspace.load(tiny_cfg("ensemble=[mlp]", "budget=10m", f"runtime.fuse={fuse}")))
         assert outcomes and all(o.outcome is Outcome.STOPPED for o in outcomes)
         assert len(rates) == len(outcomes) and set(rates) == {2.5e-4}

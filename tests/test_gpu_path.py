@@ -23,6 +23,7 @@ from pipeline.paths import Paths
 from pipeline.train import averaging, probes, resume, workers
 from pipeline.members import MemberKey
 from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 
 class _Synced(Exception):
@@ -101,7 +102,7 @@ def test_every_side_by_side_worker_and_launcher_job_gets_its_own_gpu(tiny_cfg, m
     ws = Workspace.load(tiny_cfg("runtime.device=cuda", "runtime.num_workers=0"))
     dev = workers.enter_worker(ws, 3, 4, [], logging.INFO)
     assert dev.device == "cuda:1" and current == ["cuda:1"] and not dev.progress
-    assert ws.cfg.runtime.device == "cuda"  # the run's config is read, not written
+    assert ws.settings.runtime.device == "cuda"  # the run's settings are read, not written
 
 
 def test_rng_state_touches_only_the_members_own_device(monkeypatch):
@@ -189,7 +190,7 @@ def test_the_estimate_is_timed_in_the_side_by_side_workers(tiny_cfg, monkeypatch
     est = probes.estimate(ws, [(k,) for k in ws.keys("mlp")], 2, torch.device("cpu"))
     assert est.n_jobs == 2 and all(0 < s < 600 for s in est.member_seconds.values())
     assert est.minutes_left(set()) == pytest.approx(sum(est.member_seconds.values()) / 2 / 60)
-    out = train.run(cfg)
+    out = train.run(Workspace.load(cfg))
     assert len(out) == 2 and "member(s) to train, about" in caplog.text
 
 
@@ -217,9 +218,9 @@ def _check_numerics(trained_cfg, tmp_path):
     from pipeline import blend
 
     cfg = trained_cfg("blend.method=mean")
-    blend.run(cfg)
+    blend.run(Workspace.load(cfg))
     ws = Workspace.load(cfg)
-    precision = ws.member_config(MemberKey("cnn_deotte", 0)).train.precision
+    precision = ws.member_config(MemberKey("cnn_deotte", 0))["train"]["precision"]
     img = tmp_path / "digit.png"
     Image.fromarray(ws.comp.x_test[0, 0]).save(img)
     cudnn.benchmark, cudnn.allow_tf32 = True, precision == "fp32"  # the opposite of training's
@@ -227,6 +228,6 @@ def _check_numerics(trained_cfg, tmp_path):
 
     with open_dict(cfg):
         cfg.input = str(img)
-    predict.run(cfg)
+    predict.run(Workspace(run_settings(cfg)))
     assert cudnn.benchmark is False  # the CPU: no cuDNN autotuning
     assert cudnn.allow_tf32 is (precision != "fp32")

@@ -21,6 +21,7 @@ from pipeline.workspace import Workspace
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from make_image_competition import DIGIT_NAMES, write_image_competition  # noqa: E402
+from pipeline.runsettings import run_settings
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_files_layout_end_to_end_writes_the_class_names(tmp_path, digits):
     d = _write(tmp_path, digits, "files")
     cfg = compose_cfg(tmp_path, TINY + ["ensemble=[mlp]", "train.epochs=6", "aug=none",
                                         "blend.method=mean"], data_dir=d)
-    train.run(cfg)
-    out = blend.run(cfg)
+    train.run(Workspace.load(cfg))
+    out = blend.run(Workspace.load(cfg))
     assert out.blends[out.best].score.accuracy > 0.5
     sub = pd.read_csv(tmp_path / "submissions" / "submission.csv")
     assert list(sub.columns) == ["id", "label"] and len(sub) == 119
@@ -72,16 +73,16 @@ def test_files_layout_end_to_end_writes_the_class_names(tmp_path, digits):
     # them, so it gives exactly the submitted labels, by name
     from pipeline import predict
 
-    results = predict.run(compose_cfg(tmp_path, TINY + ["ensemble=[mlp]", "train.epochs=6", "aug=none",
-                                                        "blend.method=mean", f"input={d / 'test'}"], data_dir=d))
+    results = predict.run(Workspace(run_settings(compose_cfg(tmp_path, TINY + ["ensemble=[mlp]", "train.epochs=6", "aug=none",
+                                                        "blend.method=mean", f"input={d / 'test'}"], data_dir=d))))
     assert [r["label"] for r in results] == list(sub["label"])
 
 
 def test_probabilities_submission_follows_the_sample_header(tmp_path, digits):
     d = _write(tmp_path, digits, "files", probabilities=True)
     cfg = compose_cfg(tmp_path, TINY + ["ensemble=[mlp]", "train.epochs=2", "blend.method=mean"], data_dir=d)
-    train.run(cfg)
-    blend.run(cfg)
+    train.run(Workspace.load(cfg))
+    blend.run(Workspace.load(cfg))
     sub = pd.read_csv(tmp_path / "submissions" / "submission.csv")
     assert list(sub.columns) == ["id", *DIGIT_NAMES]  # the sample's order, not the sorted one
     probs = sub[DIGIT_NAMES].to_numpy()
@@ -99,8 +100,8 @@ def test_roc_auc_metric_on_a_binary_competition(tmp_path, digits):
                                 "files", names=parity)
     cfg = compose_cfg(tmp_path, TINY + ["ensemble=[mlp]", "train.epochs=6", "aug=none",
                                         "data.metric=roc_auc"], data_dir=d)
-    train.run(cfg)
-    out = blend.run(cfg)
+    train.run(Workspace.load(cfg))
+    out = blend.run(Workspace.load(cfg))
     auc = {m: r.score.roc_auc for m, r in out.blends.items()}
     assert all(0.7 < a <= 1 for a in auc.values())  # parity of real digits is learnable
     assert out.best == max(auc, key=auc.get)
@@ -116,12 +117,12 @@ def test_zip_download_is_unpacked_once(tmp_path, digits):
             if p.is_file():
                 zf.write(p, p.relative_to(d))
     cfg = compose_cfg(tmp_path / "run", TINY, data_dir=zpath)
-    comp = data.load(cfg)
+    comp = Workspace(run_settings(cfg)).comp
     assert comp.layout is Layout.folders and len(comp.x_train) == 400
     unpacked = list((tmp_path / "run" / "data" / "cache").glob("unzipped-digit-folders-*"))
     assert len(unpacked) == 1 and (unpacked[0] / ".unpacked").exists()
     stamp = (unpacked[0] / ".unpacked").stat().st_mtime_ns
-    data.load(cfg)
+    Workspace(run_settings(cfg)).comp
     assert (unpacked[0] / ".unpacked").stat().st_mtime_ns == stamp  # not unpacked again
 
 
@@ -158,7 +159,7 @@ def test_rgb_photographs_of_varied_size_in_class_folders(tmp_path):
     cfg = compose_cfg(tmp_path, TINY + ["ensemble=[resnet_timm]", "train.epochs=1", "train.batch_size=4",
                                         "aug.hflip=0.5", "aug.brightness=0.2", "aug.saturation=0.2",
                                         "data.max_img_size=48", "data.resize=pad"], data_dir=tmp_path / "c")
-    [o0, o1] = train.run(cfg)
+    [o0, o1] = train.run(Workspace.load(cfg))
     assert o0.metrics["n_train"] + o0.metrics["n_val"] == 16
 
 

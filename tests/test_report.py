@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline import blend, data, predict, report, train
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.paths import Paths
+from pipeline.runsettings import run_settings
 from pipeline.workspace import Workspace
 
 FIGURES = ("curves_cnn_deotte", "curves_mlp", "confusion", "mistakes", "diversity", "distribution",
@@ -24,13 +25,13 @@ FIGURES = ("curves_cnn_deotte", "curves_mlp", "confusion", "mistakes", "diversit
 @pytest.fixture
 def blended_cfg(trained_cfg):
     """Factory of configs on the shared tiny training run, after a blend of all methods."""
-    blend.run(trained_cfg("blend.method=all"))
+    blend.run(Workspace.load(trained_cfg("blend.method=all")))
     return trained_cfg
 
 
 def test_report_page_figures_and_numbers(blended_cfg):
     cfg = blended_cfg()
-    page = report.run(cfg)
+    page = report.run(Workspace.load(cfg))
     paths = Paths.from_cfg(cfg)
     assert page == paths.report_dir / "index.html"
     for name in FIGURES:
@@ -89,7 +90,7 @@ def _key(cfg) -> str:
     from pipeline.runsettings import run_settings
     from pipeline.workspace import measured_on
 
-    return screening_key(cfg, measured_on(run_settings(cfg)))
+    return screening_key(run_settings(cfg), measured_on(run_settings(cfg)))
 
 
 def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
@@ -101,11 +102,11 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
 
     cfg = blended_cfg(*SCREENED)
     paths = Paths.from_cfg(cfg)
-    assert "Recipe screening" not in report.run(cfg).read_text()  # enabled, but no record yet
+    assert "Recipe screening" not in report.run(Workspace.load(cfg)).read_text()  # enabled, but no record yet
     record = paths.screening(_key(cfg))
     try:
         save_screening(record, _screening(cfg))
-        text = report.run(cfg).read_text()
+        text = report.run(Workspace.load(cfg)).read_text()
         td = '<td class="">'
         assert '<h2 id="screening">Recipe screening</h2>' in text
         assert ('<th class="l">dimension</th><th class="">model</th><th class="">side (px)</th><th class="">'
@@ -137,18 +138,18 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
         # one cut short in a smaller share is screened again, not shown)
         import dataclasses
 
-        assert "Recipe screening" not in report.run(blended_cfg(*SCREENED, "budget=2h")).read_text()
+        assert "Recipe screening" not in report.run(Workspace.load(blended_cfg(*SCREENED, "budget=2h"))).read_text()
         save_screening(record, dataclasses.replace(_screening(cfg), trials=_screening(cfg).trials[:3]))
         plan = Plan(7200.0, 6900.0, 308.0, (ModelPlan("cnn_deotte", 1, 6, 40.0), ModelPlan("mlp", 1, 6, 8.0)), 48.0)
         save_record(paths.budget_plan, BudgetRecord(plan, 0.0, 7200.0, {"cnn_deotte": 1, "mlp": 1},
                                                     train_seconds=50.0))
-        text = report.run(blended_cfg(*SCREENED, "budget=2h")).read_text()
+        text = report.run(Workspace.load(blended_cfg(*SCREENED, "budget=2h"))).read_text()
         assert 'its plan (models, seeds, epochs, minutes) is in <a href="#budget">Budget</a> below' in text
         assert text.index("Recipe screening") < text.index('<a id="budget"></a><h2>Budget</h2>')
         assert f'<td class="l">cnn_deotte</td>{td}1 x 6</td>{td}0.7</td>' in text
         assert "configured seeds and epochs" not in text
         # a record, but screening off: no section
-        assert "Recipe screening" not in report.run(blended_cfg()).read_text()
+        assert "Recipe screening" not in report.run(Workspace.load(blended_cfg())).read_text()
     finally:  # the trained run is shared with other tests
         record.unlink(missing_ok=True)
         paths.budget_plan.unlink(missing_ok=True)
@@ -156,14 +157,14 @@ def test_report_shows_the_recipe_screening_and_the_plan_next_to_it(blended_cfg):
 
 def test_report_needs_a_blend(tiny_cfg):
     with pytest.raises(ArtifactError, match="no blend yet"):
-        report.run(tiny_cfg())
+        report.run(Workspace.load(tiny_cfg()))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_report_renders_in_headless_chromium(blended_cfg, tmp_path):
     """Every image of the page decodes in a real browser (the page's own onload check)."""
-    page = report.run(blended_cfg())
+    page = report.run(Workspace.load(blended_cfg()))
     dom = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -202,7 +203,7 @@ def test_predict_reproduces_the_submitted_blend_exactly(blended_cfg):
     gives the submitted blend's test probabilities bit for bit."""
     cfg = blended_cfg()
     ws = Workspace.load(cfg)
-    probs, saved = predict.ensemble_probabilities(cfg, ws.comp.x_test)
+    probs, saved = predict.ensemble_probabilities(run_settings(cfg), ws.comp.x_test)
     np.testing.assert_array_equal(probs, saved.probabilities(saved.best, "test"))
     sub = np.loadtxt(ws.paths.submission("submission"), delimiter=",", skiprows=1, dtype=np.int64)
     np.testing.assert_array_equal(probs.argmax(1), sub[:, 1])
@@ -210,15 +211,15 @@ def test_predict_reproduces_the_submitted_blend_exactly(blended_cfg):
 
 def test_predict_refuses_a_member_retrained_after_the_blend(blended_cfg):
     cfg = blended_cfg("model=mlp", "fold=1", "force=true")
-    train.run(cfg)
+    train.run(Workspace.load(cfg))
     with pytest.raises(ArtifactError, match=r"mlp fold 1: .* changed since the blend .*stage=blend"):
-        predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+        predict.ensemble_probabilities(run_settings(cfg), Workspace.load(cfg).comp.x_test)
     with pytest.raises(ArtifactError, match=r"members take \(1, 28, 28\)"):
-        predict.ensemble_probabilities(cfg, np.zeros((2, 1, 32, 32), np.uint8))
+        predict.ensemble_probabilities(run_settings(cfg), np.zeros((2, 1, 32, 32), np.uint8))
 
 
 def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_path, caplog, monkeypatch):
-    comp = data.load(blended_cfg())
+    comp = Workspace(run_settings(blended_cfg())).comp
     folder = tmp_path / "mine"
     folder.mkdir()
     n = 16
@@ -226,10 +227,10 @@ def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_p
         _handwritten_like(comp.x_train[i, 0], i).save(folder / f"digit{i:02d}.png")
     out_csv = tmp_path / "preds.csv"
     cfg = blended_cfg("stage=predict", f"input={folder}", f"predict.output={out_csv}")
-    results = predict.run(cfg)
+    results = predict.run(Workspace(run_settings(cfg)))
     assert len(results) == n and caplog.text.count("digit") == n
     # the same ensemble on the original 28x28 arrays
-    probs, _ = predict.ensemble_probabilities(cfg, comp.x_train[:n])
+    probs, _ = predict.ensemble_probabilities(run_settings(cfg), comp.x_train[:n])
     agree = np.mean([r["label"] == str(p) for r, p in zip(results, probs.argmax(1))])  # class names
     assert agree >= 0.7  # measured 0.75 (12 of 16) with weak tiny members (OOF 0.45 and 0.70)
     # real labels: these rows were in the models' training folds half of the time
@@ -245,7 +246,7 @@ def test_predict_folder_matches_the_ensemble_on_the_originals(blended_cfg, tmp_p
     weights = np.ones(10)
     weights[7] = 1e6
     monkeypatch.setattr(store.SavedBlend, "decision_weights", lambda self: weights)
-    decided = predict.run(cfg)
+    decided = predict.run(Workspace(run_settings(cfg)))
     assert [r["label"] for r in decided] == ["7"] * n
     assert [r["top"] for r in decided] == [r["top"] for r in results]  # the probabilities themselves unchanged
 
@@ -254,19 +255,19 @@ def test_predict_bad_inputs(blended_cfg, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no images in this folder"):
-        predict.run(blended_cfg(f"input={empty}"))
+        predict.run(Workspace(run_settings(blended_cfg(f"input={empty}"))))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png: cannot read it as an image"):
-        predict.run(blended_cfg(f"input={broken}"))
+        predict.run(Workspace(run_settings(blended_cfg(f"input={broken}"))))
     blank = tmp_path / "blank.png"
     Image.new("L", (40, 40), 255).save(blank)
     with pytest.raises(DataError, match="blank.png: no ink found"):
-        predict.run(blended_cfg(f"input={blank}"))
+        predict.run(Workspace(run_settings(blended_cfg(f"input={blank}"))))
     with pytest.raises(DataError, match="no such file or folder"):
-        predict.run(blended_cfg(f"input={tmp_path / 'nope.png'}"))
+        predict.run(Workspace(run_settings(blended_cfg(f"input={tmp_path / 'nope.png'}"))))
     with pytest.raises(ConfigError, match="needs input="):
-        predict.run(blended_cfg())
+        predict.run(Workspace(run_settings(blended_cfg())))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -295,7 +296,7 @@ def test_a_blend_record_that_disagrees_with_itself_is_one_line(blended_cfg, tmp_
         edit(record)
         path.write_text(json.dumps(record))
         with pytest.raises(ArtifactError, match=f"{path}: {message}; run: python run.py stage=blend"):
-            predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+            predict.ensemble_probabilities(run_settings(cfg), Workspace.load(cfg).comp.x_test)
         if "img_size" in message:  # the CLI too, and a file copied in half
             res = run_cli("stage=predict", f"input={img}", f"paths.root={cfg.paths.root}",
                           f"data.dir={cfg.data.dir}", *TRAINED, cwd=tmp_path)
@@ -303,6 +304,6 @@ def test_a_blend_record_that_disagrees_with_itself_is_one_line(blended_cfg, tmp_
                 f"error: {path}: 'img_size' is missing; run: python run.py stage=blend"]
             path.write_text(original[:len(original) // 2])
             with pytest.raises(ArtifactError, match=f"{path}: unreadable \\(JSONDecodeError: "):
-                predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+                predict.ensemble_probabilities(run_settings(cfg), Workspace.load(cfg).comp.x_test)
     finally:
         path.write_text(original)

@@ -20,6 +20,7 @@ from pipeline.train import inference
 from pipeline.train.probes import plan_units
 from pipeline.tune.space import parse_space
 from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 TINY_WIDTH = 0.125  # 8/16/32/64 channels
 
@@ -117,7 +118,7 @@ def test_it_learns_real_digits_and_its_checkpoint_reloads(tiny_cfg):
     cfg = tiny_cfg("model=resnet9", "fold=0", "aug=none", "train.precision=fp32",
                    f"models.resnet9.kwargs.width={TINY_WIDTH}", "models.resnet9.train.epochs=5",
                    "+models.resnet9.train.batch_size=16", "models.resnet9.train.lr=5e-3")
-    [out] = train.run(cfg)
+    [out] = train.run(Workspace.load(cfg))
     assert out.metrics["accuracy"] > 0.5, out.metrics["accuracy"]
     ws = Workspace.load(cfg)
     d = ws.member_dir(MemberKey("resnet9", 0))
@@ -142,5 +143,5 @@ def test_it_trains_unfused_and_says_why(tiny_cfg, caplog):
 def test_its_config_composes_and_has_a_search_space(tiny_cfg):
     cfg = tiny_cfg("model=resnet9")
     assert cfg.models.resnet9.arch == "resnet9" and cfg.models.resnet9.kwargs.width == 0.5
-    space = parse_space(cfg, "resnet9")
+    space = parse_space(run_settings(cfg).models["resnet9"])
     assert {"train.lr", "kwargs.width", "kwargs.depth", "kwargs.dropout"} <= set(space)

@@ -19,6 +19,7 @@ from pipeline.paths import MEMBER_FILES, MANIFEST, OOF, RESUME, TEST, Paths
 from pipeline.members import MemberKey, MemberStatus
 from pipeline.train.scheduler import Outcome
 from pipeline.workspace import Workspace
+from pipeline.runsettings import run_settings
 
 # cnn_deotte (BN, dropout, batched elastic + affine augmentation) on the fixture, CPU, exact mode
 RESUME_RUN = TINY + ["ensemble=[cnn_deotte]", "runtime.deterministic=true", "train.epochs=12",
@@ -35,8 +36,8 @@ def test_kill_9_mid_fold_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     # the uninterrupted reference, in its own root
     ref_root = tmp_path / "ref"
     ref_cfg = compose_cfg(ref_root, RESUME_RUN, data_dir=digits_dir)
-    train.run(ref_cfg)
-    blend.run(ref_cfg)
+    train.run(Workspace.load(ref_cfg))
+    blend.run(Workspace.load(ref_cfg))
 
     root = tmp_path / "run"
     args = [sys.executable, str(REPO / "run.py"), "stage=train", f"paths.root={root}",
@@ -62,10 +63,10 @@ def test_kill_9_mid_fold_then_resume_matches_uninterrupted(tmp_path, digits_dir,
     assert 2 <= killed_after < 12
 
     cfg = compose_cfg(root, RESUME_RUN, data_dir=digits_dir)
-    done = trained(train.run(cfg))  # the same command again, no flag
+    done = trained(train.run(Workspace.load(cfg)))  # the same command again, no flag
     assert done[("cnn_deotte", 0)]["resumed_after_epoch"] == killed_after
     assert not resume.exists()  # removed once the fold completed
-    blend.run(cfg)
+    blend.run(Workspace.load(cfg))
 
     ref_paths, paths = Paths.from_cfg(ref_cfg), Paths.from_cfg(cfg)
     for f in (0, 1):
@@ -81,7 +82,7 @@ def test_kill_9_mid_fold_then_resume_matches_uninterrupted(tmp_path, digits_dir,
 
 def _train_mlp(tiny_cfg, *extra):
     cfg = tiny_cfg("ensemble=[mlp]", "blend.method=mean", *extra)
-    train.run(cfg)
+    train.run(Workspace.load(cfg))
     return cfg, Paths.from_cfg(cfg)
 
 
@@ -105,18 +106,18 @@ def test_corrupted_member_is_refused_by_blend_and_retrained(tiny_cfg, damage, re
     d = paths.member_dir("mlp", 1)
     damage(d)
     with pytest.raises(ArtifactError, match=f"mlp fold 1: .*{reason}"):
-        blend.run(cfg)
-    outcomes = {o.key.fold: o for o in train.run(cfg)}
+        blend.run(Workspace.load(cfg))
+    outcomes = {o.key.fold: o for o in train.run(Workspace.load(cfg))}
     assert outcomes[0].outcome is Outcome.CACHED  # only the damaged member is trained again
     assert outcomes[1].outcome in (Outcome.RETRAINED, Outcome.TRAINED) and reason in outcomes[1].reason
     assert Workspace.load(cfg).verify(MemberKey("mlp", 1)).status is MemberStatus.OK
-    blend.run(cfg)
+    blend.run(Workspace.load(cfg))
 
 
 def test_edited_folds_file_makes_every_fold_stale(tiny_cfg):
     """Hand-editing the folds file (a different but valid assignment) changes the cache key."""
     cfg, paths = _train_mlp(tiny_cfg)
-    folds_file = paths.folds_file(2, 42, __import__('pipeline.data', fromlist=['load']).load(cfg).fingerprint)
+    folds_file = paths.folds_file(2, 42, Workspace(run_settings(cfg)).comp.fingerprint)
     lines = folds_file.read_text().splitlines()
     rows = [ln.split(",") for ln in lines[1:]]
     # swap the folds of two rows with the same label: still stratified, still k=2
@@ -125,8 +126,8 @@ def test_edited_folds_file_makes_every_fold_stale(tiny_cfg):
     rows[a][2], rows[b][2] = rows[b][2], rows[a][2]
     folds_file.write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
     with pytest.raises(ArtifactError, match=r"mlp fold 0: stale: config changed \(folds\)"):
-        blend.run(cfg)
-    outcomes = train.run(cfg)
+        blend.run(Workspace.load(cfg))
+    outcomes = train.run(Workspace.load(cfg))
     assert [o.outcome for o in outcomes] == [Outcome.RETRAINED] * 2
     assert {o.reason for o in outcomes} == {"config changed (folds)"}
 
@@ -171,7 +172,7 @@ def test_hostile_pickles_in_artifacts_never_run(tiny_cfg, tmp_path, caplog):
     from pipeline import predict
 
     cfg, paths = _train_mlp(tiny_cfg)
-    blend.run(cfg)
+    blend.run(Workspace.load(cfg))
     marker = tmp_path / "pwned"
     resume = paths.member_dir("mlp", 0) / RESUME
     torch.save({"cache_key": "x", "payload": _Payload(marker)}, resume)
@@ -180,7 +181,7 @@ def test_hostile_pickles_in_artifacts_never_run(tiny_cfg, tmp_path, caplog):
     ckpt = paths.member_dir("mlp", 1) / "model.safetensors"
     ckpt.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(ArtifactError, match=r"mlp fold 1: .*model.safetensors does not match its checksum"):
-        predict.ensemble_probabilities(cfg, Workspace.load(cfg).comp.x_test)
+        predict.ensemble_probabilities(run_settings(cfg), Workspace.load(cfg).comp.x_test)
     from pipeline.members import load_model
     with pytest.raises(ArtifactError, match="cannot load the checkpoint"):
         load_model(ckpt.parent)

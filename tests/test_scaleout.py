@@ -57,7 +57,7 @@ def test_joblib_multirun_trains_both_folds_then_blend_sees_them(tmp_path, digits
         assert all((d / n).exists() for n in MEMBER_FILES), f
         assert f"{threads} threads" in (d / "metrics.json").read_text()  # the jobs split the cores
     assert "#0 :" in r.stdout + r.stderr and "#1 :" in r.stdout + r.stderr  # two launcher jobs
-    out = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean"))
+    out = blend.run(Workspace.load(tiny_cfg("ensemble=[mlp]", "blend.method=mean")))
     assert set(out.members) == {"mlp"} and out.best.value == "mean"
     assert (paths.submissions_dir / "submission.csv").exists()
 
@@ -77,7 +77,7 @@ def test_submitit_local_multirun_then_blend(tmp_path, digits_dir, tiny_cfg):
     for f in (0, 1):
         assert all((paths.member_dir("mlp", f) / n).exists() for n in MEMBER_FILES), f
     assert list(tmp_path.glob("logs/multirun/*/.submitit/*"))  # submitit ran the jobs
-    out = blend.run(tiny_cfg("ensemble=[mlp]", "blend.method=mean", "train.epochs=6", "aug=none"))
+    out = blend.run(Workspace.load(tiny_cfg("ensemble=[mlp]", "blend.method=mean", "train.epochs=6", "aug=none")))
     assert set(out.members) == {"mlp"} and out.blends[out.best].score.accuracy > 0.5
 
 
@@ -87,7 +87,7 @@ def test_locked_member_is_skipped_with_lock_skip(tiny_cfg):
     lock_path = paths.member_lock("mlp", 0)
     lock_path.parent.mkdir(parents=True)
     with FileLock(lock_path):  # "another process" is training mlp fold 0
-        [out] = train.run(cfg)
+        [out] = train.run(Workspace.load(cfg))
     assert out.outcome is Outcome.SKIPPED_LOCKED and "another process" in out.reason
     assert not (paths.member_dir("mlp", 0) / "config.yaml").exists()
 
@@ -102,7 +102,7 @@ def test_second_trainer_waits_then_finds_the_member_cached(tiny_cfg, caplog):
     first = FileLock(lock_path)
     first.acquire()
     result = {}
-    second = threading.Thread(target=lambda: result.update(trained=train.run(cfg)))
+    second = threading.Thread(target=lambda: result.update(trained=train.run(Workspace.load(cfg))))
     second.start()
     deadline = time.time() + 60
     while "waiting" not in caplog.text and time.time() < deadline:  # until it reports the lock
@@ -181,19 +181,19 @@ def test_fold_jobs_train_folds_side_by_side_like_a_serial_run(tmp_path, digits_d
 
     common = ["model=mlp", "train.epochs=2", "runtime.deterministic=true"]
     par = tiny_cfg(*common, "runtime.fold_jobs=2")
-    done = trained(train.run(par))
+    done = trained(train.run(Workspace.load(par)))
     assert set(done) == {("mlp", 0), ("mlp", 1)}
     assert "2 side by side" in caplog.text
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert all(f"{threads} threads" in m["device"] for m in done.values())
     ser = tiny_cfg(*common, "runtime.fold_jobs=1", f"runtime.threads={threads}",
                                     f"paths.artifacts_dir={tmp_path / 'serial'}")
-    assert set(trained(train.run(ser))) == {("mlp", 0), ("mlp", 1)}
+    assert set(trained(train.run(Workspace.load(ser)))) == {("mlp", 0), ("mlp", 1)}
     for f in (0, 1):
         a, b = Paths.from_cfg(par).member_dir("mlp", f), Paths.from_cfg(ser).member_dir("mlp", f)
         np.testing.assert_allclose(np.load(a / "oof.npz")["probs"], np.load(b / "oof.npz")["probs"], atol=1e-6)
         np.testing.assert_allclose(np.load(a / "test.npy"), np.load(b / "test.npy"), atol=1e-6)
-    assert {o.outcome for o in train.run(par)} == {Outcome.CACHED}  # nothing is started
+    assert {o.outcome for o in train.run(Workspace.load(par))} == {Outcome.CACHED}  # nothing is started
 
 
 def test_fold_job_worker_exits_when_its_parent_is_killed(tmp_path):
@@ -233,6 +233,6 @@ def test_user_error_in_a_side_by_side_fold_is_the_projects_error(tiny_cfg):
 
     cfg = tiny_cfg("model=mlp", "runtime.fold_jobs=2", "train.lr=1e30")
     with pytest.raises(PipelineError, match=r"mlp fold \d: training loss became nan"):
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
     paths = Paths.from_cfg(cfg)
     assert not any((paths.member_dir("mlp", f) / n).exists() for f in (0, 1) for n in MEMBER_FILES)

@@ -13,6 +13,7 @@ from conftest import DIGITS
 from pipeline import data
 from pipeline.choices import AugPreset, Balance, Dim
 from pipeline.recipe import Candidate, Recipe, TrialState, fixed_dims, read_screening
+from pipeline.runsettings import run_settings
 
 
 def _ws(cfg):
@@ -82,7 +83,7 @@ def test_an_explicit_recipe_is_never_overridden(tiny_cfg):
     cfg = with_fixed(tiny_cfg("screen.enabled=true", "screen.seconds=600", *hand), hand)
     assert set(cfg.screen.fixed) == {"arch", "aug", "side", "balance"}
     ws = _ws(cfg)
-    result = run(ws.cfg, ws)
+    result = run(ws)
     assert result.trials == () and result.recipe == Recipe()
     prepared, settings = prepare(cfg)
     assert list(prepared.ensemble) == ["mlp"] and settings.models["mlp"].aug.hflip == 0.5
@@ -100,7 +101,7 @@ def test_the_arch_and_aug_choice_is_applied_to_every_stage_after_it(tiny_cfg):
     cfg = with_fixed(tiny_cfg("screen.enabled=true", "screen.seconds=600", "screen.models=[mlp,cnn_keras]",
                               "screen.keep=1", "screen.epochs=4", "screen.min_steps=1", "aug=none"), ["aug=none"])
     ws = _ws(cfg)
-    result = run(ws.cfg, ws)
+    result = run(ws)
     arch = [t for t in result.trials if t.dim is Dim.arch]
     assert [t.candidate.model for t in arch] == ["mlp", "cnn_keras"] and all(t.candidate.aug is None for t in arch)
     (mlp, keras), p = (t.score for t in arch), max(t.accuracy for t in arch if t.accuracy is not None)
@@ -119,14 +120,14 @@ def test_a_rerun_reuses_the_screening(tiny_cfg, caplog):
     args = ("screen.enabled=true", "screen.models=[mlp]", "screen.augs=[affine,none]", "screen.epochs=2",
             "screen.min_steps=1")
     ws = _ws(tiny_cfg(*args, "budget=10m"))
-    first = run(ws.cfg, ws)
+    first = run(ws)
     assert len(first.trials) == 3  # arch: mlp; aug: affine (the same trial, reused), none
     assert [t.seconds for t in first.trials][1] == 0.0
     key = ws.screening_key()
     bigger = _ws(tiny_cfg(*args, "budget=1h"))
     assert first.complete and bigger.screening_key() == key
     with caplog.at_level(logging.INFO):
-        again = run(bigger.cfg, bigger)
+        again = run(bigger)
     assert again == first and "screen: reusing" in caplog.text
     assert read_screening(bigger.paths.screening(key)) == first
     assert _ws(tiny_cfg(*args, "screen.rows=150")).screening_key() != key  # another subsample: screened again
@@ -145,8 +146,8 @@ def test_the_screening_key_follows_the_metric_the_files_and_the_device(tiny_cfg,
     key = _ws(tiny_cfg(*args)).screening_key()
     assert _ws(tiny_cfg(*args)).screening_key() == key
     assert _ws(tiny_cfg(*args, "data.metric=log_loss")).screening_key() != key
-    assert screening_key(tiny_cfg(*args, "folds.group=site"), MeasuredOn("d", "cpu")) != screening_key(
-        tiny_cfg(*args), MeasuredOn("d", "cpu"))  # other folds: fold 0 holds other rows
+    assert screening_key(run_settings(tiny_cfg(*args, "folds.group=site")), MeasuredOn("d", "cpu")) != screening_key(
+        run_settings(tiny_cfg(*args)), MeasuredOn("d", "cpu"))  # other folds: fold 0 holds other rows
     st = (digits_dir / "train.csv").stat()
     os.utime(digits_dir / "train.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same name, other files
     touched = _ws(tiny_cfg(*args)).screening_key()
@@ -173,16 +174,16 @@ def test_a_screening_cut_short_is_screened_again_under_a_larger_share(tiny_cfg, 
                     ("arch: mlp",), 120.0, 3.0, 200, 100)
     assert not cut.complete
     save_screening(ws.paths.screening(ws.screening_key()), cut)
-    assert screening_for(ws.cfg, ws.settings) == cut  # the same 120 s share: reused
+    assert screening_for(ws.settings) == cut  # the same 120 s share: reused
     longer = tiny_cfg(*args, "budget=1h")
     from pipeline.runsettings import run_settings
 
     with caplog.at_level(logging.INFO):
-        assert screening_for(longer, run_settings(longer)) is None
+        assert screening_for(run_settings(longer)) is None
     assert "was cut short in a 120 s share; this run's 720 s share screens again" in caplog.text
     whole = dataclasses.replace(cut, trials=cut.trials[:1])
     save_screening(ws.paths.screening(ws.screening_key()), whole)
-    assert screening_for(longer, run_settings(longer)) == whole
+    assert screening_for(run_settings(longer)) == whole
 
 
 def test_candidate_sides_are_the_loaded_side_its_half_and_quarter():
@@ -229,7 +230,7 @@ def test_the_balance_study_screens_class_weights_and_the_sampler_on_imbalanced_d
     cfg = with_fixed(tiny_cfg("screen.enabled=true", "screen.seconds=600", "screen.min_steps=1", "screen.pruner=none",
                               *hand), hand)
     ws = _ws(cfg)
-    result = run(ws.cfg, ws)
+    result = run(ws)
     assert [(t.dim, t.candidate.balance) for t in result.trials] == [
         (Dim.balance, Balance.none), (Dim.balance, Balance.class_weight), (Dim.balance, Balance.sampler)]
     assert all(t.state is TrialState.complete for t in result.trials), result.table()
@@ -328,6 +329,46 @@ def test_a_clearly_weaker_architecture_leaves_the_ensemble(scores, n_val, expect
     assert names(kept(rows, 0.0, keep=2, within=2.0)[0]) == sorted(scores, key=lambda m: -scores[m])  # no noise
     assert names(kept(rows, margin, keep=1, within=2.0)[0]) == expected[:1]
     assert names(kept(rows, margin, keep=2, within=0.0)[0]) == strict  # the best always stays
+
+
+def test_the_next_architecture_is_the_one_that_blends_best():
+    """With their validation predictions, the ensemble adds architectures by greedy forward
+    selection on the blend (Caruana et al. 2004): a second backbone whose errors differ wins over
+    a near copy of the best with a higher score of its own; without comparable predictions the
+    order is by score."""
+    from types import SimpleNamespace
+
+    from pipeline.choices import Metric
+    from pipeline.recipe import TrialRecord
+    from pipeline.screen import blend_value, kept
+
+    rows = [TrialRecord(Dim.arch, Candidate(m, 128), TrialState.complete, v, v, 3, 10.0)
+            for m, v in (("top", 0.80), ("probe", 0.79), ("other", 0.78))]
+    top, probe, other = rows
+    blends = {("top", "probe"): 0.80, ("top", "other"): 0.82, ("top", "other", "probe"): 0.81}
+
+    def blend(chosen):
+        return blends.get(tuple(r.candidate.model for r in chosen))
+
+    def names(out):
+        return [r.candidate.model for r in out]
+
+    assert names(kept(rows, 0.01, 2, 2.0, blend)[0]) == ["top", "other"]
+    assert names(kept(rows, 0.01, 3, 2.0, blend)[0]) == ["top", "other", "probe"]
+    assert names(kept(rows, 0.01, 2, 2.0)[0]) == ["top", "probe"]  # no blend: by score
+    assert names(kept(rows, 0.01, 2, 2.0, lambda chosen: None)[0]) == ["top", "probe"]  # not comparable
+    assert names(kept(rows, 0.005, 2, 2.0, blend)[0]) == ["top", "probe"]  # "other": 4 x the noise below, never
+
+    # the blend's score: the mean of the rows' probabilities on the same labelled rows
+    y = np.array([0, 1, 1, 1])
+    right = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]], np.float32)  # every row right
+    wrong = right[:, ::-1].copy()                                                    # every row wrong
+    sc = SimpleNamespace(predictions={top.candidate: (y, right), probe.candidate: (y, wrong),
+                                      other.candidate: (y[::-1].copy(), right)},
+                         ws=SimpleNamespace(settings=SimpleNamespace(data=SimpleNamespace(metric=Metric.accuracy))))
+    alone, mixed = blend_value(sc, [top]), blend_value(sc, [top, probe])
+    assert alone > 0.99 and mixed < alone  # the mean of a right and a wrong member is 0.5 each: ties
+    assert blend_value(sc, [top, other]) is None  # other labels: other rows, not comparable
 
 
 class _Study:

@@ -57,7 +57,7 @@ def test_checkpoint_is_safetensors_and_rebuilds_the_model(trained_cfg):
     model, meta = members.load_model(d)
     assert meta["arch"] == "cnn_deotte" and meta["img_size"] == 28 and meta["in_chans"] == 1
     probs = inference.softmax(inference.predict_logits(model, ws.comp.x_test, torch.device("cpu"), channels_last=True,
-                                                 precision=members.read_config(d).train.precision)[0])
+                                                 precision=members.read_config(d)["train"]["precision"])[0])
     np.testing.assert_allclose(probs, members.read_test(d), atol=1e-5)
 
 
@@ -65,18 +65,18 @@ def test_cached_members_are_skipped_and_force_retrains(trained_cfg):
     cfg = trained_cfg("model=mlp", "fold=1")
     target = Paths.from_cfg(cfg).member_dir("mlp", 1) / "test.npy"
     stamp = target.stat().st_mtime_ns
-    [out] = train.run(cfg)
+    [out] = train.run(Workspace.load(cfg))
     assert out.outcome is Outcome.CACHED and out.metrics is None
     assert target.stat().st_mtime_ns == stamp
-    [out] = train.run(trained_cfg("model=mlp", "fold=1", "force=true"))
+    [out] = train.run(Workspace.load(trained_cfg("model=mlp", "fold=1", "force=true")))
     assert out.outcome is Outcome.RETRAINED and out.reason == "force=true"
     assert target.stat().st_mtime_ns != stamp
 
 
 def test_changed_config_retrains_and_says_why(tiny_cfg):
-    [first] = train.run(tiny_cfg("model=mlp", "fold=0"))
+    [first] = train.run(Workspace.load(tiny_cfg("model=mlp", "fold=0")))
     assert first.outcome is Outcome.TRAINED
-    [out] = train.run(tiny_cfg("model=mlp", "fold=0", "models.mlp.kwargs.hidden=64"))
+    [out] = train.run(Workspace.load(tiny_cfg("model=mlp", "fold=0", "models.mlp.kwargs.hidden=64")))
     assert out.outcome is Outcome.RETRAINED and out.reason == "config changed (kwargs)"
 
 
@@ -91,18 +91,18 @@ def test_seeds_differ_per_model_and_fold_and_are_stable():
 def test_cache_key_holds_seed_architecture_and_folds(tiny_cfg):
     ws = Workspace.load(tiny_cfg())
     key = ws.member_config(MemberKey("cnn_deotte", 1))
-    assert key.seed == members.training_seed(42, MemberKey("cnn_deotte", 1))
-    assert key.arch_digest == __import__("pipeline.models", fromlist=["x"]).architecture_digest("cnn_deotte")
-    assert key.folds.digest == ws.folds_digest  # train.precision=auto, resolved for the CPU:
-    assert key.train.precision == device.resolve_precision("auto", torch.device("cpu")).value != "auto"
-    assert "compile" not in key.train and "deterministic" not in key.train  # how to run: runtime.*
+    assert key["seed"] == members.training_seed(42, MemberKey("cnn_deotte", 1))
+    assert key["arch_digest"] == __import__("pipeline.models", fromlist=["x"]).architecture_digest("cnn_deotte")
+    assert key["folds"]["digest"] == ws.folds_digest  # train.precision=auto, resolved for the CPU:
+    assert key["train"]["precision"] == device.resolve_precision("auto", torch.device("cpu")).value != "auto"
+    assert "compile" not in key["train"] and "deterministic" not in key["train"]  # how to run: runtime.*
 
 
 def test_edited_architecture_makes_members_stale(tiny_cfg, monkeypatch):
     """A changed model definition (here: its digest) makes its cached members stale."""
     from pipeline import models
 
-    train.run(tiny_cfg("model=mlp", "fold=0"))
+    train.run(Workspace.load(tiny_cfg("model=mlp", "fold=0")))
     monkeypatch.setattr(members, "architecture_digest", lambda name: "edited")
     ws = Workspace.load(tiny_cfg("model=mlp", "fold=0"))
     v = ws.verify(MemberKey("mlp", 0))
@@ -134,7 +134,7 @@ def test_bad_settings_are_one_config_error_before_any_work(tiny_cfg, override, m
 def test_nan_loss_stops_the_member_and_caches_nothing(tiny_cfg):
     cfg = tiny_cfg("model=mlp", "fold=0", "train.lr=1e30")
     with pytest.raises(PipelineError, match="mlp fold 0: training loss became nan"):
-        train.run(cfg)
+        train.run(Workspace.load(cfg))
     d = Paths.from_cfg(cfg).member_dir("mlp", 0)
     assert not d.exists() or not any(d.iterdir())  # no artifact, no resume checkpoint
 
@@ -176,9 +176,9 @@ def test_resolved_precision_is_the_cache_key_and_metrics(tiny_cfg, monkeypatch):
         monkeypatch.setattr(rt.torch.cuda, "get_device_capability", lambda d=None, cc=cc: cc)
         ws = Workspace.load(tiny_cfg("runtime.device=cuda"))
         keys[cc] = ws.member_config(MemberKey("mlp", 0))
-    assert keys[(7, 5)].train.precision == "fp16" and keys[(9, 0)].train.precision == "bf16"
+    assert keys[(7, 5)]["train"]["precision"] == "fp16" and keys[(9, 0)]["train"]["precision"] == "bf16"
     monkeypatch.undo()
-    m = train.run(tiny_cfg("model=mlp", "fold=0", "train.precision=fp16"))[0].metrics
+    m = train.run(Workspace.load(tiny_cfg("model=mlp", "fold=0", "train.precision=fp16")))[0].metrics
     assert m["precision"] == "fp16" and m["device"].startswith("cpu")
 
 
@@ -226,14 +226,14 @@ def test_bf16_on_cpu_is_opt_in_and_trains(tiny_cfg):
         assert np.allclose(res.oof.sum(1), 1, atol=1e-3)
         acc[p] = res.metrics["accuracy"]
     assert acc["bf16"] > 0.6 and abs(acc["bf16"] - acc["fp32"]) < 0.08, acc
-    assert Workspace.load(cfg).member_config(MemberKey("mlp", 0)).train.precision == "bf16"
+    assert Workspace.load(cfg).member_config(MemberKey("mlp", 0))["train"]["precision"] == "bf16"
 
 
 def test_a_run_says_what_it_will_cost(tiny_cfg, caplog):
     """Before training: the members left and the minutes they should take (from timed steps);
     after each member: the minutes to go; a GPU-sized profile on a CPU is warned about at once."""
     cfg = tiny_cfg("model=mlp", "runtime.estimate=true", "sized_for=gpu", "runtime.fuse=off")  # member by member
-    train.run(cfg)
+    train.run(Workspace.load(cfg))
     text = caplog.text
     assert "train: 2 member(s) to train, about" in text and "min on cpu" in text
     assert "train: 1 of 2 member(s) done, about" in text
@@ -282,7 +282,7 @@ def test_min_steps_raises_the_epochs_of_a_small_competition(tiny_cfg, monkeypatc
     cfg = tiny_cfg("model=mlp", "fold=0", "train.min_steps=30")
     assert engine.planned_epochs(train_settings(cfg, "mlp"), 6) == 5
     assert engine.planned_epochs(train_settings(cfg, "mlp"), 100) == 2  # enough steps: unchanged
-    m = train.run(cfg)[0].metrics
+    m = train.run(Workspace.load(cfg))[0].metrics
     assert m["epochs"] == 5 and [h["epoch"] for h in m["history"]] == [1, 2, 3, 4, 5]
     peak = train_settings(cfg, "mlp").lr  # the one-cycle schedule spans the 5 epochs:
     assert m["history"][1]["lr"] > 0.5 * peak and m["history"][-1]["lr"] < 0.01 * peak

@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.paths import Paths
 from pipeline.stages import run_stage
 from pipeline.runsettings import model_settings
+from pipeline.runsettings import run_settings
 
 # mlp on the fixture, 2-3 epochs per trial: about a second a trial on 2 cores
 TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
@@ -29,9 +30,9 @@ TUNE = ["model=mlp", "stage=tune", "models.mlp.space.train.epochs.low=2",
 def test_default_spaces_parse(tiny_cfg):
     cfg = tiny_cfg()
     for name in ("cnn_deotte", "cnn_keras", "mlp", "resnet_timm"):
-        space = tune_space.parse_space(cfg, name)
+        space = tune_space.parse_space(run_settings(cfg).models[name])
         assert {"train.lr", "train.weight_decay", "train.epochs"} <= set(space), name
-    space = tune_space.parse_space(cfg, "cnn_deotte")
+    space = tune_space.parse_space(run_settings(cfg).models["cnn_deotte"])
     assert space["train.lr"] == optuna.distributions.FloatDistribution(5e-4, 1e-2, log=True)
     assert space["train.batch_size"].choices == (64, 128, 256)
     assert space["train.epochs"] == optuna.distributions.IntDistribution(10, 50, step=5)
@@ -49,16 +50,19 @@ def test_default_spaces_parse(tiny_cfg):
 ])
 def test_bad_space_is_a_config_error(tiny_cfg, override, message):
     with pytest.raises(ConfigError) as e:
-        tune_space.parse_space(tiny_cfg(override), "mlp")
+        tune_space.parse_space(run_settings(tiny_cfg(override)).models["mlp"])
     assert message in str(e.value)
 
 
 def test_params_apply_to_the_model_settings(tiny_cfg):
     cfg = tiny_cfg()
     params = {"train.lr": 0.01, "kwargs.dropout": 0.3, "aug.rotate": 4.0}
-    fcfg = model_settings(tune_space.with_params(cfg, "mlp", params), "mlp")
-    assert (fcfg.train.lr, fcfg.kwargs["dropout"], fcfg.aug.rotate) == (0.01, 0.3, 4.0)
-    assert model_settings(cfg, "mlp").train.lr != 0.01  # the original is untouched
+    model = run_settings(cfg).models["mlp"]
+    tuned = model.with_values(params)
+    assert (tuned.train.lr, tuned.kwargs["dropout"], tuned.aug.rotate) == (0.01, 0.3, 4.0)
+    assert model.train.lr != 0.01 and model_settings(cfg, "mlp") == model  # the original is untouched
+    with pytest.raises(ConfigError, match="models.mlp.train"):
+        model.with_values({"train.lr": -1.0})  # checked as the config's values are
     assert tune_space.nested(params) == {"train": {"lr": 0.01}, "kwargs": {"dropout": 0.3},
                                    "aug": {"rotate": 4.0}}
 
@@ -98,7 +102,7 @@ def test_pruner_stops_a_hopeless_trial(tiny_cfg):
                    "tune.pruner_warmup_epochs=0", "models.mlp.space.train.lr.low=1e-7")
     from pipeline.workspace import Workspace
 
-    study = tune_study.load_study(cfg, "mlp", Workspace.load(cfg))
+    study = tune_study.load_study("mlp", Workspace.load(cfg))
     fixed = {"train.weight_decay": 1e-4, "train.epochs": 3, "kwargs.hidden": 200, "kwargs.dropout": 0.0}
     study.enqueue_trial({"train.lr": 3e-3, **fixed})
     study.enqueue_trial({"train.lr": 4e-3, **fixed})
@@ -150,7 +154,7 @@ def test_sqlite_transactions_take_the_write_lock_first(tiny_cfg, tmp_path):
     import sqlite3
 
     db = tmp_path / "lock.db"
-    storage = tune_study.make_storage(tiny_cfg(f"tune.storage=sqlite:///{db}"))
+    storage = tune_study.make_storage(run_settings(tiny_cfg(f"tune.storage=sqlite:///{db}")).tune)
     other = sqlite3.connect(db, timeout=0)
     with storage.engine.connect() as conn, conn.begin():
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM trials").scalar() == 0

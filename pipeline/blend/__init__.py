@@ -6,8 +6,8 @@
 """
 
 
-def run(cfg, ws=None):
+def run(ws):
     """Stage ``blend`` (see :func:`pipeline.blend.stage.run`)."""
     from pipeline.blend.stage import run as _run
 
-    return _run(cfg, ws)
+    return _run(ws)

@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig
 
 from pipeline.blend import store
 from pipeline.blend.blenders import cross_val_oof, make_blender
@@ -28,7 +27,7 @@ from pipeline.data import SubmissionKind, submission_csv
 from pipeline.errors import ArtifactError
 from pipeline.io import save_text
 from pipeline.metrics import DECISION_METRICS, Score, cross_fitted_decision, score
-from pipeline.settings import BlendMethod, BlendSeeds, Metric, blend_methods, blend_models, blend_settings
+from pipeline.settings import BlendMethod, BlendSeeds, BlendSettings, Metric
 from pipeline.members import BlendMember, read_metrics
 from pipeline.workspace import Workspace
 
@@ -58,22 +57,22 @@ class BlendOutcome:
 
 
 def fit_blend(method: BlendMethod, X: np.ndarray, X_test: np.ndarray, y: np.ndarray,
-              folds: np.ndarray, cfg: DictConfig) -> BlendResult:
-    """Blend with one method. ``X``: ``(N, M, C)`` OOF and ``X_test``: ``(M_test, M, C)`` test
-    probabilities of the M members; ``folds``: ``(N,)``."""
-    blender = make_blender(method, blend_settings(cfg))
+              folds: np.ndarray, settings: BlendSettings) -> BlendResult:
+    """Blend with one method and the ``blend`` group's ``settings``. ``X``: ``(N, M, C)`` OOF and
+    ``X_test``: ``(M_test, M, C)`` test probabilities of the M members; ``folds``: ``(N,)``."""
+    blender = make_blender(method, settings)
     oof = cross_val_oof(blender, X, y, folds)
     fitted = blender.fit(X, y)
     return BlendResult(method, fitted, oof, fitted.predict_proba(X_test), score(y, oof))
 
 
 def leave_one_out(method: BlendMethod, X: np.ndarray, y: np.ndarray, folds: np.ndarray,
-                  names: list[str], cfg: DictConfig) -> dict[str, Score]:
+                  names: list[str], settings: BlendSettings) -> dict[str, Score]:
     """Each member's marginal value: the ``method`` blend of all the other members, fitted and
     cross-validated exactly like the blend itself (empty with a single member)."""
     if len(names) < 2:
         return {}
-    return {n: score(y, cross_val_oof(make_blender(method, blend_settings(cfg)), np.delete(X, i, axis=1), y, folds))
+    return {n: score(y, cross_val_oof(make_blender(method, settings), np.delete(X, i, axis=1), y, folds))
             for i, n in enumerate(names)}
 
 
@@ -81,12 +80,12 @@ def _record(ws: Workspace, names: list[str], preds, results: dict, best: BlendMe
             submission_sha: str, loo: dict[str, Score]) -> dict:
     comp = ws.comp
     return {
-        "members": names, "k": int(ws.cfg.folds.k), "folds_digest": ws.folds_digest,
+        "members": names, "k": ws.settings.folds.k, "folds_digest": ws.folds_digest,
         "data_fingerprint": comp.fingerprint, "num_classes": comp.num_classes,
         "in_chans": int(comp.x_train.shape[1]), "img_size": comp.side,
         "manifests": {p.name: p.manifests for p in preds},
-        "class_names": comp.class_names, "metric": str(Metric(ws.cfg.data.metric).value),
-        "layout": comp.layout.value, "resize": str(ws.cfg.data.resize),
+        "class_names": comp.class_names, "metric": Metric(ws.settings.data.metric).value,
+        "layout": comp.layout.value, "resize": str(ws.settings.data.resize),
         "model_scores": {p.name: vars(score(comp.y_train, p.oof)) for p in preds},
         "methods": {m.value: {**vars(r.score), "params": r.blender.get_params(),
                               "member_weights": r.blender.member_weights().tolist()}
@@ -130,12 +129,12 @@ def _log_table(ws: Workspace, outcome: BlendOutcome) -> None:
             lines.append("  member weights: " + ", ".join(
                 f"{n}={w:.3f}" for n, w in zip(outcome.members, r.blender.member_weights())))
     log.info("blend: CV table\n%s", "\n".join(lines))
-    metric = Metric(ws.cfg.data.metric)
+    metric = Metric(ws.settings.data.metric)
     log.info("blend: submissions/submission.csv = %s (OOF %s %.5f); files in %s", outcome.best.value,
              metric.value, outcome.blends[outcome.best].score.value(metric), ws.paths.submissions_dir)
 
 
-def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
+def run(ws: Workspace) -> BlendOutcome:
     """Stage ``blend``: fit every ``blend.method`` on the members' OOF predictions, save the
     blend, write ``submissions/<method>.csv`` and ``submissions/submission.csv``.
 
@@ -143,12 +142,11 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
         ArtifactError: a member is missing, stale or corrupt (named, with the command to fix it).
         ConfigError: an unknown method or model name.
     """
-    ws = ws or Workspace.load(cfg)
     ws.apply_budget_record()  # under budget=: the planned members whose seeds completed
-    methods = blend_methods(cfg)
-    averaged = BlendSeeds(cfg.blend.seeds) is BlendSeeds.average
-    models = [n for n in blend_models(cfg) if ws.settings.models[n].seed_count > 0]
-    for n in sorted(set(blend_models(cfg)) - set(models)):
+    st = ws.settings
+    averaged = BlendSeeds(st.blend.seeds) is BlendSeeds.average
+    models = [n for n in st.blend_models if st.models[n].seed_count > 0]
+    for n in sorted(set(st.blend_models) - set(models)):
         log.info("blend: %s left out: no seed of it completed within the budget", n)
     if not models:
         raise ArtifactError("blend: no model has a complete seed (every fold) within the budget; run: python "
@@ -158,8 +156,8 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
     preds = [ws.predictions(e) for e in entries]
     y = ws.comp.y_train
     X, X_test = np.stack([p.oof for p in preds], 1), np.stack([p.test for p in preds], 1)
-    results = {m: fit_blend(m, X, X_test, y, ws.folds, cfg) for m in methods}
-    metric = Metric(cfg.data.metric)
+    results = {m: fit_blend(m, X, X_test, y, ws.folds, st.blend) for m in st.blend_methods}
+    metric = Metric(st.data.metric)
     best = min(results, key=lambda m: results[m].score.rank(metric))
     csvs = {m.value: submission_csv(ws.comp, r.test, str(ws.paths.submission(m.value)))
             for m, r in results.items()}
@@ -168,7 +166,7 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> BlendOutcome:
         csvs[best.value] = submission_csv(ws.comp, results[best].test * np.asarray(decision["weights"]),
                                           str(ws.paths.submission(best.value)))
     sha = hashlib.sha256(csvs[best.value].encode()).hexdigest()
-    loo = leave_one_out(best, X, y, ws.folds, names, cfg)
+    loo = leave_one_out(best, X, y, ws.folds, names, st.blend)
     for n, s in loo.items():
         log.info("blend: %s without %s: OOF acc %.5f (%+.5f), log loss %.4f", best.value, n, s.accuracy,
                  results[best].score.accuracy - s.accuracy, s.log_loss)

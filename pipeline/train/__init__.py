@@ -17,8 +17,8 @@ the trainer.
 """
 
 
-def run(cfg, ws=None):
+def run(ws):
     """Stage ``train`` (see :func:`pipeline.train.stage.run`)."""
     from pipeline.train.stage import run as _run
 
-    return _run(cfg, ws)
+    return _run(ws)

@@ -18,8 +18,7 @@ import logging
 import math
 import time
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import yaml
 
 from pipeline import members
 from pipeline.budget import (FIRST_SEED_GUARD, BudgetRecord, Cost, ModelPlan, Plan, Range, format_minutes, plan,
@@ -27,7 +26,7 @@ from pipeline.budget import (FIRST_SEED_GUARD, BudgetRecord, Cost, ModelPlan, Pl
 from pipeline.members import MemberKey
 from pipeline.paths import MANIFEST, RESUME
 from pipeline.device import select_device
-from pipeline.settings import FitMethod, round_base, selected_folds, selected_models
+from pipeline.settings import FitMethod
 from pipeline.augment import tta_views
 from pipeline.train.engine import planned_epochs
 from pipeline.train.resume import resume_cache_keys
@@ -89,16 +88,16 @@ def existing_epochs(ws: Workspace, model: str) -> int | None:
     for d in dirs:
         if (d / MANIFEST).exists():
             try:
-                return int(members.read_config(d).train.epochs)
-            except (OSError, ValueError, TypeError, AttributeError, OmegaConfBaseException):
+                return int(members.read_config(d)["train"]["epochs"])
+            except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
                 continue
     for path in [d / RESUME for d in dirs]:
         keys = resume_cache_keys(path) if path.exists() else None
         if not keys:
             continue
         try:
-            return int(OmegaConf.create(keys[0]).train.epochs)
-        except (ValueError, TypeError, AttributeError, OmegaConfBaseException):
+            return int(yaml.safe_load(keys[0])["train"]["epochs"])
+        except (ValueError, TypeError, KeyError, yaml.YAMLError):
             continue
     return None
 
@@ -156,7 +155,7 @@ def make_plan(ws: Workspace, models: list[str]) -> tuple[BudgetRecord, dict[str,
     return BudgetRecord(p, started, started + budget), measured, units
 
 
-def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
+def run(ws: Workspace) -> list[MemberOutcome]:
     """Stage ``train`` with ``budget=``: plan, show the plan, train it seed by seed against the
     deadline, record what completed, and leave ``ws`` under the complete members' settings for the
     stages that follow (``stage=all``).
@@ -165,8 +164,9 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
     one log line). Raises ConfigError for a budget too small for one seed of the first model at its
     lowest epochs.
     """
-    rounds = [m for m in selected_models(cfg) if round_base(cfg, m) is not None]
-    models = [m for m in selected_models(cfg) if m not in rounds]
+    selected = ws.settings.selection.models
+    rounds = [m for m in selected if ws.settings.models[m].base is not None]
+    models = [m for m in selected if m not in rounds]
     if rounds:
         log.info("budget: pseudo-label rounds are not planned under a budget; %s left out (run without "
                  "budget= to train them)", ", ".join(rounds))
@@ -180,7 +180,7 @@ def run(cfg: DictConfig, ws: Workspace) -> list[MemberOutcome]:
              format_minutes(p.budget), p.table())
     planned = ws.with_settings(ws.settings.planned(p))
     save_record(ws.paths.budget_plan, record)
-    folds = selected_folds(cfg)
+    folds = ws.settings.selection.folds
     top = max(m.seeds for m in p.models)
     keys = [MemberKey(m.model, f, s) for s in range(top) for m in p.models if s < m.seeds
             for f in (folds if folds is not None else range(ws.settings.folds.k))]

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.data import Competition
 from pipeline.errors import ConfigError, PipelineError
+from pipeline import members
 from pipeline.metrics import score
 from pipeline.models import create_model, freeze, parameter_groups
 from pipeline.runsettings import ModelSettings
@@ -176,7 +176,7 @@ class FitSpec:
 
     @classmethod
     def create(cls, model: ModelSettings, runtime: RuntimeSettings, key: MemberKey,
-               member_cfg: DictConfig, deadline: float | None = None,
+               member_cfg: dict, deadline: float | None = None,
                predict_seconds_per_image: float | None = None, features_dir: Path | None = None) -> "FitSpec":
         """The spec of member ``key`` of ``model`` (the run's typed settings,
         :class:`pipeline.runsettings.ModelSettings`), whose cache key is ``member_cfg`` (it holds the
@@ -185,9 +185,9 @@ class FitSpec:
         ``predict_seconds_per_image`` seconds per image in one view, when timed); a linear probe
         caches its features in ``features_dir`` and picks its regularisation by the metric its cache
         key names (``probe_metric``, :func:`pipeline.members.member_config`)."""
-        precision = resolve_precision(member_cfg.train.precision, select_device(runtime.device))
+        precision = resolve_precision(member_cfg["train"]["precision"], select_device(runtime.device))
         return cls(key, model.arch, dict(model.kwargs), model.train, model.aug, model.tta, runtime,
-                   int(member_cfg.seed), OmegaConf.to_yaml(member_cfg), precision, deadline,
+                   int(member_cfg["seed"]), members.key_text(member_cfg), precision, deadline,
                    predict_seconds_per_image, features_dir, Metric(member_cfg.get("probe_metric", "log_loss")))
 
 

@@ -52,7 +52,6 @@ from tqdm.auto import tqdm
 
 from pipeline.data import Competition
 from pipeline.device import configure_numerics, select_device, use_device
-from pipeline.errors import PipelineError
 from pipeline.fusion import fusable, fuse, fuse_like, fuse_optimizers, split, split_like, split_optimizer
 from pipeline.members import MemberKey
 from pipeline.models import create_model

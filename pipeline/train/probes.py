@@ -23,7 +23,7 @@ from pipeline import pseudo
 from pipeline.budget import form_units, unit_seconds
 from pipeline.device import GROUP_MEMORY_SHARE, group_memory_limit, select_device
 from pipeline.members import MemberKey
-from pipeline.settings import AugBackend, FitMethod, FuseMode, RuntimeSettings, Sampler, round_base
+from pipeline.settings import AugBackend, FitMethod, FuseMode, RuntimeSettings, Sampler
 from pipeline.train import fused
 from pipeline.train.engine import FitSpec, fresh_model, seconds_per_member, transfer_seconds
 from pipeline.train.inference import predict_probs
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def member_pseudo(ws: Workspace, key: MemberKey):
     """The member's pseudo rows (the file :func:`pipeline.pseudo.write_rows` wrote) when it is a
     pseudo-label round, else None."""
-    if round_base(ws.cfg, key.model) is None:
+    if ws.settings.models[key.model].base is None:
         return None
     return pseudo.read_rows(ws.paths.pseudo_rows(key.model, key.fold), key.fold)
 
@@ -279,7 +279,7 @@ def _probes(ws: Workspace, units: list[tuple[MemberKey, ...]], later: list[Membe
             out[(model, 1)] = probe(unit[:1])
     for key in later:
         if (key.model, 1) not in out:
-            base = MemberKey(round_base(ws.cfg, key.model), key.fold, key.seed_index)
+            base = MemberKey(ws.settings.models[key.model].base, key.fold, key.seed_index)
             spec = FitSpec.create(ws.settings.models[key.model], ws.settings.runtime, key, ws.member_config(base))
             out[(key.model, 1)] = Probe((key,), (spec,), (None,))
     return list(out.values())

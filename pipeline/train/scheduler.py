@@ -184,7 +184,7 @@ def train_unit_locked(ws: Workspace, unit: tuple[MemberKey, ...], runtime: Runti
                 continue
             locks.append(lock)
             v = ws.verify(key)
-            if v.ok and not ws.cfg.force:
+            if v.ok and not ws.settings.selection.force:
                 log.info("train: %s: cached, skipped (force=true retrains)", key)
                 outcomes[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
                 continue
@@ -240,7 +240,7 @@ def _announce(ws: Workspace, est: Estimate, device) -> None:
              "5 timed steps of each model)", len(est.member_seconds),
              f" ({est.later} of them in a pseudo-label round, counted with every test row)" if est.later else "",
              minutes, device_name(device), est.n_jobs)
-    if device.type == "cpu" and str(ws.cfg.get("sized_for", "")) == "gpu":
+    if device.type == "cpu" and ws.settings.selection.sized_for == "gpu":
         log.warning("train: this profile is sized for a GPU, and this machine has none: about %.0f min "
                     "here; for a CPU run use profile=quick", minutes)
 
@@ -275,7 +275,7 @@ def _pending(ws: Workspace, keys: list[MemberKey]) -> tuple[dict[MemberKey, Memb
     done, pending = {}, []
     for key in keys:
         v = ws.verify(key)
-        if v.ok and not ws.cfg.force:
+        if v.ok and not ws.settings.selection.force:
             log.info("train: %s: cached, skipped (force=true retrains)", key)
             done[key] = MemberOutcome(key, Outcome.CACHED, v.reason)
         else:

@@ -10,15 +10,12 @@ members, whose test predictions label their extra rows.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from pipeline import pseudo
-from pipeline.settings import round_base, selected_folds, selected_models
 from pipeline.train.scheduler import MemberOutcome, schedule
 from pipeline.workspace import Workspace
 
 
-def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
+def run(ws: Workspace) -> list[MemberOutcome]:
     """Train the members of ``model`` (or the ensemble) x its seeds x ``fold`` (or all folds),
     first-round members first, then pseudo-label rounds.
 
@@ -30,13 +27,13 @@ def run(cfg: DictConfig, ws: Workspace | None = None) -> list[MemberOutcome]:
     PipelineError for bad settings or a diverged training (see
     :func:`pipeline.train.scheduler.schedule`).
     """
-    ws = ws or Workspace.load(cfg)
     if ws.settings.budget is not None:
         from pipeline.train.budgeted import run as run_budgeted
 
-        return run_budgeted(cfg, ws)
-    keys = [k for name in selected_models(cfg) for k in ws.keys(name, selected_folds(cfg))]
-    first = [k for k in keys if round_base(cfg, k.model) is None]
+        return run_budgeted(ws)
+    chosen = ws.settings.selection
+    keys = [k for name in chosen.models for k in ws.keys(name, list(chosen.folds))]
+    first = [k for k in keys if ws.settings.models[k.model].base is None]
     rounds = [k for k in keys if k not in first]  # their pseudo-labels need the first round cached
     done = {o.key: o for o in schedule(ws, first, later=rounds)} if first else {}
     if rounds:

@@ -5,8 +5,8 @@ importing Optuna).
 """
 
 
-def run(cfg, ws=None):
+def run(ws):
     """Stage ``tune`` (see :func:`pipeline.tune.study.run`)."""
     from pipeline.tune.study import run as _run
 
-    return _run(cfg, ws)
+    return _run(ws)

@@ -10,17 +10,15 @@ from typing import Any
 
 import numpy as np
 import optuna
-from omegaconf import DictConfig, OmegaConf
-
 from pipeline.errors import ConfigError
-from pipeline.runsettings import model_settings
+from pipeline.runsettings import ModelSettings
 from pipeline.settings import SPACE_ROOTS
 
 SPACE_TYPES = ("float", "int", "categorical")
 
 
-def parse_space(cfg: DictConfig, name: str) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space of model ``name`` from ``models.<name>.space``.
+def parse_space(model: ModelSettings) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search space of ``model`` from its ``models.<name>.space`` (``model.space``).
 
     Leaves (``{type: ...}`` mappings, at any depth) become Optuna distributions keyed by their
     dotted path, e.g. ``train.lr``:
@@ -30,45 +28,55 @@ def parse_space(cfg: DictConfig, name: str) -> dict[str, optuna.distributions.Ba
     * ``{type: categorical, choices: [...]}`` -> ``CategoricalDistribution``.
 
     A path must start with ``kwargs``, ``train`` or ``aug`` and name a key the model's settings
-    have (:func:`pipeline.members.model_settings`: the global ``train``/``aug`` groups
+    have (:meth:`pipeline.runsettings.ModelSettings.learned`: the global ``train``/``aug`` groups
     merged with the model's overrides).
 
     Raises:
         ConfigError: no space declared, an unknown type or key, low > high, no choices, or a
             path the model does not have - naming the ``models.<name>.space.<path>`` entry.
     """
-    if name not in cfg.models:
-        raise ConfigError(f"unknown model '{name}'; known models: {', '.join(sorted(cfg.models))}")
-    raw = cfg.models[name].get("space")
-    if not raw:
+    name = model.name
+    if not model.space:
         raise ConfigError(f"models.{name}.space is empty: declare the search space of {name} in "
                           f"pipeline/conf/models/{name}.yaml (see README, Tuning)")
-    target = OmegaConf.create(model_settings(cfg, name).learned())
+    target = model.learned()
     out: dict[str, optuna.distributions.BaseDistribution] = {}
 
     def walk(node, prefix: str) -> None:
-        if isinstance(node, DictConfig) and "type" in node:
-            out[prefix] = _distribution(name, prefix, node, target)
-        elif isinstance(node, DictConfig):
+        if isinstance(node, dict) and "type" in node:
+            out[prefix] = _distribution(name, prefix, dict(node), target)
+        elif isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{prefix}.{k}" if prefix else str(k))
         else:
             raise ConfigError(f"models.{name}.space.{prefix}: expected a mapping with a 'type' "
                               f"({', '.join(SPACE_TYPES)}), got {node!r}")
 
-    walk(raw, "")
+    walk(dict(model.space), "")
     return out
 
 
-def _distribution(name: str, path: str, spec: DictConfig, target: DictConfig):
+_MISSING = object()
+
+
+def _select(values: dict, path: str) -> Any:
+    """The value at dotted ``path`` in nested ``values``, or ``_MISSING``."""
+    node: Any = values
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _distribution(name: str, path: str, spec: dict, target: dict):
     where = f"models.{name}.space.{path}"
     root = path.split(".", 1)[0]
     if root not in SPACE_ROOTS or "." not in path:
         raise ConfigError(f"{where}: a tuned key must be under {', '.join(SPACE_ROOTS)} "
                           f"(e.g. train.lr, kwargs.dropout, aug.rotate)")
-    if OmegaConf.select(target, path, default="__missing__") == "__missing__":
+    if _select(target, path) is _MISSING:
         raise ConfigError(f"{where}: {name} has no setting '{path}' to tune")
-    spec = OmegaConf.to_container(spec)
     kind = spec.pop("type")
     try:
         if kind == "categorical":
@@ -108,14 +116,14 @@ def suggest(trial: optuna.Trial, path: str, dist) -> Any:
     return trial.suggest_float(path, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
-def baseline_params(cfg: DictConfig, name: str, space: dict) -> dict[str, Any]:
+def baseline_params(model: ModelSettings, space: dict) -> dict[str, Any]:
     """The model's current values of the searched parameters that lie inside the space, so the
     study's first trial measures the config as written (the baseline a tuned result must beat)."""
-    fcfg = OmegaConf.create(model_settings(cfg, name).learned())
+    values = model.learned()
     out = {}
     for path, dist in space.items():
-        value = OmegaConf.select(fcfg, path)
-        if value is None:
+        value = _select(values, path)
+        if value is _MISSING or value is None:
             continue
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
             ok = value in dist.choices
@@ -124,14 +132,6 @@ def baseline_params(cfg: DictConfig, name: str, space: dict) -> dict[str, Any]:
                 dist.step is None or abs((value - dist.low) / dist.step - round((value - dist.low) / dist.step)) < 1e-9)
         if ok:
             out[path] = value
-    return out
-
-
-def with_params(cfg: DictConfig, name: str, params: dict[str, Any]) -> DictConfig:
-    """A copy of ``cfg`` with ``params`` (dotted paths under ``models.<name>``) set."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    for path, value in params.items():
-        OmegaConf.update(out, f"models.{name}.{path}", value, force_add=True)
     return out
 
 

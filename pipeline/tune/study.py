@@ -31,20 +31,19 @@ import warnings
 import numpy as np
 import optuna
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import save_text, write_with
 from pipeline.paths import Paths
 from pipeline.metrics import Score, score
-from pipeline.runsettings import model_settings
-from pipeline.settings import Metric, Pruner, round_base, selected_models
+from pipeline.settings import Metric, Pruner, TuneSettings
 from pipeline import members
 from pipeline.train.engine import FitSpec, fit_member, planned_epochs
 from pipeline.members import MemberKey
 from pipeline.device import select_device
 from pipeline.train.runtime import configure_threads
-from pipeline.tune.space import baseline_params, nested, parse_space, suggest, with_params
+from pipeline.tune.space import baseline_params, nested, parse_space, suggest
 from pipeline.workspace import Workspace
 
 LOG_LOSS_CAP = 50.0  # a diverged trial's log loss cannot outweigh one OOF row of accuracy
@@ -64,24 +63,11 @@ def objective_value(s: Score, metric: Metric, n_val: int) -> float:
     return float(s.value(metric) - min(s.log_loss, LOG_LOSS_CAP) / (100.0 * max(n_val, 1)))
 
 
-def tune_folds(cfg: DictConfig) -> list[int]:
-    """``tune.folds`` as a list of fold indices, each checked against ``folds.k``."""
-    k = int(cfg.folds.k)
-    raw = cfg.tune.folds
-    fl = [raw] if isinstance(raw, int) else list(raw)
-    if not fl:
-        raise ConfigError("tune.folds is empty: give at least one fold index, e.g. tune.folds=[0]")
-    for f in fl:
-        if not isinstance(f, int) or not 0 <= f < k:
-            raise ConfigError(f"tune.folds={list(fl)}: expected fold indices 0..{k - 1} (folds.k={k})")
-    return fl
-
-
 class Objective:
     """The function Optuna maximises for one model: train on the tune folds, score their OOF rows."""
 
-    def __init__(self, cfg: DictConfig, name: str, space: dict, ws: Workspace, fold_list: list[int]):
-        self.cfg, self.name, self.space = cfg, name, space
+    def __init__(self, name: str, space: dict, ws: Workspace, fold_list: list[int]):
+        self.name, self.space = name, space
         self.ws, self.fold_list = ws, fold_list
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.user_error: ConfigError | None = None  # a bad setting met in a trial: the study stops on it
@@ -100,9 +86,8 @@ class Objective:
     def _objective(self, trial: optuna.Trial) -> float:
         params = {path: suggest(trial, path, dist) for path, dist in self.space.items()}
         trial.set_user_attr("worker", self.worker)
-        cfg = with_params(self.cfg, self.name, params)
         comp = self.ws.comp
-        model = model_settings(cfg, self.name)  # the trial's values, checked
+        model = self.ws.settings.models[self.name].with_values(params)  # the trial's values, checked
         settings = dataclasses.replace(self.ws.settings, models={**self.ws.settings.models, self.name: model})
         t = model.train  # pruning steps: fold i's epochs come after i x epochs
         epochs = planned_epochs(t, int((self.ws.folds != self.fold_list[0]).sum()) // t.batch_size)
@@ -132,20 +117,20 @@ class Objective:
         if s.roc_auc is not None:
             trial.set_user_attr("roc_auc", s.roc_auc)
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-        return objective_value(s, Metric(self.cfg.data.metric), len(y))
+        return objective_value(s, Metric(self.ws.settings.data.metric), len(y))
 
 
 # --------------------------------------------------------------------------- study
 
 
-def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+def make_pruner(t: TuneSettings) -> optuna.pruners.BasePruner:
     """``tune.pruner``: median (``MedianPruner``), hyperband (``HyperbandPruner``) or none."""
-    kind = Pruner(cfg.tune.pruner)
+    kind = Pruner(t.pruner)
     if kind is Pruner.median:
-        return optuna.pruners.MedianPruner(n_startup_trials=int(cfg.tune.pruner_startup_trials),
-                                           n_warmup_steps=int(cfg.tune.pruner_warmup_epochs))
+        return optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials,
+                                           n_warmup_steps=t.pruner_warmup_epochs)
     if kind is Pruner.hyperband:
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, int(cfg.tune.pruner_warmup_epochs)))
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, t.pruner_warmup_epochs))
     return optuna.pruners.NopPruner()
 
 
@@ -172,22 +157,21 @@ def _immediate_transactions(engine) -> None:
     engine.dispose()
 
 
-def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
+def make_storage(t: TuneSettings) -> optuna.storages.RDBStorage:
     """The study storage (``tune.storage``, an SQLAlchemy URL) with heartbeats and retries.
 
     For SQLite the parent directory is created, a 60 s busy timeout lets concurrent workers
     queue for the database lock, and every transaction takes that lock first
     (:func:`_immediate_transactions`). Raises ConfigError for a URL SQLAlchemy cannot open.
     """
-    url = str(cfg.tune.storage)
+    url = str(t.storage)
     kwargs: dict = {}
     if url.startswith("sqlite:///"):
         db = url[len("sqlite:///"):]
         if db and db != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    hb = int(cfg.tune.heartbeat_s)
-    retry = int(cfg.tune.max_retry)
+    hb, retry = t.heartbeat_s, t.max_retry
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 5
@@ -214,26 +198,26 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
                               f"{str(e).splitlines()[0]})") from None
 
 
-def load_study(cfg: DictConfig, name: str, ws: Workspace) -> optuna.Study:
+def load_study(name: str, ws: Workspace) -> optuna.Study:
     """Create or load (``load_if_exists``) the study of ``name``.
 
     The study records the data fingerprint, folds and tune folds it was run on; loading it for
     other data or folds raises ConfigError (its trials would not be comparable).
     """
-    study_name = str(cfg.tune.study_name or name)
-    sampler = optuna.samplers.TPESampler(
-        seed=None if cfg.tune.sampler_seed is None else int(cfg.tune.sampler_seed))
-    study = optuna.create_study(study_name=study_name, storage=make_storage(cfg),
-                                direction="maximize", sampler=sampler, pruner=make_pruner(cfg),
+    t, folds = ws.settings.tune, ws.settings.folds
+    study_name = str(t.study_name or name)
+    sampler = optuna.samplers.TPESampler(seed=t.sampler_seed)
+    study = optuna.create_study(study_name=study_name, storage=make_storage(t),
+                                direction="maximize", sampler=sampler, pruner=make_pruner(t),
                                 load_if_exists=True)
-    key = {"model": name, "data_fingerprint": ws.comp.fingerprint, "folds_k": int(cfg.folds.k),
-           "folds_seed": int(cfg.folds.seed), "tune_folds": tune_folds(cfg)}
+    key = {"model": name, "data_fingerprint": ws.comp.fingerprint, "folds_k": folds.k,
+           "folds_seed": folds.seed, "tune_folds": list(ws.settings.tune_folds)}
     old = study.user_attrs.get("key")
     if old is None:
         study.set_user_attr("key", key)
     elif old != key:
         changed = ", ".join(k for k in key if old.get(k) != key[k])
-        raise ConfigError(f"study '{study_name}' in {cfg.tune.storage} was run with other "
+        raise ConfigError(f"study '{study_name}' in {t.storage} was run with other "
                           f"{changed}; its trials are not comparable (use tune.study_name=<new name>)")
     return study
 
@@ -277,22 +261,23 @@ def write_tuned(paths: Paths, name: str, study: optuna.Study, folds: list[int]) 
               f"OOF accuracy {best.user_attrs.get('accuracy', float('nan')):.5f}, "
               f"log loss {best.user_attrs.get('log_loss', float('nan')):.4f} on folds "
               f"{folds}.\n# Applied by: python run.py stage=train model={name} tuned=true\n")
-    save_text(path, header + OmegaConf.to_yaml(OmegaConf.create(nested(best.params))))
+    save_text(path, header + yaml.safe_dump(nested(best.params), sort_keys=False, default_flow_style=False))
     return str(path)
 
 
-def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
+def tune_model(name: str, ws: Workspace) -> dict:
     """Run (or continue) the study of one model up to ``tune.n_trials``; report and save the best.
 
     Returns ``{"study", "trials", "best_value", "best_params", "tuned_file"}``.
     """
-    space = parse_space(cfg, name)
-    fold_list = tune_folds(cfg)
-    study = load_study(cfg, name, ws)
-    target = int(cfg.tune.n_trials)
+    t, model = ws.settings.tune, ws.settings.models[name]
+    space = parse_space(model)
+    fold_list = list(ws.settings.tune_folds)
+    study = load_study(name, ws)
+    target = t.n_trials
     done = finished(study)
     log.info("tune: %s: study '%s' in %s: %d finished trials, target %d; space %s; folds %s", name,
-             study.study_name, cfg.tune.storage, done, target, ", ".join(space), fold_list)
+             study.study_name, t.storage, done, target, ", ".join(space), fold_list)
 
     def log_trial(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         acc = t.user_attrs.get("accuracy")
@@ -304,19 +289,18 @@ def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
         secs = t.duration.total_seconds() if t.duration else 0.0
         log.info("tune: %s trial %d: %s in %.0f s (%s)", name, t.number, what, secs, best)
 
-    if not study.trials and cfg.tune.baseline_first:
-        base = baseline_params(cfg, name, space)
+    if not study.trials and t.baseline_first:
+        base = baseline_params(model, space)
         if base:
             study.enqueue_trial(base, skip_if_exists=True)
             log.info("tune: %s: trial 0 is the current config (%d of %d parameters; the rest "
                      "sampled)", name, len(base), len(space))
     if done < target:
-        timeout = None if cfg.tune.timeout is None else float(cfg.tune.timeout)
-        objective = Objective(cfg, name, space, ws, fold_list)
+        objective = Objective(name, space, ws, fold_list)
         study.optimize(
             objective, n_trials=target - done,
-            timeout=timeout, catch=(PipelineError,), gc_after_trial=True,
-            show_progress_bar=bool(cfg.runtime.progress),
+            timeout=t.timeout, catch=(PipelineError,), gc_after_trial=True,
+            show_progress_bar=ws.settings.runtime.progress,
             callbacks=[optuna.study.MaxTrialsCallback(
                 target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)),
                 log_trial])
@@ -326,7 +310,7 @@ def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
     counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
     log.info("tune: %s: %d trials (%s)", name, len(study.trials),
              ", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
-    table = best_table(study, int(cfg.tune.top))
+    table = best_table(study, t.top)
     if table.empty:
         raise PipelineError(f"tune: {name}: no trial completed (all pruned or failed); "
                             f"raise tune.n_trials or loosen tune.pruner")
@@ -335,7 +319,7 @@ def tune_model(cfg: DictConfig, name: str, ws: Workspace) -> dict:
     imp = importances(study)
     if imp:
         log.info("tune: parameter importances: %s", ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
-    path = write_tuned(ws.paths, name, study, tune_folds(cfg))
+    path = write_tuned(ws.paths, name, study, fold_list)
     _write_trials_csv(ws.paths, name, study)
     log.info("tune: %s: best parameters -> %s (train with them: python run.py stage=train "
              "model=%s tuned=true)", name, path, name)
@@ -349,16 +333,18 @@ def _write_trials_csv(paths: Paths, name: str, study: optuna.Study) -> None:
     write_with(path, lambda p: df.to_csv(p, index=False))
 
 
-def run(cfg: DictConfig, ws: Workspace | None = None) -> dict[str, dict]:
+def run(ws: Workspace) -> dict[str, dict]:
     """Stage ``tune``: one study per selected model (``model=NAME``, or every first-round model of
-    the ensemble; pseudo-label rounds use their base model's values)."""
-    names = [n for n in selected_models(cfg) if round_base(cfg, n) is None]
+    the ensemble; pseudo-label rounds use their base model's values). Every search space is
+    checked before the data is loaded or any trial runs (ConfigError naming the entry)."""
+    selected, models = ws.settings.selection.models, ws.settings.models
+    names = [n for n in selected if models[n].base is None]
     if not names:
-        raise ConfigError(f"stage=tune: {cfg.model} is a pseudo-label round; tune its base model "
+        raise ConfigError(f"stage=tune: {', '.join(selected)} is a pseudo-label round; tune its base model "
                           f"(tuned=true applies the base's values to the round too)")
     for name in names:  # every search space is checked before any trial runs
-        parse_space(cfg, name)
-    ws = ws or Workspace.load(cfg)
-    configure_threads(cfg.runtime.threads, select_device(str(cfg.runtime.device)))
+        parse_space(models[name])
+    runtime = ws.settings.runtime
+    configure_threads(runtime.threads, select_device(runtime.device))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
-    return {name: tune_model(cfg, name, ws) for name in names}
+    return {name: tune_model(name, ws) for name in names}

@@ -1,14 +1,15 @@
-"""Stage dispatch: ``cfg.stage`` -> a plain function of the prepared config and the workspace.
+"""Stage dispatch: ``cfg.stage`` -> a plain function of the workspace, ``run(ws)``.
 
 :func:`run_stage` prepares the config once (:func:`pipeline.config.prepare`: pseudo-label rounds
-added, ``tuned=true`` applied, every setting checked before any work), builds one
-:class:`~pipeline.workspace.Workspace` (the competition and folds, loaded once) that every stage
-of ``stage=all`` shares, and calls each stage's function from :data:`STAGE_FUNCTIONS`.
+added, ``tuned=true`` applied, every setting checked before any work) into typed settings, builds
+one :class:`~pipeline.workspace.Workspace` (the competition and folds, loaded once) that every
+stage of ``stage=all`` shares, and calls each stage's function (:func:`stage_function`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import sys
 from enum import Enum
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Stage(str, Enum):
-    """``stage=``: one function of :data:`STAGE_FUNCTIONS` each, or ``all``."""
+    """``stage=``: one function each (:func:`stage_function`), or ``all``."""
 
     data = "data"
     folds = "folds"
@@ -60,62 +61,26 @@ def _folds(ws) -> np.ndarray:
     return ws.folds
 
 
-def _screen(ws) -> Any:
-    from pipeline.screen import run  # imports Optuna and torch: only the stages that train need them
-
-    return run(ws)
-
-
-def _train(ws) -> Any:
-    from pipeline.train.stage import run
-
-    return run(ws)
-
-
-def _tune(ws) -> Any:
-    from pipeline.tune.study import run  # imports Optuna: only this stage needs it
-
-    return run(ws)
-
-
-def _blend(ws) -> Any:
-    from pipeline.blend.stage import run
-
-    return run(ws)
-
-
-def _report(ws) -> Any:
-    from pipeline.report import run  # imports matplotlib: only this stage needs it
-
-    return run(ws)
-
-
-def _predict(ws) -> Any:
-    from pipeline.predict import run
-
-    return run(ws)
-
-
-def _export(ws) -> Any:
-    from pipeline.export import run
-
-    return run(ws)
-
-
-def _submit(ws) -> Any:
-    """Stage ``submit``: its workspace loads no competition (no training data on a rerun, only the
-    test side); its settings' ``started`` is where ``budget=`` counts from."""
-    from pipeline.submit import run
-
-    return run(ws)
-
-
-# Every stage's function: the workspace (its settings, the competition and folds loaded on first use) -> its result.
-STAGE_FUNCTIONS: dict[Stage, Callable[[Any], Any]] = {
-    Stage.data: _data, Stage.folds: _folds, Stage.screen: _screen, Stage.train: _train, Stage.tune: _tune,
-    Stage.blend: _blend, Stage.report: _report, Stage.predict: _predict, Stage.export: _export,
-    Stage.submit: _submit,
+# The module whose ``run(ws)`` is each stage's function, imported when the stage runs: Optuna,
+# torch and matplotlib load only for the stages that need them. submit's workspace loads no
+# competition (a rerun has only the test side); its settings' ``started`` is where budget= counts from.
+STAGE_MODULES: dict[Stage, str] = {
+    Stage.screen: "pipeline.screen", Stage.train: "pipeline.train.stage", Stage.tune: "pipeline.tune.study",
+    Stage.blend: "pipeline.blend.stage", Stage.report: "pipeline.report", Stage.predict: "pipeline.predict",
+    Stage.export: "pipeline.export", Stage.submit: "pipeline.submit",
 }
+
+
+def stage_function(stage: Stage) -> Callable[[Any], Any]:
+    """Stage ``stage``'s function: the workspace (its settings, the competition and folds loaded
+    on first use) -> its result."""
+    if stage is Stage.data:
+        return _data
+    if stage is Stage.folds:
+        return _folds
+    return importlib.import_module(STAGE_MODULES[stage]).run
+
+
 # Stages whose workspace loads nothing up front: data (the competition alone, no folds); predict
 # (your images) and submit (an export and a competition's test side): the training data never;
 # tune: its search spaces are checked before the data loads.
@@ -139,18 +104,18 @@ def run_stage(cfg: DictConfig, started: float | None = None) -> Any:
     if started is not None:
         settings = dataclasses.replace(settings, started=started)
     if stage in LAZY:
-        return STAGE_FUNCTIONS[stage](Workspace(settings))
+        return stage_function(stage)(Workspace(settings))
     ws = Workspace.load(settings=settings)
     if stage is Stage.train:
         ws = _screen_first(raw, ws)  # stage=train alone screens first, as stage=all does
     if stage is not Stage.all:
-        return STAGE_FUNCTIONS[stage](ws)
+        return stage_function(stage)(ws)
     result = None
     for s in ALL:
         if s is Stage.screen:
             ws = _screen_first(raw, ws)
             continue
-        out = STAGE_FUNCTIONS[s](ws)
+        out = stage_function(s)(ws)
         result = out if s is Stage.blend else result
     return result
 
@@ -167,7 +132,7 @@ def _screen_first(raw: DictConfig, ws) -> Any:
     if not ws.settings.screen.enabled:
         return ws
     found = screening_for(ws.settings)
-    _screen(ws)
+    stage_function(Stage.screen)(ws)
     if found is not None:
         return ws
     _, settings = prepare(raw)

@@ -46,7 +46,7 @@ def screening_for(settings: RunSettings) -> Screening | None:
 class Workspace:
     """The run's typed settings (their paths too), the loaded competition and the fold assignment,
     shared by every stage: each stage is a function of a workspace alone
-    (:data:`pipeline.stages.STAGE_FUNCTIONS`).
+    (:func:`pipeline.stages.stage_function`).
 
     Attributes:
         settings: every checked group and model (:func:`pipeline.runsettings.run_settings`).
@@ -58,6 +58,7 @@ class Workspace:
     def __init__(self, settings: RunSettings, comp: data.Competition | None = None, folds: np.ndarray | None = None):
         self.settings = settings
         self._comp, self._folds = comp, folds
+        self._digest: str | None = None
         self._configs: dict[MemberKey, dict] = {}
         self._verified: dict[MemberKey, Verification] = {}
         self._predictions: dict[BlendMember, MemberPredictions] = {}
@@ -99,8 +100,10 @@ class Workspace:
 
     @property
     def folds_digest(self) -> str:
-        """The fold assignment's short sha256 (:func:`pipeline.folds.folds_digest`)."""
-        return folds_digest(self.folds)
+        """The fold assignment's short sha256 (:func:`pipeline.folds.folds_digest`), computed once."""
+        if self._digest is None:
+            self._digest = folds_digest(self.folds)
+        return self._digest
 
     def screening_key(self) -> str:
         """This run's screening key (:func:`pipeline.recipe.screening_key` on :func:`measured_on`)."""

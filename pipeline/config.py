@@ -76,7 +76,6 @@ def apply_recipe(cfg: DictConfig, recipe: Recipe) -> None:
                 node.train = OmegaConf.merge(node.get("train") or {}, recipe.balance.train_values())
 
 
-
 def with_fixed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """``cfg`` (a copy) with ``screen.fixed`` extended by the dimensions the command line's
     ``overrides`` set by hand (:func:`pipeline.recipe.fixed_dims`): what the run's entry does, so

@@ -1,12 +1,13 @@
 """The recipe a screening chose (:mod:`pipeline.screen`): its types, its record under
-``artifacts/screening/``, and how it is applied to a run's config at the run's entry.
+``artifacts/screening/``, its key, and the overrides that fix a dimension.
 
 A :class:`Recipe` holds the screened dimensions only (:class:`~pipeline.choices.Dim`): the input
 side, the ensemble's architectures, the augmentation preset, class weighting. A dimension the
 command line set (``screen.fixed``, filled from the overrides by :func:`fixed_dims`) is never
 screened, so a recipe never overrides a setting given by hand. :func:`pipeline.config.prepare`
-applies the record that matches the run (:func:`screening_key`) to the config it prepares, so
-every stage after the screening (train, blend, report, predict, export) sees the same recipe.
+applies the record that matches the run (:func:`screening_key`) to the config it prepares
+(:func:`pipeline.config.apply_recipe`), so every stage after the screening (train, blend, report,
+predict, export) sees the same recipe.
 """
 
 from __future__ import annotations
@@ -298,5 +299,3 @@ def screened(settings: "RunSettings", on: MeasuredOn) -> Screening | None:
                      found.share_seconds, share)
             return None
     return found
-
-

@@ -456,11 +456,9 @@ def kept(rows: list[TrialRecord], margin: float, keep: int, within: float,
     of the rows' probabilities, :func:`blend_value`; None where the rows were not measured on the
     same validation rows) they are added by greedy forward selection: each next one is the row
     whose blend with those kept scores best (ensemble selection, Caruana et al. 2004), so a
-    second backbone that errs elsewhere wins over a near copy of the first (measured on ELPV,
-    docs/results.md: EfficientNet-Lite1 beside Lite0 0.803, Lite0's linear probe beside it 0.797).
-    A clearly weaker second network would take half the budget's training from the best and add
-    little to the blend (measured: on Fashion-MNIST and the animal silhouettes the blend without
-    ``cnn_deotte``, 0.06 and 0.03 behind ``resnet9`` in the screening, scored as well as with it).
+    second backbone that errs elsewhere can win over a near copy of the first. A clearly weaker
+    network would take its share of the budget's training from the best and add little to the
+    blend. Both rules were measured (docs/results.md: ELPV, Fashion-MNIST, the silhouettes).
     Returns the kept rows and those among the best ``keep`` by score left out as weaker."""
     done = sorted((r for r in rows if r.state is TrialState.complete), key=lambda r: -r.score)
     if not done:

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
 from pipeline.data.competition import Competition, Layout, Resize, SubmissionKind, class_index, fingerprint
 from pipeline.data.images import IMAGE_EXTENSIONS, open_image, to_array
 from pipeline.data.offline import (ARCHIVE_MEMBER, ARCHIVE_SHA256, BUILD_N_TRAIN, BUILD_SEED,

@@ -183,7 +183,7 @@ def run(ws: Workspace) -> list[MemberOutcome]:
     folds = ws.settings.selection.folds
     top = max(m.seeds for m in p.models)
     keys = [MemberKey(m.model, f, s) for s in range(top) for m in p.models if s < m.seeds
-            for f in (folds if folds is not None else range(ws.settings.folds.k))]
+            for f in folds]
     t0 = time.time()
     outcomes = schedule(planned, keys, deadline=record.deadline - p.reserve, planned=units)
     complete = {m.model: _complete_seeds(planned, m.model, m.seeds) for m in p.models}
